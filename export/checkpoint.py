@@ -1,0 +1,300 @@
+"""Load a Hugging Face safetensors checkpoint into the reference model, layer by layer.
+
+Tensors are read straight from memory-mapped shards into the model's preallocated parameters, and each
+tensor's pages are released after the copy, so peak memory stays near one copy of the weights. FP8 block
+weights are dequantised here. Pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetrt.errors import MoetrtError
+from moetrt.export.config import ModelConfig, load_config
+from moetrt.export.model import DeepseekForCausalLM, rope_inv_freq
+from moetrt.plugins.moe_dispatch import dequantize_blocks
+from moetrt.progress import note, track
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Checkpoint key of one routed expert -> (stacked parameter, which half of gate_up; None for down).
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_TARGETS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: header parsed eagerly, tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")
+        size = path.stat().st_size
+        try:
+            (header_len,) = struct.unpack("<Q", self._file.read(8))
+            if header_len > size - 8:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(self._file.read(header_len))
+        except (struct.error, ValueError, UnicodeDecodeError) as error:
+            self._file.close()
+            raise MoetrtError(f"{path} is not a valid safetensors file ({error}); re-download or re-save it")
+        data_start = 8 + header_len
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise MoetrtError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or data_start + end > size:
+                raise MoetrtError(f"{path}: tensor {name} lies outside the file or has the wrong size (truncated?)")
+            self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+        # ACCESS_COPY gives a writable private mapping (torch.frombuffer wants one); nothing is written back.
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def view(self, name: str) -> torch.Tensor:
+        """A tensor backed by the mapped file (no copy); copy out of it, then `release(name)`."""
+        info = self.tensors[name]
+        count = math.prod(info.shape)
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+        return flat.view(info.dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident memory."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = info.start // page * page
+        if self._map is not None and info.end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+
+def find_weight_files(checkpoint_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to its safetensors file, through `model.safetensors.index.json` if present."""
+    index_path = checkpoint_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise MoetrtError(f"{index_path} is not a valid safetensors index ({error})") from None
+        not_safetensors = sorted({f for f in weight_map.values() if not f.endswith(".safetensors")})
+        if not_safetensors:
+            raise _pickle_refusal(checkpoint_dir, not_safetensors)
+        missing = sorted({f for f in weight_map.values() if not (checkpoint_dir / f).is_file()})
+        if missing:
+            raise MoetrtError(f"{index_path} names shard(s) that are not there: {', '.join(missing[:5])}")
+        return {name: checkpoint_dir / file for name, file in weight_map.items()}
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in checkpoint_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise _pickle_refusal(checkpoint_dir, pickles)
+        raise MoetrtError(f"{checkpoint_dir} has no *.safetensors weights")
+    return {name: path for path in files for name in _header_names(path)}
+
+
+def _header_names(path: Path) -> list[str]:
+    shard = SafetensorsFile(path)
+    try:
+        return list(shard.tensors)
+    finally:
+        shard.close()
+
+
+def _pickle_refusal(checkpoint_dir: Path, files: list[str]) -> MoetrtError:
+    return MoetrtError(
+        f"{checkpoint_dir} stores weights as pickle ({', '.join(files[:3])}); moetrt loads safetensors only, "
+        "because unpickling can run arbitrary code: convert the checkpoint to safetensors first"
+    )
+
+
+def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            continue
+        shapes[name] = tuple(tensor.shape)
+    h, i = config.hidden_size, config.moe_intermediate_size
+    for layer in config.moe_layers:
+        for expert in range(config.n_routed_experts):
+            prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+            shapes[prefix + "gate_proj.weight"] = (i, h)
+            shapes[prefix + "up_proj.weight"] = (i, h)
+            shapes[prefix + "down_proj.weight"] = (h, i)
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _check_tensors(
+    config: ModelConfig, expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo]
+) -> list[str]:
+    """Validate names and shapes before loading anything; returns the keys of the skipped MTP layer."""
+    mtp, unexpected, wrong = [], [], []
+    for name, info in found.items():
+        layer = LAYER_KEY.match(name)
+        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+            mtp.append(name)
+        elif IGNORED_KEYS.search(name):
+            continue
+        elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in expected:
+            want = _scale_shape(config, expected[name[: -len(SCALE_SUFFIX)]])
+            if info.shape != want:
+                wrong.append(f"{name} {list(info.shape)} (expected {list(want)})")
+        elif name not in expected:
+            unexpected.append(name)
+        elif info.shape != expected[name]:
+            wrong.append(f"{name} {list(info.shape)} (expected {list(expected[name])})")
+        elif info.dtype == torch.float8_e4m3fn and name + SCALE_SUFFIX not in found:
+            wrong.append(f"{name} is fp8 without its {name + SCALE_SUFFIX}")
+    missing = sorted(set(expected) - set(found))
+    problems = [
+        f"{label}: {_listing(names)}"
+        for label, names in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong))
+        if names
+    ]
+    if problems:
+        raise MoetrtError("checkpoint tensors do not match config.json: " + "; ".join(problems))
+    return mtp
+
+
+def _scale_shape(config: ModelConfig, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+    block = config.fp8.block_size if config.fp8 else (128, 128)
+    return (math.ceil(weight_shape[0] / block[0]), math.ceil(weight_shape[1] / block[1]))
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _target(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The slice of a model parameter that checkpoint tensor `name` fills."""
+    expert = EXPERT_KEY.match(name)
+    if not expert:
+        return params[name]
+    layer, index, kind = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+    stacked_name, half = EXPERT_TARGETS[kind]
+    stacked = params[f"model.layers.{layer}.mlp.experts.{stacked_name}"][index]
+    if half is None:
+        return stacked
+    rows = stacked.shape[0] // 2
+    return stacked[half * rows : (half + 1) * rows]
+
+
+def _group_by_layer(names: list[str]) -> list[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        layer = LAYER_KEY.match(name)
+        groups[f"layer {layer.group(1)}" if layer else "embeddings and head"].append(name)
+    order = sorted(groups, key=lambda g: int(g.split()[1]) if g.startswith("layer") else -1)
+    return [(group, groups[group]) for group in order]
+
+
+def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> DeepseekForCausalLM:
+    """Load a safetensors checkpoint into `DeepseekForCausalLM` (eval mode, on the CPU).
+
+    dtype: "float32", "float16" or "bfloat16" for the model; the router stays fp32. Raises MoetrtError for
+    a bad config, pickle weights, or missing / unexpected / wrongly shaped tensors (listed together).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if dtype not in DTYPES:
+        raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    config = load_config(checkpoint_dir)
+    weight_files = find_weight_files(checkpoint_dir)
+
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    model.to(DTYPES[dtype])
+    for module in model.modules():
+        if module.__class__.__name__ == "Router":
+            module.float()
+    model.to_empty(device="cpu")
+    model.inv_freq = rope_inv_freq(config.rope, config.qk_rope_head_dim)[0]  # fp32 whatever the dtype
+
+    shards = {path: SafetensorsFile(path) for path in sorted(set(weight_files.values()))}
+    try:
+        found = {}
+        for name, path in weight_files.items():
+            if name not in shards[path].tensors:
+                raise MoetrtError(f"the safetensors index places {name} in {path.name}, which lacks it")
+            found[name] = shards[path].tensors[name]
+        expected = expected_shapes(config, model)
+        mtp = _check_tensors(config, expected, found)
+        if mtp:
+            note(f"skipping {len(mtp)} tensors of the multi-token-prediction layer (model.layers.{config.num_hidden_layers})")
+        params = dict(model.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for _, names in track(_group_by_layer(sorted(expected)), "loading weights"):
+                for name in names:
+                    shard = shards[weight_files[name]]
+                    _target(model, name, params).copy_(_read(shard, shards, weight_files, name, config))
+                    shard.release(name)
+    finally:
+        for shard in shards.values():
+            shard.close()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _read(
+    shard: SafetensorsFile,
+    shards: dict[Path, SafetensorsFile],
+    weight_files: dict[str, Path],
+    name: str,
+    config: ModelConfig,
+) -> torch.Tensor:
+    tensor = shard.view(name)
+    if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return tensor
+    scale_name = name + SCALE_SUFFIX
+    scale_shard = shards[weight_files[scale_name]]
+    block = config.fp8.block_size if config.fp8 else (128, 128)
+    weight = dequantize_blocks(tensor, scale_shard.view(scale_name), block)
+    scale_shard.release(scale_name)
+    return weight

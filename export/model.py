@@ -1,0 +1,304 @@
+"""The DeepSeek-V2/V3 reference model as plain torch modules: MLA with a latent KV cache, DeepSeekMoE.
+
+Parameter names equal the Hugging Face checkpoint keys, except the routed experts, which are stacked per
+layer (`mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`) in the plugin's layout.
+Attention always runs in the weight-absorbed form over the cached latent rows, as DeepSeek's inference does.
+Shapes: B batch, S new tokens, P cached positions, T = P + S, H hidden, D latent width, E experts, k active.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrt.export.config import ModelConfig, RopeConfig, yarn_mscale
+from moetrt.plugins.moe_dispatch import moe_dispatch
+
+# transformers and DeepSeek build the q_a/kv_a norms with the default eps, not config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[dim/2]` and the cos/sin scale (YaRN's mscale ratio; 1 for plain RoPE)."""
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    if rope.kind != "yarn":
+        return inv_freq_extrapolation, 1.0
+    factor = rope.factor
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        original = rope.original_max_position_embeddings
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv_freq_extrapolation * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of x's last dim; cos/sin `[..., d/2]` broadcast. Output pairs are laid out half-split."""
+    if interleaved:  # DeepSeek's checkpoints pair (x0, x1), (x2, x3), ...
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, config.latent_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(heads * config.v_head_dim, hidden, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed: torch.Tensor,
+        past: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[B, S, H]`, cos/sin `[B, S, rope/2]`, allowed `[B, S, T]` bool, past `[P, B, D]`.
+
+        Returns the attention output `[B, S, H]` and this step's latent rows `[S, B, D]`.
+        """
+        c = self.config
+        batch, seq, _ = x.shape
+        heads, nope, kv_rank = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(batch, seq, heads, c.qk_head_dim).split([nope, c.qk_rope_head_dim], dim=-1)
+        compressed, k_pe = self.kv_a_proj_with_mqa(x).split([kv_rank, c.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], c.rope_interleave)
+        k_pe = apply_rope(k_pe, cos, sin, c.rope_interleave)
+        new_rows = torch.cat([self.kv_a_layernorm(compressed), k_pe], dim=-1)  # [B, S, D]
+        latent = torch.cat([past, new_rows.transpose(0, 1)], dim=0).transpose(0, 1)  # [B, T, D]
+
+        # Weight absorption: fold kv_b's key half into q and its value half into the output.
+        kv_b = self.kv_b_proj.weight.view(heads, nope + c.v_head_dim, kv_rank)
+        q_absorbed = torch.einsum("bshn,hnc->bshc", q_nope, kv_b[:, :nope])  # [B, S, h, C]
+        q_latent = torch.cat([q_absorbed, q_pe], dim=-1).reshape(batch, seq * heads, c.latent_dim)
+        scores = torch.matmul(q_latent, latent.transpose(1, 2)).view(batch, seq, heads, -1)
+        scores = scores * c.softmax_scale
+        scores = scores.masked_fill(~allowed[:, :, None, :], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype).view(batch, seq * heads, -1)
+        out_latent = torch.matmul(probs, latent[..., :kv_rank]).view(batch, seq, heads, kv_rank)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, kv_b[:, nope:])  # [B, S, h, v]
+        return self.o_proj(out.reshape(batch, seq, heads * c.v_head_dim)), new_rows.transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route_tokens(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's router on x `[T, H]`: returns expert ids `[T, k]` (int64) and weights `[T, k]` (fp32).
+
+    V3 (noaux_tc): sigmoid scores; the correction bias steers selection only; a group scores the sum of its
+    top-2; experts outside the topk_group best groups are masked to -inf; weights come from unbiased scores,
+    normalised when norm_topk_prob, then times routed_scaling_factor. V2: softmax scores, greedy or
+    group-limited (a group scores its max); DeepSeek's V2 code either normalises or scales, never both.
+    """
+    logits = F.linear(x.float(), weight.float())  # [T, E] in fp32 whatever the model dtype
+    scores = logits.sigmoid() if config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias.float()
+    experts, groups = config.n_routed_experts, config.n_group
+    if config.topk_method != "greedy" and groups > 1:
+        grouped = choice.view(-1, groups, experts // groups)
+        if config.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.amax(dim=-1)
+        group_idx = group_scores.topk(config.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, groups, experts // groups).reshape(-1, experts)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    topk_ids = choice.topk(config.num_experts_per_tok, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    normalise = config.num_experts_per_tok > 1 and config.norm_topk_prob
+    if normalise:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if config.model_type == "deepseek_v3" or not normalise:
+        topk_weights = topk_weights * config.routed_scaling_factor
+    return topk_ids, topk_weights
+
+
+class Router(nn.Module):
+    """Router weights, kept in fp32 whatever the model dtype (as DeepSeek and transformers keep them)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        if config.uses_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route_tokens(x, self.weight, self.e_score_correction_bias, self.config)
+
+
+class StackedExperts(nn.Module):
+    """All routed experts of a layer in the plugin's layout: gate/up `[E, 2I, H]`, down `[E, H, I]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.zeros(e, h, i))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = StackedExperts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.mlp_bias)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [T, H]
+        topk_ids, topk_weights = self.gate(flat)
+        routed = moe_dispatch(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
+        out = routed.view_as(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config)
+        if config.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, allowed, past):
+        attn, new_rows = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), new_rows
+
+
+class DeepseekBackbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """`forward(input_ids)` gives logits; `step(...)` runs S new tokens against the latent cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv_freq, rope_scale = rope_inv_freq(config.rope, config.qk_rope_head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = rope_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids `LongTensor[B, S]` -> logits `[B, S, vocab]` (no cache, positions 0..S-1)."""
+        return self.step(input_ids)[0]
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        return [torch.zeros(0, batch, self.config.latent_dim, dtype=dtype, device=device) for _ in self.model.layers]
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_latents: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run S new tokens after P cached ones.
+
+        input_ids `[B, S]`; position_ids `[B, S]` (default P..P+S-1); attention_mask `[B, P+S]` with 1 for
+        real tokens and 0 for padding (default all ones); past_latents per layer `[P, B, D]`.
+        Returns logits `[B, S, vocab]` and per layer only the new latent rows `[S, B, D]`.
+        """
+        batch, seq = input_ids.shape
+        if past_latents is None:
+            past_latents = self.empty_cache(batch)
+        past_len = past_latents[0].shape[0]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq, device=input_ids.device).expand(batch, seq)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, S, rope/2]
+        cos = (freqs.cos() * self.rope_scale).to(x.dtype)
+        sin = (freqs.sin() * self.rope_scale).to(x.dtype)
+        key_pos = torch.arange(past_len + seq, device=input_ids.device)
+        query_pos = torch.arange(seq, device=input_ids.device) + past_len
+        causal = key_pos[None, :] <= query_pos[:, None]  # [S, T]
+        allowed = causal[None] & attention_mask[:, None, :].bool()  # [B, S, T]
+
+        new_latents = []
+        for layer, past in zip(self.model.layers, past_latents):
+            x, rows = layer(x, cos, sin, allowed, past)
+            new_latents.append(rows)
+        return self.lm_head(self.model.norm(x)), new_latents

@@ -1,0 +1,34 @@
+"""moetrt: compile DeepSeek-V3/R1-class Mixture-of-Experts checkpoints into engines and serve them.
+
+The public API is imported lazily so that `import moetrt` (and the runtime) never pulls in torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moetrt.errors import MoetrtError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_reference": "moetrt.export.checkpoint",
+    "load_config": "moetrt.export.config",
+    "export_onnx": "moetrt.export.onnx_export",
+    "build_engine": "moetrt.export.engine",
+}
+
+if TYPE_CHECKING:
+    from moetrt.export.checkpoint import load_reference
+    from moetrt.export.config import load_config
+
+__all__ = ["MoetrtError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moetrt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,100 @@
+"""The `moetrt` command line: each command wires options to the library function a user would call.
+
+Imports happen inside the commands, so inference commands never load torch and every command starts fast.
+User errors (MoetrtError) print one line and exit 1; `--verbose` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+import typer
+
+from moetrt.errors import MoetrtError
+
+app = typer.Typer(
+    help="Compile DeepSeek-V3/R1-class MoE checkpoints into engines and run them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_verbose = False
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
+) -> None:
+    global _verbose
+    _verbose = verbose or _verbose
+
+
+def _human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _human_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@app.command()
+def info(
+    source: Path = typer.Argument(..., help="Checkpoint directory, its config.json, or an engine directory."),
+    context: int = typer.Option(32768, min=1, help="Tokens of context per sequence for the GPU estimate."),
+    batch: int = typer.Option(1, min=1, help="Concurrent sequences for the GPU estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Layers, experts, routing, parameters, weight bytes, KV-cache bytes and GPUs needed."""
+    from moetrt.export.config import load_config
+    from moetrt.export.info import describe
+
+    summary = describe(load_config(source), context=context, batch=batch)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    kv = summary["kv_bytes_per_token"]
+    weights = summary["weight_bytes"]
+    lines = [
+        f"model            {summary['model_type']}: {summary['layers']} layers "
+        f"({summary['dense_layers']} dense, {summary['moe_layers']} MoE)"
+        + (f", {summary['mtp_layers_skipped']} MTP layer not loaded" if summary["mtp_layers_skipped"] else ""),
+        f"experts          {summary['routed_experts']} routed + {summary['shared_experts']} shared, "
+        f"{summary['experts_per_token']} active per token",
+        f"routing          {summary['router']}, scale {summary['routed_scaling_factor']:g}, "
+        f"normalised {summary['norm_topk_prob']}",
+        f"attention        {summary['attention']}, rope {summary['rope']}",
+        f"parameters       {_human_count(summary['total_params'])} total, "
+        f"{_human_count(summary['active_params'])} active per token",
+        f"weights          bf16 {_human_bytes(weights['bf16'])}, fp8 with block scales "
+        f"{_human_bytes(weights['fp8'])} (checkpoint stored as {summary['stored_as']})",
+        f"KV cache / token MLA latent {_human_bytes(kv['latent'])} vs per-head {_human_bytes(kv['per_head'])} "
+        f"({kv['per_head'] / kv['latent']:.0f}x), bf16",
+        f"141 GB GPUs      bf16 {summary['gpus_141gb']['bf16']}, fp8 {summary['gpus_141gb']['fp8']} "
+        f"(weights + latent cache for {summary['batch']} x {summary['context']} tokens, 90% usable)",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors for user mistakes, tracebacks for bugs."""
+    global _verbose
+    _verbose = os.environ.get("MOETRT_VERBOSE", "") not in ("", "0")
+    try:
+        app()
+    except MoetrtError as error:
+        if _verbose:
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

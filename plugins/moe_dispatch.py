@@ -1,0 +1,92 @@
+"""The routed-expert computation behind the plugin node: torch reference, export hook and Triton entry point.
+
+`moe_dispatch_reference` defines the numerics every backend is compared with. `moe_dispatch` is what the
+reference model calls: eager it runs the reference, under `torch.onnx.export` it emits the plugin node.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moetrt.plugins.spec import MOE_DISPATCH
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=(128, 128)) -> torch.Tensor:
+    """fp8 `[..., out, in]` with `[..., ceil(out/bo), ceil(in/bi)]` scales -> fp32 (`block * scale_inv`)."""
+    out_features, in_features = weight.shape[-2:]
+    scale = scale_inv.float()
+    scale = scale.repeat_interleave(block_size[0], dim=-2)[..., :out_features, :]
+    scale = scale.repeat_interleave(block_size[1], dim=-1)[..., :in_features]
+    return weight.float() * scale
+
+
+def moe_dispatch_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))` with e = topk_ids[t, k].
+
+    hidden `[T, H]`, topk_ids `[T, k]` (int32/int64), topk_weights `[T, k]` (fp32), w_gate_up `[E, 2I, H]`
+    (gate rows then up rows), w_down `[E, H, I]`; fp8 weights come with their block scales. Returns `[T, H]`
+    in hidden's dtype; the combine accumulates in fp32.
+    """
+    if w_gate_up_scale is not None:
+        w_gate_up = dequantize_blocks(w_gate_up, w_gate_up_scale, MOE_DISPATCH.attributes["block_size"])
+    if w_down_scale is not None:
+        w_down = dequantize_blocks(w_down, w_down_scale, MOE_DISPATCH.attributes["block_size"])
+    num_tokens, top_k = topk_ids.shape
+    intermediate = w_down.shape[-1]
+    compute_dtype = hidden.dtype if w_gate_up.dtype == hidden.dtype else torch.float32
+
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
+    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
+    token_of_slot = order // top_k
+    weight_of_slot = topk_weights.reshape(-1)[order].float()
+
+    output = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = token_of_slot[start : start + count]
+        x = hidden[tokens].to(compute_dtype)  # [n, H]
+        gate_up = x @ w_gate_up[expert].to(compute_dtype).t()  # [n, 2I]
+        act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        y = act @ w_down[expert].to(compute_dtype).t()  # [n, H]
+        output.index_add_(0, tokens, y.float() * weight_of_slot[start : start + count, None])
+        start += count
+    return output.to(hidden.dtype)
+
+
+def moe_dispatch(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's call site: the reference in eager mode, ONE `moetrt::MoeDispatch` node under ONNX export."""
+    if torch.onnx.is_in_onnx_export():
+        inputs = [hidden, topk_ids.to(torch.int32), topk_weights.float(), w_gate_up, w_down]
+        if w_gate_up_scale is not None:
+            inputs += [w_gate_up_scale, w_down_scale]
+        attrs = dict(MOE_DISPATCH.attributes)
+        attrs["block_size"] = list(attrs["block_size"])
+        return torch.onnx.ops.symbolic(
+            MOE_DISPATCH.qualified_name,
+            inputs,
+            attrs,
+            dtype=hidden.dtype,
+            shape=hidden.shape,
+            version=MOE_DISPATCH.version,
+        )
+    return moe_dispatch_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)

@@ -1,0 +1,79 @@
+"""The expert-dispatch plugin spec: the single definition of the custom node every backend agrees on.
+
+The ONNX emitter, the lowering passes, the TensorRT registration and the tests all read `MOE_DISPATCH`.
+Shapes use T tokens, H hidden, I expert intermediate size, E experts, k active experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    optional: bool = False
+    doc: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginSpec:
+    op_type: str
+    domain: str
+    version: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    attributes: dict[str, object]
+
+    @property
+    def qualified_name(self) -> str:
+        """`domain::op_type`, as torch.onnx.ops.symbolic and tensorrt.plugin name it."""
+        return f"{self.domain}::{self.op_type}"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs)
+
+    @property
+    def required_inputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(spec for spec in self.inputs if not spec.optional)
+
+
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_DTYPES = (*ACTIVATION_DTYPES, "float8e4m3fn")
+
+MOE_DISPATCH = PluginSpec(
+    op_type="MoeDispatch",
+    domain="moetrt",
+    version=1,
+    inputs=(
+        TensorSpec("hidden", ("T", "H"), ACTIVATION_DTYPES, doc="tokens after post-attention norm"),
+        TensorSpec("topk_ids", ("T", "k"), ("int32",), doc="chosen expert per token and slot"),
+        TensorSpec("topk_weights", ("T", "k"), ("float32",), doc="final routing weights (scaled)"),
+        TensorSpec(
+            "w_gate_up", ("E", "2*I", "H"), WEIGHT_DTYPES, doc="per expert: gate rows then up rows, [out, in]"
+        ),
+        TensorSpec("w_down", ("E", "H", "I"), WEIGHT_DTYPES, doc="per expert down projection, [out, in]"),
+        TensorSpec(
+            "w_gate_up_scale",
+            ("E", "ceil(2*I/128)", "ceil(H/128)"),
+            ("float32",),
+            optional=True,
+            doc="fp8 only: dequantise a 128x128 block as block * scale",
+        ),
+        TensorSpec(
+            "w_down_scale", ("E", "ceil(H/128)", "ceil(I/128)"), ("float32",), optional=True, doc="fp8 only"
+        ),
+    ),
+    outputs=(TensorSpec("output", ("T", "H"), ACTIVATION_DTYPES, doc="sum_k w[t,k] * expert_k(hidden[t])"),),
+    # activation: silu(gate) * up. block_size: the fp8 scale blocks ([out, in]), unused for other dtypes.
+    attributes={"activation": "silu", "block_size": (128, 128)},
+)
+
+
+def scale_shape(out_features: int, in_features: int, block_size: tuple[int, int] = (128, 128)) -> tuple[int, int]:
+    """Shape of one expert's fp8 block-scale matrix for an [out, in] weight."""
+    return math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1])

@@ -1,0 +1,28 @@
+"""The near-tie rule for comparing greedy continuations of two implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TIE_MARGIN = 1e-3
+
+
+def assert_greedy_agrees(reference_tokens, reference_logits, actual_tokens, label: str = "") -> int:
+    """Tokens must agree until the end, or until a step where the reference's top-2 margin is < 1e-3.
+
+    reference_logits: `[steps, vocab]`, the reference's logits at each generated step.
+    Returns the number of steps compared.
+    """
+    reference_tokens, actual_tokens = list(reference_tokens), list(actual_tokens)
+    logits = np.asarray(reference_logits, dtype=np.float64)
+    for step, (want, got) in enumerate(zip(reference_tokens, actual_tokens)):
+        if want != got:
+            top2 = np.sort(logits[step])[-2:]
+            margin = top2[1] - top2[0]
+            assert margin < TIE_MARGIN, (
+                f"{label}: greedy diverged at step {step} ({got} instead of {want}) where the reference's "
+                f"top-2 margin is {margin:.2e}, not a near-tie"
+            )
+            return step
+    assert len(reference_tokens) == len(actual_tokens), f"{label}: {len(actual_tokens)} tokens, want {len(reference_tokens)}"
+    return len(reference_tokens)

@@ -1,0 +1,37 @@
+"""The CLI surface: one-line errors with exit status 1, tracebacks only with --verbose."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REFERENCE = Path(__file__).parent / "data" / "deepseek-v3-config.json"
+
+
+def moetrt(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "moetrt.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_info_reports_deepseek_v3():
+    result = moetrt("info", str(REFERENCE))
+    assert result.returncode == 0, result.stderr
+    assert "671.03B total, 36.63B active per token" in result.stdout
+    assert "MLA latent 70.27 KB vs per-head 5.00 MB (71x)" in result.stdout
+
+
+def test_info_json():
+    result = moetrt("info", str(REFERENCE), "--json", "--context", "8192")
+    data = json.loads(result.stdout)
+    assert data["total_params"] > 670e9 and data["context"] == 8192
+
+
+def test_user_error_is_one_line_with_status_1(tmp_path):
+    result = moetrt("info", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: no config.json at {tmp_path}/config.json: point at a Hugging Face checkpoint directory"]
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = moetrt("--verbose", "info", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "MoetrtError" in result.stderr
