@@ -83,6 +83,20 @@ def info(
     typer.echo("\n".join(lines))
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (safetensors)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
+    target: str = typer.Option("ort", help="Lowering of the expert dispatch: trt (plugin), ort, onnx (portable)."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+) -> None:
+    """Trace a checkpoint to ONNX with the latent KV cache and one expert-dispatch node per MoE layer."""
+    from moetrt.export.onnx_export import export_onnx
+
+    out = export_onnx(checkpoint, output, target=target, dtype=dtype)
+    typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
+
+
 def main() -> None:
     """Console-script entry point: one-line errors for user mistakes, tracebacks for bugs."""
     global _verbose

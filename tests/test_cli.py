@@ -35,3 +35,16 @@ def test_verbose_shows_the_traceback(tmp_path):
     result = moetrt("--verbose", "info", str(tmp_path))
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "MoetrtError" in result.stderr
+
+
+def test_export_command_writes_an_export_and_rejects_bad_options(tmp_path):
+    from tests.checkpoints import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "v3-qlora-grouped-yarn")
+    result = moetrt("export", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "export.json").is_file()
+    bad = moetrt("export", str(checkpoint), "-o", str(tmp_path / "out2"), "--dtype", "int8")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: dtype 'int8' is not one of float32, float16, bfloat16"
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,260 @@
+"""ONNX export: every target runs in ONNX Runtime on the CPU and matches the torch reference."""
+
+import functools
+import json
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import moetrt
+from moetrt import MoetrtError
+from moetrt.export.generate import generate_greedy
+from moetrt.export.onnx_export import export_onnx
+from moetrt.plugins.moe_dispatch import moe_dispatch_reference
+from moetrt.plugins.spec import MOE_DISPATCH
+from tests.checkpoints import make_checkpoint
+from tests.greedy import assert_greedy_agrees
+from tests.onnx_helpers import feeds, greedy_onnx
+
+CONFIGS = ["v3-qlora-grouped-yarn", "v2-greedy-yarn"]
+TARGETS = ["ort", "onnx", "trt"]
+PROMPTS = [[5, 9, 11, 40, 7, 3, 22, 8, 61], [17, 4, 60], [33, 2, 90, 14, 6]]
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def checkpoint(request, tmp_path_factory):
+    directory = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+    return directory, moetrt.load_reference(directory)
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoint, tmp_path_factory):
+    directory, _ = checkpoint
+    root = tmp_path_factory.mktemp("exports")
+    return {target: export_onnx(directory, root / target, target=target) for target in TARGETS}
+
+
+@functools.cache
+def _register_plugin_as_python_op():
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    @onnx_op(op_type=MOE_DISPATCH.op_type, domain="ai.onnx.contrib",
+             inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_float,
+                     PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+             outputs=[PyCustomOpDef.dt_float],
+             attrs={"activation": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
+                    "plugin_namespace": PyCustomOpDef.dt_string})
+    def moe_dispatch(hidden, ids, weights, w_gate_up, w_down, **attributes):
+        tensors = [torch.from_numpy(np.array(a)) for a in (hidden, ids, weights, w_gate_up, w_down)]
+        return moe_dispatch_reference(*tensors).numpy()
+
+
+def trt_plugin_session_options():
+    """Bind the trt export's plugin node to the torch reference, as an onnxruntime-extensions Python op."""
+    from onnxruntime_extensions import get_library_path
+
+    _register_plugin_as_python_op()
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    return options
+
+
+def session_for(export_dir, target, tmp_path):
+    path = export_dir / "model.onnx"
+    if target != "trt":
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # A test copy with the plugin's domain renamed to the one onnxruntime-extensions serves Python ops from.
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.domain == MOE_DISPATCH.domain:
+            node.domain = "ai.onnx.contrib"
+    for opset in model.opset_import:
+        if opset.domain == MOE_DISPATCH.domain:
+            opset.domain = "ai.onnx.contrib"
+    copy = tmp_path / "trt_as_pyop.onnx"
+    onnx.save(model, str(copy), save_as_external_data=True, location="trt_as_pyop.data")
+    return ort.InferenceSession(str(copy), trt_plugin_session_options(), providers=["CPUExecutionProvider"])
+
+
+def test_export_directory_contents(exports, checkpoint):
+    _, reference = checkpoint
+    for target, directory in exports.items():
+        described = json.loads((directory / "export.json").read_text())
+        assert described["target"] == target
+        assert described["cache"]["latent_dim"] == reference.config.latent_dim
+        assert [i["name"] for i in described["inputs"]][:4] == ["input_ids", "position_ids", "attention_mask",
+                                                                "past_latent.0"]
+        assert (directory / "model.onnx.data").stat().st_size > 0
+        assert not list(directory.parent.glob(".*partial"))
+
+
+def test_graphs_pass_checker_and_shape_inference(exports):
+    for target, directory in exports.items():
+        onnx.checker.check_model(str(directory / "model.onnx"), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(directory / "model.onnx")), strict_mode=True)
+        ops = {(n.domain, n.op_type) for n in inferred.graph.node}
+        plugin = (MOE_DISPATCH.domain, MOE_DISPATCH.op_type)
+        assert (plugin in ops) == (target == "trt")
+        assert (("com.microsoft", "MoE") in ops) == (target == "ort")
+        if target == "onnx":
+            assert all(domain == "" for domain, _ in ops)
+
+
+def test_trt_export_has_one_plugin_node_per_moe_layer(exports, checkpoint):
+    _, reference = checkpoint
+    model = onnx.load(str(exports["trt"] / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == MOE_DISPATCH.op_type]
+    assert len(nodes) == len(reference.config.moe_layers)
+    for node in nodes:
+        assert node.domain == MOE_DISPATCH.domain
+        assert list(node.input)[:5] != [] and len(node.input) == 5
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["plugin_version"] == b"1" and attributes["plugin_namespace"] == b"moetrt"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_full_sequence_logits_match_reference(exports, checkpoint, target, tmp_path):
+    _, reference = checkpoint
+    config = reference.config
+    session = session_for(exports[target], target, tmp_path)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 17))
+    positions = np.broadcast_to(np.arange(17), (2, 17))
+    got = session.run(None, feeds(config.num_hidden_layers, config.latent_dim, ids, positions, np.ones((2, 17))))[0]
+    with torch.no_grad():
+        want = reference(torch.from_numpy(ids)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
+def test_cached_greedy_decode_matches_reference(exports, checkpoint, target, prompts, tmp_path):
+    _, reference = checkpoint
+    config = reference.config
+    session = session_for(exports[target], target, tmp_path)
+    got, _ = greedy_onnx(session, config.num_hidden_layers, config.latent_dim, prompts, steps=32)
+    want = generate_greedy(reference, prompts, max_new_tokens=32, return_logits=True)
+    for row in range(len(prompts)):
+        compared = assert_greedy_agrees(want.tokens[row], want.logits[row], got[row], f"{target} row {row}")
+        assert compared > 8
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm):
+    """A graph of just the dispatch node, lowered to com.microsoft::MoE, with activations beyond +-10."""
+    import onnx_ir as ir
+
+    from moetrt.export.passes import lower
+
+    rng = np.random.default_rng(1 + norm)
+    tokens, hidden, inter, experts, top_k = 37, 40, 24, 8, 3
+    x = (rng.standard_normal((tokens, hidden)) * 6).astype(np.float32)
+    assert np.abs(x).max() > 10
+    w1 = (rng.standard_normal((experts, 2 * inter, hidden)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((experts, hidden, inter)) * 0.3).astype(np.float32)
+    ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    weights = rng.uniform(0.05, 1.0, (tokens, top_k)).astype(np.float32)
+    if norm:
+        weights = weights / weights.sum(-1, keepdims=True) * 2.5
+
+    class Dispatch(torch.nn.Module):
+        def forward(self, hidden_states, topk_ids, topk_weights):
+            from moetrt.plugins.moe_dispatch import moe_dispatch
+
+            return moe_dispatch(hidden_states, topk_ids, topk_weights, torch.from_numpy(w1), torch.from_numpy(w2))
+
+    tensors = (torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+    program = torch.onnx.export(Dispatch(), tensors, dynamo=True, input_names=["hidden", "ids", "weights"],
+                                dynamic_shapes={"hidden_states": {0: torch.export.Dim("T")},
+                                                "topk_ids": {0: torch.export.Dim("T")},
+                                                "topk_weights": {0: torch.export.Dim("T")}}, verbose=False)
+    model = lower(program.model, "ort")
+    assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MoE"]
+    ir.save(model, tmp_path / "moe.onnx")
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"hidden": x, "ids": ids, "weights": weights})[0]
+    want = moe_dispatch_reference(*tensors, torch.from_numpy(w1), torch.from_numpy(w2)).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def test_checkpoint_without_tokenizer_exports(exports):
+    for directory in exports.values():
+        assert json.loads((directory / "export.json").read_text())["tokenizer"] is False
+        assert not (directory / "tokenizer.json").exists()
+
+
+def _broken(tmp_path, checkpoint_dir, break_it):
+    source = tmp_path / "source"
+    source.mkdir()
+    for file in checkpoint_dir.iterdir():
+        (source / file.name).write_bytes(file.read_bytes())
+    break_it(source)
+    return source
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "not supported"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}"), "not a valid safetensors"),
+    ],
+    ids=["bad-json", "bad-model-type", "corrupt-weights"],
+)
+def test_bad_input_leaves_no_output(tmp_path, checkpoint, break_it, message):
+    source = _broken(tmp_path, checkpoint[0], break_it)
+    with pytest.raises(MoetrtError, match=message):
+        export_onnx(source, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, checkpoint):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(MoetrtError, match="cannot write to .*a-file") as error:
+        export_onnx(checkpoint[0], blocker / "out")
+    assert "\n" not in str(error.value)
+    with pytest.raises(MoetrtError, match="exists and is not a directory"):
+        export_onnx(checkpoint[0], blocker)
+
+
+EXPORT_PEAK_SCRIPT = """
+import sys
+import torch
+from moetrt.export.onnx_export import export_onnx
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+torch.zeros(1)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+export_onnx(sys.argv[1], sys.argv[2], target=sys.argv[3])
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_export_over_2gb_with_peak_memory_under_twice_the_weights(tmp_path, target):
+    import subprocess
+    import sys
+
+    from tests.checkpoints import build_model
+
+    overrides = dict(hidden_size=1024, moe_intermediate_size=1024, intermediate_size=2048, n_routed_experts=64,
+                     num_hidden_layers=4, vocab_size=4096)
+    build_model("v3-qlora-grouped-yarn", **overrides).save_pretrained(tmp_path / "big", max_shard_size="1GB")
+    weights = sum(f.stat().st_size for f in (tmp_path / "big").glob("*.safetensors"))
+    assert weights > 2 * 1024**3
+    result = subprocess.run([sys.executable, "-c", EXPORT_PEAK_SCRIPT, str(tmp_path / "big"), str(tmp_path / "out"),
+                             target], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.split()[-1])
+    print(f"{target}: export of {weights / 1e9:.2f} GB peaked at {peak / 1e9:.2f} GB ({peak / weights:.2f}x)")
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size >= weights * 0.99
+    assert peak < 2 * weights
