@@ -273,12 +273,15 @@ class DeepseekForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_latents: list[torch.Tensor] | None = None,
+        logit_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run S new tokens after P cached ones.
 
         input_ids `[B, S]`; position_ids `[B, S]` (default P..P+S-1); attention_mask `[B, P+S]` with 1 for
-        real tokens and 0 for padding (default all ones); past_latents per layer `[P, B, D]`.
-        Returns logits `[B, S, vocab]` and per layer only the new latent rows `[S, B, D]`.
+        real tokens and 0 for padding (default all ones); past_latents per layer `[P, B, D]`;
+        logit_positions `[B, N]`: which of the S positions get logits (default all; a prefill needs only the
+        last, and a chunk before it none, which saves the vocab-wide head on long prompts).
+        Returns logits `[B, N, vocab]` and per layer only the new latent rows `[S, B, D]`.
         """
         batch, seq = input_ids.shape
         if past_latents is None:
@@ -301,4 +304,6 @@ class DeepseekForCausalLM(nn.Module):
         for layer, past in zip(self.model.layers, past_latents):
             x, rows = layer(x, cos, sin, allowed, past)
             new_latents.append(rows)
+        if logit_positions is not None:
+            x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, H]
         return self.lm_head(self.model.norm(x)), new_latents

@@ -6,7 +6,9 @@ The graph's cache interface, fixed here for every later piece:
   [batch, past_len + seq]` int64 (1 real token, 0 padding), and per layer `past_latent.{i} [past_len, batch,
   latent_dim]`: the cache of the tokens so far, position-major so "the first P positions" of a preallocated
   `[max_context, batch, latent_dim]` buffer is a contiguous prefix.
-- outputs: `logits [batch, seq, vocab]` and per layer only the new rows, `new_latent.{i} [seq, batch,
+- `logit_positions [batch, n_logits]` int64: the positions in `seq` that get logits (all for scoring, the
+  last for a prefill, none for a prefill chunk before the last).
+- outputs: `logits [batch, n_logits, vocab]` and per layer only the new rows, `new_latent.{i} [seq, batch,
   latent_dim]`, which the runtime writes into its cache in place.
 
 Routing is standard ONNX ops; each MoE layer's routed experts are ONE plugin node, lowered per target.
@@ -49,13 +51,16 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, attention_mask, *past_latents):
-        logits, new_latents = self.model.step(input_ids, position_ids, attention_mask, list(past_latents))
+    def forward(self, input_ids, position_ids, attention_mask, logit_positions, *past_latents):
+        logits, new_latents = self.model.step(
+            input_ids, position_ids, attention_mask, list(past_latents), logit_positions
+        )
         return (logits, *new_latents)
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "attention_mask"] + [f"past_latent.{i}" for i in range(num_layers)]
+    inputs = ["input_ids", "position_ids", "attention_mask", "logit_positions"]
+    inputs += [f"past_latent.{i}" for i in range(num_layers)]
     outputs = ["logits"] + [f"new_latent.{i}" for i in range(num_layers)]
     return inputs, outputs
 
@@ -70,10 +75,11 @@ def io_description(config: ModelConfig, dtype: str) -> dict:
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
             {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
+            {"name": "logit_positions", "dtype": "int64", "shape": ["batch", "n_logits"]},
             *({"name": f"past_latent.{i}", **latent} for i in layers),
         ],
         "outputs": [
-            {"name": "logits", "dtype": dtype, "shape": ["batch", "seq", config.vocab_size]},
+            {"name": "logits", "dtype": dtype, "shape": ["batch", "n_logits", config.vocab_size]},
             *({"name": f"new_latent.{i}", **new} for i in layers),
         ],
         "cache": {
@@ -102,6 +108,7 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
         torch.randint(0, config.vocab_size, (batch, seq)),
         torch.arange(past, past + seq).expand(batch, seq).contiguous(),
         torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.tensor([[seq - 1]] * batch),
         *(torch.zeros(past, batch, config.latent_dim, dtype=dtype) for _ in range(layers)),
     )
     dim = torch.export.Dim
@@ -110,6 +117,7 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
         "input_ids": {0: batch_dim, 1: seq_dim},
         "position_ids": {0: batch_dim, 1: seq_dim},
         "attention_mask": {0: batch_dim, 1: dim.AUTO},
+        "logit_positions": {0: batch_dim, 1: dim("n_logits")},
         "past_latents": tuple({0: dim.AUTO, 1: batch_dim} for _ in range(layers)),
     }
     inputs, outputs = io_names(layers)

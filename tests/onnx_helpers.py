@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def feeds(num_layers, latent_dim, ids, positions, mask, past=None, dtype=np.float32):
-    batch = ids.shape[0]
+def feeds(num_layers, latent_dim, ids, positions, mask, past=None, dtype=np.float32, logit_positions=None):
+    batch, seq = ids.shape
+    if logit_positions is None:
+        logit_positions = np.broadcast_to(np.arange(seq), (batch, seq))
     out = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64),
-           "attention_mask": mask.astype(np.int64)}
+           "attention_mask": mask.astype(np.int64), "logit_positions": np.ascontiguousarray(logit_positions, np.int64)}
     for layer in range(num_layers):
         out[f"past_latent.{layer}"] = (
             past[layer] if past is not None else np.zeros((0, batch, latent_dim), dtype=dtype)
@@ -30,7 +32,8 @@ def left_pad(prompts):
 def greedy_onnx(session, num_layers, latent_dim, prompts, steps):
     """Prefill then `steps` cached decode steps; returns per prompt the tokens and the logits of each step."""
     ids, mask, positions = left_pad(prompts)
-    outputs = session.run(None, feeds(num_layers, latent_dim, ids, positions, mask))
+    last = np.full((len(prompts), 1), ids.shape[1] - 1)
+    outputs = session.run(None, feeds(num_layers, latent_dim, ids, positions, mask, logit_positions=last))
     logits, cache = outputs[0][:, -1], outputs[1:]
     next_position = positions[:, -1] + 1
     tokens, step_logits = [], []

@@ -84,8 +84,8 @@ def test_export_directory_contents(exports, checkpoint):
         described = json.loads((directory / "export.json").read_text())
         assert described["target"] == target
         assert described["cache"]["latent_dim"] == reference.config.latent_dim
-        assert [i["name"] for i in described["inputs"]][:4] == ["input_ids", "position_ids", "attention_mask",
-                                                                "past_latent.0"]
+        assert [i["name"] for i in described["inputs"]][:5] == ["input_ids", "position_ids", "attention_mask",
+                                                                "logit_positions", "past_latent.0"]
         assert (directory / "model.onnx.data").stat().st_size > 0
         assert not list(directory.parent.glob(".*partial"))
 
@@ -125,6 +125,22 @@ def test_full_sequence_logits_match_reference(exports, checkpoint, target, tmp_p
     with torch.no_grad():
         want = reference(torch.from_numpy(ids)).numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_logit_positions_select_rows_including_none(exports, checkpoint):
+    _, reference = checkpoint
+    config = reference.config
+    session = session_for(exports["ort"], "ort", None)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 9))
+    positions, mask = np.broadcast_to(np.arange(9), (2, 9)), np.ones((2, 9))
+    base = feeds(config.num_hidden_layers, config.latent_dim, ids, positions, mask)
+    full = session.run(None, base)
+    picked = session.run(None, {**base, "logit_positions": np.array([[8, 2], [0, 8]])})
+    assert np.allclose(picked[0][0], full[0][0, [8, 2]], atol=1e-6)
+    assert np.allclose(picked[0][1], full[0][1, [0, 8]], atol=1e-6)
+    none = session.run(None, {**base, "logit_positions": np.zeros((2, 0), np.int64)})
+    assert none[0].shape == (2, 0, config.vocab_size)
+    assert all(np.array_equal(a, b) for a, b in zip(none[1:], full[1:]))
 
 
 @pytest.mark.parametrize("target", TARGETS)
