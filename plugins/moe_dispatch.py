@@ -90,3 +90,20 @@ def moe_dispatch(
             version=MOE_DISPATCH.version,
         )
     return moe_dispatch_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
+
+
+def moe_dispatch_triton(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """`moe_dispatch_reference` computed by the Triton kernels (plugins/triton_moe.py; CUDA tensors, or CPU ones
+    under TRITON_INTERPRET=1). Imports triton on first call, so this module still imports without it."""
+    from moetrt.plugins.triton_moe import moe_dispatch_triton as run
+
+    return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale, **options)

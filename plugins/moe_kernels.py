@@ -1,0 +1,222 @@
+"""The four Triton kernels of the expert dispatch (align, gate_up, down, combine); see plugins/moe_launch.py.
+
+Each kernel takes its tensor inputs, then int32 scalars, then its tensor outputs (TensorRT's AOT argument order),
+then constexprs. Tensors are contiguous, so strides follow from the constexpr sizes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_align_kernel(
+    topk_ids_ptr,  # [num_slots] int32
+    num_slots,  # T * k
+    max_blocks,  # blocks of BLOCK_M rows the outputs have room for
+    sorted_slots_ptr,  # [max_blocks * BLOCK_M] int32: slot of each row, num_slots on padding rows
+    block_experts_ptr,  # [max_blocks] int32: expert of each block, -1 past the blocks in use
+    num_padded_ptr,  # [1] int32: rows in use
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # One program sorts every slot by expert (stably) into BLOCK_M-padded segments, like vLLM's
+    # moe_align_block_size. Ranks come from one-hot prefix sums, not atomics, so the order is deterministic.
+    experts = tl.arange(0, EXPERTS_POW2)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros([EXPERTS_POW2], dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, total)
+
+    # Padding rows inside each expert's segment, then past the last segment: every row gets written once.
+    sentinel = tl.zeros([EXPERTS_POW2, BLOCK_M], dtype=tl.int32) + num_slots
+    within = tl.arange(0, BLOCK_M)
+    tl.store(
+        sorted_slots_ptr + (starts + counts)[:, None] + within[None, :],
+        sentinel,
+        mask=within[None, :] < (padded - counts)[:, None],
+    )
+    capacity = max_blocks * BLOCK_M
+    for start in range(total, capacity, CHUNK):
+        rows = start + lanes
+        tl.store(sorted_slots_ptr + rows, tl.zeros([CHUNK], dtype=tl.int32) + num_slots, mask=rows < capacity)
+
+    # A block's expert is the number of segments that end at or before its first row.
+    for start in range(0, max_blocks, CHUNK):
+        blocks = start + lanes
+        first_row = blocks * BLOCK_M
+        expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+        tl.store(block_experts_ptr + blocks, tl.where(first_row < total, expert, -1), mask=blocks < max_blocks)
+
+    # Stable scatter: a slot's row is its expert's start + slots of that expert before it.
+    running = starts
+    for start in range(0, num_slots, CHUNK):
+        slots = start + lanes
+        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EXPERTS_POW2]
+        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
+        base = tl.sum(onehot * running[None, :], axis=1)
+        keep = (slots < num_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
+        tl.store(sorted_slots_ptr + base + rank, slots, mask=keep)
+        running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def grouped_tile(n_tiles: tl.constexpr, GROUP_M: tl.constexpr):
+    """(block, N tile) of this program. GROUP_M neighbouring blocks (mostly one expert's) run next to each other,
+    so each weight tile is fetched from HBM about once and then hit in L2."""
+    pid = tl.program_id(0)
+    group = GROUP_M * n_tiles
+    first_m = pid // group * GROUP_M
+    group_rows = tl.minimum(tl.num_programs(0) // n_tiles - first_m, GROUP_M)
+    return first_m + (pid % group) % group_rows, (pid % group) // group_rows
+
+
+@triton.jit
+def moe_gate_up_kernel(
+    hidden_ptr,  # [T, HIDDEN]
+    w_gate_up_ptr,  # [E, 2 * INTER, HIDDEN]: gate rows then up rows
+    sorted_slots_ptr,
+    block_experts_ptr,
+    num_padded_ptr,
+    num_slots,
+    act_ptr,  # [max_blocks * BLOCK_M, INTER] in the compute dtype
+    HIDDEN: tl.constexpr,
+    INTER: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # act[row, n] = silu(x W_gate^T)[n] * (x W_up^T)[n] for the token behind each row of an expert block.
+    pid_m, pid_n = grouped_tile((INTER + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    real = slots < num_slots
+    tokens = (slots // TOP_K).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Columns past INTER wrap onto valid rows so the weight loads need no mask; the store drops them.
+    x_ptrs = hidden_ptr + tokens[:, None] * HIDDEN + ks[None, :]
+    gate_ptrs = w_gate_up_ptr + expert * (2 * INTER * HIDDEN) + (cols % INTER)[None, :] * HIDDEN + ks[:, None]
+    up_ptrs = gate_ptrs + INTER * HIDDEN
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        if HIDDEN % BLOCK_K == 0:
+            x = tl.load(x_ptrs, mask=real[:, None], other=0.0)
+            w_gate = tl.load(gate_ptrs)
+            w_up = tl.load(up_ptrs)
+        else:
+            inside = ks < HIDDEN - k0
+            x = tl.load(x_ptrs, mask=real[:, None] & inside[None, :], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=inside[:, None], other=0.0)
+            w_up = tl.load(up_ptrs, mask=inside[:, None], other=0.0)
+        x = x.to(act_ptr.dtype.element_ty)
+        w_gate = w_gate.to(act_ptr.dtype.element_ty)
+        w_up = w_up.to(act_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            gate = tl.dot(x.to(tl.float32), w_gate.to(tl.float32), gate, input_precision="ieee")
+            up = tl.dot(x.to(tl.float32), w_up.to(tl.float32), up, input_precision="ieee")
+        else:
+            gate = tl.dot(x, w_gate, gate, input_precision=DOT_PRECISION)
+            up = tl.dot(x, w_up, up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    act = gate * tl.sigmoid(gate) * up
+    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * INTER + cols[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=(cols < INTER)[None, :])
+
+
+@triton.jit
+def moe_down_kernel(
+    act_ptr,  # [max_blocks * BLOCK_M, INTER]
+    w_down_ptr,  # [E, HIDDEN, INTER]
+    sorted_slots_ptr,
+    block_experts_ptr,
+    num_padded_ptr,
+    num_slots,
+    expert_out_ptr,  # [num_slots, HIDDEN] in the compute dtype, row = slot
+    HIDDEN: tl.constexpr,
+    INTER: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # expert_out[slot] = act[row] W_down^T. Rows go back to their slot, so the combine needs no atomics.
+    pid_m, pid_n = grouped_tile((HIDDEN + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Every row of a block in use was written by gate_up (padding rows as zeros): no row mask on act.
+    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * INTER + ks[None, :]
+    w_ptrs = w_down_ptr + expert * (HIDDEN * INTER) + (cols % HIDDEN)[None, :] * INTER + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        if INTER % BLOCK_K == 0:
+            a = tl.load(act_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            inside = ks < INTER - k0
+            a = tl.load(act_ptrs, mask=inside[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=inside[:, None], other=0.0)
+        w = w.to(act_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        act_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_ptrs = expert_out_ptr + slots.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
+    keep = (slots < num_slots)[:, None] & (cols < HIDDEN)[None, :]
+    tl.store(out_ptrs, acc.to(expert_out_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def moe_combine_kernel(
+    expert_out_ptr,  # [T * TOP_K, HIDDEN]
+    topk_weights_ptr,  # [T, TOP_K] fp32
+    output_ptr,  # [T, HIDDEN]
+    HIDDEN: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # output[t] = sum_j w[t, j] * expert_out[t*k + j], in fp32 and a fixed order: repeatable, no atomics.
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    inside = cols < HIDDEN
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        weight = tl.load(topk_weights_ptr + token * TOP_K + j)
+        row = tl.load(expert_out_ptr + (token * TOP_K + j) * HIDDEN + cols, mask=inside, other=0.0)
+        total += weight * row.to(tl.float32)
+    tl.store(output_ptr + token * HIDDEN + cols, total.to(output_ptr.dtype.element_ty), mask=inside)
+
+
+KERNELS = {
+    kernel.__name__: kernel for kernel in (moe_align_kernel, moe_gate_up_kernel, moe_down_kernel, moe_combine_kernel)
+}

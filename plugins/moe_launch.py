@@ -1,0 +1,272 @@
+"""Launch plans for the Triton expert-dispatch kernels: pure functions of shapes, no torch, triton or tensorrt.
+
+The dispatch runs as four single-kernel stages; the JIT path (`triton_moe.run_plan`), the ahead-of-time PTX
+(`aot_kernels`) and the TensorRT lowering (one plugin node per stage) all read the same `DispatchPlan`:
+
+    align    topk_ids [T,k]                  -> sorted_slots [P], block_experts [P/BM], num_padded [1]
+    gate_up  hidden, w_gate_up, align's outs -> act [P, I]        silu(x W_gate^T) * (x W_up^T), rows by expert
+    down     act, w_down, align's outs       -> expert_out [T*k, H]   act W_down^T, written at each row's slot
+    combine  expert_out, topk_weights        -> output [T, H]     sum_j w[t, j] * expert_out[t*k + j], in fp32
+
+A slot is `t * k + j` (token t's j-th choice). `P = max_blocks * BM` bounds the expert-sorted, block-padded rows.
+Every kernel takes its tensor inputs, then int32 scalars, then its tensor outputs: the order TensorRT's AOT
+plugins pass arguments in, so a stage's `args` is both the Triton signature and the plugin's binding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+# Fused multiply-adds, stated rather than left to Triton's default (which 3.10 flips): JIT and AOT agree.
+FP_FUSION = True
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchShape:
+    """What a plan depends on: T tokens, H hidden, I expert intermediate, E experts, k slots per token."""
+
+    num_tokens: int
+    hidden: int
+    inter: int
+    num_experts: int
+    top_k: int
+    act_dtype: str = "bfloat16"  # hidden and output
+    weight_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for name in ("act_dtype", "weight_dtype"):
+            if getattr(self, name) not in ACTIVATION_DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}: the Triton kernels take {ACTIVATION_DTYPES}")
+        if min(self.num_tokens, self.hidden, self.inter, self.num_experts, self.top_k) < 1:
+            raise ValueError(f"every dimension must be positive: {self}")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The reference's rule: compute in the activation dtype when the weights share it, else in fp32."""
+        return self.act_dtype if self.weight_dtype == self.act_dtype else "float32"
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_tokens * self.top_k
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTile:
+    """Tile of one grouped GEMM: BLOCK_N output columns, BLOCK_K reduction step, launch options."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """Block sizes for one shape. block_m (rows per expert block) is shared by align and both GEMMs."""
+
+    block_m: int
+    gate_up: GemmTile
+    down: GemmTile
+    group_m: int = 8
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DispatchConfig:
+        return cls(
+            block_m=data["block_m"],
+            gate_up=GemmTile(**data["gate_up"]),
+            down=GemmTile(**data["down"]),
+            group_m=data.get("group_m", 8),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """A tensor a stage reads or writes. role: 'input' / 'output' of the dispatch node, or 'scratch' between stages."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLaunch:
+    """One kernel launch. Kernel parameters are `inputs + scalars + outputs` (names), then the constexprs."""
+
+    name: str
+    kernel: str  # function name in plugins/triton_moe.py
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    inputs: tuple[str, ...]
+    scalars: tuple[tuple[str, int], ...]  # (parameter name, value), all int32
+    outputs: tuple[str, ...]
+    constexprs: tuple[tuple[str, object], ...]
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """Runtime parameter names in kernel (and TensorRT AOT) order."""
+        return (*self.inputs, *(name for name, _ in self.scalars), *self.outputs)
+
+    @property
+    def kernel_params(self) -> tuple[str, ...]:
+        """`args` as the kernel spells them: a tensor `x` arrives as the pointer `x_ptr`."""
+        tensors = {*self.inputs, *self.outputs}
+        return tuple(f"{name}_ptr" if name in tensors else name for name in self.args)
+
+    @property
+    def block_threads(self) -> int:
+        return self.num_warps * 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchPlan:
+    shape: DispatchShape
+    config: DispatchConfig
+    buffers: dict[str, Buffer]
+    stages: tuple[StageLaunch, ...]
+
+    def scratch(self) -> list[Buffer]:
+        return [buffer for buffer in self.buffers.values() if buffer.role == "scratch"]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on BM-row blocks after padding each hit expert's rows to a multiple of BM.
+
+    At most min(E, T*k) experts are hit and each wastes at most BM-1 rows. Any larger bound also works (the
+    kernels take it as an argument), e.g. `T*k + E*(BM-1)` where min() cannot be expressed.
+    """
+    return (num_slots + min(num_experts, num_slots) * (block_m - 1)) // block_m
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def buffers(shape: DispatchShape, config: DispatchConfig) -> dict[str, Buffer]:
+    """Every tensor of the dispatch, by name: node inputs, scratch buffers between stages, the output."""
+    T, H, I, E, k = shape.num_tokens, shape.hidden, shape.inter, shape.num_experts, shape.top_k
+    blocks = max_blocks(shape.num_slots, E, config.block_m)
+    rows = blocks * config.block_m
+    listing = [
+        Buffer("hidden", (T, H), shape.act_dtype, "input"),
+        Buffer("topk_ids", (T, k), "int32", "input"),
+        Buffer("topk_weights", (T, k), "float32", "input"),
+        Buffer("w_gate_up", (E, 2 * I, H), shape.weight_dtype, "input"),
+        Buffer("w_down", (E, H, I), shape.weight_dtype, "input"),
+        Buffer("sorted_slots", (rows,), "int32", "scratch"),  # slot per padded row; T*k marks padding
+        Buffer("block_experts", (blocks,), "int32", "scratch"),  # expert per block; -1 past the used blocks
+        Buffer("num_padded", (1,), "int32", "scratch"),  # rows in use: sum over experts of padded counts
+        Buffer("act", (rows, I), shape.compute_dtype, "scratch"),
+        Buffer("expert_out", (T * k, H), shape.compute_dtype, "scratch"),
+        Buffer("output", (T, H), shape.act_dtype, "output"),
+    ]
+    return {buffer.name: buffer for buffer in listing}
+
+
+def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bool = False) -> DispatchPlan:
+    """The four launches for `shape` with `config`. interpret=True adds the CPU interpreter's bf16 workaround."""
+    return DispatchPlan(
+        shape,
+        config,
+        buffers(shape, config),
+        (
+            align_stage(shape, config),
+            gemm_stage(shape, config, "gate_up", interpret),
+            gemm_stage(shape, config, "down", interpret),
+            combine_stage(shape),
+        ),
+    )
+
+
+def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
+    """One program: counts per expert, padded offsets, then a stable scatter of slots (deterministic)."""
+    experts_pow2 = next_pow2(shape.num_experts)
+    # The kernel works on [CHUNK, experts_pow2] one-hot tiles; keep them at 8K elements.
+    chunk = max(16, min(1024, 8192 // experts_pow2))
+    return StageLaunch(
+        name="align",
+        kernel="moe_align_kernel",
+        grid=(1, 1, 1),
+        num_warps=4 if experts_pow2 <= 64 else 8,
+        num_stages=1,
+        inputs=("topk_ids",),
+        scalars=(
+            ("num_slots", shape.num_slots),
+            ("max_blocks", max_blocks(shape.num_slots, shape.num_experts, config.block_m)),
+        ),
+        outputs=("sorted_slots", "block_experts", "num_padded"),
+        constexprs=(
+            ("NUM_EXPERTS", shape.num_experts),
+            ("EXPERTS_POW2", experts_pow2),
+            ("BLOCK_M", config.block_m),
+            ("CHUNK", chunk),
+        ),
+    )
+
+
+def gemm_stage(shape: DispatchShape, config: DispatchConfig, which: str, interpret: bool = False) -> StageLaunch:
+    """gate_up (N = I per half, K = H) or down (N = H, K = I): one program per (expert block, N tile)."""
+    tile: GemmTile = getattr(config, which)
+    n_cols = shape.inter if which == "gate_up" else shape.hidden
+    blocks = max_blocks(shape.num_slots, shape.num_experts, config.block_m)
+    if which == "gate_up":
+        inputs, outputs = ("hidden", "w_gate_up"), ("act",)
+    else:
+        inputs, outputs = ("act", "w_down"), ("expert_out",)
+    return StageLaunch(
+        name=which,
+        kernel=f"moe_{which}_kernel",
+        grid=(blocks * cdiv(n_cols, tile.block_n), 1, 1),
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        inputs=(*inputs, "sorted_slots", "block_experts", "num_padded"),
+        scalars=(("num_slots", shape.num_slots),),
+        outputs=outputs,
+        constexprs=(
+            ("HIDDEN", shape.hidden),
+            ("INTER", shape.inter),
+            ("TOP_K", shape.top_k),
+            ("BLOCK_M", config.block_m),
+            ("BLOCK_N", tile.block_n),
+            ("BLOCK_K", tile.block_k),
+            ("GROUP_M", config.group_m),
+            # fp32 tl.dot would use TF32 on a GPU; the reference is exact fp32.
+            ("DOT_PRECISION", "ieee" if shape.compute_dtype == "float32" else "tf32"),
+            # Triton's CPU interpreter multiplies bf16 tiles as raw uint16: upcast there.
+            ("UPCAST_DOT", bool(interpret and shape.compute_dtype == "bfloat16")),
+        ),
+    )
+
+
+def combine_stage(shape: DispatchShape) -> StageLaunch:
+    """One program per (token, H tile): sums its k slots in a fixed order, so no atomics and bitwise repeatable."""
+    block_h = min(1024, next_pow2(shape.hidden))
+    return StageLaunch(
+        name="combine",
+        kernel="moe_combine_kernel",
+        grid=(shape.num_tokens, cdiv(shape.hidden, block_h), 1),
+        num_warps=4,
+        num_stages=1,
+        inputs=("expert_out", "topk_weights"),
+        scalars=(),
+        outputs=("output",),
+        constexprs=(("HIDDEN", shape.hidden), ("TOP_K", shape.top_k), ("BLOCK_H", block_h)),
+    )
+
+
+def triton_signature(plan: DispatchPlan, stage: StageLaunch) -> dict[str, str]:
+    """`{kernel parameter: type}` for triton.compiler.ASTSource: {'hidden_ptr': '*bf16', 'num_slots': 'i32', ...}."""
+    types = {name: "*" + TRITON_TYPES[plan.buffers[name].dtype] for name in (*stage.inputs, *stage.outputs)}
+    types.update({name: "i32" for name, _ in stage.scalars})
+    return {param: types[name] for param, name in zip(stage.kernel_params, stage.args)}
