@@ -1,0 +1,281 @@
+"""Ahead-of-time PTX for the dispatch stages, in the form a TensorRT AOT plugin (one kernel each) takes. No tensorrt.
+
+`aot_dispatch(shape)` compiles every stage of `moe_launch.plan_dispatch` for sm_90 with `triton.compile` (no GPU
+needed) and describes its launch: kernel name, PTX, grid, threads per block, dynamic shared memory, and the kernel
+parameters in order with what each binds to. TensorRT passes plugin inputs, then int32 extra args, then plugin
+outputs. Triton appends two pointer parameters to every kernel (global and profile scratch); the kernels must use
+neither (checked here), and the launcher passes null for them, as TensorRT does for arguments it was not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from moetrt.plugins.moe_configs import select_config
+from moetrt.plugins.moe_kernels import KERNELS
+from moetrt.plugins.moe_launch import (
+    FP_FUSION,
+    Buffer,
+    DispatchConfig,
+    DispatchPlan,
+    DispatchShape,
+    StageLaunch,
+    plan_dispatch,
+    triton_signature,
+)
+
+HIDDEN_POINTERS = ("global_scratch", "profile_scratch")
+PORTABLE_SHARED_BYTES = 48 * 1024  # more needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) before launch
+PTX_TYPES = {"pointer": ".u64", "i32": ".u32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AotParam:
+    """One kernel parameter. kind: 'input' / 'scalar' / 'output' (plugin inputs, extra args, plugin outputs, in
+    TensorRT's order) or 'hidden' (Triton's scratch pointers: pass null). role: the buffer's role in the whole
+    dispatch ('input', 'output', 'scratch'), None for scalars and hidden pointers."""
+
+    name: str
+    kind: str
+    ptx_type: str
+    value: int | None = None
+    role: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AotStage:
+    """Everything one single-kernel plugin node needs."""
+
+    name: str
+    kernel_name: str
+    ptx: str
+    grid: tuple[int, int, int]
+    block_threads: int
+    shared_mem: int
+    params: tuple[AotParam, ...]
+    inputs: tuple[Buffer, ...]
+    outputs: tuple[Buffer, ...]
+    launch: StageLaunch  # the launch compiled, after any shrinking to fit max_shared_bytes
+
+    @property
+    def extra_args(self) -> tuple[int, ...]:
+        return tuple(param.value for param in self.params if param.kind == "scalar")
+
+    @property
+    def needs_shared_opt_in(self) -> bool:
+        return self.shared_mem > PORTABLE_SHARED_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class AotDispatch:
+    """The plan (buffer shapes, scratch included) and its compiled stages in launch order."""
+
+    plan: DispatchPlan
+    stages: tuple[AotStage, ...]
+
+
+def aot_dispatch(
+    shape: DispatchShape,
+    config: DispatchConfig | None = None,
+    *,
+    arch: int = 90,
+    ptx_version: int | None = None,
+    max_shared_bytes: int | None = None,
+) -> AotDispatch:
+    """Compile every stage for sm_`arch`. ptx_version caps the PTX ISA (e.g. 87 for a CUDA 12.8 driver); None
+    lets Triton pick from its bundled ptxas. max_shared_bytes (e.g. PORTABLE_SHARED_BYTES, for a launcher that
+    never raises the 48 KiB default) shrinks pipeline depth and BLOCK_K until each GEMM fits; grids do not change.
+    """
+    plan = plan_dispatch(shape, config or select_config(shape))
+    stages = tuple(
+        compile_stage(plan, stage, arch=arch, ptx_version=ptx_version, max_shared_bytes=max_shared_bytes)
+        for stage in plan.stages
+    )
+    return AotDispatch(plan, stages)
+
+
+def compile_stage(plan, stage, *, arch=90, ptx_version=None, max_shared_bytes=None) -> AotStage:
+    for candidate in shrunk_launches(plan, stage, max_shared_bytes):
+        compiled = compile_launch(plan, candidate, arch, ptx_version)
+        if max_shared_bytes is None or compiled.metadata.shared <= max_shared_bytes:
+            return describe(plan, candidate, compiled)
+    raise ValueError(f"stage {stage.name}: no tile of {stage.constexprs} fits {max_shared_bytes} B of shared memory")
+
+
+def jit_function(kernel) -> JITFunction:
+    if not isinstance(kernel, JITFunction):
+        # The interpreter also patches triton.language for the whole process: compile in another one.
+        raise RuntimeError("AOT compilation needs the kernels imported without TRITON_INTERPRET=1")
+    return kernel
+
+
+def compile_launch(plan: DispatchPlan, stage: StageLaunch, arch: int, ptx_version: int | None):
+    """triton.compile one stage. Pointers are declared 16-byte aligned, as Triton's JIT finds them on the GPU."""
+    fn = jit_function(KERNELS[stage.kernel])
+    constexprs = dict(stage.constexprs)
+    if fn.arg_names != [*stage.kernel_params, *constexprs]:
+        raise ValueError(f"{stage.kernel} takes {fn.arg_names}, the plan passes {[*stage.kernel_params, *constexprs]}")
+    signature = {**triton_signature(plan, stage), **{name: "constexpr" for name in constexprs}}
+    aligned = [i for i, name in enumerate(stage.kernel_params) if signature[name].startswith("*")]
+    source = ASTSource(
+        fn, signature=signature, constexprs=constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}
+    )
+    options = {"num_warps": stage.num_warps, "num_stages": stage.num_stages, "enable_fp_fusion": FP_FUSION}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    check_launch_metadata(stage, compiled.metadata)
+    return compiled
+
+
+def check_launch_metadata(stage: StageLaunch, metadata) -> None:
+    """Refuse what a plain cuLaunchKernel with null scratch pointers cannot reproduce."""
+    unsupported = {
+        "global_scratch_size": metadata.global_scratch_size,
+        "profile_scratch_size": metadata.profile_scratch_size,
+        "tmem_size": metadata.tmem_size or 0,
+        "launch_cooperative_grid": metadata.launch_cooperative_grid,
+        "launch_pdl": metadata.launch_pdl,
+        "num_ctas > 1": metadata.num_ctas > 1,
+    }
+    used = [name for name, value in unsupported.items() if value]
+    if used:
+        raise ValueError(f"stage {stage.name} needs {used}: not launchable as a plain AOT kernel")
+
+
+def shrunk_launches(plan: DispatchPlan, stage: StageLaunch, max_shared_bytes: int | None):
+    """The stage itself, then (for GEMMs under a shared-memory cap) shallower pipelines and smaller BLOCK_K,
+    largest estimated footprint first. Only num_stages and BLOCK_K change, so grids and buffers stay the same."""
+    yield stage
+    constexprs = dict(stage.constexprs)
+    if max_shared_bytes is None or "BLOCK_K" not in constexprs:
+        return
+    element = 4 if plan.shape.compute_dtype == "float32" else 2
+    b_tiles = 2 if stage.name == "gate_up" else 1
+    options = []
+    block_k = constexprs["BLOCK_K"]
+    while block_k >= 16:
+        for depth in range(stage.num_stages, 0, -1):
+            per_stage = (constexprs["BLOCK_M"] + b_tiles * constexprs["BLOCK_N"]) * block_k * element
+            # Triton keeps num_stages - 1 tiles in flight; compile_stage checks the real figure anyway.
+            options.append((depth >= 2, max(depth - 1, 1) * per_stage, depth, block_k))
+        block_k //= 2
+    for _, footprint, depth, block_k in sorted(options, reverse=True):
+        if footprint <= max_shared_bytes and (depth, block_k) != (stage.num_stages, constexprs["BLOCK_K"]):
+            yield dataclasses.replace(
+                stage, num_stages=depth, constexprs=tuple({**constexprs, "BLOCK_K": block_k}.items())
+            )
+
+
+def describe(plan: DispatchPlan, stage: StageLaunch, compiled) -> AotStage:
+    metadata = compiled.metadata
+    params = [tensor_param(plan, name, "input") for name in stage.inputs]
+    params += [AotParam(name, "scalar", PTX_TYPES["i32"], value=value) for name, value in stage.scalars]
+    params += [tensor_param(plan, name, "output") for name in stage.outputs]
+    params += [AotParam(name, "hidden", PTX_TYPES["pointer"]) for name in HIDDEN_POINTERS]
+    aot = AotStage(
+        name=stage.name,
+        kernel_name=metadata.name,
+        ptx=compiled.asm["ptx"],
+        grid=stage.grid,
+        block_threads=metadata.num_warps * metadata.warp_size,
+        shared_mem=metadata.shared,
+        params=tuple(params),
+        inputs=tuple(plan.buffers[name] for name in stage.inputs),
+        outputs=tuple(plan.buffers[name] for name in stage.outputs),
+        launch=stage,
+    )
+    problems = entry_param_problems(aot)
+    if problems:
+        raise ValueError(f"stage {stage.name}: PTX parameters do not match the launch: {problems}")
+    return aot
+
+
+def tensor_param(plan: DispatchPlan, name: str, kind: str) -> AotParam:
+    return AotParam(name, kind, PTX_TYPES["pointer"], role=plan.buffers[name].role)
+
+
+def ptx_entry(ptx: str) -> tuple[str, list[tuple[str, bool]]]:
+    """(entry name, [(PTX type, is a global pointer) per parameter]) of the single `.visible .entry` in `ptx`."""
+    entries = re.findall(r"\.visible\s+\.entry\s+(\w+)\s*\((.*?)\)", ptx, flags=re.DOTALL)
+    if len(entries) != 1:
+        raise ValueError(f"expected one .visible .entry in the PTX, found {len(entries)}")
+    name, body = entries[0]
+    params = []
+    for declaration in filter(None, (part.strip() for part in body.split(","))):
+        tokens = declaration.split()
+        if tokens[0] != ".param":
+            raise ValueError(f"unexpected PTX parameter declaration {declaration!r}")
+        params.append((tokens[1], ".ptr" in tokens))
+    return name, params
+
+
+def entry_param_problems(stage: AotStage) -> list[str]:
+    """Where the PTX `.entry` disagrees with `stage.params` (the arguments a launcher will pass); [] if nowhere."""
+    name, declared = ptx_entry(stage.ptx)
+    problems = [] if name == stage.kernel_name else [f"entry is {name}, launch names {stage.kernel_name}"]
+    if len(declared) != len(stage.params):
+        problems.append(f"PTX declares {len(declared)} parameters, the launch passes {len(stage.params)}")
+    for index, ((ptx_type, is_pointer), param) in enumerate(zip(declared, stage.params)):
+        wants_pointer = param.kind != "scalar"
+        if ptx_type != param.ptx_type or is_pointer != wants_pointer:
+            problems.append(f"parameter {index} ({param.name}): PTX {ptx_type}{' .ptr' * is_pointer}")
+    return problems
+
+
+def stage_summary(stage: AotStage) -> dict:
+    """A JSON-able description of a stage, all but the PTX text."""
+    return {
+        "name": stage.name,
+        "kernel_name": stage.kernel_name,
+        "grid": stage.grid,
+        "block_threads": stage.block_threads,
+        "shared_mem": stage.shared_mem,
+        "params": [dataclasses.asdict(param) for param in stage.params],
+        "inputs": [dataclasses.asdict(buffer) for buffer in stage.inputs],
+        "outputs": [dataclasses.asdict(buffer) for buffer in stage.outputs],
+        "launch": {"num_stages": stage.launch.num_stages, "constexprs": dict(stage.launch.constexprs)},
+    }
+
+
+def main(argv=None) -> int:
+    """`python -m moetrt.plugins.aot_kernels --tokens 64 ...`: compile, check and print (or --out: write) the stages."""
+    parser = argparse.ArgumentParser(description="Compile the expert-dispatch stages to PTX and describe them.")
+    for flag, default in (("tokens", 64), ("hidden", 7168), ("inter", 2048), ("experts", 256), ("top-k", 8)):
+        parser.add_argument(f"--{flag}", type=int, default=default)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--weight-dtype", default=None)
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--ptx-version", type=int, default=None)
+    parser.add_argument("--max-shared-bytes", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write <stage>.ptx files and stages.json here")
+    args = parser.parse_args(argv)
+    shape = DispatchShape(
+        args.tokens, args.hidden, args.inter, args.experts, args.top_k, args.dtype, args.weight_dtype or args.dtype
+    )
+    aot = aot_dispatch(shape, arch=args.arch, ptx_version=args.ptx_version, max_shared_bytes=args.max_shared_bytes)
+    for stage in aot.stages:
+        print(
+            f"{stage.name}: {stage.kernel_name} grid {stage.grid} x {stage.block_threads} threads, "
+            f"{stage.shared_mem} B shared, params " + ", ".join(f"{p.name}:{p.kind}" for p in stage.params)
+        )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for stage in aot.stages:
+            (args.out / f"{stage.name}.ptx").write_text(stage.ptx)
+        summary = {"shape": dataclasses.asdict(shape), "stages": [stage_summary(s) for s in aot.stages]}
+        (args.out / "stages.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
