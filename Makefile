@@ -9,7 +9,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck
+.PHONY: install test test-slow typecheck gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	MOETRT_QUIET=1 $(PY) -m pytest -q -m slow
+
+# The Triton expert dispatch and its AOT PTX on a CUDA GPU: correctness, driver-API launches, timings (a few
+# minutes; exits 1 with one line where there is no GPU). Retune block sizes: $(PY) -m moetrt.plugins.tune_moe
+gpu-check: $(STAMP)
+	$(PY) -m moetrt.plugins.gpu_check
