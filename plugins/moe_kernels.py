@@ -22,27 +22,28 @@ def moe_align_kernel(
     EXPERTS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
+    BLOCKS_CHUNK: tl.constexpr,
 ):
-    # One program sorts every slot by expert (stably) into BLOCK_M-padded segments, like vLLM's
-    # moe_align_block_size. Ranks come from one-hot prefix sums, not atomics, so the order is deterministic.
-    experts = tl.arange(0, EXPERTS_POW2)
+    # One program sorts every slot by expert, stably, into BLOCK_M-padded segments (vLLM's moe_align_block_size
+    # as a single kernel). No atomics on the output: the order is deterministic. Ids must lie in [0, E): others
+    # are left out here, so their expert_out rows would never be written.
     lanes = tl.arange(0, CHUNK)
     counts = tl.zeros([EXPERTS_POW2], dtype=tl.int32)
     for start in range(0, num_slots, CHUNK):
-        ids = tl.load(topk_ids_ptr + start + lanes, mask=start + lanes < num_slots, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        slots = start + lanes
+        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
+        counts += tl.histogram(ids, EXPERTS_POW2, mask=(slots < num_slots) & (ids >= 0) & (ids < NUM_EXPERTS))
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
     starts = ends - padded
     total = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, total)
 
-    # Padding rows inside each expert's segment, then past the last segment: every row gets written once.
-    sentinel = tl.zeros([EXPERTS_POW2, BLOCK_M], dtype=tl.int32) + num_slots
+    # Padding rows inside each expert's segment, then past the last segment: every row is written once.
     within = tl.arange(0, BLOCK_M)
     tl.store(
         sorted_slots_ptr + (starts + counts)[:, None] + within[None, :],
-        sentinel,
+        tl.zeros([EXPERTS_POW2, BLOCK_M], dtype=tl.int32) + num_slots,
         mask=within[None, :] < (padded - counts)[:, None],
     )
     capacity = max_blocks * BLOCK_M
@@ -51,23 +52,28 @@ def moe_align_kernel(
         tl.store(sorted_slots_ptr + rows, tl.zeros([CHUNK], dtype=tl.int32) + num_slots, mask=rows < capacity)
 
     # A block's expert is the number of segments that end at or before its first row.
-    for start in range(0, max_blocks, CHUNK):
-        blocks = start + lanes
+    blocks_lanes = tl.arange(0, BLOCKS_CHUNK)
+    for start in range(0, max_blocks, BLOCKS_CHUNK):
+        blocks = start + blocks_lanes
         first_row = blocks * BLOCK_M
         expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
         tl.store(block_experts_ptr + blocks, tl.where(first_row < total, expert, -1), mask=blocks < max_blocks)
 
-    # Stable scatter: a slot's row is its expert's start + slots of that expert before it.
-    running = starts
+    # Stable scatter: a slot's row is its expert's cursor plus the earlier slots of this chunk with the same
+    # expert ([CHUNK, CHUNK] compares: the cost does not grow with E).
+    cursor = starts
+    upcoming = tl.load(topk_ids_ptr + lanes, mask=lanes < num_slots, other=-1)
     for start in range(0, num_slots, CHUNK):
         slots = start + lanes
-        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EXPERTS_POW2]
-        rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
-        base = tl.sum(onehot * running[None, :], axis=1)
+        ids = upcoming
+        # Load the next chunk now so its latency overlaps this chunk's work.
+        upcoming = tl.load(topk_ids_ptr + slots + CHUNK, mask=slots + CHUNK < num_slots, other=-1)
         keep = (slots < num_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
-        tl.store(sorted_slots_ptr + base + rank, slots, mask=keep)
-        running += tl.sum(onehot, axis=0)
+        earlier_same = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+        expert = tl.where(keep, ids, 0)
+        tl.store(sorted_slots_ptr + tl.gather(cursor, expert, 0) + rank, slots, mask=keep)
+        cursor += tl.histogram(expert, EXPERTS_POW2, mask=keep)
 
 
 @triton.jit

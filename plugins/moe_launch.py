@@ -192,13 +192,11 @@ def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bo
 def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
     """One program: counts per expert, padded offsets, then a stable scatter of slots (deterministic)."""
     experts_pow2 = next_pow2(shape.num_experts)
-    # The kernel works on [CHUNK, experts_pow2] one-hot tiles; keep them at 8K elements.
-    chunk = max(16, min(1024, 8192 // experts_pow2))
     return StageLaunch(
         name="align",
         kernel="moe_align_kernel",
         grid=(1, 1, 1),
-        num_warps=4 if experts_pow2 <= 64 else 8,
+        num_warps=8,
         num_stages=1,
         inputs=("topk_ids",),
         scalars=(
@@ -210,7 +208,8 @@ def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
             ("NUM_EXPERTS", shape.num_experts),
             ("EXPERTS_POW2", experts_pow2),
             ("BLOCK_M", config.block_m),
-            ("CHUNK", chunk),
+            ("CHUNK", 128),  # slots per step of the scatter: [CHUNK, CHUNK] compares
+            ("BLOCKS_CHUNK", max(16, min(1024, 8192 // experts_pow2))),  # [BLOCKS_CHUNK, E] compares
         ),
     )
 
