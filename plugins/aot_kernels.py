@@ -68,7 +68,7 @@ class AotStage:
 
     @property
     def extra_args(self) -> tuple[int, ...]:
-        return tuple(param.value for param in self.params if param.kind == "scalar")
+        return tuple(param.value or 0 for param in self.params if param.kind == "scalar")
 
     @property
     def needs_shared_opt_in(self) -> bool:

@@ -92,3 +92,11 @@ def test_command_line_writes_ptx_and_a_description(tmp_path, capsys):
     assert [stage["name"] for stage in described["stages"]] == list(EXPECTED)
     assert (tmp_path / "gate_up.ptx").read_text().count(".entry") == 1
     assert "gate_up: moe_gate_up_kernel" in capsys.readouterr().out
+
+
+def test_ptx_does_not_depend_on_the_token_count():
+    """One engine serves every T of a profile: only grids and int32 extra args change with T."""
+    config = aot_dispatch(SHAPES["bf16-decode"]).plan.config
+    few, many = (aot_dispatch(dataclasses.replace(SHAPES["bf16-decode"], num_tokens=t), config) for t in (3, 300))
+    assert [s.ptx for s in few.stages] == [s.ptx for s in many.stages]
+    assert [s.extra_args for s in few.stages] != [s.extra_args for s in many.stages]
