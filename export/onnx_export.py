@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moetrt.atomic import staging_dir, write_json
 from moetrt.errors import MoetrtError
 from moetrt.export.checkpoint import DTYPES, load_reference
 from moetrt.export.config import ModelConfig
@@ -242,33 +240,3 @@ def export_description(config: ModelConfig, target: str, dtype: str, checkpoint_
         "model_config": config.to_dict(),
         "versions": tool_versions(),
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-@contextlib.contextmanager
-def staging_dir(out_dir: Path):
-    """Yield a temporary sibling directory; on success it replaces `out_dir`, on failure it is removed."""
-    parent = out_dir.resolve().parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MoetrtError(f"output path {out_dir} exists and is not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
-    except OSError as error:
-        raise MoetrtError(f"cannot write to {parent} ({error.strerror}); choose a writable output directory") from None
-    try:
-        yield work
-        os.chmod(work, 0o755)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(work, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 import typer
 
 from moetrt.errors import MoetrtError
@@ -95,6 +96,52 @@ def export(
 
     out = export_onnx(checkpoint, output, target=target, dtype=dtype)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
+
+
+@app.command("build-engine")
+def build_engine_command(
+    source: Path = typer.Argument(..., help="Checkpoint directory (exported first) or export directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Engine directory to write."),
+    backend: str = typer.Option("auto", help="auto (TensorRT with a GPU, else ONNX Runtime), trt or ort."),
+    dtype: Optional[str] = typer.Option(None, help="float32 (default), float16 or bfloat16."),
+    max_batch: int = typer.Option(8, help="Largest batch the engine serves."),
+    max_seq: Optional[int] = typer.Option(None, help="Most tokens per call, the prefill chunk (default 512)."),
+    max_context: int = typer.Option(4096, help="Most cached positions per sequence."),
+    portable: bool = typer.Option(False, help="Build from the standard-ops lowering (no plugin)."),
+) -> None:
+    """Build a self-describing engine directory (manifest.json, graph, tokenizer files)."""
+    import time
+
+    from moetrt.export.engine import build_engine
+
+    start = time.perf_counter()
+    engine = build_engine(source, output, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                          max_context=max_context, portable=portable)
+    typer.echo(f"built {engine} in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def verify(
+    engine: Path = typer.Argument(..., help="Engine directory."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to compare against (fidelity check)."),
+    integrity: bool = typer.Option(False, "--integrity", help="Hash every artifact against the manifest."),
+    prompts: int = typer.Option(8, help="Prompts for the fidelity check."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference."""
+    from moetrt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(engine, integrity=integrity)
+    checks = {"manifest": "ok", "integrity": "ok" if integrity else "not checked"}
+    if checkpoint is None:
+        typer.echo(json.dumps(checks) if as_json else "\n".join(f"{k}: {v}" for k, v in checks.items()))
+        return
+    from moetrt.export.verify import verify_engine
+
+    report = verify_engine(manifest.directory, checkpoint, prompts=prompts)
+    typer.echo(json.dumps({**checks, **report.to_dict()}, indent=2) if as_json else report.describe())
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

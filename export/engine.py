@@ -1,0 +1,177 @@
+"""`build_engine`: checkpoint or export directory -> self-describing engine directory (ONNX Runtime or TensorRT).
+
+The ONNX Runtime engine is the `ort` lowering with ONNX Runtime's graph optimisations applied ahead of time
+and saved, so loading skips them. The directory is staged and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from moetrt.atomic import staging_dir, write_json
+from moetrt.errors import MoetrtError
+from moetrt.export.onnx_export import DATA_FILE, EXPORT_JSON, MODEL_FILE, TOKENIZER_FILES, export_onnx
+from moetrt.progress import note
+from moetrt.runtime import hardware
+from moetrt.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, artifact_records
+from moetrt.versions import package_version, tool_versions
+
+BACKENDS = ("auto", "ort", "trt")
+# Which export targets each backend can run.
+BACKEND_TARGETS = {"ort": ("ort", "onnx"), "trt": ("trt", "onnx")}
+ORT_OPTIMIZATION = "all"
+
+
+def trt_unavailable_reason() -> str | None:
+    """Why a TensorRT engine cannot be built here, or None when it can."""
+    try:
+        import tensorrt
+    except ImportError:
+        return "TensorRT is not installed"
+    if not hasattr(tensorrt, "Builder"):  # type stubs make `tensorrt` an importable namespace package
+        return "TensorRT is not installed"
+    if not hardware.cuda_devices():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    """(backend, why): `auto` is TensorRT where TensorRT and a GPU are present, ONNX Runtime otherwise."""
+    if requested not in BACKENDS:
+        raise MoetrtError(f"backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested, "as requested"
+    reason = trt_unavailable_reason()
+    if reason is None:
+        return "trt", "TensorRT and a CUDA GPU are present"
+    return "ort", f"{reason}, so ONNX Runtime"
+
+
+def ort_provider() -> str:
+    """CUDA when onnxruntime-gpu and a GPU are present, else the CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and hardware.cuda_devices():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def build_engine(
+    source: str | Path,
+    engine_dir: str | Path,
+    backend: str = "auto",
+    dtype: str | None = None,
+    max_batch: int = 8,
+    max_seq: int | None = None,
+    max_context: int = 4096,
+    portable: bool = False,
+) -> Path:
+    """Build an engine from a checkpoint directory (exported first) or an export directory.
+
+    backend: "auto", "ort" or "trt". max_batch / max_seq (tokens per call, the prefill chunk; default
+    min(512, max_context)) / max_context (cached positions) bound the shapes: TensorRT's optimisation profiles, the runtime's cache. portable:
+    build from the standard-ops lowering (no plugin). Returns the engine directory.
+    """
+    source, engine_dir = Path(source), Path(engine_dir)
+    max_seq = min(512, max_context) if max_seq is None else max_seq
+    for name, value in (("max_batch", max_batch), ("max_seq", max_seq), ("max_context", max_context)):
+        if value < 1:
+            raise MoetrtError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if max_seq > max_context:
+        raise MoetrtError(f"--max-seq ({max_seq}) cannot exceed --max-context ({max_context})")
+    chosen, why = choose_backend(backend)
+    if chosen == "trt":
+        reason = trt_unavailable_reason()
+        if reason:
+            raise MoetrtError(f"cannot build a TensorRT engine: {reason}; `--backend ort` works on this machine")
+    note(f"backend: {chosen} ({why})")
+    profile = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
+
+    with staging_dir(engine_dir) as work:
+        export_dir = _export_for(source, work / ".export", chosen, dtype, portable)
+        described = json.loads((export_dir / EXPORT_JSON).read_text())
+        if chosen == "ort":
+            backend_section = build_ort(export_dir, work)
+        else:
+            from moetrt.export.trt_build import build_trt
+
+            backend_section = build_trt(export_dir, work, profile)
+        for name in (*TOKENIZER_FILES, "config.json"):
+            if (export_dir / name).is_file():
+                shutil.copyfile(export_dir / name, work / name)
+        shutil.rmtree(work / ".export", ignore_errors=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "backend": chosen,
+            "dtype": described["dtype"],
+            "export_target": described["target"],
+            "model_config": described["model_config"],
+            "tokenizer": (work / "tokenizer.json").is_file(),
+            "io": {key: described[key] for key in ("inputs", "outputs", "cache")},
+            "profile": profile,
+            chosen: backend_section,
+            "artifacts": artifact_records(work),
+            "versions": {**tool_versions(), "cuda_driver": hardware.cuda_driver_version()},
+        }
+        write_json(work / MANIFEST, manifest)
+    return engine_dir
+
+
+def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, portable: bool) -> Path:
+    """The export directory to build from: `source` itself if it is one, else a fresh export of it."""
+    if (source / EXPORT_JSON).is_file():
+        described = json.loads((source / EXPORT_JSON).read_text())
+        if described["target"] not in BACKEND_TARGETS[backend]:
+            raise MoetrtError(
+                f"{source} was exported for target {described['target']}; the {backend} backend builds from "
+                f"{' or '.join(BACKEND_TARGETS[backend])} exports (re-export with --target {backend})"
+            )
+        if dtype and dtype != described["dtype"]:
+            raise MoetrtError(f"{source} was exported in {described['dtype']}; --dtype {dtype} needs a re-export")
+        return source
+    if not (source / "config.json").is_file():
+        raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
+    target = "onnx" if portable else backend
+    return export_onnx(source, scratch, target=target, dtype=dtype or "float32")
+
+
+def build_ort(export_dir: Path, work: Path) -> dict:
+    """Optimise the export with ONNX Runtime ahead of time and save the result as the engine's graph."""
+    import onnxruntime as ort
+
+    provider = ort_provider()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(work / MODEL_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(export_dir / MODEL_FILE), options, providers=[provider])
+    except Exception as error:  # onnxruntime raises its own exception types
+        if "NOT_IMPLEMENTED" in str(error):
+            raise MoetrtError(
+                f"ONNX Runtime's {provider} cannot run this graph ({str(error).splitlines()[0][:200]}); "
+                "build a float32 engine for the CPU"
+            ) from None
+        raise
+    package = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
+    return {
+        "model": MODEL_FILE,
+        "external_data": DATA_FILE,
+        "package": package,
+        "provider": provider,
+        "optimization_level": ORT_OPTIMIZATION,
+        "cpu_arch": hardware.cpu_arch(),
+        "cpu_flags": list(hardware.cpu_flags()),
+        "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
+    }
+
+
+def _first_gpu_capability() -> list[int] | None:
+    devices = hardware.cuda_devices()
+    return list(devices[0].compute_capability) if devices else None
+

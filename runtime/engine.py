@@ -1,0 +1,164 @@
+"""The Python API: `Engine.load(engine_dir)`, then `logits`, `generate`, `stream` and `chat`.
+
+Sampling defaults come from the engine's `generation_config.json` (DeepSeek recommends sampling for R1:
+temperature 0.6, top-p 0.95); keyword arguments override them per call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+from moetrt.runtime.generate import (
+    GenerationOptions,
+    GenerationResult,
+    StreamEvent,
+    generate,
+    generate_stream,
+)
+from moetrt.runtime.kv_cache import LatentKVCache
+from moetrt.runtime.manifest import Manifest, load_manifest
+from moetrt.runtime.sampling import SamplingParams
+
+Prompt = str | list[int]
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed")
+
+
+def open_session(manifest: Manifest, threads: int | None = None):
+    """The backend session for an engine (ONNX Runtime or TensorRT)."""
+    if manifest.backend == "ort":
+        from moetrt.runtime.ort_session import OrtSession
+
+        return OrtSession(manifest, threads=threads)
+    from moetrt.runtime.trt_session import TrtSession
+
+    return TrtSession(manifest)
+
+
+def _generation_defaults(directory: Path) -> dict[str, Any]:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    defaults = {name: data[name] for name in SAMPLING_FIELDS if data.get(name) is not None}
+    if data.get("max_new_tokens"):
+        defaults["max_new_tokens"] = int(data["max_new_tokens"])
+    return defaults
+
+
+class Engine:
+    def __init__(self, manifest: Manifest, session, tokenizer=None):
+        self.manifest = manifest
+        self.config = manifest.model_config
+        self.session = session
+        self.tokenizer = tokenizer
+        self.max_context = int(manifest.profile["max_context"])
+        self.max_seq = int(manifest.profile["max_seq"])
+        self.defaults = _generation_defaults(manifest.directory)
+        self.eos_ids: tuple[int, ...] = tokenizer.eos_ids if tokenizer is not None else self.config.eos_token_ids
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, threads: int | None = None, integrity: bool = False) -> Engine:
+        """Load an engine directory: cheap manifest checks (hashes too with `integrity`), session, tokenizer."""
+        manifest = load_manifest(engine_dir, integrity=integrity)
+        tokenizer = None
+        if manifest.has_tokenizer:
+            from moetrt.runtime.chat import ChatTokenizer
+
+            tokenizer = ChatTokenizer.load(manifest.directory)
+        return cls(manifest, open_session(manifest, threads), tokenizer)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """int64 `[B, S]` -> float32 `[B, S, vocab]` (no padding; run in chunks of the engine's max_seq)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise MoetrtError(f"input_ids must be [batch, seq] with seq >= 1, got shape {list(ids.shape)}")
+        batch, seq = ids.shape
+        self._check_length(seq)
+        cache = LatentKVCache(self.config.num_hidden_layers, self.config.latent_dim, batch, seq, self.session.dtype)
+        chunks = []
+        for start in range(0, seq, self.max_seq):
+            end = min(start + self.max_seq, seq)
+            positions = np.broadcast_to(np.arange(start, end), (batch, end - start))
+            mask = cache.attention_mask(end - start, np.ones((batch, end - start), np.int64))
+            logits, _ = self.session.run(ids[:, start:end], positions, mask, np.ascontiguousarray(positions - start),
+                                         cache.past(), cache.reserve(end - start))
+            cache.advance(end - start)
+            chunks.append(logits.astype(np.float32, copy=False))
+        return np.concatenate(chunks, axis=1)
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MoetrtError("this engine has no tokenizer: pass token ids (a list of ints) instead of text")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise MoetrtError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+    def options(self, **overrides: Any) -> GenerationOptions:
+        """Generation options: keyword overrides over generation_config.json over greedy defaults.
+
+        Keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, greedy,
+        stop (str or list), stop_token_ids, max_reasoning_tokens, prefill_chunk.
+        """
+        merged = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if merged.pop("greedy", False):
+            merged["do_sample"] = False
+        unknown = set(merged) - set(SAMPLING_FIELDS) - {
+            "max_new_tokens", "stop", "stop_token_ids", "max_reasoning_tokens", "prefill_chunk"}
+        if unknown:
+            raise MoetrtError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        sampling = SamplingParams(**{k: merged.pop(k) for k in SAMPLING_FIELDS if k in merged})
+        stop = merged.pop("stop", ())
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        stop_ids = tuple(merged.pop("stop_token_ids", ())) + tuple(self.eos_ids)
+        merged.setdefault("prefill_chunk", min(self.max_seq, 512))
+        return GenerationOptions(sampling=sampling, stop=stop, stop_token_ids=stop_ids, **merged)
+
+    def generate(self, prompt: Prompt | list[Prompt], **options: Any) -> GenerationResult | list[GenerationResult]:
+        """Continue a prompt (text or token ids) or a list of prompts (batched); no chat template."""
+        batched = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
+        results = self._run(prompts, self.options(**options))
+        return results if batched else results[0]
+
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[StreamEvent]:
+        """Yield text increments (split into reasoning and answer) as one prompt generates."""
+        opts = self.options(**options)
+        ids = self.encode(prompt)
+        self._check_length(len(ids) + opts.max_new_tokens)
+        return generate_stream(self.session, [ids], opts, self.tokenizer, self.max_context)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None:
+            raise MoetrtError("this engine has no tokenizer, so no chat template: use generate with token ids")
+        return self.tokenizer.encode(self.tokenizer.render(messages))
+
+    def chat(self, messages: list[dict[str, str]], **options: Any) -> GenerationResult:
+        """Render `messages` with the chat template (R1: the output starts inside <think>) and generate."""
+        return self._run([self.chat_prompt(messages)], self.options(**options))[0]
+
+    def chat_stream(self, messages: list[dict[str, str]], **options: Any) -> Iterator[StreamEvent]:
+        return self.stream(self.chat_prompt(messages), **options)
+
+    def _run(self, prompts: list[list[int]], options: GenerationOptions) -> list[GenerationResult]:
+        self._check_length(max(len(p) for p in prompts) + options.max_new_tokens)
+        return generate(self.session, prompts, options, self.tokenizer, self.max_context)
+
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.max_context:
+            raise MoetrtError(
+                f"{tokens} tokens (prompt + max_new_tokens) exceed the engine's context of {self.max_context}; "
+                "shorten the prompt, lower max_new_tokens, or rebuild with a larger --max-context"
+            )

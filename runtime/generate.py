@@ -1,0 +1,245 @@
+"""Generation over a Session: chunked prefill, then decode steps, sampling, stops and R1 reasoning.
+
+`prefill` and `decode_one_token` drive the graph over the latent cache; `generate_stream` runs a batch of
+prompts to completion and yields per-row text increments; `generate` collects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+from moetrt.runtime.kv_cache import LatentKVCache
+from moetrt.runtime.sampling import SamplingParams, select_token
+from moetrt.runtime.text import THINK_END, THINK_START, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class Session(Protocol):
+    """What a backend offers the generator (ONNX Runtime here; TensorRT behind the same interface)."""
+
+    backend: str
+    num_layers: int
+    latent_dim: int
+    vocab_size: int
+    dtype: np.dtype
+
+    def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams(do_sample=False)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    max_reasoning_tokens: int | None = None
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MoetrtError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.prefill_chunk < 1:
+            raise MoetrtError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.max_reasoning_tokens is not None and self.max_reasoning_tokens < 0:
+            raise MoetrtError("max_reasoning_tokens must be >= 0")
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """One row's increment: new tokens and the text they completed, split into reasoning and answer."""
+
+    row: int
+    token_ids: list[int]
+    reasoning: str = ""
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the row's last event
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str  # the answer: what follows </think> when the output reasons, else everything
+    reasoning: str | None  # the thinking, None when the output has none
+    token_ids: list[int]  # new tokens (a stop token included)
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, valid mask and position_ids `[B, W]` for left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    valid = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        valid[row, width - len(prompt) :] = 1
+    return ids, valid, np.maximum(valid.cumsum(-1) - 1, 0)
+
+
+def prefill(session: Session, cache: LatentKVCache, prompts: list[list[int]], chunk: int) -> np.ndarray:
+    """Run the prompts through the graph at most `chunk` positions per call; logits `[B, vocab]` of each
+    prompt's last token. Only the last call computes logits, so long prompts never materialise more."""
+    ids, valid, positions = left_pad(prompts)
+    batch, width = ids.shape
+    logits = None
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        last = end == width
+        logit_positions = np.full((batch, 1 if last else 0), end - start - 1, dtype=np.int64)
+        mask = cache.attention_mask(end - start, valid[:, start:end])
+        logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
+                                cache.past(), cache.reserve(end - start))
+        cache.advance(end - start)
+    return logits[:, -1]
+
+
+def decode_one_token(session: Session, cache: LatentKVCache, tokens: np.ndarray, positions: np.ndarray,
+                     active: np.ndarray) -> np.ndarray:
+    """Feed one token per row; finished rows ride along masked out. Returns logits `[B, vocab]`."""
+    mask = cache.attention_mask(1, active[:, None].astype(np.int64))
+    logits, _ = session.run(tokens[:, None], positions[:, None], mask, np.zeros((len(tokens), 1), np.int64),
+                            cache.past(), cache.reserve(1))
+    cache.advance(1)
+    return logits[:, -1]
+
+
+@dataclasses.dataclass
+class _Row:
+    """One sequence's generation state."""
+
+    prompt: list[int]
+    rng: np.random.Generator
+    detokenizer: IncrementalDetokenizer | None
+    splitter: ReasoningSplitter
+    stops: StopMatcher
+    generated: list[int] = dataclasses.field(default_factory=list)
+    reasoning_tokens: int = 0
+    forced: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _prompt_opens_thinking(tokenizer, prompt: list[int]) -> bool:
+    if tokenizer is None:
+        return False
+    text = tokenizer.decode(prompt[-64:])
+    return text.rfind(THINK_START) > text.rfind(THINK_END)
+
+
+def generate_stream(
+    session: Session,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    tokenizer=None,
+    max_context: int | None = None,
+) -> Iterator[StreamEvent]:
+    """Generate for a batch of token-id prompts; yields one event per row per generated token (text may be
+    empty while a character or a tag is incomplete). `tokenizer` (decode/encode) enables text, stop
+    strings and the reasoning split."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MoetrtError("every prompt needs at least one token")
+    if options.stop and tokenizer is None:
+        raise MoetrtError("stop strings need an engine with a tokenizer; pass stop_token_ids instead")
+    longest = max(len(p) for p in prompts)
+    context = max_context or longest + options.max_new_tokens
+    if longest + options.max_new_tokens > context:
+        needed = longest + options.max_new_tokens
+        raise MoetrtError(
+            f"prompt of {longest} tokens plus max_new_tokens {options.max_new_tokens} = {needed} exceeds the "
+            f"engine's context of {context} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    think_end = tokenizer.encode(THINK_END) if tokenizer is not None else []
+    rows = [
+        _Row(
+            prompt=list(prompt),
+            rng=np.random.default_rng(None if options.sampling.seed is None else options.sampling.seed + i),
+            detokenizer=IncrementalDetokenizer(tokenizer.decode, prompt[-4:]) if tokenizer is not None else None,
+            splitter=ReasoningSplitter(_prompt_opens_thinking(tokenizer, prompt)),
+            stops=StopMatcher(options.stop),
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    cache = LatentKVCache(session.num_layers, session.latent_dim, len(prompts),
+                          longest + options.max_new_tokens, session.dtype)
+    logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
+    positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
+    stop_ids = np.array(options.stop_token_ids, dtype=np.int64)
+
+    for step in range(options.max_new_tokens):
+        tokens = np.zeros(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            if row.finish_reason is not None:
+                continue
+            if row.forced:
+                token = row.forced.pop(0)
+            else:
+                seen = row.prompt + row.generated if options.sampling.repetition_penalty != 1.0 else []
+                token = select_token(logits[i], options.sampling, row.rng, np.asarray(seen, dtype=np.int64))
+            tokens[i] = token
+            yield _advance(row, i, token, stop_ids, options, think_end, last_step=step == options.max_new_tokens - 1)
+        active = np.array([r.finish_reason is None for r in rows])
+        if not active.any():
+            return
+        logits = decode_one_token(session, cache, tokens, positions, active)
+        positions += 1
+
+
+def _advance(row: _Row, index: int, token: int, stop_ids: np.ndarray, options: GenerationOptions,
+             think_end: list[int], last_step: bool) -> StreamEvent:
+    row.generated.append(token)
+    finish = "stop" if token in stop_ids else "length" if last_step else None
+    text = row.detokenizer.push(token) if row.detokenizer is not None and finish != "stop" else ""
+    text, stopped = row.stops.feed(text, final=finish is not None)
+    if stopped:
+        finish = "stop"
+    reasoning, content = row.splitter.feed(text, final=finish is not None)
+    if row.splitter.in_reasoning:
+        row.reasoning_tokens += 1
+        budget = options.max_reasoning_tokens
+        if budget is not None and row.reasoning_tokens >= budget and not row.forced and think_end:
+            row.forced = list(think_end)  # the thinking budget is spent: close the section
+    row.finish_reason = finish
+    return StreamEvent(index, [token], reasoning, content, finish)
+
+
+def generate(
+    session: Session,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    tokenizer=None,
+    max_context: int | None = None,
+) -> list[GenerationResult]:
+    """Run `generate_stream` to the end and assemble one result per prompt."""
+    reasoning = [[] for _ in prompts]
+    text = [[] for _ in prompts]
+    tokens = [[] for _ in prompts]
+    finish = ["length"] * len(prompts)
+    opened = [False] * len(prompts)
+    for event in generate_stream(session, prompts, options, tokenizer, max_context):
+        tokens[event.row].extend(event.token_ids)
+        reasoning[event.row].append(event.reasoning)
+        text[event.row].append(event.text)
+        opened[event.row] |= bool(event.reasoning)
+        if event.finish_reason:
+            finish[event.row] = event.finish_reason
+    results = []
+    for i, prompt in enumerate(prompts):
+        thought = "".join(reasoning[i])
+        has_reasoning = opened[i] or (tokenizer is not None and _prompt_opens_thinking(tokenizer, prompt))
+        results.append(GenerationResult(
+            text="".join(text[i]).rstrip() if tokenizer is not None else "",
+            reasoning=thought.strip() if has_reasoning else None,
+            token_ids=tokens[i],
+            finish_reason=finish[i],
+            prompt_tokens=len(prompt),
+        ))
+    return results

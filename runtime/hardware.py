@@ -1,0 +1,84 @@
+"""What this machine offers an engine: CPU instruction sets and CUDA devices (via the driver, no torch)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+from dataclasses import dataclass
+
+# CPU features an offline-optimised ONNX Runtime model may depend on (MLAS picks kernels by them).
+RELEVANT_CPU_FLAGS = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",  # x86
+    "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm", "fphp", "asimdhp",  # aarch64
+)
+
+
+def cpu_arch() -> str:
+    return platform.machine()
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The relevant instruction-set flags of this CPU, sorted (from /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return ()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return tuple(sorted(flags & set(RELEVANT_CPU_FLAGS)))
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    memory_bytes: int
+
+
+@functools.cache
+def cuda_driver_version() -> int | None:
+    """The CUDA driver API version (e.g. 12080), or None without a driver."""
+    driver = _libcuda()
+    if driver is None:
+        return None
+    version = ctypes.c_int()
+    return version.value if driver.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
+
+
+@functools.cache
+def cuda_devices() -> tuple[CudaDevice, ...]:
+    """The CUDA GPUs the driver sees (empty without a driver or a GPU)."""
+    driver = _libcuda()
+    if driver is None or driver.cuInit(0) != 0:
+        return ()
+    count = ctypes.c_int()
+    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return ()
+    devices = []
+    for index in range(count.value):
+        handle, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        driver.cuDeviceGet(ctypes.byref(handle), index)
+        driver.cuDeviceGetAttribute(ctypes.byref(major), 75, handle)  # COMPUTE_CAPABILITY_MAJOR
+        driver.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle)  # COMPUTE_CAPABILITY_MINOR
+        name = ctypes.create_string_buffer(256)
+        driver.cuDeviceGetName(name, 256, handle)
+        memory = ctypes.c_size_t()
+        driver.cuDeviceTotalMem_v2(ctypes.byref(memory), handle)
+        devices.append(CudaDevice(index, name.value.decode(), (major.value, minor.value), memory.value))
+    return tuple(devices)
+
+
+def _libcuda():
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None

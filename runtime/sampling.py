@@ -1,0 +1,73 @@
+"""Token selection from logits (numpy): greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """`temperature=0` (or `do_sample=False`) is greedy. `top_k=0` and `top_p=1` disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise MoetrtError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MoetrtError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MoetrtError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise MoetrtError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or not len(seen):
+        return logits
+    logits = logits.copy()
+    picked = logits[seen]
+    logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filtered_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution one sampling step draws from (fp64, sums to 1) for logits `[vocab]`."""
+    scaled = logits.astype(np.float64) / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        keep = order[: int(np.searchsorted(cumulative, params.top_p, side="left")) + 1]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return probs
+
+
+def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
+    """One token for one row: logits `[vocab]`, `seen` the ids generated or prompted so far."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits))
+    probs = filtered_probabilities(logits, params)
+    return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(0, len(probs) - 1))
