@@ -21,7 +21,6 @@ from moetrt.runtime.generate import (
     generate,
     generate_stream,
 )
-from moetrt.runtime.kv_cache import LatentKVCache
 from moetrt.runtime.manifest import Manifest, load_manifest
 from moetrt.runtime.sampling import SamplingParams
 
@@ -82,7 +81,7 @@ class Engine:
             raise MoetrtError(f"input_ids must be [batch, seq] with seq >= 1, got shape {list(ids.shape)}")
         batch, seq = ids.shape
         self._check_length(seq)
-        cache = LatentKVCache(self.config.num_hidden_layers, self.config.latent_dim, batch, seq, self.session.dtype)
+        cache = self.session.new_cache(batch, seq)
         chunks = []
         for start in range(0, seq, self.max_seq):
             end = min(start + self.max_seq, seq)

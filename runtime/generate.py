@@ -21,15 +21,23 @@ DEFAULT_PREFILL_CHUNK = 512
 
 
 class Session(Protocol):
-    """What a backend offers the generator (ONNX Runtime here; TensorRT behind the same interface)."""
+    """What a backend offers the generator (ONNX Runtime here; TensorRT behind the same interface).
+
+    `new_cache` allocates the latent cache where the backend wants it (host memory for ONNX Runtime on the
+    CPU, device memory for TensorRT); `run` receives that cache's `past()` and `reserve(S)` views.
+    """
 
     backend: str
     num_layers: int
     latent_dim: int
     vocab_size: int
-    dtype: np.dtype
+
+    def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
+        ...
 
     def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
+        """ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]` (int64 numpy); returns logits
+        `[B, N, vocab]` (numpy) and the new rows (written into `new_rows`)."""
         ...
 
 
@@ -168,8 +176,7 @@ def generate_stream(
         )
         for i, prompt in enumerate(prompts)
     ]
-    cache = LatentKVCache(session.num_layers, session.latent_dim, len(prompts),
-                          longest + options.max_new_tokens, session.dtype)
+    cache = session.new_cache(len(prompts), longest + options.max_new_tokens)
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
     positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
     stop_ids = np.array(options.stop_token_ids, dtype=np.int64)

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moetrt.errors import MoetrtError
+from moetrt.runtime.kv_cache import LatentKVCache
 from moetrt.runtime.manifest import Manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -36,6 +37,9 @@ class OrtSession:
         providers = [ort_info["provider"]] + (["CPUExecutionProvider"] if ort_info["provider"] != "CPUExecutionProvider" else [])
         self._session = ort.InferenceSession(str(manifest.path(ort_info["model"])), options, providers=providers)
         self._device = "cuda" if ort_info["provider"] == "CUDAExecutionProvider" else "cpu"
+
+    def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
+        return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
 
     def run(
         self,
