@@ -144,6 +144,139 @@ def verify(
         raise typer.Exit(1)
 
 
+def _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
+                        max_reasoning_tokens) -> dict:
+    return {
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+        "repetition_penalty": repetition_penalty, "seed": seed, "greedy": greedy or None,
+        "stop": tuple(stop) or None, "max_reasoning_tokens": max_reasoning_tokens,
+    }
+
+
+_MAX_NEW = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate (default 512).")
+_TEMPERATURE = typer.Option(None, help="Sampling temperature (default: generation_config.json; 0 = greedy).")
+_TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
+_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1].")
+_PENALTY = typer.Option(None, "--repetition-penalty", help="Penalty > 1 discourages repeating tokens.")
+_SEED = typer.Option(None, help="Seed that makes sampling reproducible.")
+_GREEDY = typer.Option(False, "--greedy", help="Greedy decoding, whatever generation_config.json says.")
+_STOP = typer.Option([], "--stop", help="Stop string (repeatable).")
+_THINK_BUDGET = typer.Option(None, "--max-reasoning-tokens", help="Close the thinking after this many tokens.")
+
+
+def _print_stream(events, console) -> tuple[str, str, str | None]:
+    """Print reasoning dimmed and the answer plain as they stream; returns (reasoning, answer, finish)."""
+    reasoning, answer, finish, shown_reasoning = [], [], None, False
+    for event in events:
+        if event.reasoning:
+            if not shown_reasoning:
+                console.print("[dim]Thinking…[/dim]")
+                shown_reasoning = True
+            console.print(event.reasoning, style="dim", end="", soft_wrap=True, markup=False, highlight=False)
+            reasoning.append(event.reasoning)
+        if event.text:
+            if shown_reasoning and not answer:
+                console.print()
+                console.print()
+            console.print(event.text, end="", soft_wrap=True, markup=False, highlight=False)
+            answer.append(event.text)
+        finish = event.finish_reason or finish
+    console.print()
+    return "".join(reasoning), "".join(answer), finish
+
+
+@app.command()
+def generate(
+    engine: Path = typer.Argument(..., help="Engine directory."),
+    prompt: str = typer.Argument(..., help="The user's message (or the raw prompt with --raw)."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    system: Optional[str] = typer.Option(None, help="A system message (chat template only)."),
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    temperature: Optional[float] = _TEMPERATURE,
+    top_k: Optional[int] = _TOP_K,
+    top_p: Optional[float] = _TOP_P,
+    repetition_penalty: Optional[float] = _PENALTY,
+    seed: Optional[int] = _SEED,
+    greedy: bool = _GREEDY,
+    stop: list[str] = _STOP,
+    max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, reasoning, tokens, usage)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+) -> None:
+    """Generate a reply: R1's thinking shown dimmed, then the answer."""
+    from moetrt.runtime.engine import Engine
+
+    loaded = Engine.load(engine, threads=threads)
+    options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
+                                  max_reasoning_tokens)
+    options["max_new_tokens"] = options["max_new_tokens"] or loaded.defaults.get("max_new_tokens", 512)
+    if raw:
+        ids = loaded.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = loaded.chat_prompt(messages)
+    if as_json:
+        result = loaded.generate(ids, **options)
+        typer.echo(json.dumps({
+            "text": result.text, "reasoning": result.reasoning, "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        }, ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    _print_stream(loaded.stream(ids, **options), Console(highlight=False))
+
+
+@app.command()
+def chat(
+    engine: Path = typer.Argument(..., help="Engine directory."),
+    system: Optional[str] = typer.Option(None, help="A system message."),
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    temperature: Optional[float] = _TEMPERATURE,
+    top_k: Optional[int] = _TOP_K,
+    top_p: Optional[float] = _TOP_P,
+    repetition_penalty: Optional[float] = _PENALTY,
+    seed: Optional[int] = _SEED,
+    greedy: bool = _GREEDY,
+    max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+) -> None:
+    """Interactive chat (streaming; thinking dimmed). /reset starts over, /exit or Ctrl-D quits."""
+    from rich.console import Console
+
+    from moetrt.runtime.engine import Engine
+
+    loaded = Engine.load(engine, threads=threads)
+    options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
+                                  max_reasoning_tokens)
+    options["max_new_tokens"] = options["max_new_tokens"] or loaded.defaults.get("max_new_tokens", 512)
+    console = Console(highlight=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    console.print(f"[bold]moetrt chat[/bold] — {engine} ({loaded.manifest.backend}). /reset, /exit")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/bold green] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            _, answer, _ = _print_stream(loaded.chat_stream(messages, **options), console)
+        except MoetrtError as error:  # e.g. the conversation outgrew the context: say so and go on
+            console.print(f"[red]error:[/red] {error}")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": answer})
+
+
 def main() -> None:
     """Console-script entry point: one-line errors for user mistakes, tracebacks for bugs."""
     global _verbose

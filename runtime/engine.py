@@ -67,7 +67,7 @@ class Engine:
         manifest = load_manifest(engine_dir, integrity=integrity)
         tokenizer = None
         if manifest.has_tokenizer:
-            from moetrt.runtime.chat import ChatTokenizer
+            from moetrt.tasks.chat import ChatTokenizer
 
             tokenizer = ChatTokenizer.load(manifest.directory)
         return cls(manifest, open_session(manifest, threads), tokenizer)
