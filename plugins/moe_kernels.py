@@ -154,11 +154,12 @@ def moe_gate_up_kernel(
 def moe_down_kernel(
     act_ptr,  # [max_blocks * BLOCK_M, INTER]
     w_down_ptr,  # [E, HIDDEN, INTER]
+    topk_weights_ptr,  # [num_slots] fp32: the routing weight of each slot
     sorted_slots_ptr,
     block_experts_ptr,
     num_padded_ptr,
     num_slots,
-    expert_out_ptr,  # [num_slots, HIDDEN] in the compute dtype, row = slot
+    expert_out_ptr,  # [num_slots, HIDDEN] in the compute dtype, row = slot, weighted
     HIDDEN: tl.constexpr,
     INTER: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -169,7 +170,8 @@ def moe_down_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    # expert_out[slot] = act[row] W_down^T. Rows go back to their slot, so the combine needs no atomics.
+    # expert_out[slot] = w[slot] * act[row] W_down^T, weighted in fp32. Rows go back to their slot, so the combine
+    # needs no atomics.
     pid_m, pid_n = grouped_tile((HIDDEN + BLOCK_N - 1) // BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -197,29 +199,28 @@ def moe_down_kernel(
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         act_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    real = slots < num_slots
+    acc *= tl.load(topk_weights_ptr + slots, mask=real, other=0.0)[:, None]
     out_ptrs = expert_out_ptr + slots.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
-    keep = (slots < num_slots)[:, None] & (cols < HIDDEN)[None, :]
-    tl.store(out_ptrs, acc.to(expert_out_ptr.dtype.element_ty), mask=keep)
+    tl.store(out_ptrs, acc.to(expert_out_ptr.dtype.element_ty), mask=real[:, None] & (cols < HIDDEN)[None, :])
 
 
 @triton.jit
 def moe_combine_kernel(
-    expert_out_ptr,  # [T * TOP_K, HIDDEN]
-    topk_weights_ptr,  # [T, TOP_K] fp32
+    expert_out_ptr,  # [T * TOP_K, HIDDEN], already weighted
     output_ptr,  # [T, HIDDEN]
     HIDDEN: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    # output[t] = sum_j w[t, j] * expert_out[t*k + j], in fp32 and a fixed order: repeatable, no atomics.
+    # output[t] = sum_j expert_out[t*k + j], in fp32 and a fixed order: repeatable, no atomics.
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     inside = cols < HIDDEN
     total = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        weight = tl.load(topk_weights_ptr + token * TOP_K + j)
         row = tl.load(expert_out_ptr + (token * TOP_K + j) * HIDDEN + cols, mask=inside, other=0.0)
-        total += weight * row.to(tl.float32)
+        total += row.to(tl.float32)
     tl.store(output_ptr + token * HIDDEN + cols, total.to(output_ptr.dtype.element_ty), mask=inside)
 
 

@@ -1,22 +1,31 @@
 """Launch plans for the Triton expert-dispatch kernels: pure functions of shapes, no torch, triton or tensorrt.
 
 The dispatch runs as four single-kernel stages; the JIT path (`triton_moe.run_plan`), the ahead-of-time PTX
-(`aot_kernels`) and the TensorRT lowering (one plugin node per stage) all read the same `DispatchPlan`:
+(`aot_kernels`) and the TensorRT lowering (one plugin node per stage, plugins/spec.py's MOE_STAGES) all read the
+same `DispatchPlan`:
 
-    align    topk_ids [T,k]                  -> sorted_slots [P], block_experts [P/BM], num_padded [1]
-    gate_up  hidden, w_gate_up, align's outs -> act [P, I]        silu(x W_gate^T) * (x W_up^T), rows by expert
-    down     act, w_down, align's outs       -> expert_out [T*k, H]   act W_down^T, written at each row's slot
-    combine  expert_out, topk_weights        -> output [T, H]     sum_j w[t, j] * expert_out[t*k + j], in fp32
+    align    topk_ids [T,k]                    -> sorted_slots [P], block_experts [P/BM], num_padded [1]
+    gate_up  hidden, w_gate_up, align's outs   -> act [P, I]      silu(x W_gate^T) * (x W_up^T), rows by expert
+    down     act, w_down, topk_weights, align's outs -> expert_out [T*k, H]   w[t, j] * act W_down^T at each slot
+    combine  expert_out                        -> output [T, H]   sum_j expert_out[t*k + j], in fp32
 
 A slot is `t * k + j` (token t's j-th choice). `P = max_blocks * BM` bounds the expert-sorted, block-padded rows.
 Every kernel takes its tensor inputs, then int32 scalars, then its tensor outputs: the order TensorRT's AOT
 plugins pass arguments in, so a stage's `args` is both the Triton signature and the plugin's binding.
+
+`stage_geometry` gives each stage's grid, int32 scalars and output shapes as formulas of the token count T that
+also accept TensorRT's symbolic shape expressions: the plan here and the plugin's shape and launch functions
+evaluate the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from moetrt.plugins.spec import MOE_STAGES
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 # Fused multiply-adds, stated rather than left to Triton's default (which 3.10 flips): JIT and AOT agree.
@@ -51,6 +60,20 @@ class DispatchShape:
     @property
     def num_slots(self) -> int:
         return self.num_tokens * self.top_k
+
+    @property
+    def dims(self) -> ExpertDims:
+        return ExpertDims(self.hidden, self.inter, self.num_experts, self.top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertDims:
+    """The static dimensions of a dispatch: everything but T, which an engine leaves dynamic."""
+
+    hidden: int
+    inter: int
+    num_experts: int
+    top_k: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +163,63 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+class Dim(Protocol):
+    """A dimension formulas can compute with: an int, or a TensorRT shape expression (tensorrt.plugin.ShapeExpr)."""
+
+    def __add__(self: D, other: D | int, /) -> D: ...
+
+    def __mul__(self: D, other: D | int, /) -> D: ...
+
+    def __floordiv__(self: D, other: D | int, /) -> D: ...
+
+
+D = TypeVar("D", bound=Dim)
+
+
+def max_blocks_expr(num_slots: D, num_experts: int, block_m: int, minimum: Callable[[D, int], D]) -> D:
     """Upper bound on BM-row blocks after padding each hit expert's rows to a multiple of BM.
 
-    At most min(E, T*k) experts are hit and each wastes at most BM-1 rows. Any larger bound also works (the
-    kernels take it as an argument), e.g. `T*k + E*(BM-1)` where min() cannot be expressed.
+    At most min(E, T*k) experts are hit and each wastes at most BM-1 rows. `minimum` is `min` for ints and
+    `tensorrt.plugin.min` for shape expressions.
     """
-    return (num_slots + min(num_experts, num_slots) * (block_m - 1)) // block_m
+    return (num_slots + minimum(num_slots, num_experts) * (block_m - 1)) // block_m
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    return max_blocks_expr(num_slots, num_experts, block_m, min)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageGeometry(Generic[D]):
+    """A stage's launch grid, its int32 scalars in kernel order and its output shapes, as formulas of T."""
+
+    grid: tuple[D | int, D | int, D | int]
+    scalars: tuple[D | int, ...]
+    outputs: tuple[tuple[D | int, ...], ...]
+
+
+def stage_geometry(
+    stage: str, tokens: D, dims: ExpertDims, config: DispatchConfig, minimum: Callable[[D, int], D]
+) -> StageGeometry[D]:
+    """`stage`'s geometry for `tokens` tokens (an int or a symbolic expression)."""
+    slots = tokens * dims.top_k
+    blocks = max_blocks_expr(slots, dims.num_experts, config.block_m, minimum)
+    rows = blocks * config.block_m
+    if stage == "align":
+        return StageGeometry((1, 1, 1), (slots, blocks), ((rows,), (blocks,), (1,)))
+    if stage == "gate_up":
+        n_tiles = cdiv(dims.inter, config.gate_up.block_n)
+        return StageGeometry((blocks * n_tiles, 1, 1), (slots,), ((rows, dims.inter),))
+    if stage == "down":
+        n_tiles = cdiv(dims.hidden, config.down.block_n)
+        return StageGeometry((blocks * n_tiles, 1, 1), (slots,), ((slots, dims.hidden),))
+    if stage == "combine":
+        return StageGeometry((tokens, cdiv(dims.hidden, combine_block(dims.hidden)), 1), (), ((tokens, dims.hidden),))
+    raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(MOE_STAGES)}")
+
+
+def combine_block(hidden: int) -> int:
+    return min(1024, next_pow2(hidden))
 
 
 def next_pow2(n: int) -> int:
@@ -156,21 +229,19 @@ def next_pow2(n: int) -> int:
 def buffers(shape: DispatchShape, config: DispatchConfig) -> dict[str, Buffer]:
     """Every tensor of the dispatch, by name: node inputs, scratch buffers between stages, the output."""
     T, H, I, E, k = shape.num_tokens, shape.hidden, shape.inter, shape.num_experts, shape.top_k
-    blocks = max_blocks(shape.num_slots, E, config.block_m)
-    rows = blocks * config.block_m
     listing = [
         Buffer("hidden", (T, H), shape.act_dtype, "input"),
         Buffer("topk_ids", (T, k), "int32", "input"),
         Buffer("topk_weights", (T, k), "float32", "input"),
         Buffer("w_gate_up", (E, 2 * I, H), shape.weight_dtype, "input"),
         Buffer("w_down", (E, H, I), shape.weight_dtype, "input"),
-        Buffer("sorted_slots", (rows,), "int32", "scratch"),  # slot per padded row; T*k marks padding
-        Buffer("block_experts", (blocks,), "int32", "scratch"),  # expert per block; -1 past the used blocks
-        Buffer("num_padded", (1,), "int32", "scratch"),  # rows in use: sum over experts of padded counts
-        Buffer("act", (rows, I), shape.compute_dtype, "scratch"),
-        Buffer("expert_out", (T * k, H), shape.compute_dtype, "scratch"),
-        Buffer("output", (T, H), shape.act_dtype, "output"),
     ]
+    dtypes = {"act": shape.compute_dtype, "expert_out": shape.compute_dtype, "output": shape.act_dtype}
+    for stage, spec in MOE_STAGES.items():
+        geometry = stage_geometry(stage, T, shape.dims, config, min)
+        for output, dims in zip(spec.outputs, geometry.outputs):
+            role = "output" if output.name == "output" else "scratch"
+            listing.append(Buffer(output.name, tuple(dims), dtypes.get(output.name, "int32"), role))
     return {buffer.name: buffer for buffer in listing}
 
 
@@ -184,26 +255,42 @@ def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bo
             align_stage(shape, config),
             gemm_stage(shape, config, "gate_up", interpret),
             gemm_stage(shape, config, "down", interpret),
-            combine_stage(shape),
+            combine_stage(shape, config),
         ),
+    )
+
+
+def stage_io(stage: str) -> dict[str, tuple[str, ...]]:
+    """The stage's tensor inputs and outputs, named as its plugin node's (plugins/spec.py)."""
+    spec = MOE_STAGES[stage]
+    return {"inputs": spec.input_names, "outputs": tuple(output.name for output in spec.outputs)}
+
+
+def launch(
+    shape: DispatchShape, config: DispatchConfig, stage: str, scalars: tuple[str, ...], **options
+) -> StageLaunch:
+    geometry = stage_geometry(stage, shape.num_tokens, shape.dims, config, min)
+    grid_x, grid_y, grid_z = geometry.grid
+    return StageLaunch(
+        name=stage,
+        kernel=f"moe_{stage}_kernel",
+        grid=(grid_x, grid_y, grid_z),
+        scalars=tuple(zip(scalars, geometry.scalars)),
+        **stage_io(stage),
+        **options,
     )
 
 
 def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
     """One program: counts per expert, padded offsets, then a stable scatter of slots (deterministic)."""
     experts_pow2 = next_pow2(shape.num_experts)
-    return StageLaunch(
-        name="align",
-        kernel="moe_align_kernel",
-        grid=(1, 1, 1),
+    return launch(
+        shape,
+        config,
+        "align",
+        ("num_slots", "max_blocks"),
         num_warps=8,
         num_stages=1,
-        inputs=("topk_ids",),
-        scalars=(
-            ("num_slots", shape.num_slots),
-            ("max_blocks", max_blocks(shape.num_slots, shape.num_experts, config.block_m)),
-        ),
-        outputs=("sorted_slots", "block_experts", "num_padded"),
         constexprs=(
             ("NUM_EXPERTS", shape.num_experts),
             ("EXPERTS_POW2", experts_pow2),
@@ -217,21 +304,13 @@ def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
 def gemm_stage(shape: DispatchShape, config: DispatchConfig, which: str, interpret: bool = False) -> StageLaunch:
     """gate_up (N = I per half, K = H) or down (N = H, K = I): one program per (expert block, N tile)."""
     tile: GemmTile = getattr(config, which)
-    n_cols = shape.inter if which == "gate_up" else shape.hidden
-    blocks = max_blocks(shape.num_slots, shape.num_experts, config.block_m)
-    if which == "gate_up":
-        inputs, outputs = ("hidden", "w_gate_up"), ("act",)
-    else:
-        inputs, outputs = ("act", "w_down"), ("expert_out",)
-    return StageLaunch(
-        name=which,
-        kernel=f"moe_{which}_kernel",
-        grid=(blocks * cdiv(n_cols, tile.block_n), 1, 1),
+    return launch(
+        shape,
+        config,
+        which,
+        ("num_slots",),
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
-        inputs=(*inputs, "sorted_slots", "block_experts", "num_padded"),
-        scalars=(("num_slots", shape.num_slots),),
-        outputs=outputs,
         constexprs=(
             ("HIDDEN", shape.hidden),
             ("INTER", shape.inter),
@@ -248,20 +327,10 @@ def gemm_stage(shape: DispatchShape, config: DispatchConfig, which: str, interpr
     )
 
 
-def combine_stage(shape: DispatchShape) -> StageLaunch:
+def combine_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
     """One program per (token, H tile): sums its k slots in a fixed order, so no atomics and bitwise repeatable."""
-    block_h = min(1024, next_pow2(shape.hidden))
-    return StageLaunch(
-        name="combine",
-        kernel="moe_combine_kernel",
-        grid=(shape.num_tokens, cdiv(shape.hidden, block_h), 1),
-        num_warps=4,
-        num_stages=1,
-        inputs=("expert_out", "topk_weights"),
-        scalars=(),
-        outputs=("output",),
-        constexprs=(("HIDDEN", shape.hidden), ("TOP_K", shape.top_k), ("BLOCK_H", block_h)),
-    )
+    constexprs = (("HIDDEN", shape.hidden), ("TOP_K", shape.top_k), ("BLOCK_H", combine_block(shape.hidden)))
+    return launch(shape, config, "combine", (), num_warps=4, num_stages=1, constexprs=constexprs)
 
 
 def triton_signature(plan: DispatchPlan, stage: StageLaunch) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The expert-dispatch plugin spec: the single definition of the custom node every backend agrees on.
 
-The ONNX emitter, the lowering passes, the TensorRT registration and the tests all read `MOE_DISPATCH`.
-Shapes use T tokens, H hidden, I expert intermediate size, E experts, k active experts per token.
+The ONNX emitter, the lowering passes, the TensorRT registration and the tests all read `MOE_DISPATCH`, and
+`MOE_STAGES`: the four single-kernel nodes the `trt` lowering expands it into, one per ahead-of-time kernel.
+Shapes use T tokens, H hidden, I expert intermediate size, E experts, k active experts per token, P the
+expert-sorted rows padded to blocks, B = P / block_m the blocks.
 """
 
 from __future__ import annotations
@@ -77,3 +79,36 @@ MOE_DISPATCH = PluginSpec(
 def scale_shape(out_features: int, in_features: int, block_size: tuple[int, int] = (128, 128)) -> tuple[int, int]:
     """Shape of one expert's fp8 block-scale matrix for an [out, in] weight."""
     return math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1])
+
+
+# The stage nodes carry one string attribute, `dispatch`: the static dimensions, dtypes and block sizes as JSON
+# (plugins/trt_stages.py). One attribute cannot be bound out of order, and it reads whole in a graph viewer.
+DISPATCH_ATTRIBUTE = "dispatch"
+
+
+def _stage(op_type: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> PluginSpec:
+    return PluginSpec(op_type, MOE_DISPATCH.domain, MOE_DISPATCH.version, inputs, outputs, {DISPATCH_ATTRIBUTE: ""})
+
+
+def _unquantised(weight: TensorSpec) -> TensorSpec:
+    """The Triton stages take weights in an activation dtype (fp8 checkpoints are dequantised on load)."""
+    return dataclasses.replace(weight, dtypes=ACTIVATION_DTYPES)
+
+
+_IDS = TensorSpec("topk_ids", ("T", "k"), ("int32",))
+_WEIGHTS = TensorSpec("topk_weights", ("T", "k"), ("float32",))
+_SORTED = TensorSpec("sorted_slots", ("P",), ("int32",), doc="slot t*k+j of each expert-sorted row; T*k on padding")
+_BLOCKS = TensorSpec("block_experts", ("B",), ("int32",), doc="expert of each block of block_m rows; -1 past the used")
+_PADDED = TensorSpec("num_padded", ("1",), ("int32",), doc="rows in use")
+_ALIGNED = (_SORTED, _BLOCKS, _PADDED)
+_ACT = TensorSpec("act", ("P", "I"), ACTIVATION_DTYPES, doc="silu(x W_gate^T) * (x W_up^T) per sorted row")
+_EXPERT_OUT = TensorSpec("expert_out", ("T*k", "H"), ACTIVATION_DTYPES, doc="w[t,j] * expert(x_t) at slot t*k+j")
+
+# align -> gate_up (+SiLU) -> down (+ routing weight) -> combine (sum over k). Weighting in `down` gives it an input
+# shaped [T, k], so every stage's outputs follow from its own inputs' shapes, as TensorRT's shape functions need.
+MOE_STAGES = {
+    "align": _stage("MoeAlign", (_IDS,), _ALIGNED),
+    "gate_up": _stage("MoeGateUp", (MOE_DISPATCH.inputs[0], _unquantised(MOE_DISPATCH.inputs[3]), *_ALIGNED), (_ACT,)),
+    "down": _stage("MoeDown", (_ACT, _unquantised(MOE_DISPATCH.inputs[4]), _WEIGHTS, *_ALIGNED), (_EXPERT_OUT,)),
+    "combine": _stage("MoeCombine", (_EXPERT_OUT,), MOE_DISPATCH.outputs),
+}

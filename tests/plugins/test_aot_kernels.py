@@ -26,8 +26,10 @@ SHAPES = {
 EXPECTED = {
     "align": (("topk_ids",), ("num_slots", "max_blocks"), ("sorted_slots", "block_experts", "num_padded")),
     "gate_up": (("hidden", "w_gate_up", "sorted_slots", "block_experts", "num_padded"), ("num_slots",), ("act",)),
-    "down": (("act", "w_down", "sorted_slots", "block_experts", "num_padded"), ("num_slots",), ("expert_out",)),
-    "combine": (("expert_out", "topk_weights"), (), ("output",)),
+    "down": (
+        ("act", "w_down", "topk_weights", "sorted_slots", "block_experts", "num_padded"), ("num_slots",), ("expert_out",)
+    ),
+    "combine": (("expert_out",), (), ("output",)),
 }
 
 
