@@ -121,19 +121,58 @@ def decode_one_token(session: Session, cache: LatentKVCache, tokens: np.ndarray,
     return logits[:, -1]
 
 
-@dataclasses.dataclass
-class _Row:
-    """One sequence's generation state."""
+class RowState:
+    """One sequence's generation state, shared by `generate_stream` and the serving scheduler: the next
+    token (forced by the thinking budget, else sampled with the row's own seeded rng), then the text it
+    completes (detokenised, stop strings cut, split into reasoning and answer) and whether the row is done.
 
-    prompt: list[int]
-    rng: np.random.Generator
-    detokenizer: IncrementalDetokenizer | None
-    splitter: ReasoningSplitter
-    stops: StopMatcher
-    generated: list[int] = dataclasses.field(default_factory=list)
-    reasoning_tokens: int = 0
-    forced: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
+    `split_reasoning=False` routes all text to the answer (raw completions keep their `<think>` tags).
+    """
+
+    def __init__(self, prompt: list[int], options: GenerationOptions, tokenizer=None, seed: int | None = None,
+                 split_reasoning: bool = True):
+        self.prompt = list(prompt)
+        self.options = options
+        self.rng = np.random.default_rng(seed)
+        self.detokenizer = IncrementalDetokenizer(tokenizer.decode, self.prompt[-4:]) if tokenizer is not None else None
+        self.splitter = ReasoningSplitter(_prompt_opens_thinking(tokenizer, self.prompt)) if split_reasoning else None
+        self.stops = StopMatcher(options.stop)
+        self.stop_ids = frozenset(options.stop_token_ids)
+        self.think_end = tokenizer.encode(THINK_END) if tokenizer is not None else []
+        self.generated: list[int] = []
+        self.reasoning_tokens = 0
+        self.forced: list[int] = []
+        self.finish_reason: str | None = None
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from this row's logits `[vocab]`."""
+        if self.forced:
+            return self.forced.pop(0)
+        sampling = self.options.sampling
+        seen = self.prompt + self.generated if sampling.repetition_penalty != 1.0 else []
+        return select_token(logits, sampling, self.rng, np.asarray(seen, dtype=np.int64))
+
+    def advance(self, token: int, index: int = 0) -> StreamEvent:
+        """Append `token`; returns the row's event (`index` names the row in it)."""
+        self.generated.append(token)
+        finish = "stop" if token in self.stop_ids else None
+        if finish is None and len(self.generated) >= self.options.max_new_tokens:
+            finish = "length"
+        text = self.detokenizer.push(token) if self.detokenizer is not None and finish != "stop" else ""
+        text, stopped = self.stops.feed(text, final=finish is not None)
+        if stopped:
+            finish = "stop"
+        if self.splitter is None:
+            reasoning, content = "", text
+        else:
+            reasoning, content = self.splitter.feed(text, final=finish is not None)
+            if self.splitter.in_reasoning:
+                self.reasoning_tokens += 1
+                budget = self.options.max_reasoning_tokens
+                if budget is not None and self.reasoning_tokens >= budget and not self.forced and self.think_end:
+                    self.forced = list(self.think_end)  # the thinking budget is spent: close the section
+        self.finish_reason = finish
+        return StreamEvent(index, [token], reasoning, content, finish)
 
 
 def _prompt_opens_thinking(tokenizer, prompt: list[int]) -> bool:
@@ -165,57 +204,24 @@ def generate_stream(
             f"prompt of {longest} tokens plus max_new_tokens {options.max_new_tokens} = {needed} exceeds the "
             f"engine's context of {context} tokens; shorten the prompt or lower max_new_tokens"
         )
-    think_end = tokenizer.encode(THINK_END) if tokenizer is not None else []
-    rows = [
-        _Row(
-            prompt=list(prompt),
-            rng=np.random.default_rng(None if options.sampling.seed is None else options.sampling.seed + i),
-            detokenizer=IncrementalDetokenizer(tokenizer.decode, prompt[-4:]) if tokenizer is not None else None,
-            splitter=ReasoningSplitter(_prompt_opens_thinking(tokenizer, prompt)),
-            stops=StopMatcher(options.stop),
-        )
-        for i, prompt in enumerate(prompts)
-    ]
+    seed = options.sampling.seed
+    rows = [RowState(prompt, options, tokenizer, None if seed is None else seed + i)
+            for i, prompt in enumerate(prompts)]
     cache = session.new_cache(len(prompts), longest + options.max_new_tokens)
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
     positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
-    stop_ids = np.array(options.stop_token_ids, dtype=np.int64)
 
-    for step in range(options.max_new_tokens):
+    for _ in range(options.max_new_tokens):
         tokens = np.zeros(len(rows), dtype=np.int64)
         for i, row in enumerate(rows):
-            if row.finish_reason is not None:
-                continue
-            if row.forced:
-                token = row.forced.pop(0)
-            else:
-                seen = row.prompt + row.generated if options.sampling.repetition_penalty != 1.0 else []
-                token = select_token(logits[i], options.sampling, row.rng, np.asarray(seen, dtype=np.int64))
-            tokens[i] = token
-            yield _advance(row, i, token, stop_ids, options, think_end, last_step=step == options.max_new_tokens - 1)
+            if row.finish_reason is None:
+                tokens[i] = row.choose(logits[i])
+                yield row.advance(int(tokens[i]), i)
         active = np.array([r.finish_reason is None for r in rows])
         if not active.any():
             return
         logits = decode_one_token(session, cache, tokens, positions, active)
         positions += 1
-
-
-def _advance(row: _Row, index: int, token: int, stop_ids: np.ndarray, options: GenerationOptions,
-             think_end: list[int], last_step: bool) -> StreamEvent:
-    row.generated.append(token)
-    finish = "stop" if token in stop_ids else "length" if last_step else None
-    text = row.detokenizer.push(token) if row.detokenizer is not None and finish != "stop" else ""
-    text, stopped = row.stops.feed(text, final=finish is not None)
-    if stopped:
-        finish = "stop"
-    reasoning, content = row.splitter.feed(text, final=finish is not None)
-    if row.splitter.in_reasoning:
-        row.reasoning_tokens += 1
-        budget = options.max_reasoning_tokens
-        if budget is not None and row.reasoning_tokens >= budget and not row.forced and think_end:
-            row.forced = list(think_end)  # the thinking budget is spent: close the section
-    row.finish_reason = finish
-    return StreamEvent(index, [token], reasoning, content, finish)
 
 
 def generate(
