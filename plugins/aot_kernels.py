@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from moetrt.plugins.moe_launch import (
     plan_dispatch,
     triton_signature,
 )
+from moetrt.plugins.trt_stages import StageAttribute
 
 HIDDEN_POINTERS = ("global_scratch", "profile_scratch")
 PORTABLE_SHARED_BYTES = 48 * 1024  # more needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) before launch
@@ -101,6 +103,24 @@ def aot_dispatch(
         for stage in plan.stages
     )
     return AotDispatch(plan, stages)
+
+
+@functools.lru_cache(maxsize=64)
+def engine_stage(stage: str, attribute: StageAttribute, arch: int, ptx_version: int | None) -> AotStage:
+    """One stage's kernel for a TensorRT engine, whatever T it runs at: the PTX does not depend on T (grids and int32
+    extra args carry it). Capped at 48 KiB of dynamic shared memory, since TensorRT's documentation does not say that
+    it raises a kernel's limit (cuFuncSetAttribute) for an AOT plugin; grids do not change under the cap."""
+    plan = plan_dispatch(attribute.shape(1), attribute.config)
+    launch = next(candidate for candidate in plan.stages if candidate.name == stage)
+    return compile_stage(plan, launch, arch=arch, ptx_version=ptx_version, max_shared_bytes=PORTABLE_SHARED_BYTES)
+
+
+def ptx_version_for_driver(driver_version: int, arch: int = 90) -> int:
+    """The PTX ISA both Triton's ptxas and a driver (e.g. 12080 for CUDA 12.8) accept: the driver JIT-compiles it."""
+    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+    driver_max = ptx_get_version(f"{driver_version // 1000}.{driver_version % 1000 // 10}")
+    return min(driver_max, ptx_get_version(get_ptxas(arch).version))
 
 
 def compile_stage(plan, stage, *, arch=90, ptx_version=None, max_shared_bytes=None) -> AotStage:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from moetrt.plugins import triton_moe
-from moetrt.plugins.aot_kernels import PORTABLE_SHARED_BYTES, AotDispatch, aot_dispatch
+from moetrt.plugins.aot_kernels import PORTABLE_SHARED_BYTES, AotDispatch, aot_dispatch, ptx_version_for_driver
 from moetrt.plugins.gpu_check import (
     DECODE_BANDWIDTH_TARGET,
     H200_BF16_FLOPS,
@@ -148,11 +148,7 @@ class Check:
         """The PTX ISA both Triton's ptxas and this machine's driver accept (the driver JIT-compiles the PTX)."""
         if self.dry_run:
             return None
-        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
-
-        version = self.driver.driver_version()
-        driver_max = ptx_get_version(f"{version // 1000}.{version % 1000 // 10}")
-        return min(driver_max, ptx_get_version(get_ptxas(90).version))
+        return ptx_version_for_driver(self.driver.driver_version())
 
     def compile_aot(self, shape: DispatchShape, max_shared_bytes: int | None) -> AotDispatch | None:
         if self.dry_run:  # this process runs the interpreter, which patches triton.language: compile elsewhere

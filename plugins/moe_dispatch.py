@@ -107,3 +107,63 @@ def moe_dispatch_triton(
     from moetrt.plugins.triton_moe import moe_dispatch_triton as run
 
     return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale, **options)
+
+
+def moe_stage_reference(stage: str, dims, block_m: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One dispatch stage (plugins/spec.py's MOE_STAGES) in torch, with the kernels' exact outputs: padding rows of
+    `sorted_slots` hold T*k, unused `block_experts` -1, padding rows of `act` zeros. dims: an ExpertDims. Inputs and
+    outputs are in the stage node's order; the four stages compose to `moe_dispatch_reference`."""
+    return _STAGES[stage](dims, block_m, *inputs)
+
+
+def _align(dims, block_m, topk_ids):
+    from moetrt.plugins.moe_launch import max_blocks
+
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    blocks = max_blocks(slots, dims.num_experts, block_m)
+    sorted_slots = torch.full((blocks * block_m,), slots, dtype=torch.int32)
+    block_experts = torch.full((blocks,), -1, dtype=torch.int32)
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=dims.num_experts).tolist()
+    row = taken = 0
+    for expert, count in enumerate(counts):
+        sorted_slots[row : row + count] = order[taken : taken + count]
+        padded = -(-count // block_m) * block_m
+        block_experts[row // block_m : (row + padded) // block_m] = expert
+        row, taken = row + padded, taken + count
+    return sorted_slots, block_experts, torch.tensor([row], dtype=torch.int32)
+
+
+def _expert_rows(dims, block_m, sorted_slots, block_experts, num_padded):
+    """(expert, rows, slots) per used block; padding rows have slot == T*k."""
+    for block in range(int(num_padded[0]) // block_m):
+        rows = torch.arange(block * block_m, (block + 1) * block_m)
+        yield int(block_experts[block]), rows, sorted_slots[rows].long()
+
+
+def _gate_up(dims, block_m, hidden, w_gate_up, sorted_slots, block_experts, num_padded):
+    num_slots = hidden.shape[0] * dims.top_k
+    act = torch.zeros(sorted_slots.shape[0], dims.inter, dtype=hidden.dtype)
+    for expert, rows, slots in _expert_rows(dims, block_m, sorted_slots, block_experts, num_padded):
+        real = slots < num_slots
+        gate_up = hidden[slots[real] // dims.top_k] @ w_gate_up[expert].t()  # [n, 2I]
+        act[rows[real]] = F.silu(gate_up[:, : dims.inter]) * gate_up[:, dims.inter :]
+    return (act,)
+
+
+def _down(dims, block_m, act, w_down, topk_weights, sorted_slots, block_experts, num_padded):
+    weights = topk_weights.reshape(-1)
+    expert_out = torch.zeros(weights.numel(), dims.hidden, dtype=act.dtype)
+    for expert, rows, slots in _expert_rows(dims, block_m, sorted_slots, block_experts, num_padded):
+        real = slots < weights.numel()
+        y = (act[rows[real]] @ w_down[expert].t()).float() * weights[slots[real], None]
+        expert_out[slots[real]] = y.to(act.dtype)
+    return (expert_out,)
+
+
+def _combine(dims, block_m, expert_out):
+    return (expert_out.reshape(-1, dims.top_k, dims.hidden).float().sum(1).to(expert_out.dtype),)
+
+
+_STAGES = {"align": _align, "gate_up": _gate_up, "down": _down, "combine": _combine}

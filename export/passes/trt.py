@@ -1,19 +1,81 @@
-"""The `trt` lowering: keep each dispatch node as TensorRT's ONNX parser maps it to the registered plugin.
+"""The `trt` lowering: each dispatch node becomes four single-kernel plugin nodes for TensorRT's ONNX parser.
 
-The parser looks a custom node up by op type, `plugin_version` and `plugin_namespace` (read from the node's
-domain since TensorRT 10.10; older parsers need the attribute), so both are set from the spec.
+`moetrt::MoeAlign -> MoeGateUp -> MoeDown -> MoeCombine` (plugins/spec.py's MOE_STAGES), intermediates as plugin
+outputs, so each node has an ahead-of-time implementation of exactly one kernel and an engine runs without Python.
+Every node carries the `dispatch` attribute (static dimensions, dtype, block sizes) and, for the parser's plugin
+lookup, `plugin_version` and `plugin_namespace` (parsers before TensorRT 10.10 read the namespace only from the
+attribute; later ones fall back to the node's domain).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir.tape import Tape
 
-from moetrt.export.passes import dispatch_nodes
-from moetrt.plugins.spec import MOE_DISPATCH
+from moetrt.errors import MoetrtError
+from moetrt.export.passes import dispatch_nodes, replace_node
+from moetrt.plugins.moe_configs import select_config
+from moetrt.plugins.moe_launch import DispatchShape, ExpertDims
+from moetrt.plugins.spec import DISPATCH_ATTRIBUTE, MOE_DISPATCH, MOE_STAGES
+from moetrt.plugins.trt_stages import StageAttribute
+
+DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+IR_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()} | {"int32": ir.DataType.INT32}
+# One PTX per stage serves every T of an engine, so the block sizes are picked once, here: for a prefill chunk of
+# this many tokens (the default --max-seq), where the block shape matters most.
+CONFIG_TOKENS = 512
 
 
 def lower_trt(model: ir.Model) -> None:
-    for node in dispatch_nodes(model):
-        node.attributes["plugin_version"] = ir.AttrString("plugin_version", str(MOE_DISPATCH.version))
-        node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", MOE_DISPATCH.domain)
+    for index, node in enumerate(dispatch_nodes(model)):
+        attribute = stage_attribute(node)
+        hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+        tape = Tape()
+        aligned = stage(tape, "align", [topk_ids], attribute, index)
+        act = stage(tape, "gate_up", [hidden, w_gate_up, *aligned], attribute, index)
+        expert_out = stage(tape, "down", [act[0], w_down, topk_weights, *aligned], attribute, index)
+        output = stage(tape, "combine", [expert_out[0]], attribute, index)
+        replace_node(node, tape.nodes, output[0])
     model.opset_imports[MOE_DISPATCH.domain] = MOE_DISPATCH.version
+
+
+def stage_attribute(node: ir.Node) -> StageAttribute:
+    """The `dispatch` attribute for one dispatch node, from its weights' shapes and dtypes."""
+    if len(node.inputs) > 5 and node.inputs[5] is not None:
+        raise MoetrtError("the trt lowering takes dequantised experts; export fp8 checkpoints dequantised")
+    hidden, topk_ids, _, w_gate_up, w_down = node.inputs[:5]
+    dtypes = {value.dtype for value in (hidden, w_gate_up, w_down)}
+    if len(dtypes) != 1 or hidden.dtype not in DTYPE_NAMES:
+        raise MoetrtError(f"{node.name}: the TensorRT stages take hidden and expert weights in one of "
+                          f"{', '.join(DTYPE_NAMES.values())}; got {sorted(str(d) for d in dtypes)}")
+    top_k = topk_ids.shape[-1] if topk_ids.shape is not None else None
+    if w_gate_up.shape is None or not isinstance(top_k, int) or not w_gate_up.shape.is_static():
+        raise MoetrtError(f"{node.name}: expert weights and the number of active experts must be static")
+    experts, two_inter, hidden_size = (int(d) for d in w_gate_up.shape)
+    dims = ExpertDims(hidden_size, two_inter // 2, experts, top_k)
+    dtype = DTYPE_NAMES[hidden.dtype]
+    shape = DispatchShape(CONFIG_TOKENS, dims.hidden, dims.inter, dims.num_experts, dims.top_k, dtype, dtype)
+    return StageAttribute(dims, dtype, select_config(shape))
+
+
+def stage(tape: Tape, name: str, inputs: list, attribute: StageAttribute, index: int) -> list[ir.Value]:
+    """Record one stage node; its outputs get the spec's names (prefixed per layer) and dtypes."""
+    spec = MOE_STAGES[name]
+    outputs = tape.op_multi_out(
+        spec.op_type,
+        inputs,
+        {
+            DISPATCH_ATTRIBUTE: attribute.encode(),
+            "plugin_version": str(spec.version),
+            "plugin_namespace": spec.domain,
+        },
+        domain=spec.domain,
+        num_outputs=len(spec.outputs),
+    )
+    for value, output in zip(outputs, spec.outputs):
+        value.name = f"moe{index}.{output.name}"
+        dtype = "int32" if output.dtypes == ("int32",) else attribute.dtype
+        value.type = ir.TensorType(IR_DTYPES[dtype])
+        value.shape = ir.Shape([None] * len(output.shape))
+    tape.nodes[-1].name = f"moe{index}.{name}"
+    return list(outputs)

@@ -12,8 +12,9 @@ import moetrt
 from moetrt import MoetrtError
 from moetrt.export.generate import generate_greedy
 from moetrt.export.onnx_export import export_onnx
-from moetrt.plugins.moe_dispatch import moe_dispatch_reference
-from moetrt.plugins.spec import MOE_DISPATCH
+from moetrt.plugins.moe_dispatch import moe_dispatch_reference, moe_stage_reference
+from moetrt.plugins.spec import DISPATCH_ATTRIBUTE, MOE_DISPATCH, MOE_STAGES
+from moetrt.plugins.trt_stages import StageAttribute
 from tests.checkpoints import make_checkpoint
 from tests.greedy import assert_greedy_agrees
 from tests.onnx_helpers import feeds, greedy_onnx
@@ -37,25 +38,29 @@ def exports(checkpoint, tmp_path_factory):
 
 
 @functools.cache
-def _register_plugin_as_python_op():
+def _register_stages_as_python_ops():
+    """The trt export's stage nodes, each as an onnxruntime-extensions Python op running moe_stage_reference."""
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    @onnx_op(op_type=MOE_DISPATCH.op_type, domain="ai.onnx.contrib",
-             inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_float,
-                     PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
-             outputs=[PyCustomOpDef.dt_float],
-             attrs={"activation": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
-                    "plugin_namespace": PyCustomOpDef.dt_string})
-    def moe_dispatch(hidden, ids, weights, w_gate_up, w_down, **attributes):
-        tensors = [torch.from_numpy(np.array(a)) for a in (hidden, ids, weights, w_gate_up, w_down)]
-        return moe_dispatch_reference(*tensors).numpy()
+    kinds = {"int32": PyCustomOpDef.dt_int32, "float32": PyCustomOpDef.dt_float}
+    attrs = {name: PyCustomOpDef.dt_string for name in (DISPATCH_ATTRIBUTE, "plugin_version", "plugin_namespace")}
+    for stage, spec in MOE_STAGES.items():
+        def run(*arrays, stage=stage, **attributes):
+            attribute = StageAttribute.decode(attributes[DISPATCH_ATTRIBUTE])
+            tensors = [torch.from_numpy(np.array(a)) for a in arrays]
+            outputs = moe_stage_reference(stage, attribute.dims, attribute.config.block_m, *tensors)
+            return tuple(o.numpy() for o in outputs) if len(outputs) > 1 else outputs[0].numpy()
+
+        onnx_op(op_type=spec.op_type, domain="ai.onnx.contrib",
+                inputs=[kinds[t.dtypes[0]] for t in spec.inputs],
+                outputs=[kinds[t.dtypes[0]] for t in spec.outputs], attrs=attrs)(run)
 
 
 def trt_plugin_session_options():
-    """Bind the trt export's plugin node to the torch reference, as an onnxruntime-extensions Python op."""
+    """Bind the trt export's plugin nodes to the torch stage references, as onnxruntime-extensions Python ops."""
     from onnxruntime_extensions import get_library_path
 
-    _register_plugin_as_python_op()
+    _register_stages_as_python_ops()
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     return options
@@ -91,27 +96,32 @@ def test_export_directory_contents(exports, checkpoint):
 
 
 def test_graphs_pass_checker_and_shape_inference(exports):
+    stage_ops = {(spec.domain, spec.op_type) for spec in MOE_STAGES.values()}
     for target, directory in exports.items():
         onnx.checker.check_model(str(directory / "model.onnx"), full_check=True)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(directory / "model.onnx")), strict_mode=True)
         ops = {(n.domain, n.op_type) for n in inferred.graph.node}
-        plugin = (MOE_DISPATCH.domain, MOE_DISPATCH.op_type)
-        assert (plugin in ops) == (target == "trt")
+        assert (stage_ops <= ops) == (target == "trt")
+        assert (MOE_DISPATCH.domain, MOE_DISPATCH.op_type) not in ops
         assert (("com.microsoft", "MoE") in ops) == (target == "ort")
         if target == "onnx":
             assert all(domain == "" for domain, _ in ops)
 
 
-def test_trt_export_has_one_plugin_node_per_moe_layer(exports, checkpoint):
+def test_trt_export_expands_each_moe_layer_into_four_stage_nodes(exports, checkpoint):
     _, reference = checkpoint
+    config = reference.config
     model = onnx.load(str(exports["trt"] / "model.onnx"), load_external_data=False)
-    nodes = [n for n in model.graph.node if n.op_type == MOE_DISPATCH.op_type]
-    assert len(nodes) == len(reference.config.moe_layers)
-    for node in nodes:
-        assert node.domain == MOE_DISPATCH.domain
-        assert list(node.input)[:5] != [] and len(node.input) == 5
+    nodes = [n for n in model.graph.node if n.domain == MOE_DISPATCH.domain]
+    op_types = [spec.op_type for spec in MOE_STAGES.values()]
+    assert [n.op_type for n in nodes] == op_types * len(config.moe_layers)
+    for node, spec in zip(nodes, list(MOE_STAGES.values()) * len(config.moe_layers)):
+        assert len(node.input) == len(spec.inputs) and len(node.output) == len(spec.outputs)
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["plugin_version"] == b"1" and attributes["plugin_namespace"] == b"moetrt"
+        attribute = StageAttribute.decode(attributes[DISPATCH_ATTRIBUTE].decode())
+        assert attribute.dims.num_experts == config.n_routed_experts
+        assert attribute.dims.top_k == config.num_experts_per_tok and attribute.dtype == "float32"
 
 
 @pytest.mark.parametrize("target", TARGETS)
