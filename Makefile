@@ -22,8 +22,21 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# NVIDIA's pure-Python tensorrt.plugin sources, extracted from the tensorrt-cu13-bindings wheels (nothing is
+# installed), for the mypy check of the TensorRT code. Offline the fetch is skipped and that test says why.
+TRT_PLUGIN_VERSIONS := 10.13.3.9 11.4.0.106
+TRT_PLUGIN_STAMP := build/trt-plugin/.stamp-$(subst $() ,_,$(TRT_PLUGIN_VERSIONS))
+
+$(TRT_PLUGIN_STAMP): tests/typecheck/trt_plugin_sources.py | $(STAMP)
+	$(PY) -m tests.typecheck.trt_plugin_sources build/trt-plugin $(TRT_PLUGIN_VERSIONS) && touch $@ \
+		|| echo "(could not fetch the tensorrt.plugin sources: the TensorRT type check will skip)"
+
+test: $(STAMP) $(TRT_PLUGIN_STAMP)
 	MOETRT_QUIET=1 $(PY) -m pytest -q -m "not slow and not gpu"
+
+# mypy over the TensorRT code against tensorrt-stubs and each tensorrt.plugin version above (also part of `test`).
+typecheck: $(STAMP) $(TRT_PLUGIN_STAMP)
+	$(PY) -m pytest -q tests/typecheck
 
 test-slow: $(STAMP)
 	MOETRT_QUIET=1 $(PY) -m pytest -q -m slow

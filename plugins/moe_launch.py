@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from moetrt.plugins.spec import MOE_STAGES
 
@@ -45,7 +45,7 @@ class DispatchShape:
     act_dtype: str = "bfloat16"  # hidden and output
     weight_dtype: str = "bfloat16"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("act_dtype", "weight_dtype"):
             if getattr(self, name) not in ACTIVATION_DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: the Triton kernels take {ACTIVATION_DTYPES}")
@@ -95,11 +95,11 @@ class DispatchConfig:
     down: GemmTile
     group_m: int = 8
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> DispatchConfig:
+    def from_dict(cls, data: dict[str, Any]) -> DispatchConfig:
         return cls(
             block_m=data["block_m"],
             gate_up=GemmTile(**data["gate_up"]),
@@ -260,24 +260,29 @@ def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bo
     )
 
 
-def stage_io(stage: str) -> dict[str, tuple[str, ...]]:
-    """The stage's tensor inputs and outputs, named as its plugin node's (plugins/spec.py)."""
-    spec = MOE_STAGES[stage]
-    return {"inputs": spec.input_names, "outputs": tuple(output.name for output in spec.outputs)}
-
-
 def launch(
-    shape: DispatchShape, config: DispatchConfig, stage: str, scalars: tuple[str, ...], **options
+    shape: DispatchShape,
+    config: DispatchConfig,
+    stage: str,
+    scalars: tuple[str, ...],
+    num_warps: int,
+    num_stages: int,
+    constexprs: tuple[tuple[str, object], ...],
 ) -> StageLaunch:
+    """A stage's launch: tensors named as its plugin node's (plugins/spec.py), geometry from stage_geometry."""
+    spec = MOE_STAGES[stage]
     geometry = stage_geometry(stage, shape.num_tokens, shape.dims, config, min)
     grid_x, grid_y, grid_z = geometry.grid
     return StageLaunch(
         name=stage,
         kernel=f"moe_{stage}_kernel",
         grid=(grid_x, grid_y, grid_z),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        inputs=spec.input_names,
         scalars=tuple(zip(scalars, geometry.scalars)),
-        **stage_io(stage),
-        **options,
+        outputs=tuple(output.name for output in spec.outputs),
+        constexprs=constexprs,
     )
 
 
