@@ -9,7 +9,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check
+.PHONY: install test test-slow typecheck gpu-check bench
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,7 @@ test-slow: $(STAMP)
 # minutes; exits 1 with one line where there is no GPU). Retune block sizes: $(PY) -m moetrt.plugins.tune_moe
 gpu-check: $(STAMP)
 	$(PY) -m moetrt.plugins.gpu_check
+
+# moetrt against transformers and the copy-bandwidth roofline on tiny-r1 and ds-mini (~10 minutes, CPU).
+bench: $(STAMP)
+	$(PY) -m moetrt.bench.run

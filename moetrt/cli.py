@@ -277,6 +277,15 @@ def chat(
         messages.append({"role": "assistant", "content": answer})
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks against transformers and the memory-bandwidth roofline (options: --models, --repeats,
+    --new-tokens, --prefill-len, --threads, --out; see `moetrt bench --help-bench`)."""
+    from moetrt.bench.run import main as run_bench
+
+    run_bench(["--help"] if "--help-bench" in ctx.args else list(ctx.args))
+
+
 def main() -> None:
     """Console-script entry point: one-line errors for user mistakes, tracebacks for bugs."""
     global _verbose

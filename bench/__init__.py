@@ -1,0 +1,1 @@
+"""Benchmarks: moetrt against transformers and the memory-bandwidth roofline (`make bench`)."""

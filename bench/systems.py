@@ -1,0 +1,180 @@
+"""One benchmark run of one system on one model, in its own process (so its peak memory is its own).
+
+`python -m moetrt.bench.systems SYSTEM MODEL_DIR ENGINE_DIR JSON_ARGS` prints one JSON object: prefill
+tokens/s, time to first token, decode tokens/s at each batch size (one value per repeat), peak RSS, and for
+the reference the distinct experts a decode step touches per MoE layer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def peak_rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def prompts_for(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, length).tolist() for _ in range(batch)]
+
+
+class Timer:
+    """Token timestamps of one generation: first token (TTFT) and the decode rate after it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def token(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def ttft(self) -> float:
+        return self.stamps[0] - self.start
+
+    def decode_rate(self, batch: int) -> float:
+        """Tokens per second over the steps after the first (batch rows each produce one per step)."""
+        return batch * (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+# -- systems: each returns a function (prompts, new_tokens) -> Timer ------------------------------------
+
+def moetrt_engine(model_dir: str, engine_dir: str, threads: int):
+    from moetrt.runtime.engine import Engine
+
+    engine = Engine.load(engine_dir, threads=threads)
+
+    def run(prompts, new_tokens):
+        """Through the runtime's own generation loop (sampling, detokenisation and all), timed per step."""
+        from moetrt.runtime.generate import GenerationOptions, generate_stream
+
+        # greedy, and no stop ids: every run generates exactly new_tokens
+        options = GenerationOptions(max_new_tokens=new_tokens, prefill_chunk=engine.max_seq)
+        timer = Timer()
+        for event in generate_stream(engine.session, prompts, options, engine.tokenizer, engine.max_context):
+            if event.row == 0:
+                timer.token()
+        return timer
+
+    return run
+
+
+def moetrt_reference(model_dir: str, engine_dir: str, threads: int):
+    import torch
+
+    from moetrt.export.checkpoint import load_reference
+    from moetrt.export.generate import decode_one_token, left_pad, prefill
+
+    torch.set_num_threads(threads)
+    model = load_reference(model_dir)
+
+    @torch.inference_mode()
+    def run(prompts, new_tokens):
+        timer = Timer()
+        ids, mask, positions = left_pad(prompts)
+        logits, cache = prefill(model, ids, mask, positions)
+        position = positions[:, -1] + 1
+        for _ in range(new_tokens):
+            token = logits.argmax(-1)
+            timer.token()
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits, cache = decode_one_token(model, token, mask, position, cache)
+            position = position + 1
+        return timer
+
+    run.model = model
+    return run
+
+
+def transformers_eager(model_dir: str, engine_dir: str, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None
+
+    class Streamer:
+        def __init__(self, timer):
+            self.timer, self.prompt_seen = timer, False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.timer.token()
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    @torch.inference_mode()
+    def run(prompts, new_tokens):
+        ids = torch.tensor(prompts)  # equal-length prompts: no padding needed
+        timer = Timer()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                       streamer=Streamer(timer), pad_token_id=0)
+        return timer
+
+    return run
+
+
+SYSTEMS = {"moetrt-ort": moetrt_engine, "moetrt-torch": moetrt_reference, "transformers": transformers_eager}
+
+
+def distinct_experts(model, prompts, new_tokens) -> float:
+    """Mean distinct routed experts per MoE layer per decode step, for the batch (reference routing)."""
+    import torch
+
+    from moetrt.export.model import Router
+
+    seen = []
+
+    def hook(module, args, output):
+        if args[0].shape[0] == len(prompts):  # decode steps only: one token per row
+            seen.append(len(torch.unique(output[0])))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
+    try:
+        from moetrt.export.generate import generate_greedy
+
+        generate_greedy(model, prompts, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float(np.mean(seen))
+
+
+def main() -> None:
+    system, model_dir, engine_dir, raw = sys.argv[1:5]
+    args = json.loads(raw)
+    run = SYSTEMS[system](model_dir, engine_dir, args["threads"])
+    vocab = args["vocab"]
+    result: dict = {"system": system, "prefill_tps": [], "ttft_s": [], "decode_tps": {}}
+    run(prompts_for(vocab, 1, 16), 4)  # warm up
+    for repeat in range(args["repeats"]):
+        timer = run(prompts_for(vocab, 1, args["prefill_len"], seed=repeat), 2)
+        result["ttft_s"].append(timer.ttft())
+        result["prefill_tps"].append(args["prefill_len"] / timer.ttft())
+    for batch in args["batches"]:
+        rates = []
+        for repeat in range(args["repeats"]):
+            timer = run(prompts_for(vocab, batch, args["decode_prompt_len"], seed=100 + repeat), args["new_tokens"])
+            rates.append(timer.decode_rate(batch))
+        result["decode_tps"][str(batch)] = rates
+    if system == "moetrt-torch":
+        result["distinct_experts"] = {
+            str(batch): distinct_experts(run.model, prompts_for(vocab, batch, args["decode_prompt_len"], 7), 16)
+            for batch in args["batches"]
+        }
+    result["peak_rss_bytes"] = peak_rss()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
