@@ -98,6 +98,31 @@ def export(
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
 
 
+@app.command("eval")
+def eval_(
+    source: Path = typer.Argument(..., help="Checkpoint directory (fp32 torch reference) or engine directory."),
+    task: str = typer.Option("arithmetic", help="Task whose held-out problems to solve."),
+    n: int = typer.Option(500, "-n", "--num-problems", help="Held-out problems to draw (never trained on)."),
+    seed: int = typer.Option(0, help="Seed that draws the problems."),
+    batch_size: int = typer.Option(64, help="Prompts decoded together."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, with per-problem details."),
+) -> None:
+    """Greedy accuracy on held-out problems: accuracy, answers parsed, average thinking length."""
+    from moetrt.tasks.evaluate import format_report
+
+    # Before torch loads: spinning OpenMP threads slow decoding many times over when the cores are shared.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if (source / "manifest.json").is_file():
+        from moetrt.runtime.evaluate import evaluate_engine as run
+    else:
+        from moetrt.export.evaluate import evaluate_checkpoint as run
+    report = run(source, task, n=n, seed=seed, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps({"source": str(source), **report.to_dict()}, indent=2))
+        return
+    typer.echo(format_report(report, str(source)))
+
+
 @app.command("build-engine")
 def build_engine_command(
     source: Path = typer.Argument(..., help="Checkpoint directory (exported first) or export directory."),

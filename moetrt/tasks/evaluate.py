@@ -134,6 +134,6 @@ def format_report(report: EvalReport, source: str) -> str:
             f"accuracy   {report.accuracy:.1%} ({report.correct}/{report.n})   by kind: {by_category}",
             f"parsed     {report.parsed}/{report.n} answers after </think>",
             f"thinking   {report.mean_thinking_tokens:.1f} tokens on average",
-            f"time       {report.seconds:.1f} s ({report.n / report.seconds:.1f} problems/s)",
+            f"time       {report.seconds:.1f} s ({report.n / report.seconds:.2f} problems/s)",
         ]
     )
