@@ -67,12 +67,14 @@ def build_engine(
     max_seq: int | None = None,
     max_context: int = 4096,
     portable: bool = False,
+    trt_plugin: str = "aot",
 ) -> Path:
     """Build an engine from a checkpoint directory (exported first) or an export directory.
 
     backend: "auto", "ort" or "trt". max_batch / max_seq (tokens per call, the prefill chunk; default
     min(512, max_context)) / max_context (cached positions) bound the shapes: TensorRT's optimisation profiles, the runtime's cache. portable:
-    build from the standard-ops lowering (no plugin). Returns the engine directory.
+    build from the standard-ops lowering (no plugin). trt_plugin: the expert-dispatch plugin's form in a TensorRT
+    engine, "aot" (no Python at run time) or "jit". Returns the engine directory.
     """
     source, engine_dir = Path(source), Path(engine_dir)
     max_seq = min(512, max_context) if max_seq is None else max_seq
@@ -97,7 +99,7 @@ def build_engine(
         else:
             from moetrt.export.trt_build import build_trt
 
-            backend_section = build_trt(export_dir, work, profile)
+            backend_section = build_trt(export_dir, work, profile, plugin=trt_plugin)
         for name in (*TOKENIZER_FILES, "config.json"):
             if (export_dir / name).is_file():
                 shutil.copyfile(export_dir / name, work / name)
@@ -131,6 +133,9 @@ def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, po
             )
         if dtype and dtype != described["dtype"]:
             raise MoetrtError(f"{source} was exported in {described['dtype']}; --dtype {dtype} needs a re-export")
+        if portable and described["target"] != "onnx":
+            raise MoetrtError(f"--portable builds from the standard-ops lowering; {source} was exported for target "
+                              f"{described['target']} (re-export with --target onnx)")
         return source
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")

@@ -40,3 +40,17 @@ def staging_dir(out_dir: Path):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write `path` whole or not at all: a temporary sibling, flushed to disk, then renamed over it."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -90,12 +90,21 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
     target: str = typer.Option("ort", help="Lowering of the expert dispatch: trt (plugin), ort, onnx (portable)."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
+                                   "(no GPU needed); exit 1 if anything."),
 ) -> None:
     """Trace a checkpoint to ONNX with the latent KV cache and one expert-dispatch node per MoE layer."""
     from moetrt.export.onnx_export import export_onnx
 
     out = export_onnx(checkpoint, output, target=target, dtype=dtype)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
+    if check_trt:
+        from moetrt.export.trt_check import check_trt_export
+
+        report = check_trt_export(out)
+        typer.echo(report.format())
+        if not report.ok:
+            raise typer.Exit(1)
 
 
 @app.command("eval")
@@ -133,16 +142,37 @@ def build_engine_command(
     max_seq: Optional[int] = typer.Option(None, help="Most tokens per call, the prefill chunk (default 512)."),
     max_context: int = typer.Option(4096, help="Most cached positions per sequence."),
     portable: bool = typer.Option(False, help="Build from the standard-ops lowering (no plugin)."),
+    trt_plugin: str = typer.Option("aot", help="TensorRT expert-dispatch plugin: aot (no Python at run time) or jit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
+                                 "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
     """Build a self-describing engine directory (manifest.json, graph, tokenizer files)."""
     import time
 
     from moetrt.export.engine import build_engine
 
+    if dry_run:
+        _dry_run_trt(source, backend, dtype, max_batch, max_seq, max_context, portable, trt_plugin)
+        return
     start = time.perf_counter()
     engine = build_engine(source, output, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                          max_context=max_context, portable=portable)
+                          max_context=max_context, portable=portable, trt_plugin=trt_plugin)
     typer.echo(f"built {engine} in {time.perf_counter() - start:.1f}s")
+
+
+def _dry_run_trt(source, backend, dtype, max_batch, max_seq, max_context, portable, trt_plugin) -> None:
+    from moetrt.errors import MoetrtError
+    from moetrt.export.trt_plan import dry_run_trt
+
+    if backend == "ort":
+        raise MoetrtError("--dry-run checks a TensorRT build; use it with --backend trt or auto")
+    max_seq = min(512, max_context) if max_seq is None else max_seq
+    limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
+    plan, report = dry_run_trt(source, limits, portable=portable, plugin=trt_plugin, dtype=dtype)
+    typer.echo(plan.describe())
+    typer.echo(report.format())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

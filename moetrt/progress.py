@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
 console = Console(stderr=True, highlight=False)
@@ -68,3 +68,38 @@ def _len(items: Iterable) -> int | None:
         return len(items)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+class Phases:
+    """Nested phases with step counts (a TensorRT engine build): one bar per open phase, gone when it finishes.
+
+    Silent under MOETRT_QUIET or when stderr is not a terminal. Use as a context manager.
+    """
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._depth: dict[str, int] = {}
+
+    def __enter__(self) -> Phases:
+        if not quiet() and sys.stderr.isatty():
+            self._progress = _progress()
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, name: str, parent: str | None, steps: int) -> None:
+        if self._progress is not None:
+            self._depth[name] = self._depth.get(parent, -1) + 1 if parent else 0
+            self._tasks[name] = self._progress.add_task("  " * self._depth[name] + name, total=max(steps, 1))
+
+    def step(self, name: str, step: int) -> None:
+        if self._progress is not None and name in self._tasks:
+            self._progress.update(self._tasks[name], completed=step + 1)
+
+    def finish(self, name: str) -> None:
+        if self._progress is not None and name in self._tasks:
+            self._progress.remove_task(self._tasks.pop(name))

@@ -33,7 +33,8 @@ def _expert_body(node: ir.Node, index: int) -> ir.Graph:
     zero = constant(tape, 0.0, np.float32)
     weight = tape.op("ReduceSum", [tape.op("Where", [chosen, topk_weights, zero]), constant(tape, [1], np.int64)],
                      {"keepdims": 0})  # [T]
-    hit = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.INT32.value}),
+    # A float mask: TensorRT's NonZero takes only FP32/FP16 (export/trt_support.py).
+    hit = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.FLOAT.value}),
                                 constant(tape, [1], np.int64)], {"keepdims": 0})
     rows = tape.op("Reshape", [tape.op("NonZero", [hit]), constant(tape, [-1], np.int64)])  # [n]
     x = tape.op("Gather", [hidden, rows], {"axis": 0})  # [n, H]

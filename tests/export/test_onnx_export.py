@@ -124,6 +124,19 @@ def test_trt_export_expands_each_moe_layer_into_four_stage_nodes(exports, checkp
         assert attribute.dims.top_k == config.num_experts_per_tok and attribute.dtype == "float32"
 
 
+def test_trt_parser_check_passes_trt_and_portable_exports_and_refuses_ort(exports, checkpoint):
+    from moetrt.export.trt_check import check_trt_export
+
+    _, reference = checkpoint
+    report = check_trt_export(exports["trt"])
+    assert report.ok, report.format()
+    moe_layers = len(reference.config.moe_layers)
+    assert report.plugin_nodes == {f"moetrt::{spec.op_type}": moe_layers for spec in MOE_STAGES.values()}
+    assert check_trt_export(exports["onnx"]).ok, check_trt_export(exports["onnx"]).format()
+    refused = check_trt_export(exports["ort"])
+    assert {f.op for f in refused.refused if f.kind == "operator"} == {"com.microsoft::MoE"}
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_full_sequence_logits_match_reference(exports, checkpoint, target, tmp_path):
     _, reference = checkpoint

@@ -20,6 +20,8 @@ MODULES = [
     "moetrt.plugins.trt_plugin",
     "moetrt.plugins.trt_stages",
     "moetrt.plugins.moe_launch",
+    "moetrt.export.trt_build",
+    "moetrt.export.trt_plan",
 ]
 # The package as mypy must see it: pyproject maps moetrt.export/plugins/runtime onto top-level folders, and the
 # editable install's import hook is invisible to mypy.

@@ -1,0 +1,143 @@
+"""`--check-trt` / `build-engine --dry-run`: what TensorRT's parser would refuse, found with no TensorRT or GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from moetrt import MoetrtError
+from moetrt.export.trt_check import check_trt_export
+from moetrt.export.trt_plan import dimension_ranges, optimization_profiles, plan_trt_build
+from moetrt.plugins.moe_configs import select_config
+from moetrt.plugins.moe_launch import DispatchShape
+from moetrt.plugins.spec import MOE_STAGES
+from moetrt.plugins.trt_stages import StageAttribute
+from tests.checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_R1 = ROOT / "models" / "tiny-r1"
+
+
+def moetrt(*args):
+    return subprocess.run([sys.executable, "-m", "moetrt.cli", *args], capture_output=True, text=True,
+                          env={"MOETRT_QUIET": "1", "PATH": ""})
+
+
+def save(tmp_path, nodes, inputs, outputs, initializers=(), opset=21, extra_opsets=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def value(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_each_kind_of_refusal_is_reported(tmp_path):
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"]),  # no importer
+        helper.make_node("NonZero", ["ids"], ["nz"]),  # INT64: NonZero takes FP32/FP16 only
+        helper.make_node("Pow", ["h", "x"], ["p"]),  # FP16 base, FP32 exponent: strong typing
+        helper.make_node("ReduceSum", ["x", "axes"], ["r"]),  # axes not a constant
+        helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=0),  # sorted must be 1
+        helper.make_node("Cast", ["x"], ["d"], to=TensorProto.UINT16),  # a type TensorRT lacks
+    ]
+    inputs = [value("x", TensorProto.FLOAT, [4]), value("ids", TensorProto.INT64, [4]),
+              value("h", TensorProto.FLOAT16, [4]), value("axes", TensorProto.INT64, [1])]
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    outputs = [value(n, TensorProto.UNDEFINED, None) for n in ("u", "nz", "p", "r", "v", "i", "d")]
+    report = check_trt_export(save(tmp_path, nodes, inputs, outputs, [k]))
+    kinds = {f.op: f.kind for f in report.refused}
+    assert kinds == {"Unique": "operator", "NonZero": "type", "Pow": "strong-typing", "ReduceSum": "constant",
+                     "TopK": "attribute", "Cast": "type"}, report.format()
+    assert "REFUSED (6)" in report.format()
+
+
+def test_int64_where_int32_is_needed_says_so(tmp_path):
+    nodes = [helper.make_node("TensorScatter", ["cache", "update", "index"], ["out"], axis=-2)]
+    inputs = [value("cache", TensorProto.INT64, [1, 1, 4, 2]), value("update", TensorProto.INT64, [1, 1, 1, 2]),
+              value("index", TensorProto.INT64, [1])]
+    report = check_trt_export(save(tmp_path, nodes, inputs, [value("out", TensorProto.INT64, None)], opset=24))
+    assert [f.kind for f in report.refused] == ["int64", "int64"]
+    assert "int32 is needed" in report.refused[0].problem
+
+
+def stage_node(stage, inputs, outputs, **attributes):
+    spec = MOE_STAGES[stage]
+    return helper.make_node(spec.op_type, inputs, outputs, domain=spec.domain, **attributes)
+
+
+def test_plugin_nodes_that_differ_from_the_spec_are_refused(tmp_path):
+    shape = DispatchShape(1, 48, 24, 8, 2, "float32", "float32")
+    dispatch = StageAttribute(shape.dims, "float32", select_config(shape)).encode()
+    ids, weights = value("ids", TensorProto.INT64, [3, 2]), value("w", TensorProto.FLOAT, [3, 2])
+    outs = [value(n, TensorProto.INT32, None) for n in ("s", "b", "n")]
+    nodes = [
+        stage_node("align", ["ids"], ["s", "b", "n"], dispatch=dispatch),  # ids must be int32
+        stage_node("align", ["ids32"], ["s2", "b2", "n2"], dispatch="{not json", plugin_version="1"),
+        stage_node("align", ["ids32"], ["s3", "b3", "n3"], dispatch=dispatch, plugin_version="2"),
+        helper.make_node("MoeRoute", ["w"], ["r"], domain="moetrt"),
+        helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
+    ]
+    extra = [helper.make_opsetid("moetrt", 1)]
+    path = save(tmp_path, nodes, [ids, weights], outs + [value("r", TensorProto.FLOAT, None)], extra_opsets=extra)
+    problems = [f.problem for f in check_trt_export(path).refused if f.kind == "plugin"]
+    assert any("topk_ids (ids) is INT64, the plugin takes INT32" in p for p in problems), problems
+    assert any("bad `dispatch` attribute" in p for p in problems)
+    assert any("plugin_version '2', the plugin is version 1" in p for p in problems)
+    assert any("registers no plugin MoeRoute" in p for p in problems)
+
+
+def test_profiles_cover_prefill_chunks_and_padded_decode():
+    ranges = dimension_ranges(max_batch=4, max_seq=64, max_context=256)
+    assert ranges["prefill"]["seq"] == (1, 64, 64) and ranges["prefill"]["total_len"][2] == 256
+    assert ranges["decode"]["seq"] == (1, 1, 1) and ranges["decode"]["past_len"][2] == 256
+    inputs = [{"name": "past_latent.0", "shape": ["past_len", "batch", 24]}]
+    prefill, decode = optimization_profiles(inputs, 4, 64, 256)
+    assert prefill.shapes["past_latent.0"] == ((0, 1, 24), (0, 1, 24), (255, 4, 24))
+    assert decode.shapes["past_latent.0"] == ((0, 1, 24), (128, 4, 24), (256, 4, 24))
+
+
+def fake_export(directory, target):
+    directory.mkdir()
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    (directory / "export.json").write_text(json.dumps({"target": target, "inputs": inputs}))
+    return directory
+
+
+def test_plan_says_which_engines_need_python(tmp_path):
+    limits = {"max_batch": 2, "max_seq": 16, "max_context": 64}
+    trt, portable = fake_export(tmp_path / "trt", "trt"), fake_export(tmp_path / "onnx", "onnx")
+    assert not plan_trt_build(trt, limits, "aot").python_at_runtime
+    assert plan_trt_build(trt, limits, "jit").python_at_runtime
+    assert plan_trt_build(portable, limits, "jit").plugin_form == "none"
+    with pytest.raises(MoetrtError, match="exported for target ort"):
+        plan_trt_build(fake_export(tmp_path / "ort", "ort"), limits)
+
+
+def test_export_check_trt_and_dry_run_report_and_exit_by_the_verdict(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "v2-greedy-yarn")
+    export = moetrt("export", str(checkpoint), "-o", str(tmp_path / "trt"), "--target", "trt", "--check-trt")
+    assert export.returncode == 0, export.stderr
+    assert "ok: nothing TensorRT's parser would refuse" in export.stdout
+    dry = moetrt("build-engine", str(tmp_path / "trt"), "-o", str(tmp_path / "e"), "--dry-run", "--max-context", "64")
+    assert dry.returncode == 0, dry.stderr
+    assert "profile decode:" in dry.stdout and "plugin form: aot (no Python at run time)" in dry.stdout
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "trt" / "model.onnx").write_bytes(onnx.helper.make_model(onnx.helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["y"])], "g", [value("x", TensorProto.FLOAT, [3])],
+        [value("y", TensorProto.FLOAT, None)])).SerializeToString())
+    refused = moetrt("build-engine", str(tmp_path / "trt"), "-o", str(tmp_path / "e"), "--dry-run")
+    assert refused.returncode == 1 and "[operator]" in refused.stdout
+
+
+@pytest.mark.skipif(not (TINY_R1 / "config.json").is_file(), reason="models/tiny-r1 is not in this checkout yet")
+def test_embedded_model_passes_check_trt(tmp_path):
+    result = moetrt("build-engine", str(TINY_R1), "-o", str(tmp_path / "e"), "--dry-run", "--max-context", "512")
+    assert result.returncode == 0, result.stdout + result.stderr
