@@ -52,6 +52,8 @@ def build_trt(export_dir: Path, work_dir: Path, profile: dict[str, int], plugin:
     network, parser = parse(builder, logger, export_dir / MODEL_FILE, plan)
     config = builder.create_builder_config()
     config.builder_optimization_level = plan.optimization_level
+    # fp32 engines compute in fp32, as the torch reference and the ONNX Runtime engines do; TF32 is on by default.
+    config.clear_flag(trt.BuilderFlag.TF32)
     for spec in plan.profiles:
         optimization_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in spec.shapes.items():

@@ -22,6 +22,9 @@ MODULES = [
     "moetrt.plugins.moe_launch",
     "moetrt.export.trt_build",
     "moetrt.export.trt_plan",
+    "moetrt.runtime.trt_session",
+    "moetrt.runtime.cuda_memory",
+    "moetrt.runtime.device_cache",
 ]
 # The package as mypy must see it: pyproject maps moetrt.export/plugins/runtime onto top-level folders, and the
 # editable install's import hook is invisible to mypy.

@@ -1,0 +1,147 @@
+"""Device memory, copies, streams and CUDA graphs through cuda-python's runtime API, as small typed functions.
+
+cuda-python ships Cython modules without type information; everything above this module sees ints (device
+pointers and handles) and numpy arrays. No torch. Errors raise CudaError naming the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from types import ModuleType
+
+import numpy as np
+import numpy.typing as npt
+
+from moetrt.errors import MoetrtError
+
+
+# The host arrays the sessions copy: int64 inputs, float32 / float16 / bfloat16-as-uint16 logits.
+HostArray = npt.NDArray[np.int64] | npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+@functools.cache
+def _runtime() -> ModuleType:
+    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6), `cuda.cudart` before. Imported on
+    first use, so this module imports (and its callers' pure helpers test) without it."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MoetrtError("TensorRT engines need cuda-python: pip install 'moetrt[trt]'")
+
+
+def _call(name: str, *args: object) -> int:
+    """Call cudart.`name`; raise on an error status; return its one result as an int (pointer or handle), else 0."""
+    cudart = _runtime()
+    status, *results = getattr(cudart, name)(*args)
+    if status != cudart.cudaError_t.cudaSuccess:
+        _, text = cudart.cudaGetErrorString(status)
+        raise CudaError(f"{name} failed: {text.decode() if isinstance(text, bytes) else text} ({int(status)})")
+    return int(results[0]) if results else 0
+
+
+def malloc(nbytes: int) -> int:
+    return _call("cudaMalloc", max(nbytes, 1))
+
+
+def free(pointer: int) -> None:
+    _call("cudaFree", pointer)
+
+
+def stream_create() -> int:
+    return _call("cudaStreamCreate")
+
+
+def stream_destroy(stream: int) -> None:
+    _call("cudaStreamDestroy", stream)
+
+
+def synchronize(stream: int) -> None:
+    _call("cudaStreamSynchronize", stream)
+
+
+def memset(pointer: int, nbytes: int, stream: int) -> None:
+    _call("cudaMemsetAsync", pointer, 0, nbytes, stream)
+
+
+def to_device(pointer: int, array: HostArray, stream: int) -> None:
+    """Copy a C-contiguous host array to `pointer` (pageable memory: the copy is staged, then asynchronous)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("to_device copies C-contiguous arrays only")
+    _call("cudaMemcpyAsync", pointer, array.ctypes.data, array.nbytes, _runtime().cudaMemcpyKind.cudaMemcpyHostToDevice,
+          stream)
+
+
+def to_host(array: HostArray, pointer: int, stream: int) -> None:
+    """Copy into a C-contiguous host array; synchronise `stream` before reading it."""
+    _call("cudaMemcpyAsync", array.ctypes.data, pointer, array.nbytes, _runtime().cudaMemcpyKind.cudaMemcpyDeviceToHost,
+          stream)
+
+
+def device_copy(destination: int, source: int, nbytes: int, stream: int) -> None:
+    _call("cudaMemcpyAsync", destination, source, nbytes, _runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream)
+
+
+def begin_capture(stream: int) -> None:
+    # Thread-local: other threads' CUDA calls do not invalidate this capture.
+    _call("cudaStreamBeginCapture", stream, _runtime().cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+
+
+def end_capture(stream: int) -> int:
+    return _call("cudaStreamEndCapture", stream)
+
+
+def instantiate(graph: int) -> int:
+    return _call("cudaGraphInstantiate", graph, 0)
+
+
+def launch_graph(graph_exec: int, stream: int) -> None:
+    _call("cudaGraphLaunch", graph_exec, stream)
+
+
+def destroy_graph(graph: int, graph_exec: int) -> None:
+    if graph_exec:
+        _call("cudaGraphExecDestroy", graph_exec)
+    if graph:
+        _call("cudaGraphDestroy", graph)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceArray:
+    """A view of device memory: no ownership. `capacity` is the bytes allocated from `pointer` on."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    itemsize: int
+    capacity: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
+
+
+class DeviceBuffer:
+    """An allocation that grows on demand (its contents do not survive a growth) and is freed by `close`."""
+
+    def __init__(self, nbytes: int = 0):
+        self.pointer, self.nbytes = 0, 0
+        self.reserve(nbytes)
+
+    def reserve(self, nbytes: int) -> int:
+        """A pointer to at least `nbytes`; reallocates when the buffer is smaller."""
+        if nbytes > self.nbytes or not self.pointer:
+            self.close()
+            self.pointer, self.nbytes = malloc(nbytes), max(nbytes, 1)
+        return self.pointer
+
+    def close(self) -> None:
+        if self.pointer:
+            free(self.pointer)
+            self.pointer, self.nbytes = 0, 0
