@@ -20,6 +20,7 @@ import numpy as np
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.generate import GenerationOptions, RowState, Session, StreamEvent, decode_one_token, prefill
+from moetrt.runtime.kv_cache import LatentKVCache
 from moetrt.runtime.metrics import Metrics
 
 log = logging.getLogger("moetrt.scheduler")
@@ -85,6 +86,10 @@ class SlotCache:
         self.session = session
         self.max_context = max_context
         self.cache = session.new_cache(0, max_context)
+        if not isinstance(self.cache, LatentKVCache):
+            # The slot copies below are numpy operations; a device cache (TensorRT) needs device copies.
+            raise MoetrtError(f"continuous batching needs a host-memory latent cache; the {session.backend} "
+                              "session keeps its cache on the device, which the scheduler does not handle yet")
 
     @property
     def width(self) -> int:

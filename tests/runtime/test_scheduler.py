@@ -154,3 +154,14 @@ def test_submit_checks_requests_and_bounds_the_queue(engine):
     batched.close()
     with pytest.raises(MoetrtError, match="shutting down"):
         list(queued.events())
+
+
+def test_a_session_with_a_device_cache_is_refused_clearly(engine):
+    class DeviceCacheSession:
+        backend, vocab_size = "trt", 104
+
+        def new_cache(self, slots, max_context):
+            return object()
+
+    with pytest.raises(MoetrtError, match="the trt session keeps its cache on the device"):
+        Scheduler(DeviceCacheSession(), max_context=64)
