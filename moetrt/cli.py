@@ -332,6 +332,27 @@ def chat(
         messages.append({"role": "assistant", "content": answer})
 
 
+@app.command()
+def serve(
+    engine: Path = typer.Argument(..., help="Engine directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, envvar="MOETRT_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1 routes."),
+    max_batch: Optional[int] = typer.Option(None, help="Most requests decoded together (default: the engine's)."),
+    max_queue: int = typer.Option(256, help="Most requests waiting for a slot; beyond that, 429."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted; beyond that, 413."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+) -> None:
+    """OpenAI-compatible HTTP server with continuous batching (/v1/chat/completions, /v1/completions)."""
+    try:
+        from moetrt.runtime.server import serve as run_server
+    except ImportError as error:
+        raise MoetrtError(f"moetrt serve needs the serve extra ({error}): pip install 'moetrt[serve]'") from None
+    run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+               max_body_bytes=max_body_bytes, threads=threads)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Benchmarks against transformers and the memory-bandwidth roofline (options: --models, --repeats,

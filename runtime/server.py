@@ -1,0 +1,475 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching scheduler (FastAPI and uvicorn: the `serve` extra).
+
+POST /v1/chat/completions and /v1/completions (server-sent events with `stream`, else one JSON object),
+GET /v1/models, GET /health and GET /metrics (Prometheus text). R1's thinking comes back as
+`reasoning_content` beside `content`, as DeepSeek's API returns it. Errors are OpenAI-style JSON
+(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status for anything a client can cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from moetrt.errors import MoetrtError
+from moetrt.runtime.engine import Engine
+from moetrt.runtime.generate import StreamEvent
+from moetrt.runtime.scheduler import QueueFull, Scheduler, Ticket
+
+log = logging.getLogger("moetrt.server")
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.kind, error.param, error.code), status_code=error.status)
+
+
+# -- request bodies ---------------------------------------------------------------------------------------
+# Strict: a wrong JSON type is an error rather than coerced ("1" is no number, 1.5 no integer).
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # beyond OpenAI's fields, as vLLM and SGLang accept them
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+def _parse(model: type[BaseModel], body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            reason = first["msg"].removeprefix("Invalid JSON: ")
+            raise ApiError(400, f"the body is not valid JSON ({reason})", code="invalid_json") from None
+        where = ".".join(str(part) for part in first["loc"])
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=param) from None
+
+
+# -- the app ----------------------------------------------------------------------------------------------
+
+
+class _Gate:
+    """ASGI middleware in front of every route: counts responses, checks the API key on /v1 routes before
+    anything reads the body, and refuses bodies over `max_body_bytes` (buffering at most that much)."""
+
+    def __init__(self, app, metrics, api_key: str | None, max_body_bytes: int):
+        self.app, self.metrics, self.api_key, self.max_body_bytes = app, metrics, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count_response(route, message["status"])
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is None:
+            receive, refusal = await self._read_body(receive, scope)
+        if refusal is not None:
+            return await _error_response(refusal)(scope, receive, counted_send)
+        await self.app(scope, receive, counted_send)
+
+    def _refusal(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+                return ApiError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                                code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)",
+                        code="request_too_large")
+
+    async def _read_body(self, receive, scope):
+        """Read the whole body (bounded), then replay it; later receives go to the client (disconnects)."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive, None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, ApiError(400, "the client went away")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return receive, self._too_large()
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return replay, None
+
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> _Gate:
+    """The ASGI app serving `engine` through `scheduler` (started and closed with the app's lifespan)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="moetrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    service = _Service(engine, scheduler, model_name)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, error: ApiError):
+        return _error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, error: HTTPException):
+        code = "not_found" if error.status_code == 404 else None
+        return _error_response(ApiError(error.status_code, str(error.detail), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, error: RequestValidationError):
+        return _error_response(ApiError(400, str(error.errors()[0].get("msg", error))))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, error: Exception):
+        log.exception("unhandled error")
+        return _error_response(ApiError(500, f"internal error: {type(error).__name__}", kind="server_error"))
+
+    @app.get("/health")
+    async def health():
+        alive = scheduler.running
+        return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(scheduler.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "moetrt", "max_model_len": engine.max_context}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = _parse(ChatCompletionRequest, await request.body())
+        return await service.respond(request, body, service.chat_prompt(body), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = _parse(CompletionRequest, await request.body())
+        return await service.respond(request, body, service.completion_prompt(body.prompt), chat=False)
+
+    return _Gate(app, scheduler.metrics, api_key, max_body_bytes)
+
+
+class _Service:
+    """Turns validated requests into scheduler tickets and their events into OpenAI responses."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, model_name: str):
+        self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
+        self.mailbox: _Mailbox | None = None
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                    for m in body.messages]
+        try:
+            return self.engine.chat_prompt(messages)
+        except MoetrtError as error:
+            raise ApiError(400, str(error)) from None
+        except Exception as error:  # the checkpoint's template rejected the conversation (raise_exception)
+            raise ApiError(400, f"the chat template rejected the messages: {error}", param="messages") from None
+
+    def completion_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        try:
+            return self.engine.encode(prompt)
+        except MoetrtError as error:
+            raise ApiError(400, str(error), param="prompt") from None
+
+    def options(self, body, prompt: list[int]):
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        room = self.engine.max_context - len(prompt)
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if room < 1 or (requested is not None and requested > room):
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens and the engine's context is "
+                           f"{self.engine.max_context}: at most {max(room, 0)} tokens can be generated, "
+                           f"{requested or 1} were requested", param="messages" if hasattr(body, "messages")
+                           else "prompt", code="context_length_exceeded")
+        max_new = requested or min(room, self.engine.defaults.get("max_new_tokens", room))
+        try:
+            return self.engine.options(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
+                                       top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                                       seed=body.seed, stop=body.stop)
+        except MoetrtError as error:
+            raise ApiError(400, str(error)) from None
+
+    async def respond(self, request: Request, body, prompt: list[int], chat: bool) -> Response:
+        options = self.options(body, prompt)
+        self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            ticket = self.scheduler.submit(prompt, options, functools.partial(self.mailbox.post, events),
+                                           split_reasoning=chat)
+        except QueueFull as error:
+            raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
+        except MoetrtError as error:
+            raise ApiError(400, str(error)) from None
+        reply = _Reply(self.model_name, chat, len(prompt), ticket)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._stream(reply, events, ticket, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            async for batch in _until_finished(events, request):
+                for event in batch:
+                    reply.add(event)
+        finally:
+            ticket.cancel()  # a no-op once finished; frees the slot if the client went away
+        return JSONResponse(reply.whole())
+
+    async def _stream(self, reply: _Reply, events: asyncio.Queue, ticket: Ticket,
+                      include_usage: bool) -> AsyncIterator[str]:
+        try:
+            if reply.chat:
+                yield _sse(reply.chunk(None, role=True, usage=include_usage))
+            async for batch in _until_finished(events, None):
+                for event in batch:
+                    reply.add(event)
+                yield "".join(_sse(reply.chunk(event, usage=include_usage)) for event in batch
+                              if event.reasoning or event.text or event.finish_reason)
+            if include_usage:
+                yield _sse({**reply.chunk(None, usage=True), "choices": [], "usage": reply.usage()})
+            yield "data: [DONE]\n\n"
+        except ApiError as error:  # the status line is already sent: report in the stream, as OpenAI does
+            yield _sse(error_body(error.message, error.kind, code=error.code))
+        finally:
+            ticket.cancel()  # the client disconnected (Starlette cancels this generator) or we are done
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _Mailbox:
+    """Hands events from the scheduler's thread to the event loop with one wake-up per batch of events (one
+    per decode step) rather than one per token of every request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, events: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._pending.append((events, item))
+            first = len(self._pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for events, item in pending:
+            events.put_nowait(item)
+
+
+async def _until_finished(events: asyncio.Queue, request: Request | None) -> AsyncIterator[list[StreamEvent]]:
+    """A ticket's events, in lists of those that arrived together, until its last; with `request`, stops as
+    soon as the client disconnects. (Streamed responses leave that to Starlette, which cancels them.)"""
+    getter: asyncio.Future | None = None
+    gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                return
+            batch, getter = [getter.result()], None
+            while not events.empty():
+                batch.append(events.get_nowait())
+            for item in batch:
+                if isinstance(item, BaseException):
+                    raise ApiError(500, f"generation failed: {item}", kind="server_error")
+            yield batch
+            if batch[-1].finish_reason is not None:
+                return
+    finally:
+        for task in (getter, gone):
+            if task is not None:
+                task.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Reply:
+    """Accumulates one request's events into OpenAI's chunk and whole-response objects. The whole response's
+    text is exactly the concatenation of the streamed deltas, so streamed and not streamed agree."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, ticket: Ticket):
+        self.model, self.chat, self.prompt_tokens, self.ticket = model, chat, prompt_tokens, ticket
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.reasoning: list[str] = []
+        self.text: list[str] = []
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def add(self, event: StreamEvent) -> None:
+        self.reasoning.append(event.reasoning)
+        self.text.append(event.text)
+        self.tokens += len(event.token_ids)
+        self.finish_reason = event.finish_reason or self.finish_reason
+
+    def usage(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                 "total_tokens": self.prompt_tokens + self.tokens}
+        if self.chat:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.ticket.row.reasoning_tokens}
+        return usage
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, event: StreamEvent | None, role: bool = False, usage: bool = False) -> dict[str, Any]:
+        finish = event.finish_reason if event else None
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if event and event.reasoning:
+                delta["reasoning_content"] = event.reasoning
+            if event and event.text:
+                delta["content"] = event.text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": event.text if event else "", "logprobs": None, "finish_reason": finish}
+            out = {**self._head("text_completion"), "choices": [choice]}
+        return {**out, "usage": None} if usage else out
+
+    def whole(self) -> dict[str, Any]:
+        text, reasoning = "".join(self.text), "".join(self.reasoning)
+        if self.chat:
+            message = {"role": "assistant", "content": text, "reasoning_content": reasoning or None}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            head = self._head("text_completion")
+        return {**head, "choices": [choice], "usage": self.usage()}
+
+
+def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int | None = None, max_queue: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          threads: int | None = None, model_name: str | None = None) -> None:
+    """Load an engine and serve it until interrupted. max_batch defaults to the engine's built max_batch."""
+    import uvicorn
+
+    engine = Engine.load(engine_dir, threads=threads)
+    built = int(engine.manifest.profile.get("max_batch", 8))
+    max_batch = built if max_batch is None else max_batch
+    if not 1 <= max_batch <= built:
+        raise MoetrtError(f"--max-batch must lie in [1, {built}] (the engine was built for {built}; rebuild with "
+                          "a larger --max-batch)")
+    if max_body_bytes < 1:
+        raise MoetrtError("--max-body-bytes must be at least 1")
+    scheduler = Scheduler(engine.session, engine.tokenizer, max_context=engine.max_context, max_batch=max_batch,
+                          max_queue=max_queue)
+    name = model_name or Path(engine_dir).resolve().name
+    app = create_app(engine, scheduler, model_name=name, api_key=api_key, max_body_bytes=max_body_bytes)
+    print(f"serving {name} ({engine.manifest.backend}, batch {max_batch}) at http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
