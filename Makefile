@@ -9,7 +9,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check bench
+.PHONY: install test test-slow typecheck gpu-check bench serve
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,7 @@ gpu-check: $(STAMP)
 # moetrt against transformers and the copy-bandwidth roofline on tiny-r1 and ds-mini (~10 minutes, CPU).
 bench: $(STAMP)
 	$(PY) -m moetrt.bench.run
+
+# The OpenAI-compatible server on 127.0.0.1:8000 for $(ENGINE) (build it first with moetrt build-engine).
+serve: $(STAMP)
+	$(PY) -m moetrt.cli serve $(ENGINE)
