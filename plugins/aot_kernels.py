@@ -115,6 +115,13 @@ def engine_stage(stage: str, attribute: StageAttribute, arch: int, ptx_version: 
     return compile_stage(plan, launch, arch=arch, ptx_version=ptx_version, max_shared_bytes=PORTABLE_SHARED_BYTES)
 
 
+def launch_at(stage: AotStage, grid: tuple[int, int, int], scalars: tuple[int, ...]) -> AotStage:
+    """`stage` as TensorRT launches it for another T: the same PTX, this grid and these int32 extra args."""
+    values = iter(scalars)
+    params = tuple(dataclasses.replace(p, value=next(values)) if p.kind == "scalar" else p for p in stage.params)
+    return dataclasses.replace(stage, grid=grid, params=params)
+
+
 def ptx_version_for_driver(driver_version: int, arch: int = 90) -> int:
     """The PTX ISA both Triton's ptxas and a driver (e.g. 12080 for CUDA 12.8) accept: the driver JIT-compiles it."""
     from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version

@@ -4,6 +4,10 @@
    and output buffers poisoned (NaN) first, and bitwise repeatability;
 2. the AOT stages of plugins/aot_kernels.py loaded from PTX and launched through the CUDA driver API with exactly
    their parameter lists (as a TensorRT AOT plugin would), against the reference;
+   then the TensorRT stage plugins without TensorRT: buffers sized by their shape functions and, per stage, the JIT
+   launch @trtp.impl makes and the one PTX @trtp.aot_impl hands TensorRT, launched with the grid and int32 extra
+   args it declares, at several T from one compilation; and the TensorRT session's cuda-python layer (device
+   latent cache, copies, a captured and replayed CUDA graph) where cuda-python is installed;
 3. timings with CUDA events at DeepSeek-V3 shapes (H=7168, I=2048, k=8, E=256 and an E=32 shard, bf16): Triton vs
    the torch reference vs a per-expert loop, as GB/s (bytes of the experts hit + activations) and TFLOP/s against
    the H200's 4.8 TB/s and ~790 TFLOP/s bf16. Targets: T <= 64 at >= 60% of bandwidth, T = 4096 at >= 50% of the
@@ -38,6 +42,8 @@ class Scale:
     experts: tuple[int, ...]
     tokens: tuple[int, ...]
     aot_points: tuple[tuple[int, int], ...]  # (E, T) where the benchmark also runs the AOT PTX
+    trt_cases: tuple[tuple, ...]  # (H, I, E, k, dtype) for the TensorRT stage plugins
+    trt_tokens: tuple[int, ...]  # T values one compiled engine's kernels serve
 
 
 FULL = Scale(
@@ -57,6 +63,8 @@ FULL = Scale(
     experts=(256, 32),
     tokens=(1, 8, 64, 512, 4096),
     aot_points=((256, 64), (32, 4096)),
+    trt_cases=((1000, 520, 64, 6, "bfloat16"), (200, 136, 8, 2, "float32")),
+    trt_tokens=(1, 5, 64, 300),
 )
 DRY = Scale(
     small_cases=((1, 40, 24, 4, 2, "float32", "float32"), (37, 72, 40, 8, 3, "bfloat16", "bfloat16")),
@@ -67,6 +75,8 @@ DRY = Scale(
     experts=(8,),
     tokens=(1, 24),
     aot_points=((8, 24),),
+    trt_cases=((40, 24, 8, 3, "float32"),),
+    trt_tokens=(1, 9),
 )
 
 
@@ -97,6 +107,8 @@ def main(argv=None) -> int:
     check.step("header", check.header)
     check.step("small shapes", check.small_shapes, scale.small_cases)
     check.step("AOT", check.aot_small, scale.aot_case)
+    check.step("TensorRT stage plugins", check.trt_stages, scale.trt_cases, scale.trt_tokens)
+    check.step("cuda-python", check.cuda_python)
     if not args.skip_bench:
         check.step("benchmark", check.benchmark, scale)
     return check.summary()

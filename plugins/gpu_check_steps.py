@@ -6,6 +6,7 @@ missed performance targets for the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -28,7 +29,10 @@ from moetrt.plugins.gpu_check import (
 )
 from moetrt.plugins.moe_dispatch import moe_dispatch_reference
 from moetrt.plugins.moe_inputs import random_problem, random_routing, relative_error
-from moetrt.plugins.moe_launch import DispatchPlan, DispatchShape
+from moetrt.plugins.moe_configs import select_config
+from moetrt.plugins.moe_launch import Buffer, DispatchPlan, DispatchShape, stage_geometry
+from moetrt.plugins.spec import MOE_STAGES
+from moetrt.plugins.trt_stages import StageAttribute
 
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
 # Triton's CPU interpreter casts fp32 -> bf16 by truncation, doubling the bf16 error of a GPU run.
@@ -203,6 +207,105 @@ class Check:
         want = moe_dispatch_reference(**problem)
         for cap in (None, PORTABLE_SHARED_BYTES):
             self.aot_run_error(self.compile_aot(shape, cap), problem, want, f"shared memory cap {cap}", {})
+
+    # -- the TensorRT stage plugins, without TensorRT ------------------------------------------------------
+    def trt_stages(self, cases, token_counts) -> None:
+        """Each stage node as an engine runs it: one compilation for every T, outputs sized by the plugin's shape
+        formulas, chained stage to stage from poisoned buffers, against the reference."""
+        from moetrt.plugins.aot_kernels import engine_stage
+
+        for hidden, inter, experts, top_k, dtype in cases:
+            dims_shape = DispatchShape(512, hidden, inter, experts, top_k, dtype, dtype)
+            attribute = StageAttribute(dims_shape.dims, dtype, select_config(dims_shape))
+            compiled = None
+            if not self.dry_run:
+                major, minor = torch.cuda.get_device_capability()
+                arch = major * 10 + minor
+                compiled = {stage: engine_stage(stage, attribute, arch, self.ptx_version()) for stage in MOE_STAGES}
+                shared = ", ".join(f"{stage} {aot.shared_mem} B" for stage, aot in compiled.items())
+                print(f"TensorRT stage plugins: PTX for sm_{arch} compiled once ({shared} shared)", flush=True)
+            else:
+                print("TensorRT stage plugins: JIT form only (the AOT form needs driver launches)", flush=True)
+            functions: dict = {}
+            for tokens in token_counts:
+                shape = dataclasses.replace(dims_shape, num_tokens=tokens)
+                problem = random_problem(shape, 7 + tokens, self.device, skew=3.0)
+                want = moe_dispatch_reference(**problem)
+                for form in ("jit",) if compiled is None else ("jit", "aot"):
+                    got = self.run_stage_nodes(attribute, problem, form, compiled, functions)
+                    error = relative_error(got, want)
+                    label = f"  H={hidden} I={inter} E={experts} k={top_k} {dtype} T={tokens} {form}"
+                    print(f"{label}: relative error {error:.2e}", flush=True)
+                    if error > self.tolerance(shape):
+                        self.fail(f"TensorRT stage plugins{label}: error {error:.2e}")
+
+    def run_stage_nodes(self, attribute: StageAttribute, problem: dict, form: str, compiled, functions: dict):
+        from moetrt.plugins.aot_kernels import launch_at
+
+        tokens = problem["hidden"].shape[0]
+        tensors = triton_moe.dispatch_tensors(triton_moe.plan_for(attribute.shape(tokens), attribute.config), problem)
+        for stage, spec in MOE_STAGES.items():
+            geometry = stage_geometry(stage, tokens, attribute.dims, attribute.config, min)
+            for output, dims in zip(spec.outputs, geometry.outputs):
+                dtype = output.dtypes[0] if len(output.dtypes) == 1 else attribute.dtype
+                tensors[output.name] = poisoned(Buffer(output.name, tuple(dims), dtype, "scratch"), self.device)
+            names = (*spec.input_names, *(output.name for output in spec.outputs))
+            if form == "jit":
+                triton_moe.run_stage(stage, attribute, {name: tensors[name] for name in names})
+            else:
+                if stage not in functions:
+                    functions[stage] = self.driver.load(compiled[stage])
+                launch = launch_at(compiled[stage], tuple(geometry.grid), tuple(geometry.scalars))
+                pointers = {name: tensors[name].data_ptr() for name in names}
+                self.driver.launch(launch, functions[stage], pointers, torch.cuda.current_stream().cuda_stream)
+        return tensors["output"]
+
+    def cuda_python(self) -> None:
+        """The TensorRT session's device layer: a DeviceLatentCache written and read back, a graph captured and
+        replayed on fresh inputs. Skipped (not failed) where cuda-python is not installed."""
+        if self.dry_run:
+            print("cuda-python: skipped (no GPU)")
+            return
+        import numpy as np
+
+        from moetrt.errors import MoetrtError
+        from moetrt.runtime import cuda_memory as cuda
+        from moetrt.runtime.device_cache import DeviceLatentCache
+
+        try:
+            stream = cuda.stream_create()
+        except MoetrtError as error:
+            print(f"cuda-python: skipped ({error})")
+            return
+        cache = DeviceLatentCache(2, 8, 3, 16, 4, stream)
+        rows = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+        first, second = cache.reserve(2)
+        cuda.to_device(first.pointer, rows, stream)
+        cache.advance(2)
+        back = np.empty_like(rows)
+        cuda.to_host(back, cache.past()[0].pointer, stream)
+        padding = np.ones((14, 3, 8), np.float32)
+        cuda.to_host(padding, cache.past()[0].pointer + rows.nbytes, stream)
+        cuda.synchronize(stream)
+        if not np.array_equal(back, rows) or padding.any():
+            self.fail("cuda-python: latent cache rows did not round-trip, or the unused rows are not zero")
+        source, target = cuda.DeviceBuffer(rows.nbytes), cuda.DeviceBuffer(rows.nbytes)
+        cuda.begin_capture(stream)
+        cuda.device_copy(target.pointer, source.pointer, rows.nbytes, stream)
+        graph = cuda.end_capture(stream)
+        graph_exec = cuda.instantiate(graph)
+        cuda.to_device(source.pointer, rows * 2, stream)
+        cuda.launch_graph(graph_exec, stream)
+        cuda.to_host(back, target.pointer, stream)
+        cuda.synchronize(stream)
+        if not np.array_equal(back, rows * 2):
+            self.fail("cuda-python: a replayed graph did not copy the current source")
+        cuda.destroy_graph(graph, graph_exec)
+        for buffer in (source, target):
+            buffer.close()
+        cache.close()
+        cuda.stream_destroy(stream)
+        print("cuda-python: device latent cache round trip, zero padding and graph replay ok", flush=True)
 
     # -- benchmark ------------------------------------------------------------------------------------------
     def benchmark(self, scale: Scale) -> None:

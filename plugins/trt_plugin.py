@@ -130,17 +130,12 @@ def launch_stage_jit(
     import torch
 
     from moetrt.plugins import triton_moe
-    from moetrt.plugins.moe_launch import plan_dispatch
 
     spec = MOE_STAGES[stage]
-    attribute = decode(dispatch)
-    index, per_slot = tokens_input(stage)
-    first: int = inputs[index].shape[0]
-    plan = plan_dispatch(attribute.shape(first // attribute.dims.top_k if per_slot else first), attribute.config)
     names = (*spec.input_names, *(output.name for output in spec.outputs))
     tensors = {name: torch_view(tensor) for name, tensor in zip(names, (*inputs, *outputs))}
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        triton_moe.launch_stage(plan, list(MOE_STAGES).index(stage), tensors)
+        triton_moe.run_stage(stage, decode(dispatch), tensors)
 
 
 class _CudaArray:
