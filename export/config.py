@@ -110,6 +110,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     num_nextn_predict_layers: int = 0
     fp8: FP8Config | None = None
+    torch_dtype: str | None = None  # the dtype the checkpoint's weights are stored in ("dtype" in transformers 5)
 
     @property
     def qk_head_dim(self) -> int:
@@ -242,6 +243,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
         pad_token_id=raw.get("pad_token_id"),
         num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers") or 0),
         fp8=_parse_quantization(raw.get("quantization_config"), source),
+        torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
     )
     _check_consistency(config, raw, source)
     return config

@@ -139,7 +139,7 @@ def describe(c: ModelConfig, context: int = 32768, batch: int = 1) -> dict:
     counts = count_parameters(c)
     weights = weight_bytes(c)
     kv = kv_bytes_per_token(c)
-    stored = "fp8" if c.fp8 else "bf16"
+    stored = "fp8" if c.fp8 else (c.torch_dtype or "unknown dtype")
     router = f"{c.scoring_func} / {c.topk_method}"
     if c.topk_method != "greedy" and c.n_group > 1:
         router += f", top-{c.topk_group} of {c.n_group} groups"
