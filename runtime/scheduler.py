@@ -177,6 +177,7 @@ class Scheduler:
         self.metrics.queue_depth = lambda: len(self._waiting)
         self.cache = SlotCache(session, max_context)
         self._slots: list[Ticket | None] = []  # by slot; len == cache width
+        self._running = 0  # taken from the queue and not yet over (prefilling or in a slot)
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -221,10 +222,11 @@ class Scheduler:
         with self._wake:
             if self._closing:
                 raise MoetrtError("the scheduler is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            # Requests the next step will admit into free slots are not yet "waiting for a slot".
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._running):
                 self.metrics.count_request("rejected")
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue}); "
-                                "retry later")
+                raise QueueFull(f"{self._running} requests are running and {len(self._waiting)} waiting "
+                                f"(--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry later")
             self._waiting.append(ticket)
             self._wake.notify()
         return ticket
@@ -255,10 +257,12 @@ class Scheduler:
                     return
                 room = self.max_batch - len(self._occupied())
                 joiners = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._running = len(self._occupied()) + len(joiners)
             prefilled = [(ticket, self._start(ticket)) for ticket in joiners]
             self._seat([(ticket, rows) for ticket, rows in prefilled if rows is not None])
             if self._occupied():
                 self._step()
+            self._running = len(self._occupied())
 
     def _occupied(self) -> list[tuple[int, Ticket]]:
         return [(slot, ticket) for slot, ticket in enumerate(self._slots) if ticket is not None]

@@ -142,8 +142,9 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(engine):
 
 def test_submit_checks_requests_and_bounds_the_queue(engine):
     batched = scheduler(engine, max_batch=1, max_queue=1)  # not started: requests stay queued
-    queued = batched.submit([3, 4], engine.options(max_new_tokens=4))
-    with pytest.raises(QueueFull, match="--max-queue 1"):
+    queued = batched.submit([3, 4], engine.options(max_new_tokens=4))  # the next step would admit it
+    batched.submit([3, 4], engine.options(max_new_tokens=4))  # this one would wait for a slot
+    with pytest.raises(QueueFull, match="0 requests are running and 2 waiting"):
         batched.submit([3, 4], engine.options(max_new_tokens=4))
     with pytest.raises(MoetrtError, match=f"exceeds the engine's context of {engine.max_context}"):
         batched.submit([3] * (engine.max_context - 56), engine.options(max_new_tokens=57))

@@ -332,3 +332,8 @@ def test_a_full_queue_gets_429_and_disconnects_free_their_slots(one_slot_server)
     assert metrics['moetrt_requests_total{outcome="rejected"}'] == 1
     answer = client.completions.create(**{**long, "stream": False, "max_tokens": 5})
     assert answer.usage.completion_tokens == 5
+
+
+def test_the_server_and_scheduler_import_no_torch():
+    code = "import sys, moetrt.runtime.server, moetrt.runtime.scheduler; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
