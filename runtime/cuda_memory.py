@@ -99,7 +99,8 @@ def end_capture(stream: int) -> int:
 
 
 def instantiate(graph: int) -> int:
-    return _call("cudaGraphInstantiate", graph, 0)
+    # WithFlags: the same (graph, flags) signature in CUDA 11.4+ and 12+, unlike cudaGraphInstantiate.
+    return _call("cudaGraphInstantiateWithFlags", graph, 0)
 
 
 def launch_graph(graph_exec: int, stream: int) -> None:
