@@ -121,11 +121,26 @@ def test_plan_says_which_engines_need_python(tmp_path):
         plan_trt_build(fake_export(tmp_path / "ort", "ort"), limits)
 
 
+def assert_stage_kernels_match_their_launches(export_dir):
+    """Compile every stage node's kernel as the AOT plugin would (sm_90, on the CPU) and check each PTX entry's
+    parameters against the arguments TensorRT passes."""
+    from moetrt.plugins.aot_kernels import engine_stage, entry_param_problems
+
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    stages = {spec.op_type: name for name, spec in MOE_STAGES.items()}
+    nodes = [n for n in model.graph.node if n.op_type in stages]
+    assert nodes
+    for node in nodes:
+        attribute = StageAttribute.decode(next(a.s.decode() for a in node.attribute if a.name == "dispatch"))
+        assert entry_param_problems(engine_stage(stages[node.op_type], attribute, 90, None)) == []
+
+
 def test_export_check_trt_and_dry_run_report_and_exit_by_the_verdict(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", "v2-greedy-yarn")
     export = moetrt("export", str(checkpoint), "-o", str(tmp_path / "trt"), "--target", "trt", "--check-trt")
     assert export.returncode == 0, export.stderr
     assert "ok: nothing TensorRT's parser would refuse" in export.stdout
+    assert_stage_kernels_match_their_launches(tmp_path / "trt")
     dry = moetrt("build-engine", str(tmp_path / "trt"), "-o", str(tmp_path / "e"), "--dry-run", "--max-context", "64")
     assert dry.returncode == 0, dry.stderr
     assert "profile decode:" in dry.stdout and "plugin form: aot (no Python at run time)" in dry.stdout
@@ -138,6 +153,9 @@ def test_export_check_trt_and_dry_run_report_and_exit_by_the_verdict(tmp_path):
 
 
 @pytest.mark.skipif(not (TINY_R1 / "config.json").is_file(), reason="models/tiny-r1 is not in this checkout yet")
-def test_embedded_model_passes_check_trt(tmp_path):
-    result = moetrt("build-engine", str(TINY_R1), "-o", str(tmp_path / "e"), "--dry-run", "--max-context", "512")
+def test_embedded_model_passes_check_trt_and_its_kernels_match(tmp_path):
+    result = moetrt("export", str(TINY_R1), "-o", str(tmp_path / "trt"), "--target", "trt", "--check-trt")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert_stage_kernels_match_their_launches(tmp_path / "trt")
+    dry = moetrt("build-engine", str(tmp_path / "trt"), "-o", str(tmp_path / "e"), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr

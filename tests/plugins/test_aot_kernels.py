@@ -102,3 +102,23 @@ def test_ptx_does_not_depend_on_the_token_count():
     few, many = (aot_dispatch(dataclasses.replace(SHAPES["bf16-decode"], num_tokens=t), config) for t in (3, 300))
     assert [s.ptx for s in few.stages] == [s.ptx for s in many.stages]
     assert [s.extra_args for s in few.stages] != [s.extra_args for s in many.stages]
+
+
+def test_engine_kernels_are_one_ptx_per_stage_launched_at_every_t():
+    """What the TensorRT AOT implementations return: one capped PTX per stage, launched with the geometry's grid and
+    extra args for each T, exactly as a plan compiled at that T would be."""
+    from moetrt.plugins.aot_kernels import engine_stage, launch_at
+    from moetrt.plugins.moe_launch import plan_dispatch, stage_geometry
+    from moetrt.plugins.trt_stages import StageAttribute
+
+    shape = SHAPES["bf16-decode"]
+    attribute = StageAttribute(shape.dims, "bfloat16", aot_dispatch(shape).plan.config)
+    for tokens in (1, 300):
+        plan = plan_dispatch(attribute.shape(tokens), attribute.config)
+        for launch in plan.stages:
+            compiled = engine_stage(launch.name, attribute, 90, None)
+            assert entry_param_problems(compiled) == [] and compiled.shared_mem <= PORTABLE_SHARED_BYTES
+            geometry = stage_geometry(launch.name, tokens, attribute.dims, attribute.config, min)
+            at_t = launch_at(compiled, geometry.grid, geometry.scalars)
+            assert at_t.grid == launch.grid and at_t.extra_args == tuple(value for _, value in launch.scalars)
+            assert at_t.ptx == compiled.ptx
