@@ -145,10 +145,12 @@ def ratios(results: list[dict]) -> list[str]:
             tps = statistics.median(ours["decode_tps"][batch])
             fraction = tps / result["roofline_tps"][batch]
             verdict = "" if result["model"] != "ds-mini" else (" PASS" if fraction >= TARGET else " MISS")
+            overhead = statistics.median(ours["runtime_overhead"][batch])
             lines.append(
                 f"{result['model']} batch {batch}: moetrt-ort {tps:.1f} tok/s = {fraction:.0%} of roofline "
                 f"(target {TARGET:.0%}){verdict}; {tps / statistics.median(theirs['decode_tps'][batch]):.2f}x "
-                f"transformers, {tps / statistics.median(torch_ref['decode_tps'][batch]):.2f}x moetrt-torch"
+                f"transformers, {tps / statistics.median(torch_ref['decode_tps'][batch]):.2f}x moetrt-torch; "
+                f"runtime overhead {overhead:.1%} of a decode step"
             )
     return lines
 

@@ -50,6 +50,16 @@ def moetrt_engine(model_dir: str, engine_dir: str, threads: int):
     from moetrt.runtime.engine import Engine
 
     engine = Engine.load(engine_dir, threads=threads)
+    backend_run = engine.session.run
+
+    def timed_run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return backend_run(*args, **kwargs)
+        finally:
+            run.backend_seconds += time.perf_counter() - start
+
+    engine.session.run = timed_run
 
     def run(prompts, new_tokens):
         """Through the runtime's own generation loop (sampling, detokenisation and all), timed per step."""
@@ -58,11 +68,16 @@ def moetrt_engine(model_dir: str, engine_dir: str, threads: int):
         # greedy, and no stop ids: every run generates exactly new_tokens
         options = GenerationOptions(max_new_tokens=new_tokens, prefill_chunk=engine.max_seq)
         timer = Timer()
+        run.backend_seconds = 0.0
         for event in generate_stream(engine.session, prompts, options, engine.tokenizer, engine.max_context):
             if event.row == 0:
                 timer.token()
+                if len(timer.stamps) == 1:
+                    run.backend_seconds = 0.0  # count decode steps only, not the prefill
+        timer.backend_seconds = run.backend_seconds
         return timer
 
+    run.backend_seconds = 0.0
     return run
 
 
@@ -161,12 +176,18 @@ def main() -> None:
         timer = run(prompts_for(vocab, 1, args["prefill_len"], seed=repeat), 2)
         result["ttft_s"].append(timer.ttft())
         result["prefill_tps"].append(args["prefill_len"] / timer.ttft())
+    result["runtime_overhead"] = {}
     for batch in args["batches"]:
-        rates = []
+        rates, overheads = [], []
         for repeat in range(args["repeats"]):
             timer = run(prompts_for(vocab, batch, args["decode_prompt_len"], seed=100 + repeat), args["new_tokens"])
             rates.append(timer.decode_rate(batch))
+            if hasattr(timer, "backend_seconds"):
+                # share of a decode step spent outside the backend call: sampling, detokenising, cache, binding
+                overheads.append(1 - timer.backend_seconds / (timer.stamps[-1] - timer.stamps[0]))
         result["decode_tps"][str(batch)] = rates
+        if overheads:
+            result["runtime_overhead"][str(batch)] = overheads
     if system == "moetrt-torch":
         result["distinct_experts"] = {
             str(batch): distinct_experts(run.model, prompts_for(vocab, batch, args["decode_prompt_len"], 7), 16)
