@@ -163,6 +163,7 @@ def build_ort(export_dir: Path, work: Path) -> dict:
                 "build a float32 engine for the CPU"
             ) from None
         raise
+    _keep_used_opsets(work / MODEL_FILE)
     package = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
     return {
         "model": MODEL_FILE,
@@ -174,6 +175,22 @@ def build_ort(export_dir: Path, work: Path) -> dict:
         "cpu_flags": list(hardware.cpu_flags()),
         "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
     }
+
+
+def _keep_used_opsets(path: Path) -> None:
+    """ONNX Runtime's saved model imports every op domain registered in the process, custom-op libraries loaded by
+    earlier sessions included; keep the domains the graph uses, so the engine does not depend on process history."""
+    import onnx
+
+    from moetrt.export.trt_check import walk
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {"", "ai.onnx", *(node.domain for node in walk(model.graph))}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    if len(kept) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        onnx.save(model, str(path))
 
 
 def _first_gpu_capability() -> list[int] | None:
