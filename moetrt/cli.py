@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional
+
 import typer
 
 from moetrt.errors import MoetrtError
