@@ -68,13 +68,16 @@ def build_engine(
     max_context: int = 4096,
     portable: bool = False,
     trt_plugin: str = "aot",
+    expert_slices: int | None = None,
 ) -> Path:
     """Build an engine from a checkpoint directory (exported first) or an export directory.
 
     backend: "auto", "ort" or "trt". max_batch / max_seq (tokens per call, the prefill chunk; default
     min(512, max_context)) / max_context (cached positions) bound the shapes: TensorRT's optimisation profiles, the runtime's cache. portable:
     build from the standard-ops lowering (no plugin). trt_plugin: the expert-dispatch plugin's form in a TensorRT
-    engine, "aot" (no Python at run time) or "jit". Returns the engine directory.
+    engine, "aot" (no Python at run time) or "jit". expert_slices: for ONNX Runtime on the CPU, sub-experts per
+    expert that balance the MoE kernel's threads (default: one per CPU thread; see `export/passes/ort.py`).
+    Returns the engine directory.
     """
     source, engine_dir = Path(source), Path(engine_dir)
     max_seq = min(512, max_context) if max_seq is None else max_seq
@@ -92,10 +95,12 @@ def build_engine(
     profile = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
 
     with staging_dir(engine_dir) as work:
-        export_dir = _export_for(source, work / ".export", chosen, dtype, portable)
+        if chosen == "ort" and expert_slices is None and ort_provider() != "CPUExecutionProvider":
+            expert_slices = 1  # the CUDA kernel has no static thread split to balance
+        export_dir = _export_for(source, work / ".export", chosen, dtype, portable, expert_slices)
         described = json.loads((export_dir / EXPORT_JSON).read_text())
         if chosen == "ort":
-            backend_section = build_ort(export_dir, work)
+            backend_section = {**build_ort(export_dir, work), "expert_slices": described.get("expert_slices", 1)}
         else:
             from moetrt.export.trt_build import build_trt
 
@@ -122,7 +127,8 @@ def build_engine(
     return engine_dir
 
 
-def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, portable: bool) -> Path:
+def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, portable: bool,
+                expert_slices: int | None = None) -> Path:
     """The export directory to build from: `source` itself if it is one, else a fresh export of it."""
     if (source / EXPORT_JSON).is_file():
         described = json.loads((source / EXPORT_JSON).read_text())
@@ -140,7 +146,7 @@ def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, po
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
     target = "onnx" if portable else backend
-    return export_onnx(source, scratch, target=target, dtype=dtype or "float32")
+    return export_onnx(source, scratch, target=target, dtype=dtype or "float32", expert_slices=expert_slices)
 
 
 def build_ort(export_dir: Path, work: Path) -> dict:

@@ -173,11 +173,14 @@ def export_onnx(
     out_dir: str | Path,
     target: str = "ort",
     dtype: str = "float32",
+    expert_slices: int | None = None,
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
     target: "ort" (ONNX Runtime's com.microsoft::MoE), "trt" (the TensorRT plugin node) or "onnx" (standard
-    ops only). The directory is written under a temporary name and renamed when complete; returns it.
+    ops only). expert_slices (ort only): sub-experts per expert that balance the CPU MoE kernel's threads;
+    None picks one per CPU thread (1 for a GPU). The directory is written under a temporary name and renamed
+    when complete; returns it.
     """
     from moetrt.export.passes import lower
 
@@ -191,17 +194,24 @@ def export_onnx(
             advance(0, "loading checkpoint")
             model = load_reference(checkpoint_dir, dtype=dtype)
             config = model.config
+            if target != "ort":
+                expert_slices = 1
+            elif expert_slices is None:
+                from moetrt.export.passes.ort import default_expert_slices
+
+                expert_slices = default_expert_slices(config.moe_intermediate_size)
             advance(1, "tracing to ONNX")
             graph = trace(model)
             del model  # the graph holds the weights now; lowering can then free what it replaces
             gc.collect()
             advance(1, f"lowering for {target}")
-            lower(graph, target)
+            lower(graph, target, expert_slices=expert_slices)
             advance(1, "saving")
             save_model(graph, work / MODEL_FILE)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
-        write_json(work / EXPORT_JSON, export_description(config, target, dtype, checkpoint_dir, work))
+        description = export_description(config, target, dtype, checkpoint_dir, work)
+        write_json(work / EXPORT_JSON, {**description, "expert_slices": expert_slices})
     return out_dir
 
 

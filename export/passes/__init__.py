@@ -22,13 +22,17 @@ def dispatch_nodes(model: ir.Model) -> list[ir.Node]:
     return nodes
 
 
-def lower(model: ir.Model, target: str) -> ir.Model:
+def lower(model: ir.Model, target: str, expert_slices: int = 1) -> ir.Model:
+    """Lower for `target`; `expert_slices` applies to `ort` (see `ort.py`)."""
     from moetrt.export.passes import ort, portable, trt
 
     passes = {"trt": trt.lower_trt, "ort": ort.lower_ort, "onnx": portable.lower_portable}
     if target not in passes:
         raise MoetrtError(f"target {target!r} is not one of {', '.join(passes)}")
-    passes[target](model)
+    if target == "ort":
+        ort.lower_ort(model, expert_slices=expert_slices)
+    else:
+        passes[target](model)
     return model
 
 

@@ -179,9 +179,10 @@ def test_cached_greedy_decode_matches_reference(exports, checkpoint, target, pro
         assert compared > 8
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm):
-    """A graph of just the dispatch node, lowered to com.microsoft::MoE, with activations beyond +-10."""
+@pytest.mark.parametrize("norm, slices, threads", [(True, 1, 1), (False, 1, 2), (True, 2, 2), (False, 4, 3)])
+def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm, slices, threads):
+    """A graph of just the dispatch node, lowered to com.microsoft::MoE, with activations beyond +-10; with
+    experts cut into slices (any thread count stays exact, the slices only balance the threads)."""
     import onnx_ir as ir
 
     from moetrt.export.passes import lower
@@ -208,13 +209,24 @@ def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm):
                                 dynamic_shapes={"hidden_states": {0: torch.export.Dim("T")},
                                                 "topk_ids": {0: torch.export.Dim("T")},
                                                 "topk_weights": {0: torch.export.Dim("T")}}, verbose=False)
-    model = lower(program.model, "ort")
-    assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MoE"]
+    model = lower(program.model, "ort", expert_slices=slices)
+    moe = [n for n in model.graph if n.domain == "com.microsoft"]
+    assert [n.op_type for n in moe] == ["MoE"] and moe[0].attributes["k"].value == top_k * slices
+    assert moe[0].inputs[2].shape == [slices * experts, 2 * inter // slices, hidden]
     ir.save(model, tmp_path / "moe.onnx")
-    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(tmp_path / "moe.onnx"), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {"hidden": x, "ids": ids, "weights": weights})[0]
     want = moe_dispatch_reference(*tensors, torch.from_numpy(w1), torch.from_numpy(w2)).numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def test_expert_slices_must_divide_the_expert_width():
+    from moetrt.export.passes.ort import default_expert_slices
+
+    assert default_expert_slices(512, threads=2) == 2 and default_expert_slices(512, threads=6) == 4
+    assert default_expert_slices(63, threads=2) == 1 and default_expert_slices(2048, threads=64) == 16
 
 
 def test_checkpoint_without_tokenizer_exports(exports):
