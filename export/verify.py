@@ -85,6 +85,8 @@ def verify_engine(
     """Compare an engine with the fp32 torch reference of `checkpoint_dir`."""
     if prompts < 1:
         raise MoetrtError(f"--prompts must be at least 1, got {prompts}")
+    if task_problems < 1:
+        raise MoetrtError(f"--task-problems must be at least 1, got {task_problems}")
     engine = Engine.load(engine_dir)
     reference = load_reference(checkpoint_dir, dtype="float32")
     if reference.config != engine.config:

@@ -16,11 +16,15 @@ _LAZY = {
     "load_config": "moetrt.export.config",
     "export_onnx": "moetrt.export.onnx_export",
     "build_engine": "moetrt.export.engine",
+    "Engine": "moetrt.runtime.engine",  # torch-free
 }
 
 if TYPE_CHECKING:
     from moetrt.export.checkpoint import load_reference
     from moetrt.export.config import load_config
+    from moetrt.export.engine import build_engine
+    from moetrt.export.onnx_export import export_onnx
+    from moetrt.runtime.engine import Engine
 
 __all__ = ["MoetrtError", "__version__", *_LAZY]
 

@@ -82,7 +82,26 @@ def info(
         f"141 GB GPUs      bf16 {summary['gpus_141gb']['bf16']}, fp8 {summary['gpus_141gb']['fp8']} "
         f"(weights + latent cache for {summary['batch']} x {summary['context']} tokens, 90% usable)",
     ]
+    if (source / "manifest.json").is_file():
+        lines += _engine_lines(source)
     typer.echo("\n".join(lines))
+
+
+def _engine_lines(engine_dir: Path) -> list[str]:
+    """What an engine directory adds to `info`: backend, dtype, shape limits, size on disk."""
+    from moetrt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(engine_dir)
+    backend = manifest.data[manifest.backend]
+    capability = backend.get("compute_capability")
+    where = backend.get("provider") or (f"GPU sm{capability[0]}{capability[1]}" if capability else "GPU")
+    profile = manifest.profile
+    size = sum(record["bytes"] for record in manifest.artifacts.values())
+    return [
+        f"engine           {manifest.backend} ({where}), {manifest.dtype}, {_human_bytes(size)} on disk",
+        f"limits           batch {profile['max_batch']}, {profile['max_seq']} tokens per call, "
+        f"{profile['max_context']} cached positions per sequence",
+    ]
 
 
 @app.command()
@@ -182,6 +201,8 @@ def verify(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to compare against (fidelity check)."),
     integrity: bool = typer.Option(False, "--integrity", help="Hash every artifact against the manifest."),
     prompts: int = typer.Option(8, help="Prompts for the fidelity check."),
+    task_problems: int = typer.Option(200, help="Held-out problems for the task accuracy of a checkpoint "
+                                      "trained on a moetrt task (config.json moetrt_task)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference."""
@@ -194,7 +215,7 @@ def verify(
         return
     from moetrt.export.verify import verify_engine
 
-    report = verify_engine(manifest.directory, checkpoint, prompts=prompts)
+    report = verify_engine(manifest.directory, checkpoint, prompts=prompts, task_problems=task_problems)
     typer.echo(json.dumps({**checks, **report.to_dict()}, indent=2) if as_json else report.describe())
     if not report.passed:
         raise typer.Exit(1)

@@ -114,6 +114,7 @@ def test_runtime_imports_no_torch():
     code = (
         "import sys\n"
         "import moetrt.runtime, moetrt.runtime.engine, moetrt.runtime.ort_session\n"
+        "from moetrt import Engine\n"
         "assert 'torch' not in sys.modules, 'import moetrt.runtime pulled in torch'\n"
         "sys.argv = ['moetrt', 'generate', '--help']\n"
         "from moetrt.cli import main\n"
