@@ -9,7 +9,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check bench serve
+.PHONY: install test test-slow typecheck gpu-check bench serve train-tiny build-engine demo
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,24 @@ gpu-check: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m moetrt.bench.run
 
-# The OpenAI-compatible server on 127.0.0.1:8000 for $(ENGINE) (build it first with moetrt build-engine).
-serve: $(STAMP)
+# An engine for $(CHECKPOINT) in $(ENGINE); BACKEND=auto picks TensorRT where it and a GPU are present, else
+# ONNX Runtime. `make build-engine` always rebuilds; the demo rebuilds only when the checkpoint changed.
+build-engine: $(STAMP)
+	$(PY) -m moetrt.cli build-engine $(CHECKPOINT) -o $(ENGINE) --backend $(BACKEND)
+
+$(ENGINE)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINT)/*)
+	$(PY) -m moetrt.cli build-engine $(CHECKPOINT) -o $(ENGINE) --backend $(BACKEND)
+
+# The embedded tiny R1-style model answers an arithmetic question through its engine: thinking, then answer.
+DEMO_PROMPT ?= What is 4827 + 593?
+demo: $(ENGINE)/manifest.json
+	$(PY) -m moetrt.cli generate $(ENGINE) "$(DEMO_PROMPT)" --greedy
+
+# The OpenAI-compatible server on 127.0.0.1:8000 for $(ENGINE) (built first when missing).
+serve: $(ENGINE)/manifest.json
 	$(PY) -m moetrt.cli serve $(ENGINE)
+
+# Retrain the embedded model from its seed (about 20 minutes on 2 CPU cores); the checkpoint is replaced only
+# once complete. Options go in TRAIN_ARGS, e.g. TRAIN_ARGS="--out /tmp/tiny-r1 --seed 1".
+train-tiny: $(STAMP)
+	$(PY) models/train_tiny_r1.py --out $(CHECKPOINT) $(TRAIN_ARGS)

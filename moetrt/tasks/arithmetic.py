@@ -1,9 +1,12 @@
 """Arithmetic problems answered R1-style: generation from a seed, scratchpad targets, answer parsing (torch-free).
 
-A problem is `a + b`, `a - b` (a >= b) or `a * d` (d one digit), operands of 1-5 digits. The thinking works
-digit by digit from the right: a step line does one column (`7+3+0=10`), then a state line carries what is
-left of the operands, the carry and the result digits so far (`482+59 c1 0`), so every token copies from
-the line above or looks up one small table. The answer follows `</think>`.
+A problem is `a + b` or `a - b` (a >= b) with operands of 1-4 digits. The thinking restates the problem with
+both operands zero-padded to 4 digits (`4827+0593`), works one column per line from the right (`7+3+0=10`:
+digit, digit, carry in, two-digit value), and ends with the result's 5 digits (`05420`: final carry, then one
+digit from each step). Every scratchpad of an operator therefore has the same layout, so each token either
+looks up one small table or copies a token at a fixed distance back: the easiest thing for attention with
+rotary positions to learn. (Scratchpads that rewrote the shrinking operands on every line left a tiny model
+copying the wrong digit in about one problem in ten.)
 
 Train and held-out problems are split by a hash of the problem text, so an eval problem is never trained on.
 """
@@ -16,14 +19,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-OPERATORS = ("+", "-", "*")
-MAX_DIGITS = 5
+OPERATORS = ("+", "-")
+MAX_DIGITS = 4
 HELD_OUT_PERCENT = 10  # share of all problems reserved for evaluation
 SPLITS = ("train", "eval")
 ANSWER = re.compile(r"-?\d+")
 THINK_END = "</think>"
-# Room for the longest scratchpad (5-digit operands: about 150 tokens) and the answer line.
-MAX_NEW_TOKENS = 256
+# Room for the longest target (9999 + 9999: 84 tokens with the tiny-r1 tokenizer) and some slack.
+MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,7 @@ class Problem:
 
     @property
     def answer(self) -> int:
-        if self.op == "+":
-            return self.a + self.b
-        if self.op == "-":
-            return self.a - self.b
-        return self.a * self.b
+        return self.a + self.b if self.op == "+" else self.a - self.b
 
     @property
     def question(self) -> str:
@@ -65,8 +64,6 @@ def draw_problem(rng: random.Random) -> Problem:
     """One problem from the full distribution (either split)."""
     op = rng.choice(OPERATORS)
     a = _number(rng, rng.randint(1, MAX_DIGITS))
-    if op == "*":
-        return Problem(a, op, rng.randrange(10))
     b = _number(rng, rng.randint(1, MAX_DIGITS))
     if op == "-" and b > a:
         a, b = b, a
@@ -95,31 +92,26 @@ def draw_problems(count: int, seed: int, split: str) -> list[Problem]:
 
 
 def column(op: str, x: int, y: int, carry: int) -> tuple[str, int, int]:
-    """One column's step line, result digit and outgoing carry. Values are always two digits, so every
-    step line of an operator has the same layout; subtraction borrows ten up front (`12-9-1=02`: borrow 1)."""
+    """One column's step line, result digit and outgoing carry. Values are always two digits, so every step
+    line of an operator has one layout; subtraction borrows ten up front (`12-9-1=02`: borrow 1)."""
     if op == "+":
         value = x + y + carry
         return f"{x}+{y}+{carry}={value:02d}", value % 10, value // 10
-    if op == "-":
-        value = 10 + x - y - carry
-        return f"1{x}-{y}-{carry}={value:02d}", value % 10, 1 - value // 10
-    value = x * y + carry
-    return f"{x}*{y}+{carry}={value:02d}", value % 10, value // 10
+    value = 10 + x - y - carry
+    return f"1{x}-{y}-{carry}={value:02d}", value % 10, 1 - value // 10
 
 
 def thinking(problem: Problem) -> str:
-    """The scratchpad: the problem, then per column a step line and a state line (what is left of the
-    operands, the carry, the result digits so far); the last state line holds the result."""
-    a, b, op = str(problem.a), str(problem.b), problem.op
-    lines = [f"{a}{op}{b}"]
+    """The scratchpad: the zero-padded problem, one step line per column from the right, then the result's
+    digits (final carry first; a subtraction's final borrow is always 0)."""
+    a, b = f"{problem.a:0{MAX_DIGITS}d}", f"{problem.b:0{MAX_DIGITS}d}"
+    lines = [f"{a}{problem.op}{b}"]
     carry, result = 0, ""
-    while a or (b and op != "*") or carry:
-        x = int(a[-1]) if a else 0
-        y = int(b) if op == "*" else int(b[-1]) if b else 0
-        step, digit, carry = column(op, x, y, carry)
-        a, b = a[:-1], b if op == "*" else b[:-1]
+    for x, y in zip(reversed(a), reversed(b)):
+        step, digit, carry = column(problem.op, int(x), int(y), carry)
+        lines.append(step)
         result = f"{digit}{result}"
-        lines += [step, f"{a}{op}{b} c{carry} {result}"]
+    lines.append(f"{carry}{result}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,25 +9,33 @@ from moetrt.tasks import arithmetic
 from moetrt.tasks.arithmetic import Problem, completion, draw_problems, iter_problems, parse_answer, split_of
 
 
-def test_addition_scratchpad_works_column_by_column_with_carries():
+def test_addition_scratchpad_has_one_line_per_padded_column_then_the_result():
     assert completion(Problem(4827, "+", 593)) == (
-        "4827+593\n"
-        "7+3+0=10\n482+59 c1 0\n"
-        "2+9+1=12\n48+5 c1 20\n"
-        "8+5+1=14\n4+ c1 420\n"
-        "4+0+1=05\n+ c0 5420\n"
+        "4827+0593\n"
+        "7+3+0=10\n"
+        "2+9+1=12\n"
+        "8+5+1=14\n"
+        "4+0+1=05\n"
+        "05420\n"
         "</think>\n\n4827 + 593 = 5420"
     )
 
 
+def test_final_carry_leads_the_result():
+    assert arithmetic.thinking(Problem(9999, "+", 1)).splitlines()[-1] == "10000"
+
+
 def test_subtraction_scratchpad_borrows_ten_up_front():
     assert arithmetic.thinking(Problem(100, "-", 99)) == (
-        "100-99\n10-9-0=01\n10-9 c1 1\n10-9-1=00\n1- c1 01\n11-0-1=10\n- c0 001\n"
+        "0100-0099\n10-9-0=01\n10-9-1=00\n11-0-1=10\n10-0-0=10\n00001\n"
     )
 
 
-def test_multiplication_scratchpad_ends_with_the_last_carry():
-    assert arithmetic.thinking(Problem(95, "*", 7)) == "95*7\n5*7+0=35\n9*7 c3 5\n9*7+3=66\n*7 c6 65\n0*7+6=06\n*7 c0 665\n"
+def test_every_scratchpad_of_an_operator_has_one_layout():
+    for problem in draw_problems(500, seed=2, split="train"):
+        lengths = [len(line) for line in arithmetic.thinking(problem).splitlines()]
+        step = 8 if problem.op == "+" else 9
+        assert lengths == [9, step, step, step, step, 5], problem
 
 
 def test_every_target_states_the_right_answer():
@@ -39,7 +47,7 @@ def test_every_target_states_the_right_answer():
 
 @pytest.mark.parametrize(
     "text, answer",
-    [("4+ c0 5\n</think>\n\n1 + 4 = 5", 5), ("x</think>\n\n7 - 9 = -2", -2), ("no thinking end 5", None), ("</think> none", None)],
+    [("00005\n</think>\n\n1 + 4 = 5", 5), ("x</think>\n\n7 - 9 = -2", -2), ("no thinking end 5", None), ("</think> none", None)],
 )
 def test_parse_answer_reads_the_last_number_after_the_thinking(text, answer):
     assert parse_answer(text) == answer
@@ -65,12 +73,11 @@ def test_draws_are_reproducible_and_seeds_differ():
     assert len({p.key for p in draw_problems(500, seed=0, split="eval")}) == 500
 
 
-def test_problems_cover_every_operator_and_subtraction_stays_non_negative():
+def test_problems_cover_both_operators_and_subtraction_stays_non_negative():
     problems = draw_problems(2000, seed=0, split="train")
-    assert {p.op for p in problems} == set(arithmetic.OPERATORS)
+    assert {p.op for p in problems} == {"+", "-"}
     assert all(p.answer >= 0 for p in problems)
-    assert all(p.b < 10 for p in problems if p.op == "*")
-    assert max(len(str(p.a)) for p in problems) == arithmetic.MAX_DIGITS
+    assert max(len(str(p.a)) for p in problems) == arithmetic.MAX_DIGITS == 4
 
 
 def test_task_modules_import_without_torch():
