@@ -144,10 +144,13 @@ class RowState:
         self.forced: list[int] = []
         self.finish_reason: str | None = None
 
-    def choose(self, logits: np.ndarray) -> int:
-        """The next token from this row's logits `[vocab]`."""
+    def choose(self, logits: np.ndarray, greedy_pick: int | None = None) -> int:
+        """The next token from this row's logits `[vocab]`; `greedy_pick` is the batch's argmax for this row,
+        computed once for all rows when sampling is plain greedy."""
         if self.forced:
             return self.forced.pop(0)
+        if greedy_pick is not None:
+            return greedy_pick
         sampling = self.options.sampling
         seen = self.prompt + self.generated if sampling.repetition_penalty != 1.0 else []
         return select_token(logits, sampling, self.rng, np.asarray(seen, dtype=np.int64))
@@ -211,11 +214,13 @@ def generate_stream(
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
     positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
 
+    plain_greedy = options.sampling.greedy and options.sampling.repetition_penalty == 1.0
     for _ in range(options.max_new_tokens):
         tokens = np.zeros(len(rows), dtype=np.int64)
+        picks = logits.argmax(-1).tolist() if plain_greedy else [None] * len(rows)  # one call for the batch
         for i, row in enumerate(rows):
             if row.finish_reason is None:
-                tokens[i] = row.choose(logits[i])
+                tokens[i] = row.choose(logits[i], picks[i])
                 yield row.advance(int(tokens[i]), i)
         active = np.array([r.finish_reason is None for r in rows])
         if not active.any():

@@ -61,6 +61,8 @@ def _expected_distribution(logits, temperature, top_p):
     z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
+    if top_p >= 1.0:  # no nucleus; a float cumsum may end just below 1.0 and must not cut it
+        return p
     order = np.argsort(-p)
     cut = np.argmax(np.cumsum(p[order]) >= top_p) + 1
     nucleus = np.zeros_like(p)
