@@ -3,8 +3,8 @@
 For each model (the embedded tiny-r1 and ds-mini) it builds the ONNX Runtime engine (timing the build and
 the export's peak memory), runs every system in its own process on the same prompts (prefill tokens/s,
 time to first token, decode tokens/s at batch 1 and 8, peak RSS; medians over repeats with min and max),
-measures this machine's copy bandwidth before, beside every system run and after (the roofline uses their median), and writes a markdown table, a JSON file and a
-PNG chart to bench/results/, printing the ratios last.
+measures this machine's copy bandwidth before, beside every system run and after (the roofline uses their
+median), and writes a markdown table, a JSON file and a PNG chart to bench/results/, printing the ratios last.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 SYSTEMS = ("moetrt-ort", "moetrt-torch", "transformers")
 TARGET = 0.70
-BANDWIDTH_SAMPLES: list[float] = []  # copy bandwidth measured through the run; the roofline uses the median
 
 BUILD_SCRIPT = """
 import sys, time
@@ -93,7 +92,8 @@ def roofline(config, distinct_experts: dict[str, float], bandwidth: float, batch
     return batch * bandwidth / step_bytes
 
 
-def bench_model(name: str, model_dir: Path, args: dict, bandwidth: float) -> dict:
+def bench_model(name: str, model_dir: Path, args: dict, bandwidth_samples: list[float]) -> dict:
+    """Build and run every system on one model; appends a copy-bandwidth sample beside each run (it drifts)."""
     config = load_config(model_dir)
     engine_dir = ROOT / "engines" / name
     print(f"[{name}] building the ONNX Runtime engine...", file=sys.stderr)
@@ -101,11 +101,10 @@ def bench_model(name: str, model_dir: Path, args: dict, bandwidth: float) -> dic
     run_args = {**args, "vocab": config.vocab_size}
     for system in SYSTEMS:
         print(f"[{name}] {system}...", file=sys.stderr)
-        BANDWIDTH_SAMPLES.append(copy_bandwidth(args["threads"]))  # it drifts: sample it beside every run
+        bandwidth_samples.append(copy_bandwidth(args["threads"]))
         result["systems"][system] = run_system(system, model_dir, engine_dir, run_args)
     experts = result["systems"]["moetrt-torch"]["distinct_experts"]
     result["distinct_experts"] = experts
-    result["roofline_tps"] = {str(b): roofline(config, experts, bandwidth, b) for b in args["batches"]}
     result["active_bytes_per_token"] = 4 * count_parameters(config).active
     return result
 
@@ -194,19 +193,19 @@ def main(argv: list[str] | None = None) -> None:
             "decode_prompt_len": 16, "batches": [1, 8], "threads": options.threads}
     started = time.perf_counter()
     dirs = model_dirs(options.models.split(","))
-    BANDWIDTH_SAMPLES.append(copy_bandwidth(options.threads))
-    results = [bench_model(name, path, args, BANDWIDTH_SAMPLES[0]) for name, path in dirs.items()]
-    BANDWIDTH_SAMPLES.append(copy_bandwidth(options.threads))
-    bandwidth = statistics.median(BANDWIDTH_SAMPLES)
+    samples = [copy_bandwidth(options.threads)]
+    results = [bench_model(name, path, args, samples) for name, path in dirs.items()]
+    samples.append(copy_bandwidth(options.threads))
+    bandwidth = statistics.median(samples)
     for result in results:  # the roofline from the run's median bandwidth
         config = load_config(dirs[result["model"]])
         result["roofline_tps"] = {str(b): roofline(config, result["distinct_experts"], bandwidth, b)
                                   for b in args["batches"]}
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = table(results, BANDWIDTH_SAMPLES)
+    report = table(results, samples)
     (out / "results.md").write_text(report + "\n\n" + "\n".join(ratios(results)) + "\n")
-    (out / "results.json").write_text(json.dumps({"bandwidth": BANDWIDTH_SAMPLES,
+    (out / "results.json").write_text(json.dumps({"bandwidth": samples,
                                                   "args": args, "results": results}, indent=2))
     chart(results, out / "decode.png")
     print(report)

@@ -24,15 +24,15 @@ def dispatch_nodes(model: ir.Model) -> list[ir.Node]:
 
 def lower(model: ir.Model, target: str, expert_slices: int = 1) -> ir.Model:
     """Lower for `target`; `expert_slices` applies to `ort` (see `ort.py`)."""
+    import functools
+
     from moetrt.export.passes import ort, portable, trt
 
-    passes = {"trt": trt.lower_trt, "ort": ort.lower_ort, "onnx": portable.lower_portable}
+    passes = {"trt": trt.lower_trt, "ort": functools.partial(ort.lower_ort, expert_slices=expert_slices),
+              "onnx": portable.lower_portable}
     if target not in passes:
         raise MoetrtError(f"target {target!r} is not one of {', '.join(passes)}")
-    if target == "ort":
-        ort.lower_ort(model, expert_slices=expert_slices)
-    else:
-        passes[target](model)
+    passes[target](model)
     return model
 
 
