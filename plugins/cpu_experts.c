@@ -151,10 +151,11 @@ static struct {
     const job_t *job;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL};
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned first_generation[MAX_THREADS]; /* the pool's generation when each worker was started */
 
 static void *worker(void *arg) {
     const int index = (int)(intptr_t)arg;
-    unsigned seen = 0;
+    unsigned seen = first_generation[index]; /* not 0: a worker added later must not rerun an old job */
     for (;;) {
         pthread_mutex_lock(&pool.lock);
         while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
@@ -175,6 +176,7 @@ static int ensure_workers(int count) {
     }
     while (pool.workers < count) {
         pthread_t id;
+        first_generation[pool.workers + 1] = pool.generation; /* set before the thread can read it */
         if (pthread_create(&id, NULL, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) return -1;
         pthread_detach(id);
         pool.workers++;

@@ -82,3 +82,17 @@ def test_shapes_the_layout_cannot_hold_are_refused():
     assert "expert width 64 / 16" in supported(96, 64, 16)
     with pytest.raises(MoetrtError, match="cannot run these experts"):
         CpuExperts(np.zeros(1, np.float32), np.zeros(1, np.float32), 1, 20, 8, 1)
+
+
+def test_growing_the_thread_pool_between_calls():
+    """Workers started by a later call must wait for the next job, not rerun the last one (a use-after-return)."""
+    rng = np.random.default_rng(11)
+    kernel, w_gate_up, w_down = make(rng, 8, 32, 64, 8, threads=1)
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(4)]).astype(np.int32)
+    weights = rng.random((4, 2)).astype(np.float32)
+    want = reference(x, ids, weights, w_gate_up, w_down)
+    for threads in (1, 2, 3, 5, 8, 2):
+        kernel.threads = threads
+        for _ in range(3):
+            np.testing.assert_allclose(kernel(x, ids, weights), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
