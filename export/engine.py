@@ -69,6 +69,7 @@ def build_engine(
     portable: bool = False,
     trt_plugin: str = "aot",
     expert_slices: int | None = None,
+    moe_kernel: str = "auto",
 ) -> Path:
     """Build an engine from a checkpoint directory (exported first) or an export directory.
 
@@ -77,6 +78,7 @@ def build_engine(
     build from the standard-ops lowering (no plugin). trt_plugin: the expert-dispatch plugin's form in a TensorRT
     engine, "aot" (no Python at run time) or "jit". expert_slices: for ONNX Runtime on the CPU, sub-experts per
     expert that balance the MoE kernel's threads (default: one per CPU thread; see `export/passes/ort.py`).
+    moe_kernel: for ONNX Runtime, "onnxruntime" (its MoE op), "moetrt" (moetrt's CPU expert kernel) or "auto".
     Returns the engine directory.
     """
     source, engine_dir = Path(source), Path(engine_dir)
@@ -97,10 +99,12 @@ def build_engine(
     with staging_dir(engine_dir) as work:
         if chosen == "ort" and expert_slices is None and ort_provider() != "CPUExecutionProvider":
             expert_slices = 1  # the CUDA kernel has no static thread split to balance
-        export_dir = _export_for(source, work / ".export", chosen, dtype, portable, expert_slices)
+        export_dir = _export_for(source, work / ".export", chosen, dtype, portable, expert_slices, moe_kernel)
         described = json.loads((export_dir / EXPORT_JSON).read_text())
         if chosen == "ort":
             backend_section = {**build_ort(export_dir, work), "expert_slices": described.get("expert_slices", 1)}
+            if backend_section["moe_kernel"] == "moetrt":
+                note(f"experts: moetrt's CPU kernel, the graph cut into {len(backend_section['segments'])} segments")
         else:
             from moetrt.export.trt_build import build_trt
 
@@ -128,7 +132,7 @@ def build_engine(
 
 
 def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, portable: bool,
-                expert_slices: int | None = None) -> Path:
+                expert_slices: int | None = None, moe_kernel: str = "auto") -> Path:
     """The export directory to build from: `source` itself if it is one, else a fresh export of it."""
     if (source / EXPORT_JSON).is_file():
         described = json.loads((source / EXPORT_JSON).read_text())
@@ -146,22 +150,49 @@ def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, po
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
     target = "onnx" if portable else backend
-    return export_onnx(source, scratch, target=target, dtype=dtype or "float32", expert_slices=expert_slices)
+    return export_onnx(source, scratch, target=target, dtype=dtype or "float32", expert_slices=expert_slices,
+                       moe_kernel=moe_kernel)
 
 
 def build_ort(export_dir: Path, work: Path) -> dict:
-    """Optimise the export with ONNX Runtime ahead of time and save the result as the engine's graph."""
-    import onnxruntime as ort
+    """Optimise the export with ONNX Runtime ahead of time and save the result as the engine's graph.
+
+    An export lowered for moetrt's CPU expert kernel is cut into segments around its expert nodes first
+    (export/split.py); each segment is optimised the same way and the packed experts go to `experts.bin`."""
+    from moetrt.export.split import EXPERTS_FILE, has_expert_nodes, split
 
     provider = ort_provider()
+    section = {
+        "package": "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime",
+        "provider": provider,
+        "optimization_level": ORT_OPTIMIZATION,
+        "cpu_arch": hardware.cpu_arch(),
+        "cpu_flags": list(hardware.cpu_flags()),
+        "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
+    }
+    if not has_expert_nodes(export_dir / MODEL_FILE):
+        _optimize(export_dir / MODEL_FILE, work / MODEL_FILE, DATA_FILE, provider)
+        return {"model": MODEL_FILE, "external_data": DATA_FILE, **section, "moe_kernel": "onnxruntime"}
+    paths, described, layers = split(export_dir, MODEL_FILE, DATA_FILE, work)
+    segments = []
+    for path, io in zip(paths, described):
+        _optimize(path, work / path.name, f"{path.name}.data", provider)
+        segments.append({"model": path.name, **io})
+    return {"segments": segments, "experts": {"file": EXPERTS_FILE, "layers": layers}, **section,
+            "moe_kernel": "moetrt"}
+
+
+def _optimize(source: Path, target: Path, data_file: str, provider: str) -> None:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(work / MODEL_FILE)
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     options.log_severity_level = 3
     try:
-        ort.InferenceSession(str(export_dir / MODEL_FILE), options, providers=[provider])
+        ort.InferenceSession(str(source), options, providers=[provider])
     except Exception as error:  # onnxruntime raises its own exception types
         if "NOT_IMPLEMENTED" in str(error):
             raise MoetrtError(
@@ -169,18 +200,7 @@ def build_ort(export_dir: Path, work: Path) -> dict:
                 "build a float32 engine for the CPU"
             ) from None
         raise
-    _keep_used_opsets(work / MODEL_FILE)
-    package = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
-    return {
-        "model": MODEL_FILE,
-        "external_data": DATA_FILE,
-        "package": package,
-        "provider": provider,
-        "optimization_level": ORT_OPTIMIZATION,
-        "cpu_arch": hardware.cpu_arch(),
-        "cpu_flags": list(hardware.cpu_flags()),
-        "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
-    }
+    _keep_used_opsets(target)
 
 
 def _keep_used_opsets(path: Path) -> None:

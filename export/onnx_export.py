@@ -30,7 +30,7 @@ from moetrt.errors import MoetrtError
 from moetrt.export.checkpoint import DTYPES, load_reference
 from moetrt.export.config import ModelConfig
 from moetrt.export.model import DeepseekForCausalLM
-from moetrt.progress import stage
+from moetrt.progress import note, stage
 
 TARGETS = ("trt", "ort", "onnx")
 OPSET = 21
@@ -174,12 +174,15 @@ def export_onnx(
     target: str = "ort",
     dtype: str = "float32",
     expert_slices: int | None = None,
+    moe_kernel: str = "auto",
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
     target: "ort" (ONNX Runtime's com.microsoft::MoE), "trt" (the TensorRT plugin node) or "onnx" (standard
     ops only). expert_slices (ort only): sub-experts per expert that balance the CPU MoE kernel's threads;
-    None picks one per CPU thread (1 for a GPU). The directory is written under a temporary name and renamed
+    None picks one per CPU thread (1 for a GPU). moe_kernel (ort only): "onnxruntime" (its MoE op), "moetrt"
+    (moetrt's CPU expert kernel, plugins/cpu_experts.c) or "auto" (moetrt's for float32 experts of 1 MiB and up
+    on the CPU; see `export/passes/ort.py`). The directory is written under a temporary name and renamed
     when complete; returns it.
     """
     from moetrt.export.passes import lower
@@ -194,24 +197,30 @@ def export_onnx(
             advance(0, "loading checkpoint")
             model = load_reference(checkpoint_dir, dtype=dtype)
             config = model.config
+            kernel, why = "none", ""
             if target != "ort":
                 expert_slices = 1
-            elif expert_slices is None:
-                from moetrt.export.passes.ort import default_expert_slices
+            else:
+                from moetrt.export.engine import ort_provider
+                from moetrt.export.passes.ort import choose_moe_kernel, default_expert_slices
 
-                expert_slices = default_expert_slices(config.moe_intermediate_size)
+                if expert_slices is None:
+                    expert_slices = default_expert_slices(config.moe_intermediate_size)
+                kernel, why = choose_moe_kernel(moe_kernel, config.hidden_size, config.moe_intermediate_size,
+                                                expert_slices, dtype, ort_provider() == "CPUExecutionProvider")
+                note(f"experts: {kernel} ({why})")
             advance(1, "tracing to ONNX")
             graph = trace(model)
             del model  # the graph holds the weights now; lowering can then free what it replaces
             gc.collect()
             advance(1, f"lowering for {target}")
-            lower(graph, target, expert_slices=expert_slices)
+            lower(graph, target, expert_slices=expert_slices, moe_kernel=kernel if target == "ort" else "onnxruntime")
             advance(1, "saving")
             save_model(graph, work / MODEL_FILE)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
         description = export_description(config, target, dtype, checkpoint_dir, work)
-        write_json(work / EXPORT_JSON, {**description, "expert_slices": expert_slices})
+        write_json(work / EXPORT_JSON, {**description, "expert_slices": expert_slices, "moe_kernel": kernel})
     return out_dir
 
 

@@ -97,11 +97,17 @@ def _engine_lines(engine_dir: Path) -> list[str]:
     where = backend.get("provider") or (f"GPU sm{capability[0]}{capability[1]}" if capability else "GPU")
     profile = manifest.profile
     size = sum(record["bytes"] for record in manifest.artifacts.values())
-    return [
+    lines = [
         f"engine           {manifest.backend} ({where}), {manifest.dtype}, {_human_bytes(size)} on disk",
         f"limits           batch {profile['max_batch']}, {profile['max_seq']} tokens per call, "
         f"{profile['max_context']} cached positions per sequence",
     ]
+    if manifest.backend == "ort":
+        kernel = backend.get("moe_kernel", "onnxruntime")
+        detail = (f"moetrt's CPU kernel, {len(backend['segments'])} graph segments" if kernel == "moetrt"
+                  else "onnxruntime's MoE op")
+        lines.append(f"routed experts   {detail}, {backend.get('expert_slices', 1)} slices per expert")
+    return lines
 
 
 @app.command()
@@ -110,13 +116,16 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
     target: str = typer.Option("ort", help="Lowering of the expert dispatch: trt (plugin), ort, onnx (portable)."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    moe_kernel: str = typer.Option("auto", help="ort target: the routed experts in onnxruntime's MoE op, in "
+                                   "moetrt's CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB "
+                                   "on the CPU)."),
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
     """Trace a checkpoint to ONNX with the latent KV cache and one expert-dispatch node per MoE layer."""
     from moetrt.export.onnx_export import export_onnx
 
-    out = export_onnx(checkpoint, output, target=target, dtype=dtype)
+    out = export_onnx(checkpoint, output, target=target, dtype=dtype, moe_kernel=moe_kernel)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
     if check_trt:
         from moetrt.export.trt_check import check_trt_export
@@ -163,6 +172,9 @@ def build_engine_command(
     max_context: int = typer.Option(4096, help="Most cached positions per sequence."),
     portable: bool = typer.Option(False, help="Build from the standard-ops lowering (no plugin)."),
     trt_plugin: str = typer.Option("aot", help="TensorRT expert-dispatch plugin: aot (no Python at run time) or jit."),
+    moe_kernel: str = typer.Option("auto", help="ONNX Runtime engines: the routed experts in onnxruntime's MoE "
+                                   "op (onnxruntime), in moetrt's CPU kernel (moetrt), or auto (moetrt's for "
+                                   "float32 experts >= 1 MiB on the CPU)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
@@ -176,7 +188,7 @@ def build_engine_command(
         return
     start = time.perf_counter()
     engine = build_engine(source, output, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                          max_context=max_context, portable=portable, trt_plugin=trt_plugin)
+                          max_context=max_context, portable=portable, trt_plugin=trt_plugin, moe_kernel=moe_kernel)
     typer.echo(f"built {engine} in {time.perf_counter() - start:.1f}s")
 
 

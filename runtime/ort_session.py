@@ -2,9 +2,19 @@
 
 The caller owns the latent cache: `past` arrays are bound as inputs by pointer and the new rows are
 written by ONNX Runtime straight into caller-provided arrays (slices of the preallocated cache).
+
+Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manifest) are a chain of segments
+cut at the MoE layers' routed experts (export/split.py): each call runs segment 0, the kernel on its outputs,
+segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
+address, so nothing is copied. The segments' sessions stop their threads spinning when a run returns
+(`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need.
 """
 
 from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +24,21 @@ from moetrt.runtime.kv_cache import LatentKVCache
 from moetrt.runtime.manifest import Manifest
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
+
+
+@dataclass
+class Segment:
+    session: ort.InferenceSession
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclass
+class ExpertLayer:
+    kernel: object  # moetrt.plugins.cpu_experts.CpuExperts
+    inputs: list[str]  # hidden [T, H], topk_ids [T, k], topk_weights [T, k]
+    output: str
 
 
 class OrtSession:
@@ -35,8 +60,17 @@ class OrtSession:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         providers = [ort_info["provider"]] + (["CPUExecutionProvider"] if ort_info["provider"] != "CPUExecutionProvider" else [])
-        self._session = ort.InferenceSession(str(manifest.path(ort_info["model"])), options, providers=providers)
         self._device = "cuda" if ort_info["provider"] == "CUDAExecutionProvider" else "cpu"
+        self._segments: list[Segment] = []
+        self._experts: list[ExpertLayer] = []
+        if "segments" in ort_info:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            for segment in ort_info["segments"]:
+                session = ort.InferenceSession(str(manifest.path(segment["model"])), options, providers=providers)
+                self._segments.append(Segment(session, segment["inputs"], segment["outputs"]))
+            self._experts = _load_experts(manifest, ort_info["experts"], self._segments, threads)
+        else:
+            self._session = ort.InferenceSession(str(manifest.path(ort_info["model"])), options, providers=providers)
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
@@ -54,6 +88,8 @@ class OrtSession:
         past per layer `[P, B, D]` (C-contiguous). New rows go into `new_rows` (`[S, B, D]` each) when given.
         Returns logits `[B, N, vocab]` and the new rows.
         """
+        if self._segments:
+            return self._run_segments(input_ids, position_ids, attention_mask, logit_positions, past, new_rows)
         binding = self._session.io_binding()
         for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
                             ("attention_mask", attention_mask), ("logit_positions", logit_positions)):
@@ -72,3 +108,65 @@ class OrtSession:
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         return logits, (new_rows if new_rows is not None else [value.numpy() for value in outputs[1:]])
+
+    def _run_segments(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows):
+        values: dict[str, np.ndarray | ort.OrtValue] = {
+            name: np.ascontiguousarray(array, dtype=np.int64)
+            for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
+                                ("attention_mask", attention_mask), ("logit_positions", logit_positions))
+        }
+        values.update({f"past_latent.{layer}": array for layer, array in enumerate(past)})
+        into = {f"new_latent.{layer}": out for layer, out in enumerate(new_rows)} if new_rows is not None else {}
+        for index, segment in enumerate(self._segments):
+            binding = segment.session.io_binding()
+            for name in segment.inputs:
+                value = values[name]
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            for name in segment.outputs:
+                if name in into:
+                    out = into[name]
+                    binding.bind_output(name, "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
+                else:
+                    binding.bind_output(name, self._device)
+            segment.session.run_with_iobinding(binding)
+            values.update(zip(segment.outputs, binding.get_outputs()))
+            if index < len(self._experts):
+                layer = self._experts[index]
+                hidden, ids, weights = (values[name] for name in layer.inputs)
+                tokens, top_k = ids.shape()
+                out = np.empty(hidden.shape(), np.float32)
+                layer.kernel.run_pointers(hidden.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.ctypes.data,
+                                          tokens, top_k)
+                values[layer.output] = out
+        logits = values["logits"].numpy()
+        if new_rows is not None:
+            return logits, new_rows
+        return logits, [values[f"new_latent.{layer}"].numpy() for layer in range(self.num_layers)]
+
+
+def _load_experts(manifest: Manifest, experts: dict, segments: list[Segment], threads: int | None) -> list[ExpertLayer]:
+    """Map experts.bin read-only (shared between processes through the page cache) and fault it in now, so
+    the first calls do not pay for it; one kernel per MoE layer."""
+    from moetrt.plugins.cpu_experts import CpuExperts
+
+    with open(manifest.path(experts["file"]), "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_WILLNEED)
+    floats = np.frombuffer(mapped, dtype=np.float32)
+    floats[:: mmap.PAGESIZE // 4].sum()  # touch every page
+    layers = []
+    for index, layer in enumerate(experts["layers"]):
+        produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}
+        for name, wanted in zip(layer["inputs"], KERNEL_INPUT_TYPES):
+            if produced.get(name) != wanted:
+                raise MoetrtError(f"engine segment {index} gives {name} as {produced.get(name)}, the expert kernel "
+                                  f"takes {wanted}; rebuild the engine")
+        gate_up, down = (floats[layer[key]["offset"] // 4:][: layer[key]["count"]] for key in ("gate_up", "down"))
+        kernel = CpuExperts(gate_up, down, layer["num_experts"], layer["hidden_size"], layer["intermediate_size"],
+                            layer["slices"], threads or os.cpu_count())
+        layers.append(ExpertLayer(kernel, layer["inputs"], layer["output"]))
+    return layers

@@ -22,13 +22,14 @@ def dispatch_nodes(model: ir.Model) -> list[ir.Node]:
     return nodes
 
 
-def lower(model: ir.Model, target: str, expert_slices: int = 1) -> ir.Model:
-    """Lower for `target`; `expert_slices` applies to `ort` (see `ort.py`)."""
+def lower(model: ir.Model, target: str, expert_slices: int = 1, moe_kernel: str = "onnxruntime") -> ir.Model:
+    """Lower for `target`; `expert_slices` and `moe_kernel` apply to `ort` (see `ort.py`)."""
     import functools
 
     from moetrt.export.passes import ort, portable, trt
 
-    passes = {"trt": trt.lower_trt, "ort": functools.partial(ort.lower_ort, expert_slices=expert_slices),
+    passes = {"trt": trt.lower_trt, "ort": functools.partial(ort.lower_ort, expert_slices=expert_slices,
+                                                       moe_kernel=moe_kernel),
               "onnx": portable.lower_portable}
     if target not in passes:
         raise MoetrtError(f"target {target!r} is not one of {', '.join(passes)}")

@@ -13,6 +13,11 @@ into S sub-experts (SwiGLU is per channel and the down projection sums over chan
 the expert), laid out slice-major: `[S * E]`, slice s of every expert in the s-th range. The router columns
 are repeated S times and k becomes S*k, so with S threads each thread does exactly one slice of every chosen
 expert. The weights are only rearranged, not copied.
+
+`moe_kernel="moetrt"` lowers each dispatch node to `moetrt.cpu::Experts` instead: moetrt's own CPU kernel
+(plugins/cpu_experts.c), which reads each chosen expert once for all its rows from a packed layout. ONNX
+Runtime cannot run that node; the engine build cuts the graph at these nodes (export/split.py) and the runtime
+calls the kernel between the pieces.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from moetrt.errors import MoetrtError
 from moetrt.export.passes import replace_node, add_initializer, constant, dispatch_nodes, drop_unused_initializer
 
 MS_DOMAIN = "com.microsoft"
+EXPERTS_DOMAIN, EXPERTS_OP = "moetrt.cpu", "Experts"
+MOE_KERNELS = ("onnxruntime", "moetrt")
+# Below this many bytes per expert the kernel's extra calls (one more ONNX Runtime run per MoE layer, ~20 us)
+# cost more than its streaming gains: tiny-r1's experts are 74 KB, ds-mini's 6 MB, DeepSeek-V3's 176 MB in fp32.
+KERNEL_MIN_EXPERT_BYTES = 1 << 20
 
 
 def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
@@ -51,7 +61,30 @@ def default_expert_slices(intermediate: int, threads: int | None = None) -> int:
     return max(s for s in range(1, threads + 1) if intermediate % s == 0)
 
 
-def lower_ort(model: ir.Model, expert_slices: int = 1) -> None:
+def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool) -> tuple[str, str]:
+    """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime"."""
+    from moetrt.plugins.cpu_experts import supported
+
+    if requested not in ("auto", *MOE_KERNELS):
+        raise MoetrtError(f"--moe-kernel must be auto, {' or '.join(MOE_KERNELS)}, got {requested!r}")
+    unfit = ("it runs on the CPU only" if not cpu else "it computes in float32" if dtype != "float32"
+             else supported(hidden, inter, slices))
+    if requested == "moetrt":
+        if unfit:
+            raise MoetrtError(f"--moe-kernel moetrt cannot be used here: {unfit}; use --moe-kernel onnxruntime")
+        return "moetrt", "requested"
+    if requested == "onnxruntime":
+        return "onnxruntime", "requested"
+    if unfit:
+        return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
+    if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
+        return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
+    return "moetrt", "experts stream once per batch from a packed layout"
+
+
+def lower_ort(model: ir.Model, expert_slices: int = 1, moe_kernel: str = "onnxruntime") -> None:
+    if moe_kernel not in MOE_KERNELS:
+        raise MoetrtError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {moe_kernel!r}")
     for node in dispatch_nodes(model):
         if len(node.inputs) > 5 and node.inputs[5] is not None:
             raise MoetrtError("the ort lowering takes dequantised experts; export fp8 checkpoints dequantised")
@@ -65,6 +98,9 @@ def lower_ort(model: ir.Model, expert_slices: int = 1) -> None:
         if expert_slices < 1 or inter % expert_slices:
             raise MoetrtError(f"expert_slices must divide moe_intermediate_size {inter}, got {expert_slices}")
         fc1_array = interleave_gate_up(w_gate_up.const_value.numpy())
+        if moe_kernel == "moetrt":
+            _lower_to_kernel(model, node, fc1_array, expert_slices)
+            continue
         fc2 = w_down
         if expert_slices > 1:
             fc1_array, fc2_array = slice_experts(fc1_array, w_down.const_value.numpy(), expert_slices)
@@ -103,4 +139,27 @@ def lower_ort(model: ir.Model, expert_slices: int = 1) -> None:
         drop_unused_initializer(model, w_gate_up)
         drop_unused_initializer(model, w_down)
     model.opset_imports.pop("moetrt", None)
-    model.opset_imports[MS_DOMAIN] = 1
+    if moe_kernel == "moetrt":
+        model.opset_imports[EXPERTS_DOMAIN] = 1
+    else:
+        model.opset_imports[MS_DOMAIN] = 1
+
+
+def _lower_to_kernel(model: ir.Model, node: ir.Node, fc1: np.ndarray, slices: int) -> None:
+    """The dispatch node -> `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)`, packed."""
+    from moetrt.plugins.cpu_experts import pack_down, pack_gate_up, supported
+
+    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+    num_experts, hidden_size, inter = w_down.shape[0], w_down.shape[1], w_down.shape[2]
+    reason = supported(hidden_size, inter, slices)
+    if reason:
+        raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
+    gate_up = add_initializer(model, pack_gate_up(fc1, slices), f"{w_gate_up.name}.packed{slices}")
+    down = add_initializer(model, pack_down(w_down.const_value.numpy(), slices), f"{w_down.name}.packed{slices}")
+    tape = Tape()
+    out = tape.op(EXPERTS_OP, [hidden, topk_ids, topk_weights, gate_up, down],
+                  {"num_experts": num_experts, "hidden_size": hidden_size, "intermediate_size": inter,
+                   "slices": slices}, domain=EXPERTS_DOMAIN)
+    replace_node(node, tape.nodes, out)
+    drop_unused_initializer(model, w_gate_up)
+    drop_unused_initializer(model, w_down)

@@ -1,0 +1,145 @@
+"""Cut an `ort` export lowered with `moe_kernel="moetrt"` into ONNX Runtime segments around its expert nodes.
+
+ONNX Runtime cannot run `moetrt.cpu::Experts` (moetrt's CPU expert kernel). The graph is cut at those nodes:
+segment 0 runs from the graph inputs to the first expert node's inputs, segment k from the (k-1)-th expert
+node's output to the k-th's inputs, the last one on to the logits. Every node goes to the earliest segment
+whose values it needs, so a value computed once (rotary tables, the attention mask) is passed on to the
+segments that use it rather than recomputed. Input-less nodes (constants) are copied into each segment that
+uses them. The expert weights, already packed by the lowering, move to one aligned file, `experts.bin`, that
+the runtime maps read-only.
+
+The segments reference the export's external data file until ONNX Runtime optimises each one into the engine
+with its own data file, as the single-graph engine is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+from moetrt.export.passes.ort import EXPERTS_DOMAIN, EXPERTS_OP
+
+EXPERTS_FILE = "experts.bin"
+ALIGN = 64
+
+
+def has_expert_nodes(model_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(node.domain == EXPERTS_DOMAIN for node in model.graph.node)
+
+
+def split(export_dir: Path, model_file: str, data_file: str, work: Path):
+    """Write `segment{k}.onnx` (referencing `data_file`) into `export_dir` and `experts.bin` into `work`.
+
+    Returns (segment model paths, segment descriptions [{"inputs", "outputs"}], expert layer descriptions)."""
+    import onnx
+
+    model = onnx.load(str(export_dir / model_file), load_external_data=False)
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    value_info = {info.name: info for info in [*graph.input, *graph.output, *graph.value_info]}
+    graph_outputs = [output.name for output in graph.output]
+    for node in graph.node:
+        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
+            raise MoetrtError(f"node {node.name} ({node.op_type}) has a subgraph; the segment split cannot cut it")
+
+    stage: dict[str, int] = {graph_input.name: 0 for graph_input in graph.input}
+    free: dict[str, onnx.NodeProto] = {}  # outputs of input-less nodes
+    experts: list[onnx.NodeProto] = []
+    placed: list[tuple[int, onnx.NodeProto]] = []
+    for node in graph.node:
+        if node.domain == EXPERTS_DOMAIN and node.op_type == EXPERTS_OP:
+            stage[node.output[0]] = len(experts) + 1
+            experts.append(node)
+            continue
+        inputs = [name for name in node.input if name]
+        if not inputs:
+            free.update({output: node for output in node.output})
+            continue
+        at = max((stage[name] for name in inputs if name not in initializers and name not in free), default=0)
+        placed.append((at, node))
+        stage.update({output: at for output in node.output})
+    if not experts:
+        raise MoetrtError("the export has no moetrt.cpu::Experts nodes to split at")
+
+    segments = len(experts) + 1
+    nodes = [[node for at, node in placed if at == k] for k in range(segments)]
+    consumers: dict[str, set[int]] = {}
+    for at, node in placed:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(at)
+    for k, node in enumerate(experts):
+        for name in node.input[:3]:
+            consumers.setdefault(name, set()).add(k)  # expert node k runs right after segment k
+
+    paths, described = [], []
+    for k in range(segments):
+        produced = [output for node in nodes[k] for output in node.output]
+        produced_set = set(produced)
+        needed_free, inputs, seen = [], [], set()
+        for node in nodes[k]:
+            for name in node.input:
+                if not name or name in seen or name in produced_set or name in initializers:
+                    continue
+                seen.add(name)
+                if name in free:
+                    if free[name] not in needed_free:
+                        needed_free.append(free[name])
+                else:
+                    inputs.append(name)
+        outputs = [name for name in produced if name in graph_outputs
+                   or any(later > k for later in consumers.get(name, ()))
+                   or (k < len(experts) and name in experts[k].input[:3])]
+        outputs = list(dict.fromkeys(outputs))
+        used_initializers = sorted({name for node in nodes[k] for name in node.input if name in initializers})
+        segment_graph = onnx.helper.make_graph(
+            [*needed_free, *nodes[k]], f"{graph.name}.segment{k}",
+            [_info(value_info, name) for name in inputs], [_info(value_info, name) for name in outputs],
+            initializer=[initializers[name] for name in used_initializers],
+        )
+        segment = onnx.helper.make_model(segment_graph, opset_imports=[o for o in model.opset_import
+                                                                       if o.domain != EXPERTS_DOMAIN])
+        segment.ir_version = model.ir_version
+        path = export_dir / f"segment{k}.onnx"
+        onnx.save(segment, str(path))
+        paths.append(path)
+        described.append({"inputs": inputs, "outputs": outputs})
+
+    layers = _write_experts(experts, initializers, export_dir, work / EXPERTS_FILE)
+    return paths, described, layers
+
+
+def _info(value_info: dict, name: str):
+    if name not in value_info or not value_info[name].type.HasField("tensor_type"):
+        raise MoetrtError(f"the export does not record the type of {name}; re-export the checkpoint")
+    return value_info[name]
+
+
+def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[dict]:
+    """Each expert node's packed weights, 64-byte aligned, into one file; their descriptions for the manifest."""
+    from onnx import numpy_helper
+
+    layers, offset = [], 0
+    with open(path, "wb") as out:
+        for node in experts:
+            attributes = {attr.name: attr.i for attr in node.attribute}
+            layer = {"inputs": list(node.input[:3]), "output": node.output[0],
+                     **{name: attributes[name] for name in ("num_experts", "hidden_size", "intermediate_size",
+                                                             "slices")}}
+            for key, name in zip(("gate_up", "down"), node.input[3:5]):
+                array = numpy_helper.to_array(initializers[name], base_dir=str(export_dir))
+                if array.dtype != np.float32:
+                    raise MoetrtError(f"{name}: the moetrt expert kernel takes float32 weights, not {array.dtype}")
+                pad = -offset % ALIGN
+                out.write(b"\0" * pad)
+                offset += pad
+                out.write(np.ascontiguousarray(array).data)
+                layer[key] = {"offset": offset, "count": int(array.size)}
+                offset += array.nbytes
+                del array
+            layers.append(layer)
+    return layers
