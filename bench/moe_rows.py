@@ -1,8 +1,10 @@
-"""ONNX Runtime's CPU MoE op alone at ds-mini's expert shape: time per call as the rows per expert grow.
+"""ONNX Runtime's CPU MoE op and moetrt's CPU expert kernel alone at ds-mini's expert shape, side by side.
 
-`python -m moetrt.bench.moe_rows` prints, for T tokens routed to the same 6 experts and to random ones, the
-time and the expert-weight bytes per second. One row per expert streams at copy bandwidth; two or more rows
-take the packed-GEMM path and cost about twice as much per expert (bench/NOTES.md).
+`python -m moetrt.bench.moe_rows` prints, for T tokens routed to the same 6 experts and to random ones, each
+one's median time per call (calls interleaved) and the expert-weight bytes it streams per second. ONNX
+Runtime's op streams one row per expert near copy bandwidth but takes its packing GEMM path for two or more
+rows, about twice as slow per expert; the kernel reads each expert once from a packed layout for all its rows
+(bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 E, H, I, K = 64, 1024, 512, 6  # ds-mini's routed experts
 
 
-def moe_session(directory: Path, threads: int = 2) -> ort.InferenceSession:
+def weights() -> tuple[np.ndarray, np.ndarray]:
+    """Interleaved gate/up `[E, 2I, H]` and down `[E, H, I]`."""
     rng = np.random.default_rng(0)
-    fc1 = (rng.standard_normal((E, 2 * I, H)) * 0.02).astype(np.float32)
-    fc2 = (rng.standard_normal((E, H, I)) * 0.02).astype(np.float32)
+    return ((rng.standard_normal((E, 2 * I, H)) * 0.02).astype(np.float32),
+            (rng.standard_normal((E, H, I)) * 0.02).astype(np.float32))
+
+
+def moe_session(directory: Path, fc1: np.ndarray, fc2: np.ndarray, threads: int = 2) -> ort.InferenceSession:
     node = helper.make_node("MoE", ["x", "r", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=K,
                             activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                             normalize_routing_weights=1, use_sparse_mixer=0)
@@ -37,29 +43,45 @@ def moe_session(directory: Path, threads: int = 2) -> ort.InferenceSession:
     onnx.save(model, str(directory / "moe.onnx"), save_as_external_data=True, location="moe.data")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # as the runtime sets it for kernel engines: ONNX Runtime's idle threads must not spin on the kernel's cores
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(directory / "moe.onnx"), options, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:
+    from moetrt.plugins.cpu_experts import CpuExperts, pack_down, pack_gate_up
+
     rng = np.random.default_rng(1)
     per_expert = 3 * H * I * 4
+    fc1, fc2 = weights()
+    kernel = CpuExperts(pack_gate_up(fc1, 2), pack_down(fc2, 2), E, H, I, slices=2, threads=2)
     with tempfile.TemporaryDirectory() as tmp:
-        session = moe_session(Path(tmp))
+        session = moe_session(Path(tmp), fc1, fc2)
         for same in (True, False):
             for tokens in (1, 2, 4, 8):
                 x = rng.standard_normal((tokens, H)).astype(np.float32)
+                ids = np.stack([np.arange(K) * 10 if same else rng.choice(E, K, replace=False)
+                                for _ in range(tokens)]).astype(np.int32)
+                w = rng.random((tokens, K)).astype(np.float32)
                 router = np.full((tokens, E), -np.inf, np.float32)
                 for t in range(tokens):
-                    router[t, np.arange(K) * 10 if same else rng.choice(E, K, replace=False)] = 0.0
-                experts = int(np.isfinite(router).any(0).sum())
-                for _ in range(3):
-                    session.run(None, {"x": x, "r": router})
-                start, calls = time.perf_counter(), 20
-                for _ in range(calls):
-                    session.run(None, {"x": x, "r": router})
-                seconds = (time.perf_counter() - start) / calls
-                print(f"{'same' if same else 'random'} experts, T={tokens}: {experts} experts, {seconds * 1e3:.2f} ms, "
-                      f"{experts * per_expert / seconds / 1e9:.1f} GB/s of expert weights")
+                    router[t, ids[t]] = np.log(w[t])
+                calls = {"onnxruntime": lambda: session.run(None, {"x": x, "r": router}),
+                         "moetrt": lambda: kernel(x, ids, w)}
+                times: dict[str, list[float]] = {name: [] for name in calls}
+                for repeat in range(23):
+                    for name, call in calls.items():
+                        start = time.perf_counter()
+                        call()
+                        if repeat >= 3:
+                            times[name].append(time.perf_counter() - start)
+                experts = len(np.unique(ids))
+                line = f"{'same' if same else 'random'} experts, T={tokens}: {experts} experts"
+                for name, seconds in times.items():
+                    median = float(np.median(seconds))
+                    line += f"; {name} {median * 1e3:.2f} ms, {experts * per_expert / median / 1e9:.1f} GB/s"
+                ratio = np.median(times["onnxruntime"]) / np.median(times["moetrt"])
+                print(f"{line}; moetrt {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
