@@ -1,7 +1,7 @@
 """ONNX Runtime's CPU MoE op and moetrt's CPU expert kernel alone at ds-mini's expert shape, side by side.
 
-`python -m moetrt.bench.moe_rows` prints, for T tokens routed to the same 6 experts and to random ones, each
-one's median time per call (calls interleaved) and the expert-weight bytes it streams per second. ONNX
+`python -m moetrt.bench.moe_rows` prints, for T tokens routed to the same 6 experts and to random ones (a new
+draw every call), each one's median time per call (calls interleaved) and the expert-weight bytes it streams per second. ONNX
 Runtime's op streams one row per expert near copy bandwidth but takes its packing GEMM path for two or more
 rows, about twice as slow per expert; the kernel reads each expert once from a packed layout for all its rows
 (bench/NOTES.md).
@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 E, H, I, K = 64, 1024, 512, 6  # ds-mini's routed experts
+CALLS = 40
 
 
 def weights() -> tuple[np.ndarray, np.ndarray]:
@@ -59,30 +60,35 @@ def main() -> None:
         session = moe_session(Path(tmp), fc1, fc2)
         for same in (True, False):
             for tokens in (1, 2, 4, 8):
-                x = rng.standard_normal((tokens, H)).astype(np.float32)
-                ids = np.stack([np.arange(K) * 10 if same else rng.choice(E, K, replace=False)
-                                for _ in range(tokens)]).astype(np.int32)
-                w = rng.random((tokens, K)).astype(np.float32)
-                router = np.full((tokens, E), -np.inf, np.float32)
-                for t in range(tokens):
-                    router[t, ids[t]] = np.log(w[t])
-                calls = {"onnxruntime": lambda: session.run(None, {"x": x, "r": router}),
-                         "moetrt": lambda: kernel(x, ids, w)}
-                times: dict[str, list[float]] = {name: [] for name in calls}
-                for repeat in range(23):
-                    for name, call in calls.items():
+                # a fresh routing for every call, as every layer of every decode step has: repeating one would
+                # leave its experts in the 32 MB cache and overstate both
+                calls = []
+                for _ in range(CALLS):
+                    x = rng.standard_normal((tokens, H)).astype(np.float32)
+                    shared = rng.choice(E, K, replace=False)
+                    ids = np.stack([shared if same else rng.choice(E, K, replace=False)
+                                    for _ in range(tokens)]).astype(np.int32)
+                    w = rng.random((tokens, K)).astype(np.float32)
+                    router = np.full((tokens, E), -np.inf, np.float32)
+                    for t in range(tokens):
+                        router[t, ids[t]] = np.log(w[t])
+                    calls.append((x, ids, w, router))
+                systems = {"onnxruntime": lambda x, ids, w, router: session.run(None, {"x": x, "r": router}),
+                           "moetrt": lambda x, ids, w, router: kernel(x, ids, w)}
+                times: dict[str, list[float]] = {name: [] for name in systems}
+                for index, call in enumerate(calls):
+                    for name, run in systems.items():
                         start = time.perf_counter()
-                        call()
-                        if repeat >= 3:
+                        run(*call)
+                        if index >= 3:
                             times[name].append(time.perf_counter() - start)
-                experts = len(np.unique(ids))
-                line = f"{'same' if same else 'random'} experts, T={tokens}: {experts} experts"
+                experts = float(np.mean([len(np.unique(call[1])) for call in calls]))
+                line = f"{'same' if same else 'random'} experts, T={tokens}: {experts:.1f} experts"
                 for name, seconds in times.items():
                     median = float(np.median(seconds))
                     line += f"; {name} {median * 1e3:.2f} ms, {experts * per_expert / median / 1e9:.1f} GB/s"
                 ratio = np.median(times["onnxruntime"]) / np.median(times["moetrt"])
                 print(f"{line}; moetrt {ratio:.2f}x", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -98,6 +98,7 @@ def bench_model(name: str, model_dir: Path, args: dict, bandwidth_samples: list[
     engine_dir = ROOT / "engines" / name
     print(f"[{name}] building the ONNX Runtime engine...", file=sys.stderr)
     result = {"model": name, **build(model_dir, engine_dir), "systems": {}}
+    result["moe_kernel"] = json.loads((engine_dir / "manifest.json").read_text())["ort"].get("moe_kernel", "onnxruntime")
     run_args = {**args, "vocab": config.vocab_size}
     for system in SYSTEMS:
         print(f"[{name}] {system}...", file=sys.stderr)
@@ -132,7 +133,7 @@ def table(results: list[dict], bandwidth_samples: list[float]) -> str:
                 f"{statistics.median(b8) / roof['8']:.0%} | {data['peak_rss_bytes'] / 1e6:.0f} |"
             )
         lines.append(
-            f"| {result['model']} | engine build | {result['build_seconds']:.1f} s, export peak "
+            f"| {result['model']} | engine build | {result['build_seconds']:.1f} s, experts in {result['moe_kernel']}, export peak "
             f"{result['export_peak_rss_bytes'] / 1e6:.0f} MB | | roofline {roof['1']:.1f} | roofline {roof['8']:.1f} "
             f"(experts/layer {result['distinct_experts']['8']:.1f}) | | | |"
         )
