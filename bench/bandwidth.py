@@ -12,10 +12,27 @@ import time
 import numpy as np
 
 
-def copy_bandwidth(threads: int = 2, size: int = 512 << 20, repeats: int = 7) -> float:
+class CopyProbe:
+    """Buffers kept between samples, so each sample is only the copies (the bench takes one beside every
+    decode repeat)."""
+
+    def __init__(self, threads: int = 2, size: int = 512 << 20):
+        self.threads = threads
+        self.source = np.ones(size // 4, dtype=np.float32)
+        self.target = np.zeros_like(self.source)
+
+    def sample(self, repeats: int = 5) -> float:
+        return copy_bandwidth(self.threads, repeats=repeats, buffers=(self.source, self.target))
+
+
+def copy_bandwidth(threads: int = 2, size: int = 512 << 20, repeats: int = 7,
+                   buffers: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Bytes per second (read + write) of a `threads`-way memory copy."""
-    source = np.ones(size // 4, dtype=np.float32)
-    target = np.zeros_like(source)
+    if buffers is None:
+        source = np.ones(size // 4, dtype=np.float32)
+        target = np.zeros_like(source)
+    else:
+        source, target = buffers
 
     def copy(part: int) -> None:
         span = slice(part * len(source) // threads, (part + 1) * len(source) // threads)

@@ -3,8 +3,9 @@
 For each model (the embedded tiny-r1 and ds-mini) it builds the ONNX Runtime engine (timing the build and
 the export's peak memory), runs every system in its own process on the same prompts (prefill tokens/s,
 time to first token, decode tokens/s at batch 1 and 8, peak RSS; medians over repeats with min and max),
-measures this machine's copy bandwidth before, beside every system run and after (the roofline uses their
-median), and writes a markdown table, a JSON file and a PNG chart to bench/results/, printing the ratios last.
+measures this machine's copy bandwidth right before and after every decode repeat (it swings by 2x within
+seconds on shared machines, so each repeat's rate is held against the bandwidth of its own moment: the roofline
+fractions are medians of per-repeat fractions), and writes a markdown table, a JSON file and a PNG chart to bench/results/, printing the ratios last.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from moetrt.bench.bandwidth import copy_bandwidth
+from moetrt.bench.bandwidth import CopyProbe
 from moetrt.export.config import load_config
 from moetrt.export.info import count_parameters
 
@@ -69,13 +71,26 @@ def build(model_dir: Path, engine_dir: Path) -> dict[str, float]:
     return {"build_seconds": float(seconds), "export_peak_rss_bytes": int(peak)}
 
 
-def run_system(system: str, model_dir: Path, engine_dir: Path, args: dict) -> dict:
-    env = {**os.environ, "MOETRT_QUIET": "1", "OMP_NUM_THREADS": str(args["threads"])}
-    out = subprocess.run([sys.executable, "-m", "moetrt.bench.systems", system, str(model_dir), str(engine_dir),
-                          json.dumps(args)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{system} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_system(system: str, model_dir: Path, engine_dir: Path, args: dict, probe: CopyProbe,
+               samples: list[float]) -> dict:
+    """One system in its own process; it asks for a bandwidth sample ("bandwidth?") around each decode repeat."""
+    env = {**os.environ, "MOETRT_QUIET": "1", "OMP_NUM_THREADS": str(args["threads"]), "MOETRT_BENCH_PAIRED": "1"}
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "moetrt.bench.systems", system, str(model_dir),
+                                    str(engine_dir), json.dumps(args)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        last = ""
+        for line in process.stdout:
+            if line.strip() == "bandwidth?":
+                samples.append(probe.sample())
+                process.stdin.write(f"{samples[-1]}\n")
+                process.stdin.flush()
+            elif line.strip():
+                last = line
+        if process.wait() != 0:
+            errors.seek(0)
+            raise SystemExit(f"{system} failed:\n{errors.read()[-3000:]}")
+    return json.loads(last)
 
 
 def roofline(config, distinct_experts: dict[str, float], bandwidth: float, batch: int) -> float:
@@ -92,8 +107,8 @@ def roofline(config, distinct_experts: dict[str, float], bandwidth: float, batch
     return batch * bandwidth / step_bytes
 
 
-def bench_model(name: str, model_dir: Path, args: dict, bandwidth_samples: list[float]) -> dict:
-    """Build and run every system on one model; appends a copy-bandwidth sample beside each run (it drifts)."""
+def bench_model(name: str, model_dir: Path, args: dict, probe: CopyProbe, bandwidth_samples: list[float]) -> dict:
+    """Build and run every system on one model; appends the copy-bandwidth samples taken around its repeats."""
     config = load_config(model_dir)
     engine_dir = ROOT / "engines" / name
     print(f"[{name}] building the ONNX Runtime engine...", file=sys.stderr)
@@ -102,8 +117,7 @@ def bench_model(name: str, model_dir: Path, args: dict, bandwidth_samples: list[
     run_args = {**args, "vocab": config.vocab_size}
     for system in SYSTEMS:
         print(f"[{name}] {system}...", file=sys.stderr)
-        bandwidth_samples.append(copy_bandwidth(args["threads"]))
-        result["systems"][system] = run_system(system, model_dir, engine_dir, run_args)
+        result["systems"][system] = run_system(system, model_dir, engine_dir, run_args, probe, bandwidth_samples)
     experts = result["systems"]["moetrt-torch"]["distinct_experts"]
     result["distinct_experts"] = experts
     result["active_bytes_per_token"] = 4 * count_parameters(config).active
@@ -117,8 +131,9 @@ def table(results: list[dict], bandwidth_samples: list[float]) -> str:
 
     lines = [
         f"Copy bandwidth {statistics.median(bandwidth_samples) / 1e9:.1f} GB/s (read + write, 2 threads; median of "
-        f"{len(bandwidth_samples)} samples through the run, {min(bandwidth_samples) / 1e9:.1f}–"
-        f"{max(bandwidth_samples) / 1e9:.1f}). Medians over repeats (min–max).",
+        f"{len(bandwidth_samples)} samples, one before and one after every decode repeat, "
+        f"{min(bandwidth_samples) / 1e9:.1f}–{max(bandwidth_samples) / 1e9:.1f}). Medians over repeats (min–max); "
+        "the roofline columns are medians of each repeat's rate over the roofline at its own bandwidth.",
         "",
         "| model | system | prefill tok/s | TTFT ms | decode tok/s b1 | decode tok/s b8 | b1 roofline | b8 roofline | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -129,8 +144,8 @@ def table(results: list[dict], bandwidth_samples: list[float]) -> str:
             b1, b8 = data["decode_tps"]["1"], data["decode_tps"]["8"]
             lines.append(
                 f"| {result['model']} | {system} | {cell(data['prefill_tps'])} | {cell(data['ttft_s'], 1000)} | "
-                f"{cell(b1)} | {cell(b8)} | {statistics.median(b1) / roof['1']:.0%} | "
-                f"{statistics.median(b8) / roof['8']:.0%} | {data['peak_rss_bytes'] / 1e6:.0f} |"
+                f"{cell(b1)} | {cell(b8)} | {statistics.median(data['roofline_fraction']['1']):.0%} | "
+                f"{statistics.median(data['roofline_fraction']['8']):.0%} | {data['peak_rss_bytes'] / 1e6:.0f} |"
             )
         lines.append(
             f"| {result['model']} | engine build | {result['build_seconds']:.1f} s, experts in {result['moe_kernel']}, export peak "
@@ -147,7 +162,7 @@ def ratios(results: list[dict]) -> list[str]:
         torch_ref = result["systems"]["moetrt-torch"]
         for batch in ("1", "8"):
             tps = statistics.median(ours["decode_tps"][batch])
-            fraction = tps / result["roofline_tps"][batch]
+            fraction = statistics.median(ours["roofline_fraction"][batch])
             verdict = "" if result["model"] != "ds-mini" else (" PASS" if fraction >= TARGET else " MISS")
             overhead = statistics.median(ours["runtime_overhead"][batch])
             lines.append(
@@ -194,14 +209,21 @@ def main(argv: list[str] | None = None) -> None:
             "decode_prompt_len": 16, "batches": [1, 8], "threads": options.threads}
     started = time.perf_counter()
     dirs = model_dirs(options.models.split(","))
-    samples = [copy_bandwidth(options.threads)]
-    results = [bench_model(name, path, args, samples) for name, path in dirs.items()]
-    samples.append(copy_bandwidth(options.threads))
+    probe = CopyProbe(options.threads)
+    samples: list[float] = []
+    results = [bench_model(name, path, args, probe, samples) for name, path in dirs.items()]
     bandwidth = statistics.median(samples)
-    for result in results:  # the roofline from the run's median bandwidth
+    for result in results:
         config = load_config(dirs[result["model"]])
+        # the roofline at the run's median bandwidth, for scale; fractions are per repeat at its own bandwidth
         result["roofline_tps"] = {str(b): roofline(config, result["distinct_experts"], bandwidth, b)
                                   for b in args["batches"]}
+        for data in result["systems"].values():
+            data["roofline_fraction"] = {
+                str(b): [rate / roofline(config, result["distinct_experts"], bw, b)
+                         for rate, bw in zip(data["decode_tps"][str(b)], data["decode_bandwidth"][str(b)])]
+                for b in args["batches"]
+            }
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     report = table(results, samples)

@@ -8,10 +8,20 @@ the reference the distinct experts a decode step touches per MoE layer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import numpy as np
+
+
+def parent_bandwidth() -> float | None:
+    """The copy bandwidth now, measured by the parent `make bench` process on request (its buffers do not count
+    in this process's peak memory); None when run on its own."""
+    if os.environ.get("MOETRT_BENCH_PAIRED") != "1":
+        return None
+    print("bandwidth?", flush=True)
+    return float(sys.stdin.readline())
 
 
 def peak_rss() -> int:
@@ -177,15 +187,22 @@ def main() -> None:
         result["ttft_s"].append(timer.ttft())
         result["prefill_tps"].append(args["prefill_len"] / timer.ttft())
     result["runtime_overhead"] = {}
+    result["decode_bandwidth"] = {}
     for batch in args["batches"]:
-        rates, overheads = [], []
+        rates, overheads, bandwidths = [], [], []
         for repeat in range(args["repeats"]):
+            before = parent_bandwidth()
             timer = run(prompts_for(vocab, batch, args["decode_prompt_len"], seed=100 + repeat), args["new_tokens"])
+            after = parent_bandwidth()
             rates.append(timer.decode_rate(batch))
+            if before is not None and after is not None:
+                bandwidths.append((before + after) / 2)
             if hasattr(timer, "backend_seconds"):
                 # share of a decode step spent outside the backend call: sampling, detokenising, cache, binding
                 overheads.append(1 - timer.backend_seconds / (timer.stamps[-1] - timer.stamps[0]))
         result["decode_tps"][str(batch)] = rates
+        if bandwidths:
+            result["decode_bandwidth"][str(batch)] = bandwidths
         if overheads:
             result["runtime_overhead"][str(batch)] = overheads
     if system == "moetrt-torch":

@@ -1,0 +1,25 @@
+"""`make bench` end to end on tiny-r1 at its smallest: every system runs, each decode repeat gets its own pair
+of bandwidth samples, and the table, JSON and chart are written."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_runs_and_pairs_bandwidth_with_each_repeat(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "moetrt.bench.run", "--models", "tiny-r1", "--repeats", "2",
+                             "--new-tokens", "4", "--prefill-len", "16", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    (model,) = data["results"]
+    assert len(data["bandwidth"]) == 3 * 2 * 2 * 2  # systems x batches x repeats x (before, after)
+    for system in ("moetrt-ort", "moetrt-torch", "transformers"):
+        runs = model["systems"][system]
+        for batch in ("1", "8"):
+            assert len(runs["decode_tps"][batch]) == len(runs["decode_bandwidth"][batch]) == 2
+            assert all(0 < fraction < 10 for fraction in runs["roofline_fraction"][batch])
+    table = (tmp_path / "results.md").read_text()
+    assert "| tiny-r1 | moetrt-ort |" in table and "experts in onnxruntime" in table
+    assert (tmp_path / "decode.png").stat().st_size > 0
+    assert "tiny-r1 batch 8: moetrt-ort" in result.stdout
