@@ -146,6 +146,10 @@ def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, po
         if portable and described["target"] != "onnx":
             raise MoetrtError(f"--portable builds from the standard-ops lowering; {source} was exported for target "
                               f"{described['target']} (re-export with --target onnx)")
+        recorded = described.get("moe_kernel", "onnxruntime")
+        if described["target"] == "ort" and moe_kernel not in ("auto", recorded):
+            raise MoetrtError(f"{source} was exported with its experts in {recorded}; --moe-kernel {moe_kernel} "
+                              "needs a re-export (moetrt export --moe-kernel ...)")
         return source
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
@@ -171,28 +175,37 @@ def build_ort(export_dir: Path, work: Path) -> dict:
         "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
     }
     if not has_expert_nodes(export_dir / MODEL_FILE):
-        _optimize(export_dir / MODEL_FILE, work / MODEL_FILE, DATA_FILE, provider)
+        _optimize(str(export_dir / MODEL_FILE), work / MODEL_FILE, DATA_FILE, provider)
         return {"model": MODEL_FILE, "external_data": DATA_FILE, **section, "moe_kernel": "onnxruntime"}
-    paths, described, layers = split(export_dir, MODEL_FILE, DATA_FILE, work)
+    if provider != "CPUExecutionProvider":
+        raise MoetrtError(f"{export_dir} runs its experts in moetrt's CPU kernel, but ONNX Runtime here would use "
+                          f"{provider}; re-export with --moe-kernel onnxruntime")
+    models, described, layers = split(export_dir, MODEL_FILE, work)
     segments = []
-    for path, io in zip(paths, described):
-        _optimize(path, work / path.name, f"{path.name}.data", provider)
-        segments.append({"model": path.name, **io})
+    for index, (model, io) in enumerate(zip(models, described)):
+        name = f"segment{index}.onnx"
+        _optimize(model, work / name, f"{name}.data", provider, external_data_dir=export_dir)
+        segments.append({"model": name, **io})
     return {"segments": segments, "experts": {"file": EXPERTS_FILE, "layers": layers}, **section,
             "moe_kernel": "moetrt"}
 
 
-def _optimize(source: Path, target: Path, data_file: str, provider: str) -> None:
+def _optimize(source: str | bytes, target: Path, data_file: str, provider: str,
+              external_data_dir: Path | None = None) -> None:
+    """ONNX Runtime's offline optimisation of `source` (a path, or a serialized model whose external data is in
+    `external_data_dir`) saved as `target` with its initializers in `data_file` beside it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if external_data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(target)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     options.log_severity_level = 3
     try:
-        ort.InferenceSession(str(source), options, providers=[provider])
+        ort.InferenceSession(source, options, providers=[provider])
     except Exception as error:  # onnxruntime raises its own exception types
         if "NOT_IMPLEMENTED" in str(error):
             raise MoetrtError(

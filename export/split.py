@@ -8,8 +8,9 @@ segments that use it rather than recomputed. Input-less nodes (constants) are co
 uses them. The expert weights, already packed by the lowering, move to one aligned file, `experts.bin`, that
 the runtime maps read-only.
 
-The segments reference the export's external data file until ONNX Runtime optimises each one into the engine
-with its own data file, as the single-graph engine is built.
+The segments are kept in memory and reference the export's external data file, which ONNX Runtime reads
+from the export directory while it optimises each segment into the engine with its own data file, as the
+single-graph engine is built; nothing is written into the export directory.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def has_expert_nodes(model_path: Path) -> bool:
     return any(node.domain == EXPERTS_DOMAIN for node in model.graph.node)
 
 
-def split(export_dir: Path, model_file: str, data_file: str, work: Path):
-    """Write `segment{k}.onnx` (referencing `data_file`) into `export_dir` and `experts.bin` into `work`.
+def split(export_dir: Path, model_file: str, work: Path):
+    """Cut the export into segments and write the packed experts to `work/experts.bin`.
 
-    Returns (segment model paths, segment descriptions [{"inputs", "outputs"}], expert layer descriptions)."""
+    Returns (serialized segment models, whose external data lives in `export_dir`, segment descriptions
+    [{"inputs", "outputs"}], expert layer descriptions for the manifest)."""
     import onnx
 
     model = onnx.load(str(export_dir / model_file), load_external_data=False)
@@ -76,7 +78,7 @@ def split(export_dir: Path, model_file: str, data_file: str, work: Path):
         for name in node.input[:3]:
             consumers.setdefault(name, set()).add(k)  # expert node k runs right after segment k
 
-    paths, described = [], []
+    serialized, described = [], []
     for k in range(segments):
         produced = [output for node in nodes[k] for output in node.output]
         produced_set = set(produced)
@@ -104,13 +106,11 @@ def split(export_dir: Path, model_file: str, data_file: str, work: Path):
         segment = onnx.helper.make_model(segment_graph, opset_imports=[o for o in model.opset_import
                                                                        if o.domain != EXPERTS_DOMAIN])
         segment.ir_version = model.ir_version
-        path = export_dir / f"segment{k}.onnx"
-        onnx.save(segment, str(path))
-        paths.append(path)
+        serialized.append(segment.SerializeToString())
         described.append({"inputs": inputs, "outputs": outputs})
 
     layers = _write_experts(experts, initializers, export_dir, work / EXPERTS_FILE)
-    return paths, described, layers
+    return serialized, described, layers
 
 
 def _info(value_info: dict, name: str):

@@ -81,3 +81,17 @@ def test_cli_refuses_the_kernel_where_it_cannot_run(tmp_path):
     result = moetrt_cli("build-engine", TINY_R1, "-o", tmp_path / "e", "--moe-kernel", "moetrt", "--dtype", "float16")
     assert result.returncode != 0 and "--moe-kernel moetrt cannot be used here: it computes in float32" in result.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_engine_from_an_export_leaves_the_export_as_it_was(tmp_path):
+    export = tmp_path / "export"
+    result = moetrt_cli("export", TINY_R1, "-o", export, "--target", "ort", "--moe-kernel", "moetrt")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((export / "export.json").read_text())["moe_kernel"] == "moetrt"
+    before = sorted(path.name for path in export.iterdir())
+    result = moetrt_cli("build-engine", export, "-o", tmp_path / "engine", "--backend", "ort")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in export.iterdir()) == before
+    assert json.loads((tmp_path / "engine" / "manifest.json").read_text())["ort"]["moe_kernel"] == "moetrt"
+    result = moetrt_cli("build-engine", export, "-o", tmp_path / "other", "--moe-kernel", "onnxruntime")
+    assert result.returncode != 0 and "exported with its experts in moetrt" in result.stderr
