@@ -28,6 +28,8 @@ def test_manifest_describes_segments_and_experts(engine):
         assert layer["gate_up"]["offset"] % 64 == 0 and layer["down"]["offset"] % 64 == 0
     assert (engine / "experts.bin").stat().st_size == 4 * sum(
         layer[key]["count"] for layer in ort["experts"]["layers"] for key in ("gate_up", "down"))
+    info = moetrt_cli("info", engine)
+    assert "routed experts   moetrt's CPU kernel, 4 graph segments" in info.stdout, info.stderr
 
 
 def test_verify_passes(engine):
