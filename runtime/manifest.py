@@ -20,7 +20,9 @@ from moetrt.versions import package_version
 
 MANIFEST = "manifest.json"
 FORMAT = "moetrt-engine"
-FORMAT_VERSION = 1
+# 2: ONNX Runtime engines may be segments around moetrt's CPU expert kernel (`ort.segments`); 1 still loads.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 BACKENDS = ("ort", "trt")
 
 
@@ -87,9 +89,10 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
         raise MoetrtError(f"{path} is not valid JSON ({error}); rebuild the engine") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise MoetrtError(f"{path} is not a moetrt engine manifest")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise MoetrtError(
-            f"{path} has format version {data.get('format_version')}, this moetrt reads {FORMAT_VERSION}: rebuild"
+            f"{path} has format version {data.get('format_version')}, this moetrt reads "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}: rebuild the engine with this moetrt"
         )
     if data.get("backend") not in BACKENDS:
         raise MoetrtError(f"{path}: unknown backend {data.get('backend')!r}")

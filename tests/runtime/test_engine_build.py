@@ -95,7 +95,7 @@ def test_changed_byte_fails_integrity_check(engine_dir, tmp_path):
         (lambda m: m["ort"].update(provider="CUDAExecutionProvider"),
          "engine was optimised for CUDAExecutionProvider, which this onnxruntime does not offer"),
         (lambda m: m["artifacts"]["model.onnx"].update(bytes=1), "engine artifact model.onnx is"),
-        (lambda m: m.update(format_version=99), "has format version 99, this moetrt reads 1: rebuild"),
+        (lambda m: m.update(format_version=99), "has format version 99, this moetrt reads 1 and 2: rebuild"),
     ],
     ids=["onnxruntime-version", "provider", "size", "format"],
 )
