@@ -61,10 +61,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOETRT_CACHE") or Path.home() / ".cache" / "moetrt")
 
 
-def _compiler() -> str:
+def find_compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return name
+    return None
+
+
+def _compiler() -> str:
+    found = find_compiler()
+    if found:
+        return found
     raise MoetrtError(
         "the moetrt CPU expert kernel is compiled on first use and no C compiler was found; install gcc "
         "(Debian: apt-get install gcc), or build the engine with --moe-kernel onnxruntime"

@@ -63,7 +63,7 @@ def default_expert_slices(intermediate: int, threads: int | None = None) -> int:
 
 def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool) -> tuple[str, str]:
     """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime"."""
-    from moetrt.plugins.cpu_experts import supported
+    from moetrt.plugins.cpu_experts import find_compiler, supported
 
     if requested not in ("auto", *MOE_KERNELS):
         raise MoetrtError(f"--moe-kernel must be auto, {' or '.join(MOE_KERNELS)}, got {requested!r}")
@@ -77,6 +77,8 @@ def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtyp
         return "onnxruntime", "requested"
     if unfit:
         return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
+    if find_compiler() is None:  # the kernel is compiled where the engine is loaded
+        return "onnxruntime", "no C compiler here to build moetrt's kernel"
     if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
         return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
     return "moetrt", "experts stream once per batch from a packed layout"

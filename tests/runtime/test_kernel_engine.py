@@ -68,11 +68,15 @@ def test_segments_agree_with_the_single_graph_engine(engine, tmp_path):
     assert np.abs(logits[0] - logits[1]).max() <= 1e-4 + 1e-5 * np.abs(logits[1]).max()
 
 
-def test_kernel_choice():
+def test_kernel_choice(monkeypatch):
     assert choose_moe_kernel("auto", 96, 64, 2, "float32", cpu=True)[0] == "onnxruntime"  # tiny-r1: 74 KB experts
     assert choose_moe_kernel("auto", 1024, 512, 2, "float32", cpu=True)[0] == "moetrt"  # ds-mini: 6 MB
     assert choose_moe_kernel("auto", 1024, 512, 2, "float16", cpu=True)[0] == "onnxruntime"
     assert choose_moe_kernel("auto", 1024, 512, 2, "float32", cpu=False)[0] == "onnxruntime"
+    monkeypatch.setenv("PATH", "")  # no C compiler: auto falls back, the engine must load where it is built
+    monkeypatch.delenv("CC", raising=False)
+    assert choose_moe_kernel("auto", 1024, 512, 2, "float32", cpu=True) == (
+        "onnxruntime", "no C compiler here to build moetrt's kernel")
     with pytest.raises(MoetrtError, match="computes in float32"):
         choose_moe_kernel("moetrt", 96, 64, 2, "float16", cpu=True)
     with pytest.raises(MoetrtError, match="--moe-kernel must be"):
