@@ -8,22 +8,11 @@ median B/A ratios. Used for the before/after figures in bench/NOTES.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
+from pathlib import Path
 
+from moetrt.bench.run import run_system
 from moetrt.export.config import load_config
-
-
-def measure(engine: str, args: dict) -> dict:
-    env = {**os.environ, "MOETRT_QUIET": "1", "OMP_NUM_THREADS": str(args["threads"])}
-    out = subprocess.run([sys.executable, "-m", "moetrt.bench.systems", "moetrt-ort", engine, engine, json.dumps(args)],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{engine} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios: dict[str, list[float]] = {"prefill": [], "1": [], "8": []}
     for round_ in range(options.rounds):
         order = (options.a, options.b) if round_ % 2 == 0 else (options.b, options.a)
-        got = {engine: measure(engine, args) for engine in order}
+        got = {engine: run_system("moetrt-ort", Path(engine), Path(engine), args) for engine in order}
         a, b = got[options.a], got[options.b]
         line = [f"round {round_ + 1}:"]
         for key, pick in (("prefill", lambda r: r["prefill_tps"]), ("1", lambda r: r["decode_tps"]["1"]),

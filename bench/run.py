@@ -71,17 +71,19 @@ def build(model_dir: Path, engine_dir: Path) -> dict[str, float]:
     return {"build_seconds": float(seconds), "export_peak_rss_bytes": int(peak)}
 
 
-def run_system(system: str, model_dir: Path, engine_dir: Path, args: dict, probe: CopyProbe,
-               samples: list[float]) -> dict:
-    """One system in its own process; it asks for a bandwidth sample ("bandwidth?") around each decode repeat."""
-    env = {**os.environ, "MOETRT_QUIET": "1", "OMP_NUM_THREADS": str(args["threads"]), "MOETRT_BENCH_PAIRED": "1"}
+def run_system(system: str, model_dir: Path, engine_dir: Path, args: dict, probe: CopyProbe | None = None,
+               samples: list[float] | None = None) -> dict:
+    """One system in its own process. With a probe, it asks for a bandwidth sample ("bandwidth?") around each
+    decode repeat, appended to `samples`."""
+    env = {**os.environ, "MOETRT_QUIET": "1", "OMP_NUM_THREADS": str(args["threads"]),
+           "MOETRT_BENCH_PAIRED": "1" if probe else "0"}
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen([sys.executable, "-m", "moetrt.bench.systems", system, str(model_dir),
                                     str(engine_dir), json.dumps(args)], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
         last = ""
         for line in process.stdout:
-            if line.strip() == "bandwidth?":
+            if line.strip() == "bandwidth?" and probe is not None and samples is not None:
                 samples.append(probe.sample())
                 process.stdin.write(f"{samples[-1]}\n")
                 process.stdin.flush()

@@ -102,7 +102,8 @@ def build_engine(
         export_dir = _export_for(source, work / ".export", chosen, dtype, portable, expert_slices, moe_kernel)
         described = json.loads((export_dir / EXPORT_JSON).read_text())
         if chosen == "ort":
-            backend_section = {**build_ort(export_dir, work), "expert_slices": described.get("expert_slices", 1)}
+            backend_section = {**build_ort(export_dir, work, described.get("moe_kernel", "onnxruntime")),
+                               "expert_slices": described.get("expert_slices", 1)}
             if backend_section["moe_kernel"] == "moetrt":
                 note(f"experts: moetrt's CPU kernel, the graph cut into {len(backend_section['segments'])} segments")
         else:
@@ -158,12 +159,12 @@ def _export_for(source: Path, scratch: Path, backend: str, dtype: str | None, po
                        moe_kernel=moe_kernel)
 
 
-def build_ort(export_dir: Path, work: Path) -> dict:
+def build_ort(export_dir: Path, work: Path, moe_kernel: str = "onnxruntime") -> dict:
     """Optimise the export with ONNX Runtime ahead of time and save the result as the engine's graph.
 
-    An export lowered for moetrt's CPU expert kernel is cut into segments around its expert nodes first
+    An export lowered for moetrt's CPU expert kernel (`moe_kernel`, as its export.json records) is cut into segments around its expert nodes first
     (export/split.py); each segment is optimised the same way and the packed experts go to `experts.bin`."""
-    from moetrt.export.split import EXPERTS_FILE, has_expert_nodes, split
+    from moetrt.export.split import EXPERTS_FILE, split
 
     provider = ort_provider()
     section = {
@@ -174,7 +175,7 @@ def build_ort(export_dir: Path, work: Path) -> dict:
         "cpu_flags": list(hardware.cpu_flags()),
         "gpu_compute_capability": _first_gpu_capability() if provider == "CUDAExecutionProvider" else None,
     }
-    if not has_expert_nodes(export_dir / MODEL_FILE):
+    if moe_kernel != "moetrt":
         _optimize(str(export_dir / MODEL_FILE), work / MODEL_FILE, DATA_FILE, provider)
         return {"model": MODEL_FILE, "external_data": DATA_FILE, **section, "moe_kernel": "onnxruntime"}
     if provider != "CPUExecutionProvider":

@@ -26,13 +26,6 @@ EXPERTS_FILE = "experts.bin"
 ALIGN = 64
 
 
-def has_expert_nodes(model_path: Path) -> bool:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    return any(node.domain == EXPERTS_DOMAIN for node in model.graph.node)
-
-
 def split(export_dir: Path, model_file: str, work: Path):
     """Cut the export into segments and write the packed experts to `work/experts.bin`.
 

@@ -23,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
 )
 _verbose = False
+MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
+                   "CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB on the CPU).")
 
 
 @app.callback()
@@ -116,9 +118,7 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
     target: str = typer.Option("ort", help="Lowering of the expert dispatch: trt (plugin), ort, onnx (portable)."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
-    moe_kernel: str = typer.Option("auto", help="ort target: the routed experts in onnxruntime's MoE op, in "
-                                   "moetrt's CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB "
-                                   "on the CPU)."),
+    moe_kernel: str = typer.Option("auto", help=MOE_KERNEL_HELP),
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
@@ -172,9 +172,7 @@ def build_engine_command(
     max_context: int = typer.Option(4096, help="Most cached positions per sequence."),
     portable: bool = typer.Option(False, help="Build from the standard-ops lowering (no plugin)."),
     trt_plugin: str = typer.Option("aot", help="TensorRT expert-dispatch plugin: aot (no Python at run time) or jit."),
-    moe_kernel: str = typer.Option("auto", help="ONNX Runtime engines: the routed experts in onnxruntime's MoE "
-                                   "op (onnxruntime), in moetrt's CPU kernel (moetrt), or auto (moetrt's for "
-                                   "float32 experts >= 1 MiB on the CPU)."),
+    moe_kernel: str = typer.Option("auto", help=MOE_KERNEL_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:

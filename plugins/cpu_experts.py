@@ -129,14 +129,13 @@ class CpuExperts:
         reason = supported(hidden, inter, slices)
         if reason:
             raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
-        width = inter // slices
         if gate_up.size != num_experts * 2 * inter * hidden or down.size != num_experts * hidden * inter:
             raise MoetrtError("packed expert weights do not match the recorded expert shape; rebuild the engine")
         for array in (gate_up, down):
             if array.dtype != np.float32 or not array.flags.c_contiguous:
                 raise MoetrtError("packed expert weights must be contiguous float32")
         self.gate_up, self.down = gate_up, down
-        self.num_experts, self.hidden, self.inter, self.slices, self.width = num_experts, hidden, inter, slices, width
+        self.num_experts, self.hidden, self.inter, self.slices = num_experts, hidden, inter, slices
         self.threads = max(1, min(threads or os.cpu_count() or 1, slices, 64))
         self._run = library().moetrt_experts
 

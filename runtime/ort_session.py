@@ -13,7 +13,6 @@ address, so nothing is copied. The segments' sessions stop their threads spinnin
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +167,6 @@ def _load_experts(manifest: Manifest, experts: dict, segments: list[Segment], th
                                   f"takes {wanted}; rebuild the engine")
         gate_up, down = (floats[layer[key]["offset"] // 4:][: layer[key]["count"]] for key in ("gate_up", "down"))
         kernel = CpuExperts(gate_up, down, layer["num_experts"], layer["hidden_size"], layer["intermediate_size"],
-                            layer["slices"], threads or os.cpu_count())
+                            layer["slices"], threads)
         layers.append(ExpertLayer(kernel, layer["inputs"], layer["output"]))
     return layers
