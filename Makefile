@@ -41,10 +41,13 @@ typecheck: $(STAMP) $(TRT_PLUGIN_STAMP)
 test-slow: $(STAMP)
 	MOETRT_QUIET=1 $(PY) -m pytest -q -m slow
 
-# The Triton expert dispatch and its AOT PTX on a CUDA GPU: correctness, driver-API launches, timings (a few
-# minutes; exits 1 with one line where there is no GPU). Retune block sizes: $(PY) -m moetrt.plugins.tune_moe
+# Every test marked `gpu` (pytest -m gpu): the Triton routed experts and their AOT PTX against the torch reference,
+# launched as TensorRT launches them, and the TensorRT session's CUDA layer (a few minutes; exits 1 with one line
+# where there is no GPU). Timings against the H200 roofline: $(PY) -m moetrt.bench.gpu_experts (writes
+# bench/results/gpu_experts.md); retune block sizes: $(PY) -m moetrt.bench.tune_moe
 gpu-check: $(STAMP)
-	$(PY) -m moetrt.plugins.gpu_check
+	@$(PY) -m tests.gpu_check
+	MOETRT_QUIET=1 $(PY) -m pytest -q -m gpu
 
 # moetrt against transformers and the copy-bandwidth roofline on tiny-r1 and ds-mini (~4 minutes on 2 cores;
 # the first run also writes the random 3.3 GB ds-mini checkpoint).

@@ -1,1 +1,1 @@
-"""Expert dispatch: the plugin spec, its torch reference, the Triton kernels and the TensorRT registration."""
+"""Routed experts: the plugin spec, its torch reference, the Triton kernels and the TensorRT registration."""

@@ -1,6 +1,6 @@
-"""Ahead-of-time PTX for the dispatch stages, in the form a TensorRT AOT plugin (one kernel each) takes. No tensorrt.
+"""Ahead-of-time PTX for the routed-experts stages, as a TensorRT AOT plugin (one kernel each) takes it. No tensorrt.
 
-`aot_dispatch(shape)` compiles every stage of `moe_launch.plan_dispatch` for sm_90 with `triton.compile` (no GPU
+`aot_launch(shape)` compiles every stage of `moe_launch.plan_launch` for sm_90 with `triton.compile` (no GPU
 needed) and describes its launch: kernel name, PTX, grid, threads per block, dynamic shared memory, and the kernel
 parameters in order with what each binds to. TensorRT passes plugin inputs, then int32 extra args, then plugin
 outputs. Triton appends two pointer parameters to every kernel (global and profile scratch); the kernels must use
@@ -26,11 +26,11 @@ from moetrt.plugins.moe_kernels import KERNELS
 from moetrt.plugins.moe_launch import (
     FP_FUSION,
     Buffer,
-    DispatchConfig,
-    DispatchPlan,
-    DispatchShape,
+    ExpertsShape,
+    LaunchPlan,
     StageLaunch,
-    plan_dispatch,
+    TileConfig,
+    plan_launch,
     triton_signature,
 )
 from moetrt.plugins.trt_stages import StageAttribute
@@ -44,7 +44,7 @@ PTX_TYPES = {"pointer": ".u64", "i32": ".u32"}
 class AotParam:
     """One kernel parameter. kind: 'input' / 'scalar' / 'output' (plugin inputs, extra args, plugin outputs, in
     TensorRT's order) or 'hidden' (Triton's scratch pointers: pass null). role: the buffer's role in the whole
-    dispatch ('input', 'output', 'scratch'), None for scalars and hidden pointers."""
+    plan ('input', 'output', 'scratch'), None for scalars and hidden pointers."""
 
     name: str
     kind: str
@@ -78,31 +78,31 @@ class AotStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class AotDispatch:
+class AotLaunch:
     """The plan (buffer shapes, scratch included) and its compiled stages in launch order."""
 
-    plan: DispatchPlan
+    plan: LaunchPlan
     stages: tuple[AotStage, ...]
 
 
-def aot_dispatch(
-    shape: DispatchShape,
-    config: DispatchConfig | None = None,
+def aot_launch(
+    shape: ExpertsShape,
+    config: TileConfig | None = None,
     *,
     arch: int = 90,
     ptx_version: int | None = None,
     max_shared_bytes: int | None = None,
-) -> AotDispatch:
+) -> AotLaunch:
     """Compile every stage for sm_`arch`. ptx_version caps the PTX ISA (e.g. 87 for a CUDA 12.8 driver); None
     lets Triton pick from its bundled ptxas. max_shared_bytes (e.g. PORTABLE_SHARED_BYTES, for a launcher that
     never raises the 48 KiB default) shrinks pipeline depth and BLOCK_K until each GEMM fits; grids do not change.
     """
-    plan = plan_dispatch(shape, config or select_config(shape))
+    plan = plan_launch(shape, config or select_config(shape))
     stages = tuple(
         compile_stage(plan, stage, arch=arch, ptx_version=ptx_version, max_shared_bytes=max_shared_bytes)
         for stage in plan.stages
     )
-    return AotDispatch(plan, stages)
+    return AotLaunch(plan, stages)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,7 +110,7 @@ def engine_stage(stage: str, attribute: StageAttribute, arch: int, ptx_version: 
     """One stage's kernel for a TensorRT engine, whatever T it runs at: the PTX does not depend on T (grids and int32
     extra args carry it). Capped at 48 KiB of dynamic shared memory, since TensorRT's documentation does not say that
     it raises a kernel's limit (cuFuncSetAttribute) for an AOT plugin; grids do not change under the cap."""
-    plan = plan_dispatch(attribute.shape(1), attribute.config)
+    plan = plan_launch(attribute.shape(1), attribute.config)
     launch = next(candidate for candidate in plan.stages if candidate.name == stage)
     return compile_stage(plan, launch, arch=arch, ptx_version=ptx_version, max_shared_bytes=PORTABLE_SHARED_BYTES)
 
@@ -145,7 +145,7 @@ def jit_function(kernel) -> JITFunction:
     return kernel
 
 
-def compile_launch(plan: DispatchPlan, stage: StageLaunch, arch: int, ptx_version: int | None):
+def compile_launch(plan: LaunchPlan, stage: StageLaunch, arch: int, ptx_version: int | None):
     """triton.compile one stage. Pointers are declared 16-byte aligned, as Triton's JIT finds them on the GPU."""
     fn = jit_function(KERNELS[stage.kernel])
     constexprs = dict(stage.constexprs)
@@ -179,7 +179,7 @@ def check_launch_metadata(stage: StageLaunch, metadata) -> None:
         raise ValueError(f"stage {stage.name} needs {used}: not launchable as a plain AOT kernel")
 
 
-def shrunk_launches(plan: DispatchPlan, stage: StageLaunch, max_shared_bytes: int | None):
+def shrunk_launches(plan: LaunchPlan, stage: StageLaunch, max_shared_bytes: int | None):
     """The stage itself, then (for GEMMs under a shared-memory cap) shallower pipelines and smaller BLOCK_K,
     largest estimated footprint first. Only num_stages and BLOCK_K change, so grids and buffers stay the same."""
     yield stage
@@ -203,7 +203,7 @@ def shrunk_launches(plan: DispatchPlan, stage: StageLaunch, max_shared_bytes: in
             )
 
 
-def describe(plan: DispatchPlan, stage: StageLaunch, compiled) -> AotStage:
+def describe(plan: LaunchPlan, stage: StageLaunch, compiled) -> AotStage:
     metadata = compiled.metadata
     params = [tensor_param(plan, name, "input") for name in stage.inputs]
     params += [AotParam(name, "scalar", PTX_TYPES["i32"], value=value) for name, value in stage.scalars]
@@ -227,7 +227,7 @@ def describe(plan: DispatchPlan, stage: StageLaunch, compiled) -> AotStage:
     return aot
 
 
-def tensor_param(plan: DispatchPlan, name: str, kind: str) -> AotParam:
+def tensor_param(plan: LaunchPlan, name: str, kind: str) -> AotParam:
     return AotParam(name, kind, PTX_TYPES["pointer"], role=plan.buffers[name].role)
 
 
@@ -276,7 +276,7 @@ def stage_summary(stage: AotStage) -> dict:
 
 def main(argv=None) -> int:
     """`python -m moetrt.plugins.aot_kernels --tokens 64 ...`: compile, check and print (or --out: write) the stages."""
-    parser = argparse.ArgumentParser(description="Compile the expert-dispatch stages to PTX and describe them.")
+    parser = argparse.ArgumentParser(description="Compile the routed-experts stages to PTX and describe them.")
     for flag, default in (("tokens", 64), ("hidden", 7168), ("inter", 2048), ("experts", 256), ("top-k", 8)):
         parser.add_argument(f"--{flag}", type=int, default=default)
     parser.add_argument("--dtype", default="bfloat16")
@@ -286,10 +286,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shared-bytes", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write <stage>.ptx files and stages.json here")
     args = parser.parse_args(argv)
-    shape = DispatchShape(
+    shape = ExpertsShape(
         args.tokens, args.hidden, args.inter, args.experts, args.top_k, args.dtype, args.weight_dtype or args.dtype
     )
-    aot = aot_dispatch(shape, arch=args.arch, ptx_version=args.ptx_version, max_shared_bytes=args.max_shared_bytes)
+    aot = aot_launch(shape, arch=args.arch, ptx_version=args.ptx_version, max_shared_bytes=args.max_shared_bytes)
     for stage in aot.stages:
         print(
             f"{stage.name}: {stage.kernel_name} grid {stage.grid} x {stage.block_threads} threads, "

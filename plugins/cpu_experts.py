@@ -1,12 +1,12 @@
 """moetrt's CPU expert kernel (`cpu_experts.c`): packing, compiling on first use, calling.
 
 ONNX Runtime engines built with `moe_kernel="moetrt"` run each MoE layer's routed experts here instead of in
-ONNX Runtime's `com.microsoft::MoE`: the engine's graph is cut at the expert nodes (export/split.py) and the
+ONNX Runtime's `com.microsoft::MoE`: the engine's graph is cut at the expert nodes (export/ort/split.py) and the
 runtime calls this kernel between the pieces. Why, and the measurements: the header of `cpu_experts.c` and
 bench/NOTES.md.
 
 The kernel is C with no dependency beyond libc and pthreads. It is compiled for this machine
-(`-O3 -march=native`) the first time it is needed and cached under `$MOETRT_CACHE` (default
+(`-O3 -march=native`) the first time it is needed and cached under `$MOETRT_CACHE_DIR` (default
 `~/.cache/moetrt`), keyed by its source, the compiler and the CPU's instruction sets.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrt.errors import MoetrtError
+from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
 ABI = 2
@@ -57,10 +58,6 @@ def pack_down(down: np.ndarray, slices: int) -> np.ndarray:
     return np.ascontiguousarray(grouped.transpose(0, 1, 2, 4, 3, 5))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOETRT_CACHE") or Path.home() / ".cache" / "moetrt")
-
-
 def find_compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -81,7 +78,7 @@ def _compiler() -> str:
 @functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernel for this machine, built once into the cache."""
-    from moetrt.runtime import hardware
+    from moetrt import hardware
 
     compiler = _compiler()
     flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread"]
@@ -95,7 +92,7 @@ def library() -> ctypes.CDLL:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise MoetrtError(f"cannot create the kernel cache {path.parent} ({error.strerror}); set MOETRT_CACHE "
+            raise MoetrtError(f"cannot create the kernel cache {path.parent} ({error.strerror}); set MOETRT_CACHE_DIR "
                               "to a writable directory") from None
         fd, partial = tempfile.mkstemp(prefix=".cpu_experts-", suffix=".so", dir=path.parent)
         os.close(fd)

@@ -1,7 +1,7 @@
 """Launch AOT stages' PTX through the CUDA driver API (ctypes on libcuda), the way a TensorRT AOT plugin runs them.
 
-No torch and no cuda-python: the caller hands device pointers as ints and a CUstream handle. Used by gpu_check to
-prove the PTX from plugins/aot_kernels.py on a GPU without TensorRT.
+No torch and no cuda-python: the caller hands device pointers as ints and a CUstream handle. The GPU tests
+(tests/plugins/gpu) and bench/gpu_experts.py run the PTX from plugins/aot_kernels.py with it, without TensorRT.
 """
 
 from __future__ import annotations

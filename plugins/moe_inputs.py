@@ -1,12 +1,13 @@
-"""Random expert-dispatch problems for tests, tuning and benchmarks (seeded, any device)."""
+"""Random routed-experts problems for tests, tuning and benchmarks (seeded, any device), and poisoned buffers."""
 
 from __future__ import annotations
 
 import torch
 
-from moetrt.plugins.moe_launch import DispatchShape
+from moetrt.plugins.moe_launch import Buffer, ExpertsShape
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+POISON_INT = 2**31 - 1
 
 
 def random_routing(
@@ -24,7 +25,7 @@ def random_routing(
     return topk_ids, topk_weights / topk_weights.sum(-1, keepdim=True)
 
 
-def random_weights(shape: DispatchShape, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def random_weights(shape: ExpertsShape, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """w_gate_up `[E, 2I, H]`, w_down `[E, H, I]` scaled by 1/sqrt(fan in), so activations stay O(1)."""
     dtype = DTYPES[shape.weight_dtype]
     E, H, I = shape.num_experts, shape.hidden, shape.inter
@@ -33,7 +34,7 @@ def random_weights(shape: DispatchShape, generator: torch.Generator, device="cpu
     return w_gate_up, w_down
 
 
-def random_problem(shape: DispatchShape, seed: int, device="cpu", *, skew: float = 0.0) -> dict[str, torch.Tensor]:
+def random_problem(shape: ExpertsShape, seed: int, device="cpu", *, skew: float = 0.0) -> dict[str, torch.Tensor]:
     """`{hidden, topk_ids, topk_weights, w_gate_up, w_down}` for `shape` on `device`."""
     generator = torch.Generator().manual_seed(seed)
     topk_ids, topk_weights = random_routing(shape.num_tokens, shape.num_experts, shape.top_k, generator, skew=skew)
@@ -49,3 +50,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     if not torch.isfinite(got).all():
         return float("inf")
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def poisoned(buffer: Buffer, device="cpu") -> torch.Tensor:
+    """A scratch or output buffer filled with NaN (INT32_MAX for ints): rows a kernel forgets to write stay visible.
+    Usable as the allocator of `triton_moe.plan_tensors`."""
+    if buffer.dtype == "int32":
+        return torch.full(buffer.shape, POISON_INT, dtype=torch.int32, device=device)
+    return torch.full(buffer.shape, float("nan"), dtype=DTYPES[buffer.dtype], device=device)

@@ -1,4 +1,4 @@
-"""The four Triton kernels of the expert dispatch (align, gate_up, down, combine); see plugins/moe_launch.py.
+"""The four Triton kernels of the routed experts (align, gate_up, down, combine); see plugins/moe_launch.py.
 
 Each kernel takes its tensor inputs, then int32 scalars, then its tensor outputs (TensorRT's AOT argument order),
 then constexprs. Tensors are contiguous, so strides follow from the constexpr sizes.

@@ -1,8 +1,8 @@
-"""Launch plans for the Triton expert-dispatch kernels: pure functions of shapes, no torch, triton or tensorrt.
+"""Launch plans for the Triton routed-experts kernels: pure functions of shapes, no torch, triton or tensorrt.
 
-The dispatch runs as four single-kernel stages; the JIT path (`triton_moe.run_plan`), the ahead-of-time PTX
+The routed experts run as four single-kernel stages; the JIT path (`triton_moe.run_plan`), the ahead-of-time PTX
 (`aot_kernels`) and the TensorRT lowering (one plugin node per stage, plugins/spec.py's MOE_STAGES) all read the
-same `DispatchPlan`:
+same `LaunchPlan`:
 
     align    topk_ids [T,k]                    -> sorted_slots [P], block_experts [P/BM], num_padded [1]
     gate_up  hidden, w_gate_up, align's outs   -> act [P, I]      silu(x W_gate^T) * (x W_up^T), rows by expert
@@ -34,7 +34,7 @@ TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32
 
 
 @dataclasses.dataclass(frozen=True)
-class DispatchShape:
+class ExpertsShape:
     """What a plan depends on: T tokens, H hidden, I expert intermediate, E experts, k slots per token."""
 
     num_tokens: int
@@ -68,7 +68,7 @@ class DispatchShape:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertDims:
-    """The static dimensions of a dispatch: everything but T, which an engine leaves dynamic."""
+    """The static dimensions of a routed-experts node: everything but T, which an engine leaves dynamic."""
 
     hidden: int
     inter: int
@@ -87,7 +87,7 @@ class GemmTile:
 
 
 @dataclasses.dataclass(frozen=True)
-class DispatchConfig:
+class TileConfig:
     """Block sizes for one shape. block_m (rows per expert block) is shared by align and both GEMMs."""
 
     block_m: int
@@ -99,7 +99,7 @@ class DispatchConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DispatchConfig:
+    def from_dict(cls, data: dict[str, Any]) -> TileConfig:
         return cls(
             block_m=data["block_m"],
             gate_up=GemmTile(**data["gate_up"]),
@@ -110,7 +110,7 @@ class DispatchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Buffer:
-    """A tensor a stage reads or writes. role: 'input' / 'output' of the dispatch node, or 'scratch' between stages."""
+    """A tensor a stage reads or writes. role: 'input' / 'output' of the plugin node, or 'scratch' between stages."""
 
     name: str
     shape: tuple[int, ...]
@@ -149,9 +149,9 @@ class StageLaunch:
 
 
 @dataclasses.dataclass(frozen=True)
-class DispatchPlan:
-    shape: DispatchShape
-    config: DispatchConfig
+class LaunchPlan:
+    shape: ExpertsShape
+    config: TileConfig
     buffers: dict[str, Buffer]
     stages: tuple[StageLaunch, ...]
 
@@ -199,7 +199,7 @@ class StageGeometry(Generic[D]):
 
 
 def stage_geometry(
-    stage: str, tokens: D, dims: ExpertDims, config: DispatchConfig, minimum: Callable[[D, int], D]
+    stage: str, tokens: D, dims: ExpertDims, config: TileConfig, minimum: Callable[[D, int], D]
 ) -> StageGeometry[D]:
     """`stage`'s geometry for `tokens` tokens (an int or a symbolic expression)."""
     slots = tokens * dims.top_k
@@ -226,8 +226,8 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(n)))
 
 
-def buffers(shape: DispatchShape, config: DispatchConfig) -> dict[str, Buffer]:
-    """Every tensor of the dispatch, by name: node inputs, scratch buffers between stages, the output."""
+def buffers(shape: ExpertsShape, config: TileConfig) -> dict[str, Buffer]:
+    """Every tensor of the plan, by name: node inputs, scratch buffers between stages, the output."""
     T, H, I, E, k = shape.num_tokens, shape.hidden, shape.inter, shape.num_experts, shape.top_k
     listing = [
         Buffer("hidden", (T, H), shape.act_dtype, "input"),
@@ -245,9 +245,9 @@ def buffers(shape: DispatchShape, config: DispatchConfig) -> dict[str, Buffer]:
     return {buffer.name: buffer for buffer in listing}
 
 
-def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bool = False) -> DispatchPlan:
+def plan_launch(shape: ExpertsShape, config: TileConfig, *, interpret: bool = False) -> LaunchPlan:
     """The four launches for `shape` with `config`. interpret=True adds the CPU interpreter's bf16 workaround."""
-    return DispatchPlan(
+    return LaunchPlan(
         shape,
         config,
         buffers(shape, config),
@@ -261,8 +261,8 @@ def plan_dispatch(shape: DispatchShape, config: DispatchConfig, *, interpret: bo
 
 
 def launch(
-    shape: DispatchShape,
-    config: DispatchConfig,
+    shape: ExpertsShape,
+    config: TileConfig,
     stage: str,
     scalars: tuple[str, ...],
     num_warps: int,
@@ -286,7 +286,7 @@ def launch(
     )
 
 
-def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
+def align_stage(shape: ExpertsShape, config: TileConfig) -> StageLaunch:
     """One program: counts per expert, padded offsets, then a stable scatter of slots (deterministic)."""
     experts_pow2 = next_pow2(shape.num_experts)
     return launch(
@@ -306,7 +306,7 @@ def align_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
     )
 
 
-def gemm_stage(shape: DispatchShape, config: DispatchConfig, which: str, interpret: bool = False) -> StageLaunch:
+def gemm_stage(shape: ExpertsShape, config: TileConfig, which: str, interpret: bool = False) -> StageLaunch:
     """gate_up (N = I per half, K = H) or down (N = H, K = I): one program per (expert block, N tile)."""
     tile: GemmTile = getattr(config, which)
     return launch(
@@ -332,13 +332,13 @@ def gemm_stage(shape: DispatchShape, config: DispatchConfig, which: str, interpr
     )
 
 
-def combine_stage(shape: DispatchShape, config: DispatchConfig) -> StageLaunch:
+def combine_stage(shape: ExpertsShape, config: TileConfig) -> StageLaunch:
     """One program per (token, H tile): sums its k slots in a fixed order, so no atomics and bitwise repeatable."""
     constexprs = (("HIDDEN", shape.hidden), ("TOP_K", shape.top_k), ("BLOCK_H", combine_block(shape.hidden)))
     return launch(shape, config, "combine", (), num_warps=4, num_stages=1, constexprs=constexprs)
 
 
-def triton_signature(plan: DispatchPlan, stage: StageLaunch) -> dict[str, str]:
+def triton_signature(plan: LaunchPlan, stage: StageLaunch) -> dict[str, str]:
     """`{kernel parameter: type}` for triton.compiler.ASTSource: {'hidden_ptr': '*bf16', 'num_slots': 'i32', ...}."""
     types = {name: "*" + TRITON_TYPES[plan.buffers[name].dtype] for name in (*stage.inputs, *stage.outputs)}
     types.update({name: "i32" for name, _ in stage.scalars})

@@ -1,6 +1,6 @@
-"""The expert-dispatch plugin spec: the single definition of the custom node every backend agrees on.
+"""The routed-experts plugin spec: the single definition of the custom node every backend agrees on.
 
-The ONNX emitter, the lowering passes, the TensorRT registration and the tests all read `MOE_DISPATCH`, and
+The ONNX emitter, the lowering passes, the TensorRT registration and the tests all read `ROUTED_EXPERTS`, and
 `MOE_STAGES`: the four single-kernel nodes the `trt` lowering expands it into, one per ahead-of-time kernel.
 Shapes use T tokens, H hidden, I expert intermediate size, E experts, k active experts per token, P the
 expert-sorted rows padded to blocks, B = P / block_m the blocks.
@@ -47,8 +47,8 @@ class PluginSpec:
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_DTYPES = (*ACTIVATION_DTYPES, "float8e4m3fn")
 
-MOE_DISPATCH = PluginSpec(
-    op_type="MoeDispatch",
+ROUTED_EXPERTS = PluginSpec(
+    op_type="RoutedExperts",
     domain="moetrt",
     version=1,
     inputs=(
@@ -81,13 +81,13 @@ def scale_shape(out_features: int, in_features: int, block_size: tuple[int, int]
     return math.ceil(out_features / block_size[0]), math.ceil(in_features / block_size[1])
 
 
-# The stage nodes carry one string attribute, `dispatch`: the static dimensions, dtypes and block sizes as JSON
+# The stage nodes carry one string attribute, `launch`: the static dimensions, dtypes and block sizes as JSON
 # (plugins/trt_stages.py). One attribute cannot be bound out of order, and it reads whole in a graph viewer.
-DISPATCH_ATTRIBUTE = "dispatch"
+LAUNCH_ATTRIBUTE = "launch"
 
 
 def _stage(op_type: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> PluginSpec:
-    return PluginSpec(op_type, MOE_DISPATCH.domain, MOE_DISPATCH.version, inputs, outputs, {DISPATCH_ATTRIBUTE: ""})
+    return PluginSpec(op_type, ROUTED_EXPERTS.domain, ROUTED_EXPERTS.version, inputs, outputs, {LAUNCH_ATTRIBUTE: ""})
 
 
 def _unquantised(weight: TensorSpec) -> TensorSpec:
@@ -108,7 +108,9 @@ _EXPERT_OUT = TensorSpec("expert_out", ("T*k", "H"), ACTIVATION_DTYPES, doc="w[t
 # shaped [T, k], so every stage's outputs follow from its own inputs' shapes, as TensorRT's shape functions need.
 MOE_STAGES = {
     "align": _stage("MoeAlign", (_IDS,), _ALIGNED),
-    "gate_up": _stage("MoeGateUp", (MOE_DISPATCH.inputs[0], _unquantised(MOE_DISPATCH.inputs[3]), *_ALIGNED), (_ACT,)),
-    "down": _stage("MoeDown", (_ACT, _unquantised(MOE_DISPATCH.inputs[4]), _WEIGHTS, *_ALIGNED), (_EXPERT_OUT,)),
-    "combine": _stage("MoeCombine", (_EXPERT_OUT,), MOE_DISPATCH.outputs),
+    "gate_up": _stage(
+        "MoeGateUp", (ROUTED_EXPERTS.inputs[0], _unquantised(ROUTED_EXPERTS.inputs[3]), *_ALIGNED), (_ACT,)
+    ),
+    "down": _stage("MoeDown", (_ACT, _unquantised(ROUTED_EXPERTS.inputs[4]), _WEIGHTS, *_ALIGNED), (_EXPERT_OUT,)),
+    "combine": _stage("MoeCombine", (_EXPERT_OUT,), ROUTED_EXPERTS.outputs),
 }

@@ -1,6 +1,6 @@
-"""The expert dispatch registered with TensorRT through `tensorrt.plugin`; importing this module registers it.
+"""The routed experts registered with TensorRT through `tensorrt.plugin`; importing this module registers them.
 
-- `moetrt::MoeDispatch`, the spec's node (plugins/spec.py): shape function and a JIT implementation that runs
+- `moetrt::RoutedExperts`, the spec's node (plugins/spec.py): shape function and a JIT implementation that runs
   the four Triton stages on TensorRT's stream (scratch from torch's allocator). No AOT form: that is one kernel.
 - `moetrt::MoeAlign / MoeGateUp / MoeDown / MoeCombine`, the nodes the `trt` lowering expands it into: each has a
   shape function, a JIT implementation (its one Triton launch) and an ahead-of-time implementation returning its
@@ -21,9 +21,9 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from moetrt.plugins.moe_launch import StageGeometry, stage_geometry
-from moetrt.plugins.spec import MOE_DISPATCH, MOE_STAGES, TensorSpec
+from moetrt.plugins.spec import MOE_STAGES, ROUTED_EXPERTS, TensorSpec
 from moetrt.plugins.trt_stages import StageAttribute, tokens_input
-from moetrt.runtime import hardware
+from moetrt import hardware
 
 if TYPE_CHECKING:
     import torch
@@ -42,19 +42,19 @@ if AOT_AVAILABLE:
 
 
 def plugin_id(op_type: str) -> str:
-    return f"{MOE_DISPATCH.domain}::{op_type}"
+    return f"{ROUTED_EXPERTS.domain}::{op_type}"
 
 
 # -- shared by the stage plugins ----------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
-def decode(dispatch: str) -> StageAttribute:
-    return StageAttribute.decode(dispatch)
+def decode(launch: str) -> StageAttribute:
+    return StageAttribute.decode(launch)
 
 
 def spec_dtype(spec: TensorSpec, dtype: str) -> str:
-    """The dtype a stage tensor has: fixed by the spec, else the dispatch's one dtype."""
+    """The dtype a stage tensor has: fixed by the spec, else the node's one dtype."""
     return spec.dtypes[0] if len(spec.dtypes) == 1 else dtype
 
 
@@ -79,10 +79,10 @@ def symbolic_geometry(stage: str, attribute: StageAttribute, first_dim: trtp.Sha
     return stage_geometry(stage, tokens, attribute.dims, attribute.config, trtp.min)
 
 
-def stage_outputs(stage: str, dispatch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> Tuple[trtp.TensorDesc, ...]:
+def stage_outputs(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> Tuple[trtp.TensorDesc, ...]:
     """Shape function of a stage node: checks input dtypes, returns output descriptors."""
     spec = MOE_STAGES[stage]
-    attribute = decode(dispatch)
+    attribute = decode(launch)
     check_inputs(spec.op_type, spec.inputs, tuple(desc.dtype for desc in inputs), attribute.dtype)
     index, _ = tokens_input(stage)
     geometry = symbolic_geometry(stage, attribute, inputs[index].shape_expr[0])
@@ -92,22 +92,22 @@ def stage_outputs(stage: str, dispatch: str, inputs: Tuple[trtp.TensorDesc, ...]
     )
 
 
-def stage_kernel(stage: str, dispatch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> "AotKernel":
+def stage_kernel(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> "AotKernel":
     """AOT implementation of a stage node: its one kernel, launch parameters and int32 extra arguments."""
     from moetrt.plugins.aot_kernels import engine_stage
 
-    attribute = decode(dispatch)
+    attribute = decode(launch)
     compiled = engine_stage(stage, attribute, *build_target())
     index, _ = tokens_input(stage)
     geometry = symbolic_geometry(stage, attribute, inputs[index].shape_expr[0])
     grid_x, grid_y, grid_z = geometry.grid
-    launch = trtp.KernelLaunchParams(
+    launch_params = trtp.KernelLaunchParams(
         grid_x=grid_x, grid_y=grid_y, grid_z=grid_z, block_x=compiled.block_threads, shared_mem=compiled.shared_mem
     )
     extra_args = trtp.SymIntExprs(len(geometry.scalars))
     for position, scalar in enumerate(geometry.scalars):
         extra_args[position] = trtp.SymInt32(scalar)
-    return compiled.kernel_name, compiled.ptx, launch, extra_args
+    return compiled.kernel_name, compiled.ptx, launch_params, extra_args
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,14 +117,14 @@ def build_target() -> Tuple[int, int]:
 
     devices, driver = hardware.cuda_devices(), hardware.cuda_driver_version()
     if not devices or driver is None:
-        raise RuntimeError("compiling the dispatch kernels for a TensorRT engine needs a CUDA GPU and driver")
+        raise RuntimeError("compiling the routed-experts kernels for a TensorRT engine needs a CUDA GPU and driver")
     major, minor = devices[0].compute_capability
     arch = major * 10 + minor
     return arch, ptx_version_for_driver(driver, arch)
 
 
 def launch_stage_jit(
-    stage: str, dispatch: str, inputs: Tuple[trtp.Tensor, ...], outputs: Tuple[trtp.Tensor, ...], stream: int
+    stage: str, launch: str, inputs: Tuple[trtp.Tensor, ...], outputs: Tuple[trtp.Tensor, ...], stream: int
 ) -> None:
     """JIT implementation of a stage node: its one Triton launch, on TensorRT's stream."""
     import torch
@@ -135,7 +135,7 @@ def launch_stage_jit(
     names = (*spec.input_names, *(output.name for output in spec.outputs))
     tensors = {name: torch_view(tensor) for name, tensor in zip(names, (*inputs, *outputs))}
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        triton_moe.run_stage(stage, decode(dispatch), tensors)
+        triton_moe.run_stage(stage, decode(launch), tensors)
 
 
 class _CudaArray:
@@ -157,11 +157,11 @@ def torch_view(tensor: trtp.Tensor) -> "torch.Tensor":
     return view.view(torch.bfloat16) if tensor.dtype == trt.DataType.BF16 else view
 
 
-# -- moetrt::MoeDispatch: the spec's node, JIT ------------------------------------------------------------------
+# -- moetrt::RoutedExperts: the spec's node, JIT ---------------------------------------------------------------
 
 
-@trtp.register(plugin_id(MOE_DISPATCH.op_type))
-def dispatch_shape(
+@trtp.register(plugin_id(ROUTED_EXPERTS.op_type))
+def routed_experts_shape(
     hidden: trtp.TensorDesc,
     topk_ids: trtp.TensorDesc,
     topk_weights: trtp.TensorDesc,
@@ -170,19 +170,18 @@ def dispatch_shape(
     activation: str,
     block_size: npt.NDArray[np.int32],
 ) -> trtp.TensorDesc:
-    if activation != MOE_DISPATCH.attributes["activation"]:
-        raise ValueError(f"{plugin_id(MOE_DISPATCH.op_type)}: activation {activation!r} is not supported")
+    if activation != ROUTED_EXPERTS.attributes["activation"]:
+        raise ValueError(f"{plugin_id(ROUTED_EXPERTS.op_type)}: activation {activation!r} is not supported")
     dtype = DTYPE_NAMES.get(hidden.dtype, str(hidden.dtype))
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"{plugin_id(MOE_DISPATCH.op_type)}: hidden is {dtype}")
-    specs = MOE_DISPATCH.required_inputs
-    check_inputs(MOE_DISPATCH.op_type, specs, (hidden.dtype, topk_ids.dtype, topk_weights.dtype, w_gate_up.dtype,
-                                               w_down.dtype), dtype)
+        raise ValueError(f"{plugin_id(ROUTED_EXPERTS.op_type)}: hidden is {dtype}")
+    dtypes = (hidden.dtype, topk_ids.dtype, topk_weights.dtype, w_gate_up.dtype, w_down.dtype)
+    check_inputs(ROUTED_EXPERTS.op_type, ROUTED_EXPERTS.required_inputs, dtypes, dtype)
     return hidden.like()
 
 
-@trtp.impl(plugin_id(MOE_DISPATCH.op_type))
-def dispatch_jit(
+@trtp.impl(plugin_id(ROUTED_EXPERTS.op_type))
+def routed_experts_jit(
     hidden: trtp.Tensor,
     topk_ids: trtp.Tensor,
     topk_weights: trtp.Tensor,
@@ -199,8 +198,8 @@ def dispatch_jit(
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         if views[0].shape[0] == 0:
             return
-        plan = triton_moe.plan_for(triton_moe.dispatch_shape(views[0], views[1], views[3], views[4]))
-        tensors = triton_moe.dispatch_tensors(plan, dict(zip(triton_moe.INPUTS, views)))
+        plan = triton_moe.plan_for(triton_moe.experts_shape(views[0], views[1], views[3], views[4]))
+        tensors = triton_moe.plan_tensors(plan, dict(zip(triton_moe.INPUTS, views)))
         tensors["output"] = torch_view(outputs[0])
         triton_moe.run_plan(plan, tensors)
 
@@ -212,79 +211,78 @@ ALIGN, GATE_UP, DOWN, COMBINE = (plugin_id(MOE_STAGES[name].op_type) for name in
 
 
 @trtp.register(ALIGN)
-def align_shape(topk_ids: trtp.TensorDesc, dispatch: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-    sorted_slots, block_experts, num_padded = stage_outputs("align", dispatch, (topk_ids,))
+def align_shape(topk_ids: trtp.TensorDesc, launch: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    sorted_slots, block_experts, num_padded = stage_outputs("align", launch, (topk_ids,))
     return sorted_slots, block_experts, num_padded
 
 
 @trtp.impl(ALIGN)
-def align_jit(topk_ids: trtp.Tensor, dispatch: str, outputs: Tuple[trtp.Tensor, trtp.Tensor, trtp.Tensor],
+def align_jit(topk_ids: trtp.Tensor, launch: str, outputs: Tuple[trtp.Tensor, trtp.Tensor, trtp.Tensor],
               stream: int) -> None:
-    launch_stage_jit("align", dispatch, (topk_ids,), outputs, stream)
+    launch_stage_jit("align", launch, (topk_ids,), outputs, stream)
 
 
 @trtp.register(GATE_UP)
 def gate_up_shape(hidden: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_slots: trtp.TensorDesc,
-                  block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, dispatch: str) -> trtp.TensorDesc:
-    (act,) = stage_outputs("gate_up", dispatch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
+                  block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, launch: str) -> trtp.TensorDesc:
+    (act,) = stage_outputs("gate_up", launch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
     return act
 
 
 @trtp.impl(GATE_UP)
 def gate_up_jit(hidden: trtp.Tensor, w_gate_up: trtp.Tensor, sorted_slots: trtp.Tensor, block_experts: trtp.Tensor,
-                num_padded: trtp.Tensor, dispatch: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+                num_padded: trtp.Tensor, launch: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
     inputs = (hidden, w_gate_up, sorted_slots, block_experts, num_padded)
-    launch_stage_jit("gate_up", dispatch, inputs, outputs, stream)
+    launch_stage_jit("gate_up", launch, inputs, outputs, stream)
 
 
 @trtp.register(DOWN)
 def down_shape(act: trtp.TensorDesc, w_down: trtp.TensorDesc, topk_weights: trtp.TensorDesc,
                sorted_slots: trtp.TensorDesc, block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc,
-               dispatch: str) -> trtp.TensorDesc:
-    (expert_out,) = stage_outputs("down", dispatch, (act, w_down, topk_weights, sorted_slots, block_experts,
-                                                     num_padded))
+               launch: str) -> trtp.TensorDesc:
+    (expert_out,) = stage_outputs("down", launch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded))
     return expert_out
 
 
 @trtp.impl(DOWN)
 def down_jit(act: trtp.Tensor, w_down: trtp.Tensor, topk_weights: trtp.Tensor, sorted_slots: trtp.Tensor,
-             block_experts: trtp.Tensor, num_padded: trtp.Tensor, dispatch: str, outputs: Tuple[trtp.Tensor],
+             block_experts: trtp.Tensor, num_padded: trtp.Tensor, launch: str, outputs: Tuple[trtp.Tensor],
              stream: int) -> None:
     inputs = (act, w_down, topk_weights, sorted_slots, block_experts, num_padded)
-    launch_stage_jit("down", dispatch, inputs, outputs, stream)
+    launch_stage_jit("down", launch, inputs, outputs, stream)
 
 
 @trtp.register(COMBINE)
-def combine_shape(expert_out: trtp.TensorDesc, dispatch: str) -> trtp.TensorDesc:
-    (output,) = stage_outputs("combine", dispatch, (expert_out,))
+def combine_shape(expert_out: trtp.TensorDesc, launch: str) -> trtp.TensorDesc:
+    (output,) = stage_outputs("combine", launch, (expert_out,))
     return output
 
 
 @trtp.impl(COMBINE)
-def combine_jit(expert_out: trtp.Tensor, dispatch: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-    launch_stage_jit("combine", dispatch, (expert_out,), outputs, stream)
+def combine_jit(expert_out: trtp.Tensor, launch: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    launch_stage_jit("combine", launch, (expert_out,), outputs, stream)
 
 
 if AOT_AVAILABLE:
 
     @trtp.aot_impl(ALIGN)
-    def align_aot(topk_ids: trtp.TensorDesc, dispatch: str,
+    def align_aot(topk_ids: trtp.TensorDesc, launch: str,
                   outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("align", dispatch, (topk_ids,))
+        return stage_kernel("align", launch, (topk_ids,))
 
     @trtp.aot_impl(GATE_UP)
     def gate_up_aot(hidden: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_slots: trtp.TensorDesc,
-                    block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, dispatch: str,
+                    block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, launch: str,
                     outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("gate_up", dispatch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
+        return stage_kernel("gate_up", launch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
 
     @trtp.aot_impl(DOWN)
     def down_aot(act: trtp.TensorDesc, w_down: trtp.TensorDesc, topk_weights: trtp.TensorDesc,
                  sorted_slots: trtp.TensorDesc, block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc,
-                 dispatch: str, outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("down", dispatch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded))
+                 launch: str, outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
+        return stage_kernel("down", launch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded))
 
     @trtp.aot_impl(COMBINE)
-    def combine_aot(expert_out: trtp.TensorDesc, dispatch: str, outputs: Tuple[trtp.TensorDesc],
+    def combine_aot(expert_out: trtp.TensorDesc, launch: str, outputs: Tuple[trtp.TensorDesc],
                     tactic: int) -> AotKernel:
-        return stage_kernel("combine", dispatch, (expert_out,))
+        return stage_kernel("combine", launch, (expert_out,))

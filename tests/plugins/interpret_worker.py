@@ -1,8 +1,8 @@
-"""Runs Triton dispatch cases under TRITON_INTERPRET=1 in its own process (triton reads the flag at import).
+"""Runs Triton routed-experts cases under TRITON_INTERPRET=1 in its own process (triton reads the flag at import).
 
-stdin: a JSON list of cases `{id, shape: DispatchShape fields, config: DispatchConfig dict | null, seed, skew,
-public: run through moetrt.plugins.moe_dispatch.moe_dispatch_triton instead of stage by stage}`;
-stdout: a JSON object `{id: {"error": relative error vs the reference, "problems": [what was wrong]}}`.
+stdin: a JSON list of cases `{id, shape: ExpertsShape fields, config: TileConfig dict | null, seed, skew, form}`, where
+`form` says how the case runs (FORMS below; "stages" when absent); stdout: a JSON object
+`{id: {"error": relative error vs the reference, "problems": [what was wrong]}}`.
 Scratch and output buffers start poisoned (NaN, or INT32_MAX for ints), so unwritten rows show up.
 """
 
@@ -16,16 +16,11 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 
 from moetrt.plugins import triton_moe  # noqa: E402
-from moetrt.plugins.moe_dispatch import moe_dispatch_reference, moe_dispatch_triton  # noqa: E402
-from moetrt.plugins.moe_inputs import random_problem, relative_error  # noqa: E402
-from moetrt.plugins.moe_launch import DispatchConfig, DispatchShape  # noqa: E402
-
-POISON_INT = 2**31 - 1
-
-
-def poisoned(buffer, device):
-    tensor = triton_moe.empty_buffer(buffer, device)
-    return tensor.fill_(POISON_INT if buffer.dtype == "int32" else float("nan"))
+from moetrt.plugins.moe_inputs import poisoned, random_problem, relative_error  # noqa: E402
+from moetrt.plugins.moe_launch import ExpertsShape, TileConfig  # noqa: E402
+from moetrt.plugins.routed_experts import routed_experts_reference, routed_experts_triton  # noqa: E402
+from moetrt.plugins.trt_stages import StageAttribute  # noqa: E402
+from tests.plugins.poisoned_runs import run_poisoned, run_stage_nodes  # noqa: E402
 
 
 def expected_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int, capacity: int):
@@ -69,15 +64,10 @@ def scratch_problems(tensors) -> list[str]:
     return problems
 
 
-def run_case(case: dict) -> dict:
-    shape = DispatchShape(**case["shape"])
-    config = DispatchConfig.from_dict(case["config"]) if case["config"] else None
-    problem = random_problem(shape, case["seed"], skew=case["skew"])
-    want = moe_dispatch_reference(**problem)
-    if case.get("public"):  # the entry point users import, with its own buffers
-        return {"error": relative_error(moe_dispatch_triton(**problem, config=config), want), "problems": []}
+def run_stages(shape, config, problem, want) -> dict:
+    """Stage by stage, checking the alignment before the GEMMs read it, then every row the stages must write."""
     plan = triton_moe.plan_for(shape, config)
-    tensors = triton_moe.dispatch_tensors(plan, problem, allocate=poisoned)
+    tensors = triton_moe.plan_tensors(plan, problem, allocate=poisoned)
     triton_moe.launch_stage(plan, 0, tensors)
     problems = alignment_problems(plan, tensors)
     if problems:  # the GEMMs would read garbage offsets: stop here
@@ -85,6 +75,37 @@ def run_case(case: dict) -> dict:
     for index in range(1, len(plan.stages)):
         triton_moe.launch_stage(plan, index, tensors)
     return {"error": relative_error(tensors["output"], want), "problems": scratch_problems(tensors)}
+
+
+def run_public(shape, config, problem, want) -> dict:
+    """The entry point users import, with its own buffers."""
+    return {"error": relative_error(routed_experts_triton(**problem, config=config), want), "problems": []}
+
+
+def run_twice(shape, config, problem, want) -> dict:
+    """The whole plan twice from poisoned buffers: every expert_out row written, the outputs bitwise equal."""
+    plan = triton_moe.plan_for(shape, config)
+    first, second = run_poisoned(plan, problem), run_poisoned(plan, problem)
+    problems = [] if torch.isfinite(first["expert_out"].float()).all() else ["expert_out rows left unwritten"]
+    if not torch.equal(first["output"], second["output"]):
+        problems.append("two runs differ")
+    return {"error": relative_error(first["output"], want), "problems": problems}
+
+
+def run_nodes(shape, config, problem, want) -> dict:
+    """The four stage nodes in their JIT form, as a TensorRT engine chains them."""
+    got = run_stage_nodes(StageAttribute(shape.dims, shape.act_dtype, config), problem)
+    return {"error": relative_error(got, want), "problems": []}
+
+
+FORMS = {"stages": run_stages, "public": run_public, "twice": run_twice, "stage_nodes": run_nodes}
+
+
+def run_case(case: dict) -> dict:
+    shape = ExpertsShape(**case["shape"])
+    config = TileConfig.from_dict(case["config"]) if case["config"] else None
+    problem = random_problem(shape, case["seed"], skew=case["skew"])
+    return FORMS[case.get("form", "stages")](shape, config, problem, routed_experts_reference(**problem))
 
 
 def main() -> None:

@@ -9,18 +9,18 @@ import pytest
 from moetrt.plugins.aot_kernels import (
     HIDDEN_POINTERS,
     PORTABLE_SHARED_BYTES,
-    aot_dispatch,
+    aot_launch,
     entry_param_problems,
     main,
     ptx_entry,
 )
-from moetrt.plugins.moe_launch import DispatchShape
+from moetrt.plugins.moe_launch import ExpertsShape
 
 V3 = dict(hidden=7168, inter=2048, num_experts=256, top_k=8)
 SHAPES = {
-    "bf16-decode": DispatchShape(num_tokens=4, **V3),
-    "bf16-prefill": DispatchShape(num_tokens=4096, **V3),
-    "fp32-ragged": DispatchShape(37, 200, 136, 8, 2, "float32", "float32"),
+    "bf16-decode": ExpertsShape(num_tokens=4, **V3),
+    "bf16-prefill": ExpertsShape(num_tokens=4096, **V3),
+    "fp32-ragged": ExpertsShape(37, 200, 136, 8, 2, "float32", "float32"),
 }
 # What TensorRT binds per stage: plugin inputs, int32 extra args, plugin outputs; then Triton's two scratch pointers.
 EXPECTED = {
@@ -35,7 +35,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def compiled(request):
-    return request.param, aot_dispatch(SHAPES[request.param])
+    return request.param, aot_launch(SHAPES[request.param])
 
 
 def test_ptx_parameters_match_the_arguments_tensorrt_passes(compiled):
@@ -67,7 +67,7 @@ def test_stages_describe_their_launch_and_buffers(compiled):
 
 
 def test_the_check_catches_a_launch_that_disagrees_with_the_ptx():
-    stage = aot_dispatch(SHAPES["fp32-ragged"]).stages[1]
+    stage = aot_launch(SHAPES["fp32-ragged"]).stages[1]
     swapped = dataclasses.replace(stage, params=(stage.params[5], *stage.params[:5], *stage.params[6:]))
     assert entry_param_problems(swapped)
     short = dataclasses.replace(stage, params=stage.params[:-1])  # forgetting a hidden pointer
@@ -76,15 +76,15 @@ def test_the_check_catches_a_launch_that_disagrees_with_the_ptx():
 
 def test_a_shared_memory_cap_keeps_grids_and_fits():
     shape = SHAPES["bf16-prefill"]
-    capped = aot_dispatch(shape, max_shared_bytes=PORTABLE_SHARED_BYTES)
-    free = aot_dispatch(shape)
+    capped = aot_launch(shape, max_shared_bytes=PORTABLE_SHARED_BYTES)
+    free = aot_launch(shape)
     assert [s.grid for s in capped.stages] == [s.grid for s in free.stages]
     assert all(s.shared_mem <= PORTABLE_SHARED_BYTES for s in capped.stages)
     assert any(s.needs_shared_opt_in for s in free.stages)
 
 
 def test_ptx_version_can_be_held_to_an_older_driver():
-    stage = aot_dispatch(SHAPES["fp32-ragged"], ptx_version=84).stages[3]
+    stage = aot_launch(SHAPES["fp32-ragged"], ptx_version=84).stages[3]
     assert re.search(r"^\.version 8\.4$", stage.ptx, re.MULTILINE)
 
 
@@ -98,8 +98,8 @@ def test_command_line_writes_ptx_and_a_description(tmp_path, capsys):
 
 def test_ptx_does_not_depend_on_the_token_count():
     """One engine serves every T of a profile: only grids and int32 extra args change with T."""
-    config = aot_dispatch(SHAPES["bf16-decode"]).plan.config
-    few, many = (aot_dispatch(dataclasses.replace(SHAPES["bf16-decode"], num_tokens=t), config) for t in (3, 300))
+    config = aot_launch(SHAPES["bf16-decode"]).plan.config
+    few, many = (aot_launch(dataclasses.replace(SHAPES["bf16-decode"], num_tokens=t), config) for t in (3, 300))
     assert [s.ptx for s in few.stages] == [s.ptx for s in many.stages]
     assert [s.extra_args for s in few.stages] != [s.extra_args for s in many.stages]
 
@@ -108,13 +108,13 @@ def test_engine_kernels_are_one_ptx_per_stage_launched_at_every_t():
     """What the TensorRT AOT implementations return: one capped PTX per stage, launched with the geometry's grid and
     extra args for each T, exactly as a plan compiled at that T would be."""
     from moetrt.plugins.aot_kernels import engine_stage, launch_at
-    from moetrt.plugins.moe_launch import plan_dispatch, stage_geometry
+    from moetrt.plugins.moe_launch import plan_launch, stage_geometry
     from moetrt.plugins.trt_stages import StageAttribute
 
     shape = SHAPES["bf16-decode"]
-    attribute = StageAttribute(shape.dims, "bfloat16", aot_dispatch(shape).plan.config)
+    attribute = StageAttribute(shape.dims, "bfloat16", aot_launch(shape).plan.config)
     for tokens in (1, 300):
-        plan = plan_dispatch(attribute.shape(tokens), attribute.config)
+        plan = plan_launch(attribute.shape(tokens), attribute.config)
         for launch in plan.stages:
             compiled = engine_stage(launch.name, attribute, 90, None)
             assert entry_param_problems(compiled) == [] and compiled.shared_mem <= PORTABLE_SHARED_BYTES

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes.ort import interleave_gate_up
+from moetrt.export.ort.lower import interleave_gate_up
 from moetrt.plugins.cpu_experts import CpuExperts, pack_down, pack_gate_up, supported
 
 

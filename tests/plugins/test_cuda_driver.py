@@ -2,9 +2,9 @@
 
 import ctypes
 
-from moetrt.plugins.aot_kernels import aot_dispatch
+from moetrt.plugins.aot_kernels import aot_launch
 from moetrt.plugins.cuda_driver import CudaDriver
-from moetrt.plugins.moe_launch import DispatchShape
+from moetrt.plugins.moe_launch import ExpertsShape
 
 
 class RecordingLibcuda:
@@ -23,7 +23,7 @@ class RecordingLibcuda:
 
 
 def test_launch_passes_buffers_scalars_and_null_scratch_pointers_in_order():
-    stage = aot_dispatch(DispatchShape(9, 40, 24, 4, 2, "float32", "float32")).stages[1]  # gate_up
+    stage = aot_launch(ExpertsShape(9, 40, 24, 4, 2, "float32", "float32")).stages[1]  # gate_up
     driver = object.__new__(CudaDriver)  # no libcuda here: only the packing is under test
     driver.lib = RecordingLibcuda(stage)
     pointers = {param.name: 0x7000_0000_0000 + 256 * index for index, param in enumerate(stage.params)}

@@ -4,20 +4,20 @@ import random
 
 import pytest
 
+from moetrt.bench.tune_moe import merge_tuned
 from moetrt.plugins.moe_configs import load_table, select_config, shape_key
 from moetrt.plugins.moe_kernels import KERNELS
 from moetrt.plugins.moe_launch import (
-    DispatchConfig,
-    DispatchShape,
+    ExpertsShape,
     GemmTile,
+    TileConfig,
     max_blocks,
-    plan_dispatch,
+    plan_launch,
     triton_signature,
 )
-from moetrt.plugins.tune_moe import merge_tuned
 
 V3 = dict(hidden=7168, inter=2048, num_experts=256, top_k=8)
-CONFIG = DispatchConfig(16, GemmTile(64, 128), GemmTile(64, 64))
+CONFIG = TileConfig(16, GemmTile(64, 128), GemmTile(64, 64))
 
 
 def test_max_blocks_bounds_every_routing():
@@ -33,7 +33,7 @@ def test_max_blocks_bounds_every_routing():
 
 
 def test_decode_plan_is_tight_at_deepseek_v3_shapes():
-    plan = plan_dispatch(DispatchShape(num_tokens=1, **V3), CONFIG)
+    plan = plan_launch(ExpertsShape(num_tokens=1, **V3), CONFIG)
     assert plan.buffers["block_experts"].shape == (8,)  # one block per chosen expert, nothing wasted
     assert plan.buffers["sorted_slots"].shape == (128,)
     assert plan.buffers["expert_out"].shape == (8, 7168)
@@ -41,7 +41,7 @@ def test_decode_plan_is_tight_at_deepseek_v3_shapes():
 
 
 def test_stage_arguments_follow_the_kernels_and_tensorrts_order():
-    plan = plan_dispatch(DispatchShape(num_tokens=5, **V3), CONFIG)
+    plan = plan_launch(ExpertsShape(num_tokens=5, **V3), CONFIG)
     for stage in plan.stages:
         kernel = KERNELS[stage.kernel]
         assert kernel.arg_names == [*stage.kernel_params, *dict(stage.constexprs)]
@@ -51,7 +51,7 @@ def test_stage_arguments_follow_the_kernels_and_tensorrts_order():
 
 
 def test_every_scratch_buffer_is_written_before_it_is_read():
-    plan = plan_dispatch(DispatchShape(num_tokens=3, **V3), CONFIG)
+    plan = plan_launch(ExpertsShape(num_tokens=3, **V3), CONFIG)
     written = {name for name, buffer in plan.buffers.items() if buffer.role == "input"}
     for stage in plan.stages:
         assert set(stage.inputs) <= written, stage.name
@@ -60,33 +60,33 @@ def test_every_scratch_buffer_is_written_before_it_is_read():
 
 
 def test_fp32_compute_uses_ieee_dots_and_mixed_dtypes_compute_in_fp32():
-    shape = DispatchShape(num_tokens=4, **V3, act_dtype="bfloat16", weight_dtype="float32")
-    plan = plan_dispatch(shape, CONFIG)
+    shape = ExpertsShape(num_tokens=4, **V3, act_dtype="bfloat16", weight_dtype="float32")
+    plan = plan_launch(shape, CONFIG)
     assert plan.buffers["act"].dtype == "float32" and plan.buffers["output"].dtype == "bfloat16"
     assert dict(plan.stages[1].constexprs)["DOT_PRECISION"] == "ieee"
-    bf16 = plan_dispatch(DispatchShape(num_tokens=4, **V3), CONFIG, interpret=True)
+    bf16 = plan_launch(ExpertsShape(num_tokens=4, **V3), CONFIG, interpret=True)
     assert dict(bf16.stages[1].constexprs)["UPCAST_DOT"] is True
 
 
 def test_shipped_table_picks_decode_and_prefill_defaults():
-    assert select_config(DispatchShape(num_tokens=1, **V3)).block_m == 16
-    assert select_config(DispatchShape(num_tokens=4096, **V3)).block_m == 64
-    fp32 = select_config(DispatchShape(num_tokens=1, **V3, act_dtype="float32", weight_dtype="float32"))
+    assert select_config(ExpertsShape(num_tokens=1, **V3)).block_m == 16
+    assert select_config(ExpertsShape(num_tokens=4096, **V3)).block_m == 64
+    fp32 = select_config(ExpertsShape(num_tokens=1, **V3, act_dtype="float32", weight_dtype="float32"))
     assert fp32.gate_up.block_k == 32
 
 
 def test_tuned_entries_win_at_the_nearest_measured_token_count():
     table = load_table()
-    shape = DispatchShape(num_tokens=1, **V3)
-    fast = DispatchConfig(32, GemmTile(32, 256), GemmTile(64, 64), group_m=1)
-    big = DispatchConfig(128, GemmTile(128, 64, 8), GemmTile(256, 64, 8))
+    shape = ExpertsShape(num_tokens=1, **V3)
+    fast = TileConfig(32, GemmTile(32, 256), GemmTile(64, 64), group_m=1)
+    big = TileConfig(128, GemmTile(128, 64, 8), GemmTile(256, 64, 8))
     tuned = merge_tuned(dict(table, tuned={}), shape, "test GPU", {8: (fast, 0.1), 4096: (big, 9.0)})
     assert tuned["tuned"][shape_key(shape)]["device"] == "test GPU"
-    assert select_config(DispatchShape(num_tokens=30, **V3), tuned) == fast
-    assert select_config(DispatchShape(num_tokens=2000, **V3), tuned) == big
+    assert select_config(ExpertsShape(num_tokens=30, **V3), tuned) == fast
+    assert select_config(ExpertsShape(num_tokens=2000, **V3), tuned) == big
 
 
 @pytest.mark.parametrize("bad", [dict(act_dtype="float8e4m3fn"), dict(top_k=0)])
 def test_shape_rejects_what_the_kernels_cannot_run(bad):
     with pytest.raises(ValueError):
-        DispatchShape(**{**dict(num_tokens=2, **V3), **bad})
+        ExpertsShape(**{**dict(num_tokens=2, **V3), **bad})

@@ -1,4 +1,4 @@
-"""The Triton dispatch against moe_dispatch_reference under Triton's CPU interpreter, on awkward random shapes.
+"""The Triton routed experts against routed_experts_reference under Triton's CPU interpreter, on awkward random shapes.
 
 The cases run in two worker processes (tests/plugins/interpret_worker.py): TRITON_INTERPRET must be set before
 triton is imported, which this pytest process may already have done without it.
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from moetrt.plugins.moe_launch import DispatchConfig, GemmTile
+from moetrt.plugins.moe_configs import select_config
+from moetrt.plugins.moe_launch import ExpertsShape, GemmTile, TileConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # fp32 and fp32-compute cases must meet 1e-5. The interpreter rounds fp32 -> bf16 by truncation (a GPU rounds
@@ -29,7 +30,12 @@ def block_config(rng: random.Random, rows: int) -> dict:
     # Big tiles for big cases: the interpreter pays per program, not per element.
     block_m = 64 if rows > 1000 else rng.choice([16, 32, 64])
     tile = lambda: GemmTile(rng.choice([32, 64, 128]), rng.choice([32, 64, 128]))  # noqa: E731
-    return DispatchConfig(block_m, tile(), tile(), group_m=rng.choice([1, 4, 8])).to_dict()
+    return TileConfig(block_m, tile(), tile(), group_m=rng.choice([1, 4, 8])).to_dict()
+
+
+def shape_fields(tokens, hidden, inter, experts, top_k, dtype) -> dict:
+    return dict(num_tokens=tokens, hidden=hidden, inter=inter, num_experts=experts, top_k=top_k, act_dtype=dtype,
+                weight_dtype=dtype)
 
 
 def make_case(index, rng, tokens, experts, top_k, act_dtype="float32", weight_dtype=None, auto_config=False):
@@ -57,7 +63,7 @@ def cases() -> list[dict]:
     listed = [make_case(i, rng, *spec) for i, spec in enumerate(specs)]
     listed.append(make_case(len(listed), rng, 40, 16, 6, auto_config=True))  # the shipped default table
     listed.append(make_case(len(listed), rng, 200, 8, 2, auto_config=True))
-    listed[-1]["public"] = True
+    listed[-1]["form"] = "public"
     extra = [("float16", None), ("float16", None), ("bfloat16", None), ("bfloat16", None)]
     extra += [("float32", "bfloat16"), ("bfloat16", "float32")]  # mixed: computed in fp32, as the reference does
     for act_dtype, weight_dtype in extra:
@@ -67,12 +73,28 @@ def cases() -> list[dict]:
 
 
 CASES = cases()
+# The GPU tests' checks (tests/plugins/gpu) at tiny shapes: two runs from poisoned buffers bitwise equal, and the four
+# stage nodes chained as an engine runs them, their block sizes picked once for every T as the `trt` lowering does.
+TWICE_CASES = [
+    dict(id=f"twice-{dtype}-T{tokens}", shape=shape_fields(tokens, hidden, inter, experts, top_k, dtype), config=None,
+         seed=seed, skew=0.0, form="twice")
+    for seed, (tokens, hidden, inter, experts, top_k, dtype) in enumerate(
+        [(1, 40, 24, 4, 2, "float32"), (37, 72, 40, 8, 3, "bfloat16")]
+    )
+]
+STAGE_NODE_CASES = [
+    dict(id=f"stage-nodes-T{tokens}", shape=shape_fields(tokens, 40, 24, 8, 3, "float32"),
+         config=select_config(ExpertsShape(**shape_fields(512, 40, 24, 8, 3, "float32"))).to_dict(),
+         seed=7 + tokens, skew=3.0, form="stage_nodes")
+    for tokens in (1, 9)
+]
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
     """Runs every case in two interpreter processes at once (one per core on CI)."""
-    halves = [CASES[0::2], CASES[1::2]]
+    every = CASES + TWICE_CASES + STAGE_NODE_CASES
+    halves = [every[0::2], every[1::2]]
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.plugins.interpret_worker"],
@@ -104,13 +126,28 @@ def test_cases_cover_the_required_ranges():
     assert len(CASES) <= 32
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
-def test_triton_dispatch_matches_reference(case, results):
+def assert_passed(case: dict, results: dict) -> None:
     result = results[case["id"]]
     assert result["problems"] == []
     assert result["error"] <= tolerance(case), f"relative error {result['error']:.3g}"
 
 
-def test_moe_dispatch_imports_without_triton():
-    script = "import sys; sys.modules['triton'] = None; import moetrt.plugins.moe_dispatch as m; m.moe_dispatch_triton"
+@pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
+def test_triton_routed_experts_match_reference(case, results):
+    assert_passed(case, results)
+
+
+@pytest.mark.parametrize("case", TWICE_CASES, ids=[case["id"] for case in TWICE_CASES])
+def test_two_runs_from_poisoned_buffers_write_every_row_and_are_bitwise_equal(case, results):
+    assert_passed(case, results)
+
+
+@pytest.mark.parametrize("case", STAGE_NODE_CASES, ids=[case["id"] for case in STAGE_NODE_CASES])
+def test_stage_nodes_chained_as_an_engine_runs_them_match_reference(case, results):
+    assert_passed(case, results)
+
+
+def test_routed_experts_module_imports_without_triton():
+    script = ("import sys; sys.modules['triton'] = None; "
+              "import moetrt.plugins.routed_experts as m; m.routed_experts_triton")
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)

@@ -1,6 +1,6 @@
 """The routed-expert computation behind the plugin node: torch reference, export hook and Triton entry point.
 
-`moe_dispatch_reference` defines the numerics every backend is compared with. `moe_dispatch` is what the
+`routed_experts_reference` defines the numerics every backend is compared with. `routed_experts` is what the
 reference model calls: eager it runs the reference, under `torch.onnx.export` it emits the plugin node.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moetrt.plugins.spec import MOE_DISPATCH
+from moetrt.plugins.spec import ROUTED_EXPERTS
 
 
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=(128, 128)) -> torch.Tensor:
@@ -21,7 +21,7 @@ def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=
     return weight.float() * scale
 
 
-def moe_dispatch_reference(
+def routed_experts_reference(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -37,9 +37,9 @@ def moe_dispatch_reference(
     in hidden's dtype; the combine accumulates in fp32.
     """
     if w_gate_up_scale is not None:
-        w_gate_up = dequantize_blocks(w_gate_up, w_gate_up_scale, MOE_DISPATCH.attributes["block_size"])
+        w_gate_up = dequantize_blocks(w_gate_up, w_gate_up_scale, ROUTED_EXPERTS.attributes["block_size"])
     if w_down_scale is not None:
-        w_down = dequantize_blocks(w_down, w_down_scale, MOE_DISPATCH.attributes["block_size"])
+        w_down = dequantize_blocks(w_down, w_down_scale, ROUTED_EXPERTS.attributes["block_size"])
     num_tokens, top_k = topk_ids.shape
     intermediate = w_down.shape[-1]
     compute_dtype = hidden.dtype if w_gate_up.dtype == hidden.dtype else torch.float32
@@ -65,7 +65,7 @@ def moe_dispatch_reference(
     return output.to(hidden.dtype)
 
 
-def moe_dispatch(
+def routed_experts(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -74,25 +74,25 @@ def moe_dispatch(
     w_gate_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model's call site: the reference in eager mode, ONE `moetrt::MoeDispatch` node under ONNX export."""
+    """The model's call site: the reference in eager mode, ONE `moetrt::RoutedExperts` node under ONNX export."""
     if torch.onnx.is_in_onnx_export():
         inputs = [hidden, topk_ids.to(torch.int32), topk_weights.float(), w_gate_up, w_down]
         if w_gate_up_scale is not None:
             inputs += [w_gate_up_scale, w_down_scale]
-        attrs = dict(MOE_DISPATCH.attributes)
+        attrs = dict(ROUTED_EXPERTS.attributes)
         attrs["block_size"] = list(attrs["block_size"])
         return torch.onnx.ops.symbolic(
-            MOE_DISPATCH.qualified_name,
+            ROUTED_EXPERTS.qualified_name,
             inputs,
             attrs,
             dtype=hidden.dtype,
             shape=hidden.shape,
-            version=MOE_DISPATCH.version,
+            version=ROUTED_EXPERTS.version,
         )
-    return moe_dispatch_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
+    return routed_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
 
 
-def moe_dispatch_triton(
+def routed_experts_triton(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -102,17 +102,17 @@ def moe_dispatch_triton(
     w_down_scale: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
-    """`moe_dispatch_reference` computed by the Triton kernels (plugins/triton_moe.py; CUDA tensors, or CPU ones
+    """`routed_experts_reference` computed by the Triton kernels (plugins/triton_moe.py; CUDA tensors, or CPU ones
     under TRITON_INTERPRET=1). Imports triton on first call, so this module still imports without it."""
-    from moetrt.plugins.triton_moe import moe_dispatch_triton as run
+    from moetrt.plugins.triton_moe import routed_experts_triton as run
 
     return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale, **options)
 
 
 def moe_stage_reference(stage: str, dims, block_m: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One dispatch stage (plugins/spec.py's MOE_STAGES) in torch, with the kernels' exact outputs: padding rows of
+    """One stage (plugins/spec.py's MOE_STAGES) in torch, with the kernels' exact outputs: padding rows of
     `sorted_slots` hold T*k, unused `block_experts` -1, padding rows of `act` zeros. dims: an ExpertDims. Inputs and
-    outputs are in the stage node's order; the four stages compose to `moe_dispatch_reference`."""
+    outputs are in the stage node's order; the four stages compose to `routed_experts_reference`."""
     return _STAGES[stage](dims, block_m, *inputs)
 
 

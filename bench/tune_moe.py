@@ -1,6 +1,6 @@
-"""Measure the dispatch block sizes on a GPU and write the winners into plugins/moe_configs.json (a few minutes).
+"""Measure the routed-experts block sizes on a GPU and write the winners into plugins/moe_configs.json (a few minutes).
 
-    python -m moetrt.plugins.tune_moe [--experts 256 32] [--tokens 1 8 64 512 4096] [--hidden 7168 ...]
+    python -m moetrt.bench.tune_moe [--experts 256 32] [--tokens 1 8 64 512 4096] [--hidden 7168 ...]
 
 Per (E, T): each candidate block_m is aligned once, then every gate_up tile and every down tile is timed on its
 own (triton.testing.do_bench, CUDA events, median); the best tile of each stage is kept and the block_m with the
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from moetrt.plugins.moe_configs import TABLE_PATH, shape_key
-from moetrt.plugins.moe_launch import DispatchConfig, DispatchShape, GemmTile
+from moetrt.plugins.moe_launch import ExpertsShape, GemmTile, TileConfig
 
 # (block_n, block_k, num_warps, num_stages): few rows per expert stream weights; many rows need MMA-sized tiles.
 DECODE_TILES = tuple(
@@ -30,7 +30,7 @@ PREFILL_TILES = tuple(
 )
 
 
-def block_m_candidates(shape: DispatchShape) -> tuple[int, ...]:
+def block_m_candidates(shape: ExpertsShape) -> tuple[int, ...]:
     rows_per_expert = shape.num_slots / shape.num_experts
     if rows_per_expert <= 16:
         return (16,)
@@ -43,7 +43,7 @@ def tiles_for(block_m: int) -> tuple[GemmTile, ...]:
     return DECODE_TILES if block_m <= 32 else PREFILL_TILES
 
 
-def merge_tuned(table: dict, shape: DispatchShape, device: str, results: dict[int, tuple[DispatchConfig, float]]):
+def merge_tuned(table: dict, shape: ExpertsShape, device: str, results: dict[int, tuple[TileConfig, float]]):
     """The table with `results` ({T: (config, ms)}) merged into the entry for `shape` (other T's are kept)."""
     entry = table.setdefault("tuned", {}).setdefault(shape_key(shape), {"device": device, "configs": {}, "ms": {}})
     entry["device"] = device
@@ -53,7 +53,7 @@ def merge_tuned(table: dict, shape: DispatchShape, device: str, results: dict[in
     return table
 
 
-def time_stage(shape, config: DispatchConfig, index: int, tensors) -> float:
+def time_stage(shape, config: TileConfig, index: int, tensors) -> float:
     """Median ms of one stage with `config`, or inf when the tile does not compile or fit on this GPU."""
     from triton.testing import do_bench
 
@@ -67,30 +67,30 @@ def time_stage(shape, config: DispatchConfig, index: int, tensors) -> float:
         return math.inf
 
 
-def tune_block_m(shape, inputs, block_m: int) -> tuple[DispatchConfig, float]:
+def tune_block_m(shape, inputs, block_m: int) -> tuple[TileConfig, float]:
     from moetrt.plugins import triton_moe
 
     tiles = tiles_for(block_m)
     group_m = 1 if block_m <= 32 else 8
-    base = DispatchConfig(block_m, tiles[0], tiles[0], group_m)
+    base = TileConfig(block_m, tiles[0], tiles[0], group_m)
     plan = triton_moe.plan_for(shape, base)
-    tensors = triton_moe.dispatch_tensors(plan, inputs)
+    tensors = triton_moe.plan_tensors(plan, inputs)
     triton_moe.run_plan(plan, tensors)  # fills the alignment and act that the timed stages read
     align_ms = time_stage(shape, base, 0, tensors)
-    gate_up = min(tiles, key=lambda t: time_stage(shape, DispatchConfig(block_m, t, base.down, group_m), 1, tensors))
-    down = min(tiles, key=lambda t: time_stage(shape, DispatchConfig(block_m, gate_up, t, group_m), 2, tensors))
-    best = DispatchConfig(block_m, gate_up, down, group_m)
+    gate_up = min(tiles, key=lambda t: time_stage(shape, TileConfig(block_m, t, base.down, group_m), 1, tensors))
+    down = min(tiles, key=lambda t: time_stage(shape, TileConfig(block_m, gate_up, t, group_m), 2, tensors))
+    best = TileConfig(block_m, gate_up, down, group_m)
     total = align_ms + time_stage(shape, best, 1, tensors) + time_stage(shape, best, 2, tensors)
     return best, total
 
 
-def tune_point(shape: DispatchShape, inputs: dict) -> tuple[DispatchConfig, float]:
+def tune_point(shape: ExpertsShape, inputs: dict) -> tuple[TileConfig, float]:
     results = [tune_block_m(shape, inputs, block_m) for block_m in block_m_candidates(shape)]
     return min(results, key=lambda result: result[1])
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Tune the Triton dispatch block sizes on this GPU.")
+    parser = argparse.ArgumentParser(description="Tune the Triton routed-experts block sizes on this GPU.")
     parser.add_argument("--experts", type=int, nargs="+", default=[256, 32])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
     parser.add_argument("--hidden", type=int, default=7168)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     for num_experts in args.experts:
         results = {}
         for tokens in args.tokens:
-            shape = DispatchShape(tokens, args.hidden, args.inter, num_experts, args.top_k, args.dtype, args.dtype)
+            shape = ExpertsShape(tokens, args.hidden, args.inter, num_experts, args.top_k, args.dtype, args.dtype)
             generator = torch.Generator().manual_seed(tokens)
             topk_ids, topk_weights = random_routing(tokens, num_experts, args.top_k, generator)
             hidden = torch.randn(tokens, args.hidden, device="cuda", dtype=dtype)
