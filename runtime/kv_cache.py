@@ -1,4 +1,5 @@
-"""The MLA latent KV cache, owned by the runtime, in the layout the exported graph fixed.
+"""The MLA latent KV cache (runtime/session.py's LatentCache): the bookkeeping every cache shares, and the host
+(numpy) cache for ONNX Runtime.
 
 Per layer one preallocated `[max_context, slots, latent_dim]` buffer (position-major), plus the attention
 mask `[slots, max_context]`. A step passes the first `length` positions as zero-copy views and the graph's
@@ -8,38 +9,164 @@ their own lengths through the mask: a row's padding and finished positions are m
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Generic
+
 import numpy as np
+import numpy.typing as npt
 
 from moetrt.errors import MoetrtError
+from moetrt.runtime.session import LatentCache, Mask, View
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+HostRows = npt.NDArray[Any]  # one layer, or a view of it, in the engine's dtype (float32 or float16)
+Columns = npt.NDArray[np.intp]  # column indices, ascending
 
 
-class LatentKVCache:
-    def __init__(self, num_layers: int, latent_dim: int, slots: int, max_context: int, dtype=np.float32):
-        self.max_context = max_context
+class MaskedLatentCache(ABC, Generic[View]):
+    """LatentCache's host-side state and slot operations, written once for every cache: the mask, `length` (P) and
+    the context limit live here; subclasses hold the rows (per layer `[max_context, slots, D]`) and implement the
+    five moves below, each keeping columns [0, P) finite (fresh columns are zeroed)."""
+
+    def __init__(self, slots: int, max_context: int):
         self.slots = slots
-        # np.empty leaves untouched pages unallocated, so a long max_context costs only what is used.
-        self.layers = [np.empty((max_context, slots, latent_dim), dtype=dtype) for _ in range(num_layers)]
-        self.mask = np.zeros((slots, max_context), dtype=np.int64)
+        self.max_context = max_context
+        self.mask: Mask = np.zeros((slots, max_context), dtype=np.int64)
         self.length = 0
 
-    def past(self) -> list[np.ndarray]:
-        """Per layer the filled prefix `[length, slots, D]` (a contiguous view)."""
-        return [layer[: self.length] for layer in self.layers]
+    # -- the rows: what a subclass implements -----------------------------------------------------------------
 
-    def reserve(self, steps: int) -> list[np.ndarray]:
-        """Per layer the `[steps, slots, D]` view the next call writes its new rows into."""
-        if self.length + steps > self.max_context:
-            raise MoetrtError(
-                f"sequence of {self.length + steps} tokens exceeds the engine's context of {self.max_context}; "
-                "shorten the prompt or max_new_tokens, or rebuild with a larger --max-context"
-            )
-        return [layer[self.length : self.length + steps] for layer in self.layers]
+    @abstractmethod
+    def _views(self, start: int, steps: int) -> list[View]:
+        """Per layer the rows `[steps, slots, D]` from column `start`, without a copy."""
 
-    def attention_mask(self, steps: int, valid: np.ndarray) -> np.ndarray:
-        """Mark the next `steps` positions (valid `[slots, steps]`, 1 for real tokens) and return the mask
-        `[slots, length + steps]` for the call that fills them."""
+    @abstractmethod
+    def _repack(self, slots: int, keep: int, used: int) -> None:
+        """New rows for `slots` slots (self.slots is still the old count): columns [0, used) of the first `keep`
+        slots copied, those of the others zero."""
+
+    @abstractmethod
+    def _zero_columns(self, start: int, stop: int) -> None:
+        """Zero columns [start, stop) of every slot."""
+
+    @abstractmethod
+    def _place_rows(self, slot: int, prefilled: Self, start: int) -> None:
+        """`slot`'s columns [start, start + prefilled.length) from the prefilled cache's slot 0; [0, start) zero."""
+
+    @abstractmethod
+    def _move_columns(self, kept: dict[int, Columns], length: int) -> None:
+        """Each slot's `kept` columns, in order, to [length - len(columns), length); its columns before them zero.
+        A move may overlap itself."""
+
+    # -- LatentCache ------------------------------------------------------------------------------------------
+
+    def past(self) -> list[View]:
+        return self._views(0, self.length)
+
+    def reserve(self, steps: int) -> list[View]:
+        self._check_room(self.length + steps)
+        return self._views(self.length, steps)
+
+    def attention_mask(self, steps: int, valid: Mask) -> Mask:
         self.mask[:, self.length : self.length + steps] = valid
         return np.ascontiguousarray(self.mask[:, : self.length + steps])
 
     def advance(self, steps: int) -> None:
         self.length += steps
+
+    def resize(self, slots: int) -> None:
+        keep, used = min(slots, self.slots), self.length
+        self._repack(slots, keep, used)
+        mask = np.zeros((slots, self.max_context), dtype=np.int64)
+        mask[:keep, :used] = self.mask[:keep, :used]
+        self.slots, self.mask = slots, mask
+
+    def extend_to(self, length: int) -> None:
+        start = self.length
+        if length <= start:
+            return
+        self._check_room(length)
+        self._zero_columns(start, length)
+        self.mask[:, start:length] = 0
+        self.length = length
+
+    def place(self, slot: int, prefilled: Self) -> None:
+        if prefilled.slots != 1:
+            raise ValueError(f"place takes a batch-1 cache, not one of {prefilled.slots} slots")
+        count = prefilled.length
+        self.extend_to(count)
+        end = self.length
+        self._place_rows(slot, prefilled, end - count)
+        self.mask[slot] = 0
+        self.mask[slot, end - count : end] = 1
+
+    def free(self, slot: int) -> None:
+        self.mask[slot] = 0
+
+    def reset(self) -> None:
+        self.mask[:] = 0
+        self.length = 0
+
+    def compact(self, slots: list[int]) -> None:
+        end = self.length
+        kept = {slot: np.flatnonzero(self.mask[slot, :end]) for slot in slots}
+        length = max((len(columns) for columns in kept.values()), default=0)
+        self._move_columns(kept, length)
+        self.mask[:] = 0
+        for slot, columns in kept.items():
+            self.mask[slot, length - len(columns) : length] = 1
+        self.length = length
+
+    def _check_room(self, length: int) -> None:
+        if length > self.max_context:
+            raise MoetrtError(
+                f"sequence of {length} tokens exceeds the engine's context of {self.max_context}; "
+                "shorten the prompt or max_new_tokens, or rebuild with a larger --max-context"
+            )
+
+
+class LatentKVCache(MaskedLatentCache[HostRows]):
+    """The cache in host memory: per layer one numpy array `[max_context, slots, D]` in `dtype`."""
+
+    def __init__(self, num_layers: int, latent_dim: int, slots: int, max_context: int,
+                 dtype: npt.DTypeLike = np.float32):
+        super().__init__(slots, max_context)
+        self.num_layers, self.latent_dim, self.dtype = num_layers, latent_dim, np.dtype(dtype)
+        self.layers = self._allocate(slots)
+
+    def _allocate(self, slots: int) -> list[HostRows]:
+        # np.empty leaves untouched pages unallocated, so a long max_context costs only what is used.
+        return [np.empty((self.max_context, slots, self.latent_dim), dtype=self.dtype) for _ in range(self.num_layers)]
+
+    def _views(self, start: int, steps: int) -> list[HostRows]:
+        return [layer[start : start + steps] for layer in self.layers]
+
+    def _repack(self, slots: int, keep: int, used: int) -> None:
+        layers = self._allocate(slots)
+        for source, target in zip(self.layers, layers):
+            target[:used, :keep] = source[:used, :keep]
+            target[:used, keep:] = 0
+        self.layers = layers
+
+    def _zero_columns(self, start: int, stop: int) -> None:
+        for layer in self.layers:
+            layer[start:stop] = 0
+
+    def _place_rows(self, slot: int, prefilled: Self, start: int) -> None:
+        count = prefilled.length
+        for layer, source in zip(self.layers, prefilled.layers):
+            layer[:start, slot] = 0
+            layer[start : start + count, slot] = source[:count, 0]
+
+    def _move_columns(self, kept: dict[int, Columns], length: int) -> None:
+        for layer in self.layers:
+            for slot, columns in kept.items():
+                values = layer[columns, slot]  # fancy indexing copies, so the move may overlap itself
+                layer[: length - len(columns), slot] = 0
+                layer[length - len(columns) : length, slot] = values
+
+
+if TYPE_CHECKING:  # mypy (tests/typecheck) proves the host cache is a LatentCache
+    _host_cache: type[LatentCache[HostRows]] = LatentKVCache

@@ -1,8 +1,11 @@
 """Continuous batching: concurrent requests share one session through a running batch of decode steps.
 
-One thread owns the session and a slot cache. A joining request is prefilled alone (batch 1, its own cache),
-its first token sampled from the prefill logits, and its latent rows copied into the lowest free slot; each
-step then decodes every occupied slot together, and a finished or cancelled request leaves at once. Per-row
+One thread owns the session and the batch's latent cache (runtime/session.py's LatentCache, host or device):
+slot i is batch row i of every decode step. A joining request is prefilled alone (batch 1, its own cache), its
+first token sampled from the prefill logits, and its latent rows placed into the lowest free slot; each step
+then decodes every occupied slot together, and a finished or cancelled request leaves at once. The cache copies
+rows only when membership changes, never per step: a joiner's rows into its slot, the used columns when the
+width changes (ONNX Runtime needs the `[P, width, D]` past C-contiguous) or when rows are moved left. Per-row
 sampling, text, stops and reasoning are generate.py's `RowState`, so a request gets the same tokens alone or
 batched (masked columns weigh exactly 0 in attention and rows never mix elsewhere).
 """
@@ -19,9 +22,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.runtime.generate import GenerationOptions, RowState, Session, StreamEvent, decode_one_token, prefill
-from moetrt.runtime.kv_cache import LatentKVCache
+from moetrt.runtime.generate import GenerationOptions, RowState, StreamEvent, decode_one_token, prefill
 from moetrt.runtime.metrics import Metrics
+from moetrt.runtime.requests import validate_request
+from moetrt.runtime.session import LatentCache, Session
 
 log = logging.getLogger("moetrt.scheduler")
 
@@ -70,91 +74,6 @@ class Ticket:
                 return
 
 
-class SlotCache:
-    """The running batch's latent cache: slot i is batch row i of every decode step. `length` (P) is the
-    column the next step writes for every slot; a slot's own tokens are its unmasked columns below P, and
-    its RoPE positions are its own, so it does not matter where they sit.
-
-    Copies happen only when the batch's membership changes, never per step: a joiner's prefilled rows into
-    its slot (prompt-sized), the used cache when the width changes (`resize`: ONNX Runtime needs the
-    `[P, width, D]` past C-contiguous) or when rows are moved left (`compact`). Columns [0, P) of every
-    slot always hold finite values: a masked column weighs exactly 0, but 0 * NaN from uninitialised
-    memory would not be 0, so fresh columns are zeroed.
-    """
-
-    def __init__(self, session: Session, max_context: int):
-        self.session = session
-        self.max_context = max_context
-        self.cache = session.new_cache(0, max_context)
-        if not isinstance(self.cache, LatentKVCache):
-            # The slot copies below are numpy operations; a device cache (TensorRT) needs device copies.
-            raise MoetrtError(f"continuous batching needs a host-memory latent cache; the {session.backend} "
-                              "session keeps its cache on the device, which the scheduler does not handle yet")
-
-    @property
-    def width(self) -> int:
-        return self.cache.slots
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    def resize(self, width: int) -> None:
-        """Re-pack into a `[max_context, width, D]` cache: copies the used columns of the kept slots."""
-        old, new = self.cache, self.session.new_cache(width, self.max_context)
-        keep, used = min(width, old.slots), old.length
-        for source, target in zip(old.layers, new.layers):
-            target[:used, :keep] = source[:used, :keep]
-            target[:used, keep:] = 0
-        new.mask[:keep, :used] = old.mask[:keep, :used]
-        new.length = used
-        self.cache = new
-
-    def extend_to(self, length: int) -> None:
-        """Move P up to `length`; the skipped columns are masked (and zeroed) for every slot."""
-        start = self.cache.length
-        if length <= start:
-            return
-        for layer in self.cache.layers:
-            layer[start:length] = 0
-        self.cache.mask[:, start:length] = 0
-        self.cache.length = length
-
-    def place(self, slot: int, rows: list[np.ndarray]) -> None:
-        """Copy a prefilled request's rows (per layer `[L, D]`) into `slot` at columns [P - L, P)."""
-        count = len(rows[0])
-        self.extend_to(count)
-        end = self.cache.length
-        for layer, values in zip(self.cache.layers, rows):
-            layer[: end - count, slot] = 0
-            layer[end - count : end, slot] = values
-        self.cache.mask[slot] = 0
-        self.cache.mask[slot, end - count : end] = 1
-
-    def free(self, slot: int) -> None:
-        self.cache.mask[slot] = 0
-
-    def reset(self) -> None:
-        """The batch emptied: start over at column 0."""
-        self.cache.mask[:] = 0
-        self.cache.length = 0
-
-    def compact(self, slots: list[int]) -> None:
-        """Move each listed slot's unmasked columns to end at the new P (their longest count); one copy."""
-        end = self.cache.length
-        kept = {slot: np.flatnonzero(self.cache.mask[slot, :end]) for slot in slots}
-        length = max((len(columns) for columns in kept.values()), default=0)
-        for layer in self.cache.layers:
-            for slot, columns in kept.items():
-                values = layer[columns, slot]  # fancy indexing copies, so the move may overlap itself
-                layer[: length - len(columns), slot] = 0
-                layer[length - len(columns) : length, slot] = values
-        self.cache.mask[:] = 0
-        for slot, columns in kept.items():
-            self.cache.mask[slot, length - len(columns) : length] = 1
-        self.cache.length = length
-
-
 class Scheduler:
     """Runs requests (token-id prompts with GenerationOptions) in one continuously batched loop.
 
@@ -175,7 +94,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.metrics.batch_capacity = max_batch
         self.metrics.queue_depth = lambda: len(self._waiting)
-        self.cache = SlotCache(session, max_context)
+        self.cache: LatentCache = session.new_cache(0, max_context)
         self._slots: list[Ticket | None] = []  # by slot; len == cache width
         self._running = 0  # taken from the queue and not yet over (prefilling or in a slot)
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -215,8 +134,10 @@ class Scheduler:
 
     def submit(self, prompt: list[int], options: GenerationOptions, sink: Sink | None = None,
                split_reasoning: bool = True) -> Ticket:
-        """Queue a request. Without a sink, read its events with `ticket.events()`."""
-        self._check(prompt, options)
+        """Queue a request. Without a sink, read its events with `ticket.events()`. Raises RequestError for a
+        request `validate_request` refuses, QueueFull when the queue is at its limit."""
+        validate_request(prompt, options, vocab_size=self.session.vocab_size, max_context=self.max_context,
+                         has_tokenizer=self.tokenizer is not None)
         row = RowState(prompt, options, self.tokenizer, options.sampling.seed, split_reasoning)
         ticket = Ticket(row, sink)
         with self._wake:
@@ -230,20 +151,6 @@ class Scheduler:
             self._waiting.append(ticket)
             self._wake.notify()
         return ticket
-
-    def _check(self, prompt: list[int], options: GenerationOptions) -> None:
-        if not prompt:
-            raise MoetrtError("the prompt needs at least one token")
-        if not all(0 <= t < self.session.vocab_size for t in prompt):
-            raise MoetrtError(f"token ids must lie in [0, {self.session.vocab_size})")
-        if options.stop and self.tokenizer is None:
-            raise MoetrtError("stop strings need an engine with a tokenizer; pass stop_token_ids instead")
-        needed = len(prompt) + options.max_new_tokens
-        if needed > self.max_context:
-            raise MoetrtError(
-                f"prompt of {len(prompt)} tokens plus max_new_tokens {options.max_new_tokens} = {needed} exceeds "
-                f"the engine's context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
-            )
 
     # -- the scheduler thread ----------------------------------------------------------------------------
 
@@ -259,7 +166,7 @@ class Scheduler:
                 joiners = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 self._running = len(self._occupied()) + len(joiners)
             prefilled = [(ticket, self._start(ticket)) for ticket in joiners]
-            self._seat([(ticket, rows) for ticket, rows in prefilled if rows is not None])
+            self._seat([(ticket, cache) for ticket, cache in prefilled if cache is not None])
             if self._occupied():
                 self._step()
             self._running = len(self._occupied())
@@ -278,9 +185,9 @@ class Scheduler:
                 self._waiting.remove(ticket)
                 self.metrics.count_request("cancelled")
 
-    def _start(self, ticket: Ticket) -> list[np.ndarray] | None:
-        """Prefill alone and emit the first token. When the request goes on to decode, returns its latent
-        rows (per layer `[L, D]`) to copy into a slot."""
+    def _start(self, ticket: Ticket) -> LatentCache | None:
+        """Prefill alone and emit the first token. When the request goes on to decode, returns its prefilled
+        batch-1 cache to place into a slot."""
         if ticket.cancelled:
             self.metrics.count_request("cancelled")
             return None
@@ -297,30 +204,30 @@ class Scheduler:
         if self._emit(ticket, token):
             return None
         ticket.next_token = token
-        return [layer[:, 0] for layer in cache.layers]
+        return cache
 
-    def _seat(self, joiners: list[tuple[Ticket, list[np.ndarray]]]) -> None:
+    def _seat(self, joiners: list[tuple[Ticket, LatentCache]]) -> None:
         """Give joiners the lowest free slots, re-pack if the width changed, and copy their rows in."""
         if not any(self._slots):
             self._slots = []
             self.cache.reset()
         free = [slot for slot, ticket in enumerate(self._slots) if ticket is None]
         free += list(range(len(self._slots), self.max_batch))
-        assigned = [(slot, ticket, rows) for slot, (ticket, rows) in zip(free, joiners)]
+        assigned = [(slot, ticket, cache) for slot, (ticket, cache) in zip(free, joiners)]
         for slot, ticket, _ in assigned:
             if slot >= len(self._slots):
                 self._slots.extend([None] * (slot + 1 - len(self._slots)))
             self._slots[slot] = ticket
         while self._slots and self._slots[-1] is None:
             self._slots.pop()
-        if len(self._slots) != self.cache.width:
+        if len(self._slots) != self.cache.slots:
             self.cache.resize(len(self._slots))
             self.metrics.cache_resizes += 1
         self.metrics.batch_rows, self.metrics.batch_width = len(self._occupied()), len(self._slots)
         if joiners:  # P up to the longest joiner first, so every joiner's columns end where the steps begin
             self.cache.extend_to(max(len(ticket.prompt) for ticket, _ in joiners))
-        for slot, _, rows in assigned:
-            self.cache.place(slot, rows)
+        for slot, _, prefilled in assigned:
+            self.cache.place(slot, prefilled)
 
     def _step(self) -> None:
         """One decode step over the occupied slots (holes ride along, fed token 0 at position 0)."""
@@ -330,14 +237,14 @@ class Scheduler:
             # Out of columns, or over half of each step's attention spent on masked columns: move rows left.
             self.cache.compact([slot for slot, _ in occupied])
             self.metrics.cache_compactions += 1
-        width = self.cache.width
+        width = self.cache.slots
         tokens = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)
         for slot, ticket in occupied:
             tokens[slot] = ticket.next_token
             positions[slot] = ticket.columns  # RoPE position of the fed token: the tokens before it
         try:
-            logits = decode_one_token(self.session, self.cache.cache, tokens, positions, np.ones(width, dtype=bool))
+            logits = decode_one_token(self.session, self.cache, tokens, positions, np.ones(width, dtype=bool))
             chosen = [(slot, ticket, ticket.row.choose(logits[slot])) for slot, ticket in occupied]
         except Exception as error:
             log.exception("decode step failed; failing the running batch")

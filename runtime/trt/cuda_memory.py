@@ -71,6 +71,12 @@ def memset(pointer: int, nbytes: int, stream: int) -> None:
     _call("cudaMemsetAsync", pointer, 0, nbytes, stream)
 
 
+def memset_2d(pointer: int, pitch: int, width: int, height: int, stream: int) -> None:
+    """Zero `height` rows of `width` bytes, each `pitch` bytes after the one before (cudaMemset2DAsync)."""
+    if width and height:
+        _call("cudaMemset2DAsync", pointer, pitch, 0, width, height, stream)
+
+
 def to_device(pointer: int, array: HostArray, stream: int) -> None:
     """Copy a C-contiguous host array to `pointer` (pageable memory: the copy is staged, then asynchronous)."""
     if not array.flags.c_contiguous:
@@ -87,6 +93,15 @@ def to_host(array: HostArray, pointer: int, stream: int) -> None:
 
 def device_copy(destination: int, source: int, nbytes: int, stream: int) -> None:
     _call("cudaMemcpyAsync", destination, source, nbytes, _runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream)
+
+
+def copy_2d(destination: int, destination_pitch: int, source: int, source_pitch: int, width: int, height: int,
+            stream: int) -> None:
+    """Copy `height` rows of `width` bytes between device pointers whose rows lie `*_pitch` bytes apart
+    (cudaMemcpy2DAsync: the two regions must not overlap)."""
+    if width and height:
+        _call("cudaMemcpy2DAsync", destination, destination_pitch, source, source_pitch, width, height,
+              _runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream)
 
 
 def begin_capture(stream: int) -> None:

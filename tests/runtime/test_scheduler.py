@@ -9,6 +9,7 @@ import pytest
 from moetrt import MoetrtError
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.scheduler import QueueFull, Scheduler
+from tests.runtime.reference_cache import ReferenceCacheSession
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +158,24 @@ def test_submit_checks_requests_and_bounds_the_queue(engine):
         list(queued.events())
 
 
-def test_a_session_with_a_device_cache_is_refused_clearly(engine):
-    class DeviceCacheSession:
-        backend, vocab_size = "trt", 104
-
-        def new_cache(self, slots, max_context):
-            return object()
-
-    with pytest.raises(MoetrtError, match="the trt session keeps its cache on the device"):
-        Scheduler(DeviceCacheSession(), max_context=64)
+def test_the_scheduler_runs_over_another_latent_cache_and_gives_the_host_cache_tokens(engine):
+    """The scheduler touches its caches only through runtime/session.py's LatentCache: over a session whose caches
+    are tests/runtime/reference_cache.py's (the protocol over plain numpy, nothing shared with LatentKVCache) the
+    same requests give the same tokens, with the same re-packs and compactions."""
+    rng = random.Random(3)
+    requests = []
+    for i in range(10):
+        options = dict(max_new_tokens=rng.randint(1, 60), greedy=True)
+        if i % 3 == 1:
+            options = dict(max_new_tokens=rng.randint(1, 60), temperature=0.9, top_p=0.9, seed=i)
+        requests.append((chat_prompt(engine, rng, longest=60), options))
+    results, counts = [], []
+    for session in (engine.session, ReferenceCacheSession(engine.session)):
+        batched = Scheduler(session, engine.tokenizer, max_context=engine.max_context, max_batch=3)
+        # All queued before the loop starts, so both runs admit them in the same steps.
+        tickets = [batched.submit(prompt, engine.options(**options)) for prompt, options in requests]
+        with batched:
+            results.append([collect(ticket.events()) for ticket in tickets])
+        counts.append((batched.metrics.cache_resizes, batched.metrics.cache_compactions))
+    assert results[0] == results[1]
+    assert counts[0] == counts[1] and counts[0][0] >= 2 and counts[0][1] >= 1, counts

@@ -20,11 +20,13 @@ MODULES = [
     "moetrt.plugins.trt_plugin",
     "moetrt.plugins.trt_stages",
     "moetrt.plugins.moe_launch",
-    "moetrt.export.trt_build",
-    "moetrt.export.trt_plan",
-    "moetrt.runtime.trt_session",
-    "moetrt.runtime.cuda_memory",
-    "moetrt.runtime.device_cache",
+    "moetrt.export.trt.build",
+    "moetrt.export.trt.plan",
+    "moetrt.runtime.trt.session",
+    "moetrt.runtime.trt.cuda_memory",
+    "moetrt.runtime.trt.device_cache",
+    "moetrt.runtime.session",  # the protocols the TensorRT session and its cache are checked against
+    "moetrt.runtime.kv_cache",
 ]
 # The package as mypy must see it: pyproject maps moetrt.export/plugins/runtime onto top-level folders, and the
 # editable install's import hook is invisible to mypy.
@@ -36,8 +38,9 @@ def shadow_tree(root: Path) -> Path:
     for package, folder in PACKAGES.items():
         target = root / package
         target.mkdir(parents=True, exist_ok=True)
-        for source in (ROOT / folder).glob("*.py"):
-            link = target / source.name
+        for source in (ROOT / folder).rglob("*.py"):
+            link = target / source.relative_to(ROOT / folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
             if not link.is_symlink():
                 link.symlink_to(source)
     for link in root.rglob("*.py"):
