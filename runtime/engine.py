@@ -21,22 +21,19 @@ from moetrt.runtime.generate import (
     generate,
     generate_stream,
 )
-from moetrt.runtime.manifest import Manifest, load_manifest
+from moetrt.formats import EngineManifest
+from moetrt.runtime.backends import get_backend
+from moetrt.runtime.manifest import load_manifest
+from moetrt.runtime.requests import DEFAULT_PREFILL_CHUNK, check_context
 from moetrt.runtime.sampling import SamplingParams
 
 Prompt = str | list[int]
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed")
 
 
-def open_session(manifest: Manifest, threads: int | None = None):
-    """The backend session for an engine (ONNX Runtime or TensorRT)."""
-    if manifest.backend == "ort":
-        from moetrt.runtime.ort_session import OrtSession
-
-        return OrtSession(manifest, threads=threads)
-    from moetrt.runtime.trt_session import TrtSession
-
-    return TrtSession(manifest)
+def open_session(manifest: EngineManifest, threads: int | None = None):
+    """The session for an engine, from the backend that built it (runtime/backends.py)."""
+    return get_backend(manifest.backend).open_session(manifest, threads)
 
 
 def _generation_defaults(directory: Path) -> dict[str, Any]:
@@ -51,13 +48,13 @@ def _generation_defaults(directory: Path) -> dict[str, Any]:
 
 
 class Engine:
-    def __init__(self, manifest: Manifest, session, tokenizer=None):
+    def __init__(self, manifest: EngineManifest, session, tokenizer=None):
         self.manifest = manifest
         self.config = manifest.model_config
         self.session = session
         self.tokenizer = tokenizer
-        self.max_context = int(manifest.profile["max_context"])
-        self.max_seq = int(manifest.profile["max_seq"])
+        self.max_context = manifest.profile.max_context
+        self.max_seq = manifest.profile.seq
         self.defaults = _generation_defaults(manifest.directory)
         self.eos_ids: tuple[int, ...] = tokenizer.eos_ids if tokenizer is not None else self.config.eos_token_ids
 
@@ -66,7 +63,7 @@ class Engine:
         """Load an engine directory: cheap manifest checks (hashes too with `integrity`), session, tokenizer."""
         manifest = load_manifest(engine_dir, integrity=integrity)
         tokenizer = None
-        if manifest.has_tokenizer:
+        if manifest.tokenizer:
             from moetrt.tasks.chat import ChatTokenizer
 
             tokenizer = ChatTokenizer.load(manifest.directory)
@@ -80,7 +77,7 @@ class Engine:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise MoetrtError(f"input_ids must be [batch, seq] with seq >= 1, got shape {list(ids.shape)}")
         batch, seq = ids.shape
-        self._check_length(seq)
+        check_context(seq, 0, self.max_context)
         cache = self.session.new_cache(batch, seq)
         chunks = []
         for start in range(0, seq, self.max_seq):
@@ -96,17 +93,16 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
+        """Text (through the tokenizer) or token ids -> a list of ints; generation validates them."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise MoetrtError("this engine has no tokenizer: pass token ids (a list of ints) instead of text")
             return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        if any(not 0 <= t < self.config.vocab_size for t in ids):
-            raise MoetrtError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return ids
+        return [int(t) for t in prompt]
 
     def options(self, **overrides: Any) -> GenerationOptions:
-        """Generation options: keyword overrides over generation_config.json over greedy defaults.
+        """Generation options: keyword overrides over generation_config.json over the runtime's defaults (greedy,
+        DEFAULT_MAX_NEW_TOKENS new tokens, prefill in chunks of min(max_seq, DEFAULT_PREFILL_CHUNK)).
 
         Keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, greedy,
         stop (str or list), stop_token_ids, max_reasoning_tokens, prefill_chunk.
@@ -122,7 +118,7 @@ class Engine:
         stop = merged.pop("stop", ())
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         stop_ids = tuple(merged.pop("stop_token_ids", ())) + tuple(self.eos_ids)
-        merged.setdefault("prefill_chunk", min(self.max_seq, 512))
+        merged.setdefault("prefill_chunk", min(self.max_seq, DEFAULT_PREFILL_CHUNK))
         return GenerationOptions(sampling=sampling, stop=stop, stop_token_ids=stop_ids, **merged)
 
     def generate(self, prompt: Prompt | list[Prompt], **options: Any) -> GenerationResult | list[GenerationResult]:
@@ -133,11 +129,10 @@ class Engine:
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[StreamEvent]:
-        """Yield text increments (split into reasoning and answer) as one prompt generates."""
+        """Yield text increments (split into reasoning and answer) as one prompt generates. Raises RequestError
+        at once (not at the first event) for a request `validate_request` refuses."""
         opts = self.options(**options)
-        ids = self.encode(prompt)
-        self._check_length(len(ids) + opts.max_new_tokens)
-        return generate_stream(self.session, [ids], opts, self.tokenizer, self.max_context)
+        return generate_stream(self.session, [self.encode(prompt)], opts, self.tokenizer, self.max_context)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None:
@@ -152,12 +147,4 @@ class Engine:
         return self.stream(self.chat_prompt(messages), **options)
 
     def _run(self, prompts: list[list[int]], options: GenerationOptions) -> list[GenerationResult]:
-        self._check_length(max(len(p) for p in prompts) + options.max_new_tokens)
         return generate(self.session, prompts, options, self.tokenizer, self.max_context)
-
-    def _check_length(self, tokens: int) -> None:
-        if tokens > self.max_context:
-            raise MoetrtError(
-                f"{tokens} tokens (prompt + max_new_tokens) exceed the engine's context of {self.max_context}; "
-                "shorten the prompt, lower max_new_tokens, or rebuild with a larger --max-context"
-            )

@@ -8,55 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Protocol
 
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.runtime.kv_cache import LatentKVCache
+from moetrt.runtime.requests import GenerationOptions, RequestError, validate_request
 from moetrt.runtime.sampling import SamplingParams, select_token
+from moetrt.runtime.session import LatentCache, Session
 from moetrt.runtime.text import THINK_END, THINK_START, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
-
-DEFAULT_PREFILL_CHUNK = 512
-
-
-class Session(Protocol):
-    """What a backend offers the generator (ONNX Runtime here; TensorRT behind the same interface).
-
-    `new_cache` allocates the latent cache where the backend wants it (host memory for ONNX Runtime on the
-    CPU, device memory for TensorRT); `run` receives that cache's `past()` and `reserve(S)` views.
-    """
-
-    backend: str
-    num_layers: int
-    latent_dim: int
-    vocab_size: int
-
-    def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
-        ...
-
-    def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
-        """ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]` (int64 numpy); returns logits
-        `[B, N, vocab]` (numpy) and the new rows (written into `new_rows`)."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 256
-    sampling: SamplingParams = SamplingParams(do_sample=False)
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    max_reasoning_tokens: int | None = None
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MoetrtError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.prefill_chunk < 1:
-            raise MoetrtError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
-        if self.max_reasoning_tokens is not None and self.max_reasoning_tokens < 0:
-            raise MoetrtError("max_reasoning_tokens must be >= 0")
 
 
 @dataclasses.dataclass
@@ -94,7 +53,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     return ids, valid, np.maximum(valid.cumsum(-1) - 1, 0)
 
 
-def prefill(session: Session, cache: LatentKVCache, prompts: list[list[int]], chunk: int) -> np.ndarray:
+def prefill(session: Session, cache: LatentCache, prompts: list[list[int]], chunk: int) -> np.ndarray:
     """Run the prompts through the graph at most `chunk` positions per call; logits `[B, vocab]` of each
     prompt's last token. Only the last call computes logits, so long prompts never materialise more."""
     ids, valid, positions = left_pad(prompts)
@@ -111,7 +70,7 @@ def prefill(session: Session, cache: LatentKVCache, prompts: list[list[int]], ch
     return logits[:, -1]
 
 
-def decode_one_token(session: Session, cache: LatentKVCache, tokens: np.ndarray, positions: np.ndarray,
+def decode_one_token(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
                      active: np.ndarray) -> np.ndarray:
     """Feed one token per row; finished rows ride along masked out. Returns logits `[B, vocab]`."""
     mask = cache.attention_mask(1, active[:, None].astype(np.int64))
@@ -194,19 +153,19 @@ def generate_stream(
 ) -> Iterator[StreamEvent]:
     """Generate for a batch of token-id prompts; yields one event per row per generated token (text may be
     empty while a character or a tag is incomplete). `tokenizer` (decode/encode) enables text, stop
-    strings and the reasoning split."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise MoetrtError("every prompt needs at least one token")
-    if options.stop and tokenizer is None:
-        raise MoetrtError("stop strings need an engine with a tokenizer; pass stop_token_ids instead")
+    strings and the reasoning split. Raises RequestError (see `validate_request`) before any compute."""
+    if not prompts:
+        raise RequestError("no prompts given: pass at least one", param="prompt")
+    for prompt in prompts:
+        validate_request(prompt, options, vocab_size=session.vocab_size, max_context=max_context,
+                         has_tokenizer=tokenizer is not None)
+    return _stream_batch(session, prompts, options, tokenizer)
+
+
+def _stream_batch(session: Session, prompts: list[list[int]], options: GenerationOptions,
+               tokenizer) -> Iterator[StreamEvent]:
+    """generate_stream's loop over a validated batch: prefill, then one decode step per token."""
     longest = max(len(p) for p in prompts)
-    context = max_context or longest + options.max_new_tokens
-    if longest + options.max_new_tokens > context:
-        needed = longest + options.max_new_tokens
-        raise MoetrtError(
-            f"prompt of {longest} tokens plus max_new_tokens {options.max_new_tokens} = {needed} exceeds the "
-            f"engine's context of {context} tokens; shorten the prompt or lower max_new_tokens"
-        )
     seed = options.sampling.seed
     rows = [RowState(prompt, options, tokenizer, None if seed is None else seed + i)
             for i, prompt in enumerate(prompts)]
@@ -261,3 +220,20 @@ def generate(
             prompt_tokens=len(prompt),
         ))
     return results
+
+
+def continuation_logits(session: Session, prompts: list[list[int]], continuations: list[list[int]]) -> list[np.ndarray]:
+    """The logits `[len(continuation), vocab]` each continuation token was chosen from, by one scoring call
+    over the left-padded prompt + continuation rows (the session must take them in one call, as the torch
+    reference does). Verify and the tests read the reference's top-2 margins from them."""
+    sequences = [prompt + continuation[:-1] for prompt, continuation in zip(prompts, continuations)]
+    ids, valid, positions = left_pad(sequences)
+    batch, width = ids.shape
+    steps = np.arange(max(len(c) for c in continuations))
+    # row r's step j is predicted at padded column width - len(continuation) + j; columns past it repeat the last
+    first = width - np.array([len(c) for c in continuations])
+    logit_positions = np.minimum(first[:, None] + steps[None, :], width - 1).astype(np.int64)
+    cache = session.new_cache(batch, width)
+    mask = cache.attention_mask(width, valid)
+    logits, _ = session.run(ids, positions, mask, logit_positions, cache.past(), cache.reserve(width))
+    return [logits[row, : len(c)] for row, c in enumerate(continuations)]

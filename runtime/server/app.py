@@ -3,13 +3,14 @@
 POST /v1/chat/completions and /v1/completions (server-sent events with `stream`, else one JSON object),
 GET /v1/models, GET /health and GET /metrics (Prometheus text). R1's thinking comes back as
 `reasoning_content` beside `content`, as DeepSeek's API returns it. Errors are OpenAI-style JSON
-(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status for anything a client can cause.
+(protocol.py's `error_body`) with a 4xx status for anything a client can cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -19,97 +20,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.engine import Engine
-from moetrt.runtime.generate import StreamEvent
+from moetrt.runtime.generate import GenerationOptions, StreamEvent
+from moetrt.runtime.requests import RequestError
 from moetrt.runtime.scheduler import QueueFull, Scheduler, Ticket
+from moetrt.runtime.server.protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    error_body,
+    parse,
+    refused,
+)
 
 log = logging.getLogger("moetrt.server")
-
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error_body(error.message, error.kind, error.param, error.code), status_code=error.status)
-
-
-# -- request bodies ---------------------------------------------------------------------------------------
-# Strict: a wrong JSON type is an error rather than coerced ("1" is no number, 1.5 no integer).
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-    include_usage: bool = False
-
-
-class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(strict=True)
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # beyond OpenAI's fields, as vLLM and SGLang accept them
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: bool | int | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-
-
-def _parse(model: type[BaseModel], body: bytes):
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        if first["type"] == "json_invalid":
-            reason = first["msg"].removeprefix("Invalid JSON: ")
-            raise ApiError(400, f"the body is not valid JSON ({reason})", code="invalid_json") from None
-        where = ".".join(str(part) for part in first["loc"])
-        param = str(first["loc"][0]) if first["loc"] else None
-        raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=param) from None
 
 
 # -- the app ----------------------------------------------------------------------------------------------
@@ -231,19 +169,20 @@ def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatCompletionRequest, await request.body())
+        body = parse(ChatCompletionRequest, await request.body())
         return await service.respond(request, body, service.chat_prompt(body), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionRequest, await request.body())
+        body = parse(CompletionRequest, await request.body())
         return await service.respond(request, body, service.completion_prompt(body.prompt), chat=False)
 
     return _Gate(app, scheduler.metrics, api_key, max_body_bytes)
 
 
 class _Service:
-    """Turns validated requests into scheduler tickets and their events into OpenAI responses."""
+    """Turns parsed requests into scheduler tickets and their events into OpenAI responses. The scheduler's
+    `submit` runs the runtime's request validator; its refusals become 400s (`protocol.refused`)."""
 
     def __init__(self, engine: Engine, scheduler: Scheduler, model_name: str):
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
@@ -265,14 +204,15 @@ class _Service:
             if len(prompt) != 1:
                 raise ApiError(400, "one prompt per request is supported", param="prompt")
             prompt = prompt[0]
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
         try:
             return self.engine.encode(prompt)
         except MoetrtError as error:
             raise ApiError(400, str(error), param="prompt") from None
 
-    def options(self, body, prompt: list[int]):
+    def options(self, body: GenerationRequest, prompt: list[int]) -> GenerationOptions:
+        """The request's options. Without max_tokens, generation_config.json's max_new_tokens capped by the room the
+        prompt leaves, else the whole room (OpenAI's and vLLM's convention); at least 1, so that a prompt that fills
+        the context is refused as too long."""
         if body.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")
         if body.logprobs:
@@ -280,22 +220,20 @@ class _Service:
         if body.model != self.model_name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-        room = self.engine.max_context - len(prompt)
-        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if room < 1 or (requested is not None and requested > room):
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens and the engine's context is "
-                           f"{self.engine.max_context}: at most {max(room, 0)} tokens can be generated, "
-                           f"{requested or 1} were requested", param="messages" if hasattr(body, "messages")
-                           else "prompt", code="context_length_exceeded")
-        max_new = requested or min(room, self.engine.defaults.get("max_new_tokens", room))
+        requested = body.requested_tokens
         try:
-            return self.engine.options(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
-                                       top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                                       seed=body.seed, stop=body.stop)
+            options = self.engine.options(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p,
+                                          top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                                          seed=body.seed, stop=body.stop)
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
+        if requested is None:
+            room = self.engine.max_context - len(prompt)
+            default = self.engine.defaults.get("max_new_tokens", room)
+            options = dataclasses.replace(options, max_new_tokens=max(1, min(room, default)))
+        return options
 
-    async def respond(self, request: Request, body, prompt: list[int], chat: bool) -> Response:
+    async def respond(self, request: Request, body: GenerationRequest, prompt: list[int], chat: bool) -> Response:
         options = self.options(body, prompt)
         self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
@@ -304,6 +242,8 @@ class _Service:
                                            split_reasoning=chat)
         except QueueFull as error:
             raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
+        except RequestError as error:
+            raise refused(error, body) from None
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
         reply = _Reply(self.model_name, chat, len(prompt), ticket)
@@ -460,7 +400,7 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     engine = Engine.load(engine_dir, threads=threads)
-    built = int(engine.manifest.profile.get("max_batch", 8))
+    built = engine.manifest.profile.max_batch
     max_batch = built if max_batch is None else max_batch
     if not 1 <= max_batch <= built:
         raise MoetrtError(f"--max-batch must lie in [1, {built}] (the engine was built for {built}; rebuild with "
