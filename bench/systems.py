@@ -94,27 +94,23 @@ def moetrt_engine(model_dir: str, engine_dir: str, threads: int):
 def moetrt_reference(model_dir: str, engine_dir: str, threads: int):
     import torch
 
-    from moetrt.export.checkpoint import load_reference
-    from moetrt.export.generate import decode_one_token, left_pad, prefill
+    from moetrt.export.reference_session import load_reference_session
+    from moetrt.runtime.generate import GenerationOptions, generate_stream
 
     torch.set_num_threads(threads)
-    model = load_reference(model_dir)
+    session = load_reference_session(model_dir)
 
-    @torch.inference_mode()
     def run(prompts, new_tokens):
+        """The torch reference as a session of the runtime's generation loop; greedy, no stop ids, and the
+        prompt prefilled in one call."""
+        options = GenerationOptions(max_new_tokens=new_tokens, prefill_chunk=max(len(p) for p in prompts))
         timer = Timer()
-        ids, mask, positions = left_pad(prompts)
-        logits, cache = prefill(model, ids, mask, positions)
-        position = positions[:, -1] + 1
-        for _ in range(new_tokens):
-            token = logits.argmax(-1)
-            timer.token()
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits, cache = decode_one_token(model, token, mask, position, cache)
-            position = position + 1
+        for event in generate_stream(session, prompts, options):
+            if event.row == 0:
+                timer.token()
         return timer
 
-    run.model = model
+    run.session = session
     return run
 
 
@@ -152,11 +148,12 @@ def transformers_eager(model_dir: str, engine_dir: str, threads: int):
 SYSTEMS = {"moetrt-ort": moetrt_engine, "moetrt-torch": moetrt_reference, "transformers": transformers_eager}
 
 
-def distinct_experts(model, prompts, new_tokens) -> float:
+def distinct_experts(session, prompts, new_tokens) -> float:
     """Mean distinct routed experts per MoE layer per decode step, for the batch (reference routing)."""
     import torch
 
     from moetrt.export.model import Router
+    from moetrt.runtime.generate import GenerationOptions, generate
 
     seen = []
 
@@ -164,11 +161,9 @@ def distinct_experts(model, prompts, new_tokens) -> float:
         if args[0].shape[0] == len(prompts):  # decode steps only: one token per row
             seen.append(len(torch.unique(output[0])))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Router)]
+    handles = [m.register_forward_hook(hook) for m in session.model.modules() if isinstance(m, Router)]
     try:
-        from moetrt.export.generate import generate_greedy
-
-        generate_greedy(model, prompts, new_tokens)
+        generate(session, prompts, GenerationOptions(max_new_tokens=new_tokens))
     finally:
         for handle in handles:
             handle.remove()
@@ -207,7 +202,7 @@ def main() -> None:
             result["runtime_overhead"][str(batch)] = overheads
     if system == "moetrt-torch":
         result["distinct_experts"] = {
-            str(batch): distinct_experts(run.model, prompts_for(vocab, batch, args["decode_prompt_len"], 7), 16)
+            str(batch): distinct_experts(run.session, prompts_for(vocab, batch, args["decode_prompt_len"], 7), 16)
             for batch in args["batches"]
         }
     result["peak_rss_bytes"] = peak_rss()

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from moetrt.errors import MoetrtError
-from moetrt.export.checkpoint import load_reference
-from moetrt.export.generate import generate_greedy
+from moetrt.export.reference_session import ReferenceSession, load_reference_session
 from moetrt.runtime.engine import Engine
+from moetrt.runtime.generate import GenerationOptions, continuation_logits, generate
 
 # (atol, rtol against the reference's largest |logit|, near-tie margin) per engine dtype.
 TOLERANCES = {"float32": (1e-4, 1e-5, 1e-3), "float16": (2e-2, 1e-2, 5e-2), "bfloat16": (1e-1, 5e-2, 2e-1)}
@@ -67,15 +67,17 @@ def _random_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
     return [rng.integers(0, vocab, int(rng.integers(4, 40))).tolist() for _ in range(count)]
 
 
-def _greedy_agreement(engine_tokens, reference, margin: float) -> tuple[int, str | None]:
-    """Tokens compared, and a failure message if they diverge where the reference is not near a tie."""
-    for step, (want, got) in enumerate(zip(reference.tokens, engine_tokens)):
+def _greedy_agreement(engine_tokens, reference_tokens, reference_logits, margin: float) -> tuple[int, str | None]:
+    """Tokens compared, and a failure message if they diverge where the reference is not near a tie.
+
+    reference_logits `[steps, vocab]`: the reference's logits at each of its greedy steps."""
+    for step, (want, got) in enumerate(zip(reference_tokens, engine_tokens)):
         if want != got:
-            top2 = np.sort(reference.logits[step].numpy())[-2:]
+            top2 = np.sort(reference_logits[step])[-2:]
             if top2[1] - top2[0] >= margin:
                 return step, f"diverged at step {step} ({got} vs {want}), reference margin {top2[1] - top2[0]:.3g}"
             return step, None
-    return min(len(reference.tokens), len(engine_tokens)), None
+    return min(len(reference_tokens), len(engine_tokens)), None
 
 
 def verify_engine(
@@ -88,7 +90,7 @@ def verify_engine(
     if task_problems < 1:
         raise MoetrtError(f"--task-problems must be at least 1, got {task_problems}")
     engine = Engine.load(engine_dir)
-    reference = load_reference(checkpoint_dir, dtype="float32")
+    reference = load_reference_session(checkpoint_dir, dtype="float32")
     if reference.config != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
@@ -97,18 +99,20 @@ def verify_engine(
     max_diff, scale = 0.0, 1.0
     for prompt in token_prompts:
         with torch.no_grad():
-            want = reference(torch.tensor([prompt])).numpy()
+            want = reference.model(torch.tensor([prompt])).numpy()
         got = engine.logits(np.array([prompt]))
         max_diff = max(max_diff, float(np.abs(got - want).max()))
         scale = max(scale, float(np.abs(want).max()))
 
     eos = tuple(engine.eos_ids)
     engine_runs = engine.generate(token_prompts, max_new_tokens=new_tokens, greedy=True)
-    reference_runs = generate_greedy(reference, token_prompts, new_tokens, stop_ids=eos, return_logits=True)
+    greedy = GenerationOptions(max_new_tokens=new_tokens, stop_token_ids=eos)
+    reference_tokens = [run.token_ids for run in generate(reference, token_prompts, greedy)]
+    # the margins come from one scoring call over prompt + greedy tokens: the logits each greedy step chose from
+    reference_logits = continuation_logits(reference, token_prompts, reference_tokens)
     agreeing, compared, failures = 0, 0, []
     for row, result in enumerate(engine_runs):
-        row_ref = dataclasses.replace(reference_runs, tokens=reference_runs.tokens[row], logits=reference_runs.logits[row])
-        steps, failure = _greedy_agreement(result.token_ids, row_ref, margin)
+        steps, failure = _greedy_agreement(result.token_ids, reference_tokens[row], reference_logits[row], margin)
         compared += steps
         agreeing += failure is None
         if failure:
@@ -126,15 +130,14 @@ def _detect_task(checkpoint_dir) -> str | None:
     return config.get("moetrt_task")
 
 
-def _compare_task(report, task, engine, reference, checkpoint_dir, problems, seed) -> None:
-    from moetrt.export.evaluate import reference_continuer
-    from moetrt.runtime.evaluate import engine_continuer
+def _compare_task(report, task, engine: Engine, reference: ReferenceSession, checkpoint_dir, problems, seed) -> None:
+    from moetrt.runtime.evaluate import engine_continuer, evaluate_session
     from moetrt.tasks.chat import ChatTokenizer
     from moetrt.tasks.evaluate import evaluate
 
     tokenizer = ChatTokenizer.load(checkpoint_dir)
     ours = evaluate(task, tokenizer, engine_continuer(engine), problems, seed, 64)
-    theirs = evaluate(task, tokenizer, reference_continuer(reference, tokenizer.eos_ids), problems, seed, 64)
+    theirs = evaluate_session(reference, tokenizer, task, problems, seed, 64)
     report.task = task
     report.engine_accuracy, report.reference_accuracy = ours.accuracy, theirs.accuracy
     report.answers_differing = sum(a.predicted != b.predicted for a, b in zip(ours.results, theirs.results))

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from moetrt.export.config import parse_config
-from moetrt.export.evaluate import evaluate_checkpoint
+from moetrt.config import parse_config
+from moetrt.export.reference_session import evaluate_checkpoint
 from moetrt.export.model import MoE, DeepseekForCausalLM
 from moetrt.progress import note, stage
 from moetrt.tasks import arithmetic

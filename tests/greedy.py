@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from moetrt.runtime.generate import GenerationOptions, continuation_logits, generate
+
 TIE_MARGIN = 1e-3
+
+
+def greedy_with_logits(session, prompts, max_new_tokens, stop_ids=()) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy continuations through the runtime's loop and the logits `[steps, vocab]` each step chose from."""
+    options = GenerationOptions(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+    tokens = [result.token_ids for result in generate(session, prompts, options)]
+    return tokens, continuation_logits(session, prompts, tokens)
 
 
 def assert_greedy_agrees(reference_tokens, reference_logits, actual_tokens, label: str = "") -> int:

@@ -1,7 +1,8 @@
 """Accuracy of a model on a task's held-out problems, whatever runs the model (torch-free core).
 
 The caller supplies `continue_batch(prompts, max_new_tokens) -> new token ids per prompt`, a greedy
-continuation that stops a row at an EOS id: the torch reference (`moetrt.export.evaluate`) or an engine.
+continuation that stops a row at an EOS id: `moetrt.runtime.evaluate.continuer` over an engine's session or the
+torch reference's.
 """
 
 from __future__ import annotations

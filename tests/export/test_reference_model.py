@@ -1,14 +1,15 @@
 """The torch reference model against transformers' DeepseekV3/V2ForCausalLM, and its latent cache."""
 
+import numpy as np
 import pytest
 import torch
 
 import moetrt
-from moetrt.export.config import load_config
-from moetrt.export.generate import generate_greedy
+from moetrt.config import load_config
 from moetrt.export.model import route_tokens
+from moetrt.export.reference_session import ReferenceSession
 from tests.checkpoints import CONFIGS, build_model, make_checkpoint
-from tests.greedy import assert_greedy_agrees
+from tests.greedy import assert_greedy_agrees, greedy_with_logits
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -39,8 +40,8 @@ def test_greedy_continuation_matches_transformers(pair):
         )
     want = generated.sequences[0, prompt.shape[1] :].tolist()
     want_logits = torch.stack([step[0] for step in generated.logits])
-    got = generate_greedy(ours, [prompt[0].tolist()], max_new_tokens=24).tokens[0]
-    assert assert_greedy_agrees(want, want_logits, got, name) > 0
+    got, _ = greedy_with_logits(ReferenceSession(ours), [prompt[0].tolist()], max_new_tokens=24)
+    assert assert_greedy_agrees(want, want_logits, got[0], name) > 0
 
 
 def test_cached_decode_equals_full_forward(pair):
@@ -61,12 +62,13 @@ def test_cached_decode_equals_full_forward(pair):
 def test_left_padded_batch_equals_rows_alone(pair):
     name, _, ours = pair
     prompts = [[5, 9, 11, 40, 7, 3, 22, 8], [17, 4, 60], [33, 2, 90, 14, 6]]
-    batched = generate_greedy(ours, prompts, max_new_tokens=12, return_logits=True)
-    for prompt, tokens, logits in zip(prompts, batched.tokens, batched.logits):
-        alone = generate_greedy(ours, [prompt], max_new_tokens=12, return_logits=True)
-        assert assert_greedy_agrees(alone.tokens[0], alone.logits[0], tokens, name) > 0
-        steps = min(len(tokens), len(alone.tokens[0]))
-        assert (logits[:steps] - alone.logits[0][:steps]).abs().max() <= 1e-4
+    session = ReferenceSession(ours)
+    batched = greedy_with_logits(session, prompts, max_new_tokens=12)
+    for prompt, tokens, logits in zip(prompts, *batched):
+        alone_tokens, alone_logits = greedy_with_logits(session, [prompt], max_new_tokens=12)
+        assert assert_greedy_agrees(alone_tokens[0], alone_logits[0], tokens, name) > 0
+        steps = min(len(tokens), len(alone_tokens[0]))
+        assert np.abs(logits[:steps] - alone_logits[0][:steps]).max() <= 1e-4
 
 
 def test_correction_bias_changes_v3_selection(tmp_path):

@@ -6,13 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-import moetrt
 from moetrt import MoetrtError
 from moetrt.export.engine import build_engine
-from moetrt.export.generate import generate_greedy
+from moetrt.settings import BuildProfile
+from moetrt.export.reference_session import load_reference_session
 from moetrt.runtime.engine import Engine
 from tests.checkpoints import make_checkpoint
-from tests.greedy import assert_greedy_agrees
+from tests.greedy import assert_greedy_agrees, greedy_with_logits
 
 PROMPTS = [
     [5, 9, 11, 40, 7],
@@ -25,9 +25,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "v3-qlora-grouped-yarn")
-    engine_dir = build_engine(checkpoint, tmp_path_factory.mktemp("e") / "engine", backend="ort", max_seq=16,
-                              max_context=128)
-    return Engine.load(engine_dir), moetrt.load_reference(checkpoint)
+    engine_dir = build_engine(checkpoint, tmp_path_factory.mktemp("e") / "engine", backend="ort",
+                              profile=BuildProfile(max_seq=16, max_context=128))
+    return Engine.load(engine_dir), load_reference_session(checkpoint)
 
 
 @pytest.mark.parametrize("rows", [[1], [0, 1, 2, 3]], ids=["batch1-long-prompt", "batch4-mixed-lengths"])
@@ -35,10 +35,10 @@ def test_greedy_generation_equals_reference_token_for_token(built, rows):
     engine, reference = built
     prompts = [PROMPTS[i] for i in rows]
     got = engine.generate(prompts, max_new_tokens=40, greedy=True, stop_token_ids=[])
-    want = generate_greedy(reference, prompts, 40, stop_ids=engine.eos_ids, return_logits=True)
+    want_tokens, want_logits = greedy_with_logits(reference, prompts, 40, stop_ids=engine.eos_ids)
     for row, result in enumerate(got):
         assert result.finish_reason in ("stop", "length")
-        assert assert_greedy_agrees(want.tokens[row], want.logits[row], result.token_ids, f"row {row}") > 0
+        assert assert_greedy_agrees(want_tokens[row], want_logits[row], result.token_ids, f"row {row}") > 0
 
 
 def test_chunked_prefill_matches_one_shot(built):
@@ -102,7 +102,7 @@ def test_one_step_frequencies_match_the_softmax(built, temperature, top_p):
 
 def test_length_and_context_errors(built):
     engine, _ = built
-    with pytest.raises(MoetrtError, match="exceed the engine's context of 128"):
+    with pytest.raises(MoetrtError, match="exceeds the engine's context of 128"):
         engine.generate([7] * 100, max_new_tokens=40)
     with pytest.raises(MoetrtError, match="no tokenizer: pass token ids"):
         engine.generate("hello")
@@ -115,7 +115,7 @@ def test_length_and_context_errors(built):
 def test_runtime_imports_no_torch():
     code = (
         "import sys\n"
-        "import moetrt.runtime, moetrt.runtime.engine, moetrt.runtime.ort_session\n"
+        "import moetrt.runtime, moetrt.runtime.engine, moetrt.runtime.ort.session\n"
         "from moetrt import Engine\n"
         "assert 'torch' not in sys.modules, 'import moetrt.runtime pulled in torch'\n"
         "sys.argv = ['moetrt', 'generate', '--help']\n"
