@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from moetrt.bench.run import run_system
-from moetrt.export.config import load_config
+from moetrt.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:

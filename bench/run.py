@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from moetrt.bench.bandwidth import CopyProbe
-from moetrt.export.config import load_config
+from moetrt.config import load_config
 from moetrt.export.info import count_parameters
+from moetrt.formats import read_manifest
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -32,8 +33,9 @@ TARGET = 0.70
 BUILD_SCRIPT = """
 import sys, time
 from moetrt.export.engine import build_engine
+from moetrt.settings import BuildProfile
 start = time.perf_counter()
-build_engine(sys.argv[1], sys.argv[2], backend="ort", max_context=int(sys.argv[3]))
+build_engine(sys.argv[1], sys.argv[2], backend="ort", profile=BuildProfile(max_context=int(sys.argv[3])))
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(seconds, peak)
@@ -115,7 +117,7 @@ def bench_model(name: str, model_dir: Path, args: dict, probe: CopyProbe, bandwi
     engine_dir = ROOT / "engines" / name
     print(f"[{name}] building the ONNX Runtime engine...", file=sys.stderr)
     result = {"model": name, **build(model_dir, engine_dir), "systems": {}}
-    result["moe_kernel"] = json.loads((engine_dir / "manifest.json").read_text())["ort"].get("moe_kernel", "onnxruntime")
+    result["moe_kernel"] = read_manifest(engine_dir).section.moe_kernel
     run_args = {**args, "vocab": config.vocab_size}
     for system in SYSTEMS:
         print(f"[{name}] {system}...", file=sys.stderr)

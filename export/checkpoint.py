@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from moetrt.errors import MoetrtError
-from moetrt.export.config import ModelConfig, load_config
+from moetrt.config import ModelConfig, load_config
 from moetrt.export.model import DeepseekForCausalLM, rope_inv_freq
-from moetrt.plugins.moe_dispatch import dequantize_blocks
+from moetrt.plugins.routed_experts import dequantize_blocks
 from moetrt.progress import note, track
 
 SAFETENSORS_DTYPES = {

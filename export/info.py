@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moetrt.export.config import ModelConfig
+from moetrt.config import ModelConfig
 
 GPU_BYTES = 141e9  # one H200
 BF16, FP8, FP32 = 2, 1, 4

@@ -1,4 +1,4 @@
-"""Lowering passes: rewrite the traced graph's expert-dispatch nodes for one backend.
+"""Lowering passes: rewrite the traced graph's routed-experts nodes for one backend.
 
 `trt` keeps the plugin node for TensorRT's ONNX parser, `ort` rewrites it to ONNX Runtime's
 `com.microsoft::MoE`, `onnx` to standard ONNX ops only. All passes work on an onnx_ir model in place.
@@ -6,34 +6,49 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 
 from moetrt.errors import MoetrtError
-from moetrt.plugins.spec import MOE_DISPATCH
+from moetrt.plugins.spec import ROUTED_EXPERTS
 
 
-def dispatch_nodes(model: ir.Model) -> list[ir.Node]:
+def routed_experts_nodes(model: ir.Model) -> list[ir.Node]:
     """The plugin nodes of the graph, checked against the spec."""
-    nodes = [n for n in model.graph if n.domain == MOE_DISPATCH.domain and n.op_type == MOE_DISPATCH.op_type]
+    nodes = [n for n in model.graph if n.domain == ROUTED_EXPERTS.domain and n.op_type == ROUTED_EXPERTS.op_type]
     for node in nodes:
-        required = len(MOE_DISPATCH.required_inputs)
-        if not required <= len(node.inputs) <= len(MOE_DISPATCH.inputs) or len(node.outputs) != 1:
+        required = len(ROUTED_EXPERTS.required_inputs)
+        if not required <= len(node.inputs) <= len(ROUTED_EXPERTS.inputs) or len(node.outputs) != 1:
             raise MoetrtError(f"plugin node {node.name} has {len(node.inputs)} inputs; the spec wants {required}+")
     return nodes
 
 
-def lower(model: ir.Model, target: str, expert_slices: int = 1, moe_kernel: str = "onnxruntime") -> ir.Model:
-    """Lower for `target`; `expert_slices` and `moe_kernel` apply to `ort` (see `ort.py`)."""
-    import functools
+@dataclasses.dataclass(frozen=True)
+class LoweringPlan:
+    """What an export is lowered for: `target` ("ort", "trt" or "onnx", standard ops) and, for "ort", the routed
+    experts' layout the ONNX Runtime backend's plan chose (export/ort/plan.py): `moe_kernel` ("onnxruntime" or
+    "moetrt"), `expert_slices` and `why` (said to the user). Other targets keep the defaults."""
 
-    from moetrt.export.passes import ort, portable, trt
+    target: str
+    expert_slices: int = 1
+    moe_kernel: str = "none"
+    why: str = ""
 
-    passes = {"trt": trt.lower_trt, "ort": functools.partial(ort.lower_ort, expert_slices=expert_slices,
-                                                       moe_kernel=moe_kernel),
-              "onnx": portable.lower_portable}
-    if target not in passes:
-        raise MoetrtError(f"target {target!r} is not one of {', '.join(passes)}")
-    passes[target](model)
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise MoetrtError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+
+
+# export target -> the module whose `lower(model, plan)` rewrites the routed-experts nodes for it
+TARGETS = {"ort": "moetrt.export.ort.lower", "trt": "moetrt.export.trt.lower", "onnx": "moetrt.export.portable"}
+
+
+def lower(model: ir.Model, plan: LoweringPlan) -> ir.Model:
+    """Rewrite `model`'s routed-experts nodes in place for `plan.target`; returns it."""
+    import importlib
+
+    importlib.import_module(TARGETS[plan.target]).lower(model, plan)
     return model
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrt.export.config import ModelConfig, RopeConfig, yarn_mscale
-from moetrt.plugins.moe_dispatch import moe_dispatch
+from moetrt.config import ModelConfig, RopeConfig, yarn_mscale
+from moetrt.plugins.routed_experts import routed_experts
 
 # transformers and DeepSeek build the q_a/kv_a norms with the default eps, not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -223,7 +223,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [T, H]
         topk_ids, topk_weights = self.gate(flat)
-        routed = moe_dispatch(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
+        routed = routed_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
         out = routed.view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -25,21 +25,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrt.atomic import staging_dir, write_json
+from moetrt.atomic import staging_dir
+from moetrt.config import ModelConfig, load_config
 from moetrt.errors import MoetrtError
 from moetrt.export.checkpoint import DTYPES, load_reference
-from moetrt.export.config import ModelConfig
+from moetrt.export.lowering import LoweringPlan, lower
 from moetrt.export.model import DeepseekForCausalLM
+from moetrt.formats import (
+    ATTENTION_MASK,
+    DATA_FILE,
+    MODEL_FILE,
+    PAST_LATENT_PREFIX,
+    TOKENIZER_FILES,
+    ExportInfo,
+    NodeRef,
+    graph_input_names,
+    graph_io,
+    graph_output_names,
+    write_export_info,
+)
 from moetrt.progress import note, stage
+from moetrt.settings import OrtOptions
 
-TARGETS = ("trt", "ort", "onnx")
 OPSET = 21
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-EXPORT_JSON = "export.json"
-# Files that make an export (and later an engine) self-sufficient for serving.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-EXPORT_FORMAT_VERSION = 1
 
 
 class DecoderGraph(nn.Module):
@@ -54,46 +62,6 @@ class DecoderGraph(nn.Module):
             input_ids, position_ids, attention_mask, list(past_latents), logit_positions
         )
         return (logits, *new_latents)
-
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "attention_mask", "logit_positions"]
-    inputs += [f"past_latent.{i}" for i in range(num_layers)]
-    outputs = ["logits"] + [f"new_latent.{i}" for i in range(num_layers)]
-    return inputs, outputs
-
-
-def io_description(config: ModelConfig, dtype: str) -> dict:
-    """The graph's inputs and outputs with symbolic shapes, for export.json and engine manifests."""
-    layers = range(config.num_hidden_layers)
-    latent = {"dtype": dtype, "shape": ["past_len", "batch", config.latent_dim]}
-    new = {"dtype": dtype, "shape": ["seq", "batch", config.latent_dim]}
-    return {
-        "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_len"]},
-            {"name": "logit_positions", "dtype": "int64", "shape": ["batch", "n_logits"]},
-            *({"name": f"past_latent.{i}", **latent} for i in layers),
-        ],
-        "outputs": [
-            {"name": "logits", "dtype": dtype, "shape": ["batch", "n_logits", config.vocab_size]},
-            *({"name": f"new_latent.{i}", **new} for i in layers),
-        ],
-        "cache": {
-            "layout": "position-major [past_len, batch, latent_dim] per layer",
-            "latent_dim": config.latent_dim,
-            "num_layers": config.num_hidden_layers,
-            "kv_lora_rank": config.kv_lora_rank,
-            "rope_dim": config.qk_rope_head_dim,
-            "input_prefix": "past_latent.",
-            "output_prefix": "new_latent.",
-            "notes": (
-                "row = [RMSNorm(compressed kv) (kv_lora_rank) | RoPE'd shared key (rope_dim)]; total_len = "
-                "past_len + seq; the graph returns only the seq new rows, the caller appends them in place"
-            ),
-        },
-    }
 
 
 def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
@@ -118,7 +86,7 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
         "logit_positions": {0: batch_dim, 1: dim("n_logits")},
         "past_latents": tuple({0: dim.AUTO, 1: batch_dim} for _ in range(layers)),
     }
-    inputs, outputs = io_names(layers)
+    inputs, outputs = graph_input_names(layers), graph_output_names(layers)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -162,65 +130,51 @@ def _name_dynamic_dims(model, layers: int) -> None:
     import onnx_ir as ir
 
     for value in model.graph.inputs:
-        if value.name == "attention_mask":
+        if value.name == ATTENTION_MASK:
             value.shape = ir.Shape([value.shape[0], "total_len"])
-        elif value.name.startswith("past_latent."):
+        elif value.name.startswith(PAST_LATENT_PREFIX):
             value.shape = ir.Shape(["past_len", *value.shape[1:]])
 
 
 def export_onnx(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
-    target: str = "ort",
+    target: str | LoweringPlan = "ort",
     dtype: str = "float32",
-    expert_slices: int | None = None,
-    moe_kernel: str = "auto",
+    ort: OrtOptions | None = None,
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
-    target: "ort" (ONNX Runtime's com.microsoft::MoE), "trt" (the TensorRT plugin node) or "onnx" (standard
-    ops only). expert_slices (ort only): sub-experts per expert that balance the CPU MoE kernel's threads;
-    None picks one per CPU thread (1 for a GPU). moe_kernel (ort only): "onnxruntime" (its MoE op), "moetrt"
-    (moetrt's CPU expert kernel, plugins/cpu_experts.c) or "auto" (moetrt's for float32 experts of 1 MiB and up
-    on the CPU; see `export/passes/ort.py`). The directory is written under a temporary name and renamed
-    when complete; returns it.
+    target: a LoweringPlan, or a target name: "ort" (ONNX Runtime's com.microsoft::MoE or moetrt's CPU expert
+    kernel, as the ONNX Runtime backend plans it from `ort`: export/ort/plan.py), "trt" (the TensorRT plugin
+    nodes) or "onnx" (standard ops only). The directory is written under a temporary name and renamed when
+    complete; returns it. Raises MoetrtError for an unknown target or dtype, or a checkpoint it cannot read.
     """
-    from moetrt.export.passes import lower
+    from moetrt.export.backends import plan_target
 
-    if target not in TARGETS:
-        raise MoetrtError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    plan = target if isinstance(target, LoweringPlan) else plan_target(target, load_config(checkpoint_dir), dtype,
+                                                                        ort or OrtOptions())
+    if plan.target == "ort":
+        note(f"experts: {plan.moe_kernel} ({plan.why})")
     with staging_dir(out_dir) as work:
         with stage("exporting", total=4) as advance:
             advance(0, "loading checkpoint")
             model = load_reference(checkpoint_dir, dtype=dtype)
             config = model.config
-            kernel, why = "none", ""
-            if target != "ort":
-                expert_slices = 1
-            else:
-                from moetrt.export.engine import ort_provider
-                from moetrt.export.passes.ort import choose_moe_kernel, default_expert_slices
-
-                if expert_slices is None:
-                    expert_slices = default_expert_slices(config.moe_intermediate_size)
-                kernel, why = choose_moe_kernel(moe_kernel, config.hidden_size, config.moe_intermediate_size,
-                                                expert_slices, dtype, ort_provider() == "CPUExecutionProvider")
-                note(f"experts: {kernel} ({why})")
             advance(1, "tracing to ONNX")
             graph = trace(model)
             del model  # the graph holds the weights now; lowering can then free what it replaces
             gc.collect()
-            advance(1, f"lowering for {target}")
-            lower(graph, target, expert_slices=expert_slices, moe_kernel=kernel if target == "ort" else "onnxruntime")
+            advance(1, f"lowering for {plan.target}")
+            lower(graph, plan)
             advance(1, "saving")
             save_model(graph, work / MODEL_FILE)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
-        description = export_description(config, target, dtype, checkpoint_dir, work)
-        write_json(work / EXPORT_JSON, {**description, "expert_slices": expert_slices, "moe_kernel": kernel})
+        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work))
     return out_dir
 
 
@@ -240,22 +194,13 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def export_description(config: ModelConfig, target: str, dtype: str, checkpoint_dir: Path, work: Path) -> dict:
+def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_dir: Path, work: Path) -> ExportInfo:
+    from moetrt.plugins.spec import ROUTED_EXPERTS
     from moetrt.versions import tool_versions
-    from moetrt.plugins.spec import MOE_DISPATCH
 
-    return {
-        "format": "moetrt-export",
-        "format_version": EXPORT_FORMAT_VERSION,
-        "target": target,
-        "dtype": dtype,
-        "model_file": MODEL_FILE,
-        "external_data": DATA_FILE,
-        "opset": OPSET,
-        "source": str(checkpoint_dir.resolve()),
-        "tokenizer": (work / "tokenizer.json").is_file(),
-        **io_description(config, dtype),
-        "plugin": {"op_type": MOE_DISPATCH.op_type, "domain": MOE_DISPATCH.domain, "version": MOE_DISPATCH.version},
-        "model_config": config.to_dict(),
-        "versions": tool_versions(),
-    }
+    return ExportInfo(
+        target=plan.target, dtype=dtype, opset=OPSET, source=str(checkpoint_dir.resolve()),
+        tokenizer=(work / "tokenizer.json").is_file(), io=graph_io(config, dtype),
+        node=NodeRef(ROUTED_EXPERTS.op_type, ROUTED_EXPERTS.domain, ROUTED_EXPERTS.version), model_config=config,
+        versions=tool_versions(), expert_slices=plan.expert_slices, moe_kernel=plan.moe_kernel,
+    )

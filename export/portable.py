@@ -1,4 +1,4 @@
-"""The `onnx` lowering: each dispatch node becomes standard ONNX ops, for any runtime (and TensorRT without
+"""The `onnx` lowering: each routed-experts node becomes standard ONNX ops, for any runtime (and TensorRT without
 the plugin).
 
 A `Loop` over experts gathers the tokens routed to expert e (NonZero), runs its SwiGLU MLP on just those
@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes import replace_node, constant, dispatch_nodes
+from moetrt.export.lowering import LoweringPlan, constant, replace_node, routed_experts_nodes
 
 OPSET = 21
 
@@ -33,7 +33,7 @@ def _expert_body(node: ir.Node, index: int) -> ir.Graph:
     zero = constant(tape, 0.0, np.float32)
     weight = tape.op("ReduceSum", [tape.op("Where", [chosen, topk_weights, zero]), constant(tape, [1], np.int64)],
                      {"keepdims": 0})  # [T]
-    # A float mask: TensorRT's NonZero takes only FP32/FP16 (export/trt_support.py).
+    # A float mask: TensorRT's NonZero takes only FP32/FP16 (export/trt/support.py).
     hit = tape.op("ReduceMax", [tape.op("Cast", [chosen], {"to": ir.DataType.FLOAT.value}),
                                 constant(tape, [1], np.int64)], {"keepdims": 0})
     rows = tape.op("Reshape", [tape.op("NonZero", [hit]), constant(tape, [-1], np.int64)])  # [n]
@@ -58,8 +58,9 @@ def _expert_body(node: ir.Node, index: int) -> ir.Graph:
                     name=f"{prefix}_expert_loop")
 
 
-def lower_portable(model: ir.Model) -> None:
-    for index, node in enumerate(dispatch_nodes(model)):
+def lower(model: ir.Model, plan: LoweringPlan) -> None:
+    """Each routed-experts node as standard ONNX ops (a Loop over the experts): any runtime can run it."""
+    for index, node in enumerate(routed_experts_nodes(model)):
         if len(node.inputs) > 5 and node.inputs[5] is not None:
             raise MoetrtError("the onnx lowering takes dequantised experts; export fp8 checkpoints dequantised")
         hidden, w_gate_up = node.inputs[0], node.inputs[3]

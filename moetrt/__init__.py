@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_reference": "moetrt.export.checkpoint",
-    "load_config": "moetrt.export.config",
+    "load_config": "moetrt.config",
     "export_onnx": "moetrt.export.onnx_export",
     "build_engine": "moetrt.export.engine",
     "Engine": "moetrt.runtime.engine",  # torch-free
@@ -21,7 +21,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from moetrt.export.checkpoint import load_reference
-    from moetrt.export.config import load_config
+    from moetrt.config import load_config
     from moetrt.export.engine import build_engine
     from moetrt.export.onnx_export import export_onnx
     from moetrt.runtime.engine import Engine

@@ -15,6 +15,8 @@ from typing import Optional
 import typer
 
 from moetrt.errors import MoetrtError
+from moetrt.settings import DEFAULT_MAX_SEQ, BuildConfig, BuildProfile, OrtOptions, TrtOptions
+from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
 
 app = typer.Typer(
     help="Compile DeepSeek-V3/R1-class MoE checkpoints into engines and run them.",
@@ -57,7 +59,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Layers, experts, routing, parameters, weight bytes, KV-cache bytes and GPUs needed."""
-    from moetrt.export.config import load_config
+    from moetrt.config import load_config
     from moetrt.export.info import describe
 
     summary = describe(load_config(source), context=context, batch=batch)
@@ -90,45 +92,40 @@ def info(
 
 
 def _engine_lines(engine_dir: Path) -> list[str]:
-    """What an engine directory adds to `info`: backend, dtype, shape limits, size on disk."""
+    """What an engine directory adds to `info`: backend, dtype, shape limits, size on disk, the backend's own."""
+    from moetrt.runtime.backends import get_backend
     from moetrt.runtime.manifest import load_manifest
 
     manifest = load_manifest(engine_dir)
-    backend = manifest.data[manifest.backend]
-    capability = backend.get("compute_capability")
-    where = backend.get("provider") or (f"GPU sm{capability[0]}{capability[1]}" if capability else "GPU")
     profile = manifest.profile
-    size = sum(record["bytes"] for record in manifest.artifacts.values())
-    lines = [
-        f"engine           {manifest.backend} ({where}), {manifest.dtype}, {_human_bytes(size)} on disk",
-        f"limits           batch {profile['max_batch']}, {profile['max_seq']} tokens per call, "
-        f"{profile['max_context']} cached positions per sequence",
+    size = sum(record.bytes for record in manifest.artifacts.values())
+    return [
+        f"engine           {manifest.backend}, {manifest.dtype}, {_human_bytes(size)} on disk",
+        f"limits           batch {profile.max_batch}, {profile.seq} tokens per call, "
+        f"{profile.max_context} cached positions per sequence",
+        *get_backend(manifest.backend).describe(manifest),
     ]
-    if manifest.backend == "ort":
-        kernel = backend.get("moe_kernel", "onnxruntime")
-        detail = (f"moetrt's CPU kernel, {len(backend['segments'])} graph segments" if kernel == "moetrt"
-                  else "onnxruntime's MoE op")
-        lines.append(f"routed experts   {detail}, {backend.get('expert_slices', 1)} slices per expert")
-    return lines
 
 
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (safetensors)."),
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
-    target: str = typer.Option("ort", help="Lowering of the expert dispatch: trt (plugin), ort, onnx (portable)."),
+    target: str = typer.Option("ort", help="Lowering of the routed experts: trt (plugin), ort, onnx (portable)."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     moe_kernel: str = typer.Option("auto", help=MOE_KERNEL_HELP),
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
-    """Trace a checkpoint to ONNX with the latent KV cache and one expert-dispatch node per MoE layer."""
+    """Trace a checkpoint to ONNX with the latent KV cache and one routed-experts node per MoE layer."""
     from moetrt.export.onnx_export import export_onnx
 
-    out = export_onnx(checkpoint, output, target=target, dtype=dtype, moe_kernel=moe_kernel)
+    from moetrt.settings import OrtOptions
+
+    out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel))
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
     if check_trt:
-        from moetrt.export.trt_check import check_trt_export
+        from moetrt.export.trt.check import check_trt_export
 
         report = check_trt_export(out)
         typer.echo(report.format())
@@ -153,7 +150,7 @@ def eval_(
     if (source / "manifest.json").is_file():
         from moetrt.runtime.evaluate import evaluate_engine as run
     else:
-        from moetrt.export.evaluate import evaluate_checkpoint as run
+        from moetrt.export.reference_session import evaluate_checkpoint as run
     report = run(source, task, n=n, seed=seed, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({"source": str(source), **report.to_dict()}, indent=2))
@@ -165,14 +162,17 @@ def eval_(
 def build_engine_command(
     source: Path = typer.Argument(..., help="Checkpoint directory (exported first) or export directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Engine directory to write."),
-    backend: str = typer.Option("auto", help="auto (TensorRT with a GPU, else ONNX Runtime), trt or ort."),
+    backend: str = typer.Option(BuildConfig.backend, help="auto (TensorRT with a GPU, else ONNX Runtime), trt or ort."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default), float16 or bfloat16."),
-    max_batch: int = typer.Option(8, help="Largest batch the engine serves."),
-    max_seq: Optional[int] = typer.Option(None, help="Most tokens per call, the prefill chunk (default 512)."),
-    max_context: int = typer.Option(4096, help="Most cached positions per sequence."),
-    portable: bool = typer.Option(False, help="Build from the standard-ops lowering (no plugin)."),
-    trt_plugin: str = typer.Option("aot", help="TensorRT expert-dispatch plugin: aot (no Python at run time) or jit."),
-    moe_kernel: str = typer.Option("auto", help=MOE_KERNEL_HELP),
+    max_batch: Optional[int] = typer.Option(None, help=f"Largest batch the engine serves (default {BuildProfile.max_batch})."),
+    max_seq: Optional[int] = typer.Option(None, help=f"Most tokens per call, the prefill chunk (default "
+                                          f"{DEFAULT_MAX_SEQ}, at most the context)."),
+    max_context: Optional[int] = typer.Option(None, help=f"Most cached positions per sequence (default "
+                                              f"{BuildProfile.max_context})."),
+    portable: bool = typer.Option(False, help="TensorRT: build from the standard-ops lowering (no plugin)."),
+    trt_plugin: str = typer.Option(TrtOptions.plugin, help="TensorRT routed-experts plugin: aot (no Python at run "
+                                   "time) or jit."),
+    moe_kernel: str = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
@@ -181,24 +181,24 @@ def build_engine_command(
 
     from moetrt.export.engine import build_engine
 
+    limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
+    config = BuildConfig(backend=backend, dtype=dtype,
+                         profile=BuildProfile(**{k: v for k, v in limits.items() if v is not None}),
+                         ort=OrtOptions(moe_kernel=moe_kernel), trt=TrtOptions(plugin=trt_plugin, portable=portable))
     if dry_run:
-        _dry_run_trt(source, backend, dtype, max_batch, max_seq, max_context, portable, trt_plugin)
+        _dry_run_trt(source, config)
         return
     start = time.perf_counter()
-    engine = build_engine(source, output, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                          max_context=max_context, portable=portable, trt_plugin=trt_plugin, moe_kernel=moe_kernel)
+    engine = build_engine(source, output, config)
     typer.echo(f"built {engine} in {time.perf_counter() - start:.1f}s")
 
 
-def _dry_run_trt(source, backend, dtype, max_batch, max_seq, max_context, portable, trt_plugin) -> None:
-    from moetrt.errors import MoetrtError
-    from moetrt.export.trt_plan import dry_run_trt
+def _dry_run_trt(source: Path, config: BuildConfig) -> None:
+    from moetrt.export.trt.plan import dry_run_trt
 
-    if backend == "ort":
+    if config.backend == "ort":
         raise MoetrtError("--dry-run checks a TensorRT build; use it with --backend trt or auto")
-    max_seq = min(512, max_context) if max_seq is None else max_seq
-    limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
-    plan, report = dry_run_trt(source, limits, portable=portable, plugin=trt_plugin, dtype=dtype)
+    plan, report = dry_run_trt(source, config)
     typer.echo(plan.describe())
     typer.echo(report.format())
     if not report.ok:
@@ -240,7 +240,8 @@ def _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_pe
     }
 
 
-_MAX_NEW = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate (default 512).")
+_MAX_NEW = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate (default: "
+                        f"generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}).")
 _TEMPERATURE = typer.Option(None, help="Sampling temperature (default: generation_config.json; 0 = greedy).")
 _TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
 _TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1].")
@@ -296,7 +297,6 @@ def generate(
     loaded = Engine.load(engine, threads=threads)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
                                   max_reasoning_tokens)
-    options["max_new_tokens"] = options["max_new_tokens"] or loaded.defaults.get("max_new_tokens", 512)
     if raw:
         ids = loaded.encode(prompt)
     else:
@@ -337,7 +337,6 @@ def chat(
     loaded = Engine.load(engine, threads=threads)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
                                   max_reasoning_tokens)
-    options["max_new_tokens"] = options["max_new_tokens"] or loaded.defaults.get("max_new_tokens", 512)
     console = Console(highlight=False)
     messages = [{"role": "system", "content": system}] if system else []
     console.print(f"[bold]moetrt chat[/bold] — {engine} ({loaded.manifest.backend}). /reset, /exit")

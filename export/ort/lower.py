@@ -1,4 +1,4 @@
-"""The `ort` lowering: each dispatch node becomes ONNX Runtime's `com.microsoft::MoE`, exactly.
+"""The `ort` lowering: each routed-experts node becomes ONNX Runtime's `com.microsoft::MoE`, exactly.
 
 MoE picks its own top-k from router probabilities, so it is fed `log(w)` at the chosen experts and -inf
 elsewhere: its softmax then reproduces `w / sum(w)` on exactly those experts (`normalize_routing_weights=1`),
@@ -14,32 +14,31 @@ the expert), laid out slice-major: `[S * E]`, slice s of every expert in the s-t
 are repeated S times and k becomes S*k, so with S threads each thread does exactly one slice of every chosen
 expert. The weights are only rearranged, not copied.
 
-`moe_kernel="moetrt"` lowers each dispatch node to `moetrt.cpu::Experts` instead: moetrt's own CPU kernel
+`moe_kernel="moetrt"` lowers each routed-experts node to `moetrt.cpu::Experts` instead: moetrt's own CPU kernel
 (plugins/cpu_experts.c), which reads each chosen expert once for all its rows from a packed layout. ONNX
-Runtime cannot run that node; the engine build cuts the graph at these nodes (export/split.py) and the runtime
+Runtime cannot run that node; the engine build cuts the graph at these nodes (export/ort/split.py) and the runtime
 calls the kernel between the pieces.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes import replace_node, add_initializer, constant, dispatch_nodes, drop_unused_initializer
+from moetrt.export.lowering import (
+    LoweringPlan,
+    add_initializer,
+    constant,
+    drop_unused_initializer,
+    replace_node,
+    routed_experts_nodes,
+)
 
 MS_DOMAIN = "com.microsoft"
 EXPERTS_DOMAIN, EXPERTS_OP = "moetrt.cpu", "Experts"
 MOE_KERNELS = ("onnxruntime", "moetrt")
-# Below this many bytes per expert the kernel's extra calls (one more ONNX Runtime run and kernel call per MoE
-# layer) cost more than its streaming gains. tiny-r1 (74 KB experts) built with the kernel stepped in 0.53 ms
-# against 0.28-0.30 ms without it at batch 1, 0.67 against 0.44-0.46 ms at batch 8; ds-mini (6 MB) gains
-# (bench/NOTES.md). DeepSeek-V3's experts are 176 MB in fp32.
-KERNEL_MIN_EXPERT_BYTES = 1 << 20
-
 
 def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
     """`[E, 2I, H]` gate rows then up rows -> rows g0, u0, g1, u1, ... (MoE's swiglu_fusion=1 layout)."""
@@ -57,39 +56,12 @@ def slice_experts(fc1: np.ndarray, fc2: np.ndarray, slices: int) -> tuple[np.nda
             np.ascontiguousarray(fc2).reshape(slices * experts, hidden, inter // slices))
 
 
-def default_expert_slices(intermediate: int, threads: int | None = None) -> int:
-    """One slice per CPU thread ONNX Runtime will use (at most 16), a divisor of the expert width."""
-    threads = min(threads or os.cpu_count() or 1, 16)
-    return max(s for s in range(1, threads + 1) if intermediate % s == 0)
-
-
-def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool) -> tuple[str, str]:
-    """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime"."""
-    from moetrt.plugins.cpu_experts import find_compiler, supported
-
-    if requested not in ("auto", *MOE_KERNELS):
-        raise MoetrtError(f"--moe-kernel must be auto, {' or '.join(MOE_KERNELS)}, got {requested!r}")
-    unfit = ("it runs on the CPU only" if not cpu else "it computes in float32" if dtype != "float32"
-             else supported(hidden, inter, slices))
-    if requested == "moetrt":
-        if unfit:
-            raise MoetrtError(f"--moe-kernel moetrt cannot be used here: {unfit}; use --moe-kernel onnxruntime")
-        return "moetrt", "requested"
-    if requested == "onnxruntime":
-        return "onnxruntime", "requested"
-    if unfit:
-        return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
-    if find_compiler() is None:  # the kernel is compiled where the engine is loaded
-        return "onnxruntime", "no C compiler here to build moetrt's kernel"
-    if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
-        return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
-    return "moetrt", "experts stream once per batch from a packed layout"
-
-
-def lower_ort(model: ir.Model, expert_slices: int = 1, moe_kernel: str = "onnxruntime") -> None:
+def lower(model: ir.Model, plan: LoweringPlan) -> None:
+    """Each routed-experts node as com.microsoft::MoE, or moetrt's CPU kernel node, as `plan` says."""
+    expert_slices, moe_kernel = plan.expert_slices, plan.moe_kernel
     if moe_kernel not in MOE_KERNELS:
         raise MoetrtError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {moe_kernel!r}")
-    for node in dispatch_nodes(model):
+    for node in routed_experts_nodes(model):
         if len(node.inputs) > 5 and node.inputs[5] is not None:
             raise MoetrtError("the ort lowering takes dequantised experts; export fp8 checkpoints dequantised")
         hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
@@ -150,7 +122,7 @@ def lower_ort(model: ir.Model, expert_slices: int = 1, moe_kernel: str = "onnxru
 
 
 def _lower_to_kernel(model: ir.Model, node: ir.Node, fc1: np.ndarray, slices: int) -> None:
-    """The dispatch node -> `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)`, packed."""
+    """The routed-experts node -> `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)`, packed."""
     from moetrt.plugins.cpu_experts import pack_down, pack_gate_up, supported
 
     hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes.ort import EXPERTS_DOMAIN, EXPERTS_OP
+from moetrt.formats import EXPERTS_FILE, ExpertLayer, OrtSegment, Span
+from moetrt.export.ort.lower import EXPERTS_DOMAIN, EXPERTS_OP
 
-EXPERTS_FILE = "experts.bin"
 ALIGN = 64
 
 
 def split(export_dir: Path, model_file: str, work: Path):
     """Cut the export into segments and write the packed experts to `work/experts.bin`.
 
-    Returns (serialized segment models, whose external data lives in `export_dir`, segment descriptions
-    [{"inputs", "outputs"}], expert layer descriptions for the manifest)."""
+    Returns (serialized segment models, whose external data lives in `export_dir`, their manifest entries
+    (segment k is saved as `segment{k}.onnx`), the expert layers' manifest entries)."""
     import onnx
 
     model = onnx.load(str(export_dir / model_file), load_external_data=False)
@@ -100,7 +100,7 @@ def split(export_dir: Path, model_file: str, work: Path):
                                                                        if o.domain != EXPERTS_DOMAIN])
         segment.ir_version = model.ir_version
         serialized.append(segment.SerializeToString())
-        described.append({"inputs": inputs, "outputs": outputs})
+        described.append(OrtSegment(f"segment{k}.onnx", tuple(inputs), tuple(outputs)))
 
     layers = _write_experts(experts, initializers, export_dir, work / EXPERTS_FILE)
     return serialized, described, layers
@@ -112,7 +112,7 @@ def _info(value_info: dict, name: str):
     return value_info[name]
 
 
-def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[dict]:
+def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[ExpertLayer]:
     """Each expert node's packed weights, 64-byte aligned, into one file; their descriptions for the manifest."""
     from onnx import numpy_helper
 
@@ -120,9 +120,7 @@ def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[
     with open(path, "wb") as out:
         for node in experts:
             attributes = {attr.name: attr.i for attr in node.attribute}
-            layer = {"inputs": list(node.input[:3]), "output": node.output[0],
-                     **{name: attributes[name] for name in ("num_experts", "hidden_size", "intermediate_size",
-                                                             "slices")}}
+            spans = {}
             for key, name in zip(("gate_up", "down"), node.input[3:5]):
                 array = numpy_helper.to_array(initializers[name], base_dir=str(export_dir))
                 if array.dtype != np.float32:
@@ -131,8 +129,10 @@ def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[
                 out.write(b"\0" * pad)
                 offset += pad
                 out.write(np.ascontiguousarray(array).data)
-                layer[key] = {"offset": offset, "count": int(array.size)}
+                spans[key] = Span(offset, int(array.size))
                 offset += array.nbytes
                 del array
-            layers.append(layer)
+            layers.append(ExpertLayer(tuple(node.input[:3]), node.output[0], attributes["num_experts"],
+                                      attributes["hidden_size"], attributes["intermediate_size"], attributes["slices"],
+                                      spans["gate_up"], spans["down"]))
     return layers

@@ -2,7 +2,7 @@
 
 A strongly typed network from TensorRT's ONNX parser (the export's dtypes are the engine's: no precision flags),
 the moetrt plugins registered first (plugins/trt_plugin.py; the network flag picks their AOT or JIT form), the
-prefill and decode optimization profiles of export/trt_plan.py, the builder's optimization level, a timing cache
+prefill and decode optimization profiles of export/trt/plan.py, the builder's optimization level, a timing cache
 reused across builds, a progress bar per build phase, and the plan written atomically. Needs TensorRT and a GPU;
 export/engine.py says so in one line where they are missing.
 """
@@ -15,10 +15,11 @@ import tensorrt as trt
 
 from moetrt.atomic import write_bytes
 from moetrt.errors import MoetrtError
-from moetrt.export.onnx_export import MODEL_FILE
-from moetrt.export.trt_plan import PLAN_FILE, TrtBuildPlan, plan_trt_build, timing_cache_path
+from moetrt.export.trt.plan import TrtBuildPlan, plan_trt_build, timing_cache_path
+from moetrt.formats import MODEL_FILE, PLAN_FILE, ExportInfo, TrtProfile, TrtSection
+from moetrt.settings import BuildProfile
 from moetrt.progress import Phases, note
-from moetrt.runtime import hardware
+from moetrt import hardware
 
 PARSER_ERRORS_SHOWN = 5
 
@@ -41,10 +42,11 @@ class BuildProgress(trt.IProgressMonitor):
         self.phases.finish(phase_name)
 
 
-def build_trt(export_dir: Path, work_dir: Path, profile: dict[str, int], plugin: str = "aot") -> dict[str, object]:
-    """Build `work_dir/model.plan` from `export_dir`; returns the manifest's "trt" section. profile: max_batch,
-    max_seq, max_context. plugin: "aot" (the engine runs without Python) or "jit"; ignored for portable exports."""
-    plan = plan_trt_build(export_dir, profile, plugin)
+def build_trt(export_dir: Path, info: ExportInfo, work_dir: Path, profile: BuildProfile,
+              plugin: str = "aot") -> TrtSection:
+    """Build `work_dir/model.plan` from `export_dir` (described by `info`); returns the manifest's TensorRT section.
+    plugin: "aot" (the engine runs without Python) or "jit"; ignored for portable exports."""
+    plan = plan_trt_build(info, profile, plugin)
     register_plugins(plan)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -106,19 +108,15 @@ def parse(
     return network, parser
 
 
-def manifest_section(plan: TrtBuildPlan, device: hardware.CudaDevice) -> dict[str, object]:
-    return {
-        "version": trt.__version__,
-        "compute_capability": list(device.compute_capability),
-        "gpu": device.name,
-        "plan": PLAN_FILE,
-        "plugin_form": plan.plugin_form,
-        "python_at_runtime": plan.python_at_runtime,
-        "strongly_typed": True,
-        "optimization_level": plan.optimization_level,
-        "profiles": [
-            {"name": profile.name, "shapes": {name: [list(dims) for dims in shapes]
-                                              for name, shapes in profile.shapes.items()}}
-            for profile in plan.profiles
-        ],
-    }
+def manifest_section(plan: TrtBuildPlan, device: hardware.CudaDevice) -> TrtSection:
+    return TrtSection(
+        version=trt.__version__,
+        compute_capability=tuple(device.compute_capability),
+        gpu=device.name,
+        plan=PLAN_FILE,
+        plugin_form=plan.plugin_form,
+        python_at_runtime=plan.python_at_runtime,
+        strongly_typed=True,
+        optimization_level=plan.optimization_level,
+        profiles=tuple(TrtProfile(profile.name, dict(profile.shapes)) for profile in plan.profiles),
+    )

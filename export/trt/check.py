@@ -1,7 +1,7 @@
 """What TensorRT's ONNX parser would refuse in an export, found without TensorRT or a GPU.
 
 `check_trt_export(export_dir)` reads the graph (not the weights), infers types, and walks every node, subgraphs
-included, against export/trt_support.py (TensorRT's documented operator support) and the plugin spec: operators
+included, against export/trt/support.py (TensorRT's documented operator support) and the plugin spec: operators
 the parser has no importer for, tensor types an importer does not take (int64 where int32 is needed among them),
 build-time constants and attribute values its restrictions demand, mixed floating-point types a strongly typed
 network cannot reconcile, tensors whose type is unknown, and plugin nodes that do not match plugins/spec.py.
@@ -17,8 +17,8 @@ from pathlib import Path
 import onnx
 
 from moetrt.errors import MoetrtError
-from moetrt.export import trt_support as support
-from moetrt.plugins.spec import ACTIVATION_DTYPES, DISPATCH_ATTRIBUTE, MOE_DISPATCH, MOE_STAGES, PluginSpec
+from moetrt.export.trt import support
+from moetrt.plugins.spec import ACTIVATION_DTYPES, LAUNCH_ATTRIBUTE, MOE_STAGES, ROUTED_EXPERTS, PluginSpec
 from moetrt.plugins.trt_stages import StageAttribute
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -129,7 +129,7 @@ class Checker:
     def check(self, node: onnx.NodeProto) -> None:
         label = node.name or (node.output[0] if node.output else "?")
         op = f"{node.domain}::{node.op_type}" if node.domain not in STANDARD_DOMAINS else node.op_type
-        if node.domain == MOE_DISPATCH.domain:
+        if node.domain == ROUTED_EXPERTS.domain:
             self.plugins[op] += 1
             self.check_plugin(node, label, op)
         elif node.domain not in STANDARD_DOMAINS:
@@ -176,7 +176,7 @@ class Checker:
     def check_plugin(self, node: onnx.NodeProto, label: str, op: str) -> None:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attributes = {k: v.decode() if isinstance(v, bytes) else v for k, v in attributes.items()}
-        specs = {spec.op_type: spec for spec in (MOE_DISPATCH, *MOE_STAGES.values())}
+        specs = {spec.op_type: spec for spec in (ROUTED_EXPERTS, *MOE_STAGES.values())}
         spec = specs.get(node.op_type)
         if spec is None:
             self.refuse("plugin", label, op, f"moetrt registers no plugin {node.op_type} "
@@ -195,7 +195,7 @@ def plugin_problems(spec: PluginSpec, node: onnx.NodeProto, attributes: dict, ty
     if attributes.get("plugin_namespace", spec.domain) != spec.domain:
         yield f"plugin_namespace {attributes['plugin_namespace']!r}, the plugin's namespace is {spec.domain!r}"
     inputs = [name for name in node.input]
-    if spec is MOE_DISPATCH and len(inputs) > len(spec.required_inputs):
+    if spec is ROUTED_EXPERTS and len(inputs) > len(spec.required_inputs):
         yield "fp8 block scales given: the TensorRT plugin takes dequantised experts (export dequantises them)"
     if len(inputs) != len(spec.required_inputs) or len(node.output) != len(spec.outputs):
         yield (f"{len(inputs)} inputs and {len(node.output)} outputs; the spec has {len(spec.required_inputs)} "
@@ -213,17 +213,17 @@ def plugin_problems(spec: PluginSpec, node: onnx.NodeProto, attributes: dict, ty
 
 
 def expected_dtype(spec: PluginSpec, attributes: dict, hidden_type: str | None) -> str:
-    """The one activation/weight type of a plugin node: its `dispatch` attribute's, or for the spec's node the
+    """The one activation/weight type of a plugin node: its `launch` attribute's, or for the spec's node the
     hidden input's; 'bad ...' when the attribute is missing or unreadable."""
-    if spec is MOE_DISPATCH:
+    if spec is ROUTED_EXPERTS:
         if attributes.get("activation", "silu") != "silu":
             return f"bad activation {attributes['activation']!r}: the plugin computes silu(gate) * up"
         allowed = [SPEC_TYPES[d] for d in ACTIVATION_DTYPES]
         return hidden_type if hidden_type in allowed else f"bad hidden type {hidden_type}; takes {allowed}"
-    if DISPATCH_ATTRIBUTE not in attributes:
-        return f"bad node: no `{DISPATCH_ATTRIBUTE}` attribute (export with --target trt)"
+    if LAUNCH_ATTRIBUTE not in attributes:
+        return f"bad node: no `{LAUNCH_ATTRIBUTE}` attribute (export with --target trt)"
     try:
-        return SPEC_TYPES[StageAttribute.decode(attributes[DISPATCH_ATTRIBUTE]).dtype]
+        return SPEC_TYPES[StageAttribute.decode(attributes[LAUNCH_ATTRIBUTE]).dtype]
     except ValueError as error:
         return f"bad {error}"
 

@@ -1,8 +1,8 @@
-"""The `trt` lowering: each dispatch node becomes four single-kernel plugin nodes for TensorRT's ONNX parser.
+"""The `trt` lowering: each routed-experts node becomes four single-kernel plugin nodes for TensorRT's ONNX parser.
 
 `moetrt::MoeAlign -> MoeGateUp -> MoeDown -> MoeCombine` (plugins/spec.py's MOE_STAGES), intermediates as plugin
 outputs, so each node has an ahead-of-time implementation of exactly one kernel and an engine runs without Python.
-Every node carries the `dispatch` attribute (static dimensions, dtype, block sizes) and, for the parser's plugin
+Every node carries the `launch` attribute (static dimensions, dtype, block sizes) and, for the parser's plugin
 lookup, `plugin_version` and `plugin_namespace` (parsers before TensorRT 10.10 read the namespace only from the
 attribute; later ones fall back to the node's domain).
 """
@@ -13,10 +13,10 @@ import onnx_ir as ir
 from onnx_ir.tape import Tape
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes import dispatch_nodes, replace_node
+from moetrt.export.lowering import LoweringPlan, replace_node, routed_experts_nodes
 from moetrt.plugins.moe_configs import select_config
-from moetrt.plugins.moe_launch import DispatchShape, ExpertDims
-from moetrt.plugins.spec import DISPATCH_ATTRIBUTE, MOE_DISPATCH, MOE_STAGES
+from moetrt.plugins.moe_launch import ExpertDims, ExpertsShape
+from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES, ROUTED_EXPERTS
 from moetrt.plugins.trt_stages import StageAttribute
 
 DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
@@ -26,8 +26,9 @@ IR_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()} | {"int32": ir.
 CONFIG_TOKENS = 512
 
 
-def lower_trt(model: ir.Model) -> None:
-    for index, node in enumerate(dispatch_nodes(model)):
+def lower(model: ir.Model, plan: LoweringPlan) -> None:
+    """Each routed-experts node as the four stage plugin nodes, for TensorRT's ONNX parser."""
+    for index, node in enumerate(routed_experts_nodes(model)):
         attribute = stage_attribute(node)
         hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
         tape = Tape()
@@ -36,11 +37,11 @@ def lower_trt(model: ir.Model) -> None:
         expert_out = stage(tape, "down", [act[0], w_down, topk_weights, *aligned], attribute, index)
         output = stage(tape, "combine", [expert_out[0]], attribute, index)
         replace_node(node, tape.nodes, output[0])
-    model.opset_imports[MOE_DISPATCH.domain] = MOE_DISPATCH.version
+    model.opset_imports[ROUTED_EXPERTS.domain] = ROUTED_EXPERTS.version
 
 
 def stage_attribute(node: ir.Node) -> StageAttribute:
-    """The `dispatch` attribute for one dispatch node, from its weights' shapes and dtypes."""
+    """The `launch` attribute for one routed-experts node, from its weights' shapes and dtypes."""
     if len(node.inputs) > 5 and node.inputs[5] is not None:
         raise MoetrtError("the trt lowering takes dequantised experts; export fp8 checkpoints dequantised")
     hidden, topk_ids, _, w_gate_up, w_down = node.inputs[:5]
@@ -54,7 +55,7 @@ def stage_attribute(node: ir.Node) -> StageAttribute:
     experts, two_inter, hidden_size = (int(d) for d in w_gate_up.shape)
     dims = ExpertDims(hidden_size, two_inter // 2, experts, top_k)
     dtype = DTYPE_NAMES[hidden.dtype]
-    shape = DispatchShape(CONFIG_TOKENS, dims.hidden, dims.inter, dims.num_experts, dims.top_k, dtype, dtype)
+    shape = ExpertsShape(CONFIG_TOKENS, dims.hidden, dims.inter, dims.num_experts, dims.top_k, dtype, dtype)
     return StageAttribute(dims, dtype, select_config(shape))
 
 
@@ -65,7 +66,7 @@ def stage(tape: Tape, name: str, inputs: list, attribute: StageAttribute, index:
         spec.op_type,
         inputs,
         {
-            DISPATCH_ATTRIBUTE: attribute.encode(),
+            LAUNCH_ATTRIBUTE: attribute.encode(),
             "plugin_version": str(spec.version),
             "plugin_namespace": spec.domain,
         },

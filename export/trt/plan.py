@@ -3,29 +3,28 @@
 `plan_trt_build` turns the max flags into the two optimization profiles (prefill: up to max_seq new tokens on a
 cache of up to max_context; decode: exactly one token, on a past padded up to max_context so that decode steps can
 replay CUDA graphs) and says whether the engine will need Python at run time. `dry_run_trt` (`moetrt build-engine
---dry-run`) exports if needed, runs export/trt_check.py and returns the plan and the report; no GPU is needed.
+--dry-run`) exports if needed, runs export/trt/check.py and returns the plan and the report; no GPU is needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from moetrt.errors import MoetrtError
+from moetrt.formats import ExportInfo, TensorIO, read_export_info
+from moetrt.settings import BuildConfig, BuildProfile, cache_dir
 
 if TYPE_CHECKING:
-    from moetrt.export.trt_check import TrtCheckReport
+    from moetrt.export.trt.check import TrtCheckReport
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
 
-PLUGIN_FORMS = ("aot", "jit")
+TARGETS = ("trt", "onnx")  # export targets a TensorRT engine builds from
 # TensorRT's default level, stated: 0-2 build faster with fewer tactics, 4-5 search longer.
 OPTIMIZATION_LEVEL = 3
-PLAN_FILE = "model.plan"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,54 +74,40 @@ def dimension_ranges(max_batch: int, max_seq: int, max_context: int) -> dict[str
     }
 
 
-def optimization_profiles(
-    inputs: list[dict[str, Any]], max_batch: int, max_seq: int, max_context: int
-) -> tuple[Profile, ...]:
-    """The prefill and decode profiles for the graph inputs of export.json (`[{name, dtype, shape}]`)."""
+def optimization_profiles(inputs: tuple[TensorIO, ...], profile: BuildProfile) -> tuple[Profile, ...]:
+    """The prefill and decode profiles for the graph inputs an export records (formats.GraphIO.inputs)."""
     profiles = []
-    for name, ranges in dimension_ranges(max_batch, max_seq, max_context).items():
+    for name, ranges in dimension_ranges(profile.max_batch, profile.seq, profile.max_context).items():
         shapes: dict[str, Shapes] = {}
         for spec in inputs:
-            dims = [(d, d, d) if isinstance(d, int) else ranges[d] for d in spec["shape"]]
+            dims = [(d, d, d) if isinstance(d, int) else ranges[d] for d in spec.shape]
             low, opt, high = (tuple(dim[i] for dim in dims) for i in range(3))
-            shapes[spec["name"]] = (low, opt, high)
+            shapes[spec.name] = (low, opt, high)
         profiles.append(Profile(name, shapes))
     return tuple(profiles)
 
 
-def plan_trt_build(export_dir: Path, limits: dict[str, int], plugin: str = "aot") -> TrtBuildPlan:
-    """The build plan for `export_dir` (its export.json) under limits {max_batch, max_seq, max_context}."""
-    if plugin not in PLUGIN_FORMS:
-        raise MoetrtError(f"--trt-plugin {plugin!r} is not one of {', '.join(PLUGIN_FORMS)}")
-    described = json.loads((export_dir / "export.json").read_text())
-    if described["target"] not in ("trt", "onnx"):
-        raise MoetrtError(f"{export_dir} was exported for target {described['target']}; TensorRT builds from trt "
-                          "or onnx exports (re-export with --target trt)")
-    profiles = optimization_profiles(described["inputs"], limits["max_batch"], limits["max_seq"],
-                                     limits["max_context"])
-    return TrtBuildPlan(profiles, plugin if described["target"] == "trt" else "none")
+def plan_trt_build(info: ExportInfo, profile: BuildProfile, plugin: str = "aot") -> TrtBuildPlan:
+    """The build plan for an export (its typed export.json) under `profile`; plugin: "aot" or "jit"."""
+    if info.target not in TARGETS:
+        raise MoetrtError(f"the export was made for target {info.target}; TensorRT builds from trt or onnx exports "
+                          "(re-export with --target trt)")
+    profiles = optimization_profiles(info.io.inputs, profile)
+    return TrtBuildPlan(profiles, plugin if info.target == "trt" else "none")
 
 
 def timing_cache_path(trt_version: str, compute_capability: tuple[int, int]) -> Path:
     """Reused across builds; one file per TensorRT version and GPU, which is what a timing cache is valid for."""
-    root = Path(os.environ.get("MOETRT_CACHE_DIR") or Path.home() / ".cache" / "moetrt")
     major, minor = compute_capability
-    return root / f"trt-timing-{trt_version}-sm{major}{minor}.cache"
+    return cache_dir() / f"trt-timing-{trt_version}-sm{major}{minor}.cache"
 
 
-def dry_run_trt(
-    source: str | Path, limits: dict[str, int], portable: bool = False, plugin: str = "aot", dtype: str | None = None
-) -> tuple[TrtBuildPlan, TrtCheckReport]:
+def dry_run_trt(source: str | Path, config: BuildConfig) -> tuple[TrtBuildPlan, TrtCheckReport]:
     """(plan, report) for a TensorRT build of `source` (checkpoint: exported to a temporary directory first)."""
-    from moetrt.export.onnx_export import EXPORT_JSON, export_onnx
-    from moetrt.export.trt_check import check_trt_export
+    from moetrt.export.engine import export_for
+    from moetrt.export.trt.check import check_trt_export
 
-    source = Path(source)
-    if (source / EXPORT_JSON).is_file():
-        return plan_trt_build(source, limits, plugin), check_trt_export(source)
-    if not (source / "config.json").is_file():
-        raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
     with tempfile.TemporaryDirectory(prefix="moetrt-dry-run-") as scratch:
-        export_dir = export_onnx(source, Path(scratch) / "export", target="onnx" if portable else "trt",
-                                 dtype=dtype or "float32")
-        return plan_trt_build(export_dir, limits, plugin), check_trt_export(export_dir)
+        export_dir = export_for(Path(source), Path(scratch) / "export", "trt", config)
+        info = read_export_info(export_dir)
+        return plan_trt_build(info, config.profile, config.trt.plugin), check_trt_export(export_dir)

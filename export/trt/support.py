@@ -2,7 +2,7 @@
 
 Transcribed from onnx-tensorrt's docs/operators.md for TensorRT 10.15 ("supports operators in the inclusive range
 of opset 9 to opset 24"); operators marked N there are absent here. Only restrictions a static check can decide
-are kept as rules. export/trt_check.py reads these tables; no TensorRT is needed.
+are kept as rules. export/trt/check.py reads these tables; no TensorRT is needed.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The caller owns the latent cache: `past` arrays are bound as inputs by pointer a
 written by ONNX Runtime straight into caller-provided arrays (slices of the preallocated cache).
 
 Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manifest) are a chain of segments
-cut at the MoE layers' routed experts (export/split.py): each call runs segment 0, the kernel on its outputs,
+cut at the MoE layers' routed experts (export/ort/split.py): each call runs segment 0, the kernel on its outputs,
 segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
 address, so nothing is copied. The segments' sessions stop their threads spinning when a run returns
 (`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need.
@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.kv_cache import LatentKVCache
-from moetrt.runtime.manifest import Manifest
+from moetrt.formats import HOST_INPUTS, LOGITS, EngineManifest, OrtSection, new_latent, past_latent
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
@@ -34,7 +34,7 @@ class Segment:
 
 
 @dataclass
-class ExpertLayer:
+class KernelLayer:
     kernel: object  # moetrt.plugins.cpu_experts.CpuExperts
     inputs: list[str]  # hidden [T, H], topk_ids [T, k], topk_weights [T, k]
     output: str
@@ -43,7 +43,7 @@ class ExpertLayer:
 class OrtSession:
     backend = "ort"
 
-    def __init__(self, manifest: Manifest, threads: int | None = None):
+    def __init__(self, manifest: EngineManifest, threads: int | None = None):
         if manifest.dtype not in NUMPY_DTYPES:
             raise MoetrtError(f"ONNX Runtime sessions run float32 or float16 engines, not {manifest.dtype}")
         config = manifest.model_config
@@ -51,25 +51,26 @@ class OrtSession:
         self.latent_dim = config.latent_dim
         self.vocab_size = config.vocab_size
         self.dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
-        ort_info = manifest.data["ort"]
+        section = manifest.section
+        assert isinstance(section, OrtSection)
         options = ort.SessionOptions()
         # The graph was optimised when the engine was built; do not pay for it again at every load.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        providers = [ort_info["provider"]] + (["CPUExecutionProvider"] if ort_info["provider"] != "CPUExecutionProvider" else [])
-        self._device = "cuda" if ort_info["provider"] == "CUDAExecutionProvider" else "cpu"
+        providers = [section.provider] + (["CPUExecutionProvider"] if section.provider != "CPUExecutionProvider" else [])
+        self._device = "cuda" if section.provider == "CUDAExecutionProvider" else "cpu"
         self._segments: list[Segment] = []
-        self._experts: list[ExpertLayer] = []
-        if "segments" in ort_info:
+        self._experts: list[KernelLayer] = []
+        if section.segmented:
             options.add_session_config_entry("session.force_spinning_stop", "1")
-            for segment in ort_info["segments"]:
-                session = ort.InferenceSession(str(manifest.path(segment["model"])), options, providers=providers)
-                self._segments.append(Segment(session, segment["inputs"], segment["outputs"]))
-            self._experts = _load_experts(manifest, ort_info["experts"], self._segments, threads)
+            for segment in section.segments:
+                session = ort.InferenceSession(str(manifest.path(segment.model)), options, providers=providers)
+                self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
+            self._experts = _load_experts(manifest, section, self._segments, threads)
         else:
-            self._session = ort.InferenceSession(str(manifest.path(ort_info["model"])), options, providers=providers)
+            self._session = ort.InferenceSession(str(manifest.path(section.model)), options, providers=providers)
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
@@ -90,14 +91,13 @@ class OrtSession:
         if self._segments:
             return self._run_segments(input_ids, position_ids, attention_mask, logit_positions, past, new_rows)
         binding = self._session.io_binding()
-        for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
-                            ("attention_mask", attention_mask), ("logit_positions", logit_positions)):
+        for name, array in zip(HOST_INPUTS, (input_ids, position_ids, attention_mask, logit_positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for layer, array in enumerate(past):
-            binding.bind_cpu_input(f"past_latent.{layer}", array)
-        binding.bind_output("logits", self._device)
+            binding.bind_cpu_input(past_latent(layer), array)
+        binding.bind_output(LOGITS, self._device)
         for layer in range(self.num_layers):
-            name = f"new_latent.{layer}"
+            name = new_latent(layer)
             if new_rows is None:
                 binding.bind_output(name, self._device)
             else:
@@ -111,11 +111,10 @@ class OrtSession:
     def _run_segments(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows):
         values: dict[str, np.ndarray | ort.OrtValue] = {
             name: np.ascontiguousarray(array, dtype=np.int64)
-            for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
-                                ("attention_mask", attention_mask), ("logit_positions", logit_positions))
+            for name, array in zip(HOST_INPUTS, (input_ids, position_ids, attention_mask, logit_positions))
         }
-        values.update({f"past_latent.{layer}": array for layer, array in enumerate(past)})
-        into = {f"new_latent.{layer}": out for layer, out in enumerate(new_rows)} if new_rows is not None else {}
+        values.update({past_latent(layer): array for layer, array in enumerate(past)})
+        into = {new_latent(layer): out for layer, out in enumerate(new_rows)} if new_rows is not None else {}
         for index, segment in enumerate(self._segments):
             binding = segment.session.io_binding()
             for name in segment.inputs:
@@ -140,33 +139,35 @@ class OrtSession:
                 layer.kernel.run_pointers(hidden.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.ctypes.data,
                                           tokens, top_k)
                 values[layer.output] = out
-        logits = values["logits"].numpy()
+        logits = values[LOGITS].numpy()
         if new_rows is not None:
             return logits, new_rows
-        return logits, [values[f"new_latent.{layer}"].numpy() for layer in range(self.num_layers)]
+        return logits, [values[new_latent(layer)].numpy() for layer in range(self.num_layers)]
 
 
-def _load_experts(manifest: Manifest, experts: dict, segments: list[Segment], threads: int | None) -> list[ExpertLayer]:
+def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
+                  threads: int | None) -> list[KernelLayer]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
     it in now, so the first calls do not pay for it; one kernel per MoE layer. (Reading it into private,
     huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.)"""
     from moetrt.plugins.cpu_experts import CpuExperts
 
-    with open(manifest.path(experts["file"]), "rb") as f:
+    assert section.experts_file is not None
+    with open(manifest.path(section.experts_file), "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_WILLNEED)
     floats = np.frombuffer(mapped, dtype=np.float32)
     floats[:: mmap.PAGESIZE // 4].sum()  # touch every page
     layers = []
-    for index, layer in enumerate(experts["layers"]):
+    for index, layer in enumerate(section.expert_layers):
         produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}
-        for name, wanted in zip(layer["inputs"], KERNEL_INPUT_TYPES):
+        for name, wanted in zip(layer.inputs, KERNEL_INPUT_TYPES):
             if produced.get(name) != wanted:
                 raise MoetrtError(f"engine segment {index} gives {name} as {produced.get(name)}, the expert kernel "
                                   f"takes {wanted}; rebuild the engine")
-        gate_up, down = (floats[layer[key]["offset"] // 4:][: layer[key]["count"]] for key in ("gate_up", "down"))
-        kernel = CpuExperts(gate_up, down, layer["num_experts"], layer["hidden_size"], layer["intermediate_size"],
-                            layer["slices"], threads)
-        layers.append(ExpertLayer(kernel, layer["inputs"], layer["output"]))
+        gate_up, down = (floats[span.offset // 4:][: span.count] for span in (layer.gate_up, layer.down))
+        kernel = CpuExperts(gate_up, down, layer.num_experts, layer.hidden_size, layer.intermediate_size,
+                            layer.slices, threads)
+        layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
     return layers

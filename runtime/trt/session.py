@@ -1,7 +1,7 @@
 """TensorRT session over an engine's plan: numpy in, numpy logits out, the latent cache on the device.
 
-Behind the same interface as OrtSession (runtime/generate.py's Session). One execution context per optimization
-profile (prefill, decode: export/trt_plan.py). The cache is a DeviceLatentCache: the engine reads the past rows and
+Behind the same interface as OrtSession (runtime/session.py's Session). One execution context per optimization
+profile (prefill, decode: export/trt/plan.py). The cache is a DeviceLatentCache: the engine reads the past rows and
 writes the new ones in place through tensor addresses. Decode steps run as CUDA graphs where shapes allow: the past
 is padded (masked, zero rows) to a bucket so the shapes, and thus the graph, repeat for many steps; the new rows go to
 a fixed staging buffer and are copied into the cache after each replay. One graph is kept: any other use of the
@@ -12,6 +12,7 @@ context's state at capture. A graph that cannot be captured (some engines cannot
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -19,13 +20,23 @@ import tensorrt as trt
 
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
-from moetrt.runtime import cuda_memory as cuda
-from moetrt.runtime.cuda_memory import DeviceArray, DeviceBuffer
-from moetrt.runtime.device_cache import DeviceLatentCache
-from moetrt.runtime.manifest import Manifest
+from moetrt.runtime.trt import cuda_memory as cuda
+from moetrt.runtime.trt.cuda_memory import DeviceArray, DeviceBuffer
+from moetrt.runtime.trt.device_cache import DeviceLatentCache
+from moetrt.formats import (
+    ATTENTION_MASK,
+    HOST_INPUTS,
+    INPUT_IDS,
+    LOGIT_POSITIONS,
+    LOGITS,
+    POSITION_IDS,
+    EngineManifest,
+    TrtSection,
+    new_latent,
+    past_latent,
+)
 
 ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
-HOST_INPUTS = ("input_ids", "position_ids", "attention_mask", "logit_positions")  # int64 numpy arrays
 SMALLEST_BUCKET = 64
 
 
@@ -57,30 +68,32 @@ class DecodeGraph:
 class TrtSession:
     backend = "trt"
 
-    def __init__(self, manifest: Manifest):
-        info = manifest.data["trt"]
+    def __init__(self, manifest: EngineManifest):
+        info = manifest.section
+        if not isinstance(info, TrtSection):
+            raise MoetrtError(f"{manifest.directory} is a {manifest.backend} engine, not a TensorRT one")
         if manifest.dtype not in ITEMSIZES:
             raise MoetrtError(f"TensorRT sessions run float32, float16 or bfloat16 engines, not {manifest.dtype}")
-        if info.get("python_at_runtime"):
+        if info.python_at_runtime:
             self._register_jit_plugins()
         config = manifest.model_config
         self.num_layers, self.latent_dim, self.vocab_size = config.num_hidden_layers, config.latent_dim, config.vocab_size
         self.itemsize = ITEMSIZES[manifest.dtype]
-        self.max_context = int(manifest.profile["max_context"])
+        self.max_context = manifest.profile.max_context
         self.stream = cuda.stream_create()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(manifest.path(info["plan"]).read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(manifest.path(info.plan).read_bytes())
         if not self.engine:
-            raise MoetrtError(f"TensorRT could not load {manifest.path(info['plan'])} (its log above says why); "
+            raise MoetrtError(f"TensorRT could not load {manifest.path(info.plan)} (its log above says why); "
                               "rebuild the engine with this TensorRT")
-        names = [profile["name"] for profile in info["profiles"]]
+        names = [profile.name for profile in info.profiles]
         self.contexts = {name: self.engine.create_execution_context() for name in names}
         for index, name in enumerate(names):
             self.contexts[name].set_optimization_profile_async(index, self.stream)
-        self.logits_dtype = self.engine.get_tensor_dtype("logits")
+        self.logits_dtype = self.engine.get_tensor_dtype(LOGITS)
         self.logits_itemsize = 2 if self.logits_dtype in (trt.DataType.HALF, trt.DataType.BF16) else 4
-        self.buffers = {name: DeviceBuffer() for name in (*HOST_INPUTS, "logits", "scratch")}
+        self.buffers = {name: DeviceBuffer() for name in (*HOST_INPUTS, LOGITS, "scratch")}
         self.graph_key: tuple[int, ...] | None = None
         self.graph: DecodeGraph | None = None
 
@@ -108,8 +121,8 @@ class TrtSession:
         engine writes the new rows in place). Returns float32 logits `[B, N, vocab]` and the new rows."""
         arrays = (input_ids, position_ids, attention_mask, logit_positions)
         host = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in zip(HOST_INPUTS, arrays)}
-        batch, seq = host["input_ids"].shape
-        n_logits = host["logit_positions"].shape[1]
+        batch, seq = host[INPUT_IDS].shape
+        n_logits = host[LOGIT_POSITIONS].shape[1]
         if new_rows is None:
             new_rows = self._scratch_rows(seq, batch)
         if seq == 1 and n_logits == 1:
@@ -130,11 +143,11 @@ class TrtSession:
             cuda.to_device(pointer, array, self.stream)
             self._bind(context, name, array.shape, pointer)
         for layer, (rows, out) in enumerate(zip(past, new_rows)):
-            self._bind(context, f"past_latent.{layer}", rows.shape, rows.pointer)
-            context.set_tensor_address(f"new_latent.{layer}", out.pointer)
-        logits_shape = (host["input_ids"].shape[0], host["logit_positions"].shape[1], self.vocab_size)
-        logits = self.buffers["logits"].reserve(int(np.prod(logits_shape)) * self.logits_itemsize)
-        context.set_tensor_address("logits", logits)
+            self._bind(context, past_latent(layer), rows.shape, rows.pointer)
+            context.set_tensor_address(new_latent(layer), out.pointer)
+        logits_shape = (host[INPUT_IDS].shape[0], host[LOGIT_POSITIONS].shape[1], self.vocab_size)
+        logits = self.buffers[LOGITS].reserve(int(np.prod(logits_shape)) * self.logits_itemsize)
+        context.set_tensor_address(LOGITS, logits)
         if not context.execute_async_v3(self.stream):
             raise MoetrtError(f"TensorRT could not run the {profile} profile at these shapes (its log says why)")
         return self._logits(logits, logits_shape)
@@ -168,7 +181,7 @@ class TrtSession:
     # -- decode steps as CUDA graphs ----------------------------------------------------------------------------
 
     def _decode(self, host: dict[str, npt.NDArray[np.int64]], past: list[DeviceArray], new_rows: list[DeviceArray]) -> npt.NDArray[np.float32]:
-        batch, length = host["input_ids"].shape[0], past[0].shape[0] if past else 0
+        batch, length = host[INPUT_IDS].shape[0], past[0].shape[0] if past else 0
         bucket = next((b for b in decode_buckets(self.max_context) if b >= length), None)
         if not past or bucket is None or any(rows.capacity < bucket * batch * self.latent_dim * self.itemsize
                                              for rows in past):
@@ -180,7 +193,7 @@ class TrtSession:
         graph = self.graph
         if graph is None:  # capture failed for this key: plain execution until the key changes
             return self._execute_uncaptured(host, past, new_rows)
-        padded = dict(host, attention_mask=pad_mask(host["attention_mask"], bucket))
+        padded = {**host, ATTENTION_MASK: pad_mask(host[ATTENTION_MASK], bucket)}
         for name, array in padded.items():
             cuda.to_device(graph.inputs[name].pointer, array, self.stream)
         cuda.launch_graph(graph.graph_exec, self.stream)
@@ -191,8 +204,8 @@ class TrtSession:
     def _capture(self, batch: int, bucket: int, past: list[DeviceArray]) -> DecodeGraph | None:
         """Bind fixed buffers at padded shapes, run once (TensorRT finishes shape-dependent setup), capture."""
         context = self.contexts["decode"]
-        shapes = {"input_ids": (batch, 1), "position_ids": (batch, 1), "attention_mask": (batch, bucket + 1),
-                  "logit_positions": (batch, 1)}
+        shapes = {INPUT_IDS: (batch, 1), POSITION_IDS: (batch, 1), ATTENTION_MASK: (batch, bucket + 1),
+                  LOGIT_POSITIONS: (batch, 1)}
         inputs = {name: DeviceBuffer(int(np.prod(shape)) * 8) for name, shape in shapes.items()}
         logits = DeviceBuffer(batch * self.vocab_size * self.logits_itemsize)
         staging = [DeviceBuffer(batch * self.latent_dim * self.itemsize) for _ in past]
@@ -200,9 +213,9 @@ class TrtSession:
             cuda.memset(inputs[name].pointer, inputs[name].nbytes, self.stream)
             self._bind(context, name, shape, inputs[name].pointer)
         for layer, (rows, out) in enumerate(zip(past, staging)):
-            self._bind(context, f"past_latent.{layer}", (bucket, batch, self.latent_dim), rows.pointer)
-            context.set_tensor_address(f"new_latent.{layer}", out.pointer)
-        context.set_tensor_address("logits", logits.pointer)
+            self._bind(context, past_latent(layer), (bucket, batch, self.latent_dim), rows.pointer)
+            context.set_tensor_address(new_latent(layer), out.pointer)
+        context.set_tensor_address(LOGITS, logits.pointer)
         graph = graph_exec = 0
         try:
             if not context.execute_async_v3(self.stream):
@@ -251,3 +264,9 @@ def pad_mask(mask: npt.NDArray[np.int64], bucket: int) -> npt.NDArray[np.int64]:
     padded[:, : mask.shape[1] - 1] = mask[:, :-1]
     padded[:, -1] = mask[:, -1]
     return padded
+
+
+if TYPE_CHECKING:  # mypy (tests/typecheck) proves the TensorRT session is a Session over device views
+    from moetrt.runtime.session import Session
+
+    _trt_session: type[Session[DeviceArray]] = TrtSession

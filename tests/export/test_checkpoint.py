@@ -176,7 +176,7 @@ PEAK_SCRIPT = textwrap.dedent(
     import sys
     import torch
     import moetrt.export.checkpoint as checkpoint
-    from moetrt.export.config import load_config
+    from moetrt.config import load_config
 
     # Warm up torch's one-time costs (meta-device machinery, ~150 MB of code and tables) outside the window.
     with torch.device("meta"):

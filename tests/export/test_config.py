@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moetrt import MoetrtError
-from moetrt.export.config import ModelConfig, load_config, parse_config
+from moetrt.config import ModelConfig, load_config, parse_config
 
 REFERENCE = Path(__file__).parents[1] / "data" / "deepseek-v3-config.json"
 

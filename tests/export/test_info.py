@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from moetrt.export.config import load_config
+from moetrt.config import load_config
 from moetrt.export.info import count_parameters, describe, kv_bytes_per_token, weight_bytes
 
 REFERENCE = Path(__file__).parents[1] / "data" / "deepseek-v3-config.json"

@@ -10,13 +10,14 @@ import torch
 
 import moetrt
 from moetrt import MoetrtError
-from moetrt.export.generate import generate_greedy
 from moetrt.export.onnx_export import export_onnx
-from moetrt.plugins.moe_dispatch import moe_dispatch_reference, moe_stage_reference
-from moetrt.plugins.spec import DISPATCH_ATTRIBUTE, MOE_DISPATCH, MOE_STAGES
+from moetrt.formats import read_export_info
+from moetrt.export.reference_session import ReferenceSession
+from moetrt.plugins.routed_experts import moe_stage_reference, routed_experts_reference
+from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES, ROUTED_EXPERTS
 from moetrt.plugins.trt_stages import StageAttribute
 from tests.checkpoints import make_checkpoint
-from tests.greedy import assert_greedy_agrees
+from tests.greedy import assert_greedy_agrees, greedy_with_logits
 from tests.onnx_helpers import feeds, greedy_onnx
 
 CONFIGS = ["v3-qlora-grouped-yarn", "v2-greedy-yarn"]
@@ -43,10 +44,10 @@ def _register_stages_as_python_ops():
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
     kinds = {"int32": PyCustomOpDef.dt_int32, "float32": PyCustomOpDef.dt_float}
-    attrs = {name: PyCustomOpDef.dt_string for name in (DISPATCH_ATTRIBUTE, "plugin_version", "plugin_namespace")}
+    attrs = {name: PyCustomOpDef.dt_string for name in (LAUNCH_ATTRIBUTE, "plugin_version", "plugin_namespace")}
     for stage, spec in MOE_STAGES.items():
         def run(*arrays, stage=stage, **attributes):
-            attribute = StageAttribute.decode(attributes[DISPATCH_ATTRIBUTE])
+            attribute = StageAttribute.decode(attributes[LAUNCH_ATTRIBUTE])
             tensors = [torch.from_numpy(np.array(a)) for a in arrays]
             outputs = moe_stage_reference(stage, attribute.dims, attribute.config.block_m, *tensors)
             return tuple(o.numpy() for o in outputs) if len(outputs) > 1 else outputs[0].numpy()
@@ -73,10 +74,10 @@ def session_for(export_dir, target, tmp_path):
     # A test copy with the plugin's domain renamed to the one onnxruntime-extensions serves Python ops from.
     model = onnx.load(str(path))
     for node in model.graph.node:
-        if node.domain == MOE_DISPATCH.domain:
+        if node.domain == ROUTED_EXPERTS.domain:
             node.domain = "ai.onnx.contrib"
     for opset in model.opset_import:
-        if opset.domain == MOE_DISPATCH.domain:
+        if opset.domain == ROUTED_EXPERTS.domain:
             opset.domain = "ai.onnx.contrib"
     copy = tmp_path / "trt_as_pyop.onnx"
     onnx.save(model, str(copy), save_as_external_data=True, location="trt_as_pyop.data")
@@ -86,11 +87,12 @@ def session_for(export_dir, target, tmp_path):
 def test_export_directory_contents(exports, checkpoint):
     _, reference = checkpoint
     for target, directory in exports.items():
-        described = json.loads((directory / "export.json").read_text())
-        assert described["target"] == target
-        assert described["cache"]["latent_dim"] == reference.config.latent_dim
-        assert [i["name"] for i in described["inputs"]][:5] == ["input_ids", "position_ids", "attention_mask",
-                                                                "logit_positions", "past_latent.0"]
+        described = read_export_info(directory)
+        assert described.target == target and described.model_config == reference.config
+        assert described.io.cache.latent_dim == reference.config.latent_dim
+        assert [i.name for i in described.io.inputs][:5] == ["input_ids", "position_ids", "attention_mask",
+                                                             "logit_positions", "past_latent.0"]
+        assert json.loads((directory / "export.json").read_text())["format_version"] == 2
         assert (directory / "model.onnx.data").stat().st_size > 0
         assert not list(directory.parent.glob(".*partial"))
 
@@ -102,7 +104,7 @@ def test_graphs_pass_checker_and_shape_inference(exports):
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(directory / "model.onnx")), strict_mode=True)
         ops = {(n.domain, n.op_type) for n in inferred.graph.node}
         assert (stage_ops <= ops) == (target == "trt")
-        assert (MOE_DISPATCH.domain, MOE_DISPATCH.op_type) not in ops
+        assert (ROUTED_EXPERTS.domain, ROUTED_EXPERTS.op_type) not in ops
         assert (("com.microsoft", "MoE") in ops) == (target == "ort")
         if target == "onnx":
             assert all(domain == "" for domain, _ in ops)
@@ -112,20 +114,20 @@ def test_trt_export_expands_each_moe_layer_into_four_stage_nodes(exports, checkp
     _, reference = checkpoint
     config = reference.config
     model = onnx.load(str(exports["trt"] / "model.onnx"), load_external_data=False)
-    nodes = [n for n in model.graph.node if n.domain == MOE_DISPATCH.domain]
+    nodes = [n for n in model.graph.node if n.domain == ROUTED_EXPERTS.domain]
     op_types = [spec.op_type for spec in MOE_STAGES.values()]
     assert [n.op_type for n in nodes] == op_types * len(config.moe_layers)
     for node, spec in zip(nodes, list(MOE_STAGES.values()) * len(config.moe_layers)):
         assert len(node.input) == len(spec.inputs) and len(node.output) == len(spec.outputs)
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["plugin_version"] == b"1" and attributes["plugin_namespace"] == b"moetrt"
-        attribute = StageAttribute.decode(attributes[DISPATCH_ATTRIBUTE].decode())
+        attribute = StageAttribute.decode(attributes[LAUNCH_ATTRIBUTE].decode())
         assert attribute.dims.num_experts == config.n_routed_experts
         assert attribute.dims.top_k == config.num_experts_per_tok and attribute.dtype == "float32"
 
 
 def test_trt_parser_check_passes_trt_and_portable_exports_and_refuses_ort(exports, checkpoint):
-    from moetrt.export.trt_check import check_trt_export
+    from moetrt.export.trt.check import check_trt_export
 
     _, reference = checkpoint
     report = check_trt_export(exports["trt"])
@@ -173,19 +175,19 @@ def test_cached_greedy_decode_matches_reference(exports, checkpoint, target, pro
     config = reference.config
     session = session_for(exports[target], target, tmp_path)
     got, _ = greedy_onnx(session, config.num_hidden_layers, config.latent_dim, prompts, steps=32)
-    want = generate_greedy(reference, prompts, max_new_tokens=32, return_logits=True)
+    want_tokens, want_logits = greedy_with_logits(ReferenceSession(reference), prompts, max_new_tokens=32)
     for row in range(len(prompts)):
-        compared = assert_greedy_agrees(want.tokens[row], want.logits[row], got[row], f"{target} row {row}")
+        compared = assert_greedy_agrees(want_tokens[row], want_logits[row], got[row], f"{target} row {row}")
         assert compared > 8
 
 
 @pytest.mark.parametrize("norm, slices, threads", [(True, 1, 1), (False, 1, 2), (True, 2, 2), (False, 4, 3)])
-def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm, slices, threads):
-    """A graph of just the dispatch node, lowered to com.microsoft::MoE, with activations beyond +-10; with
+def test_ort_lowering_of_one_routed_experts_node_matches_reference(tmp_path, norm, slices, threads):
+    """A graph of just the routed-experts node, lowered to com.microsoft::MoE, with activations beyond +-10; with
     experts cut into slices (any thread count stays exact, the slices only balance the threads)."""
     import onnx_ir as ir
 
-    from moetrt.export.passes import lower
+    from moetrt.export.lowering import LoweringPlan, lower
 
     rng = np.random.default_rng(1 + norm)
     tokens, hidden, inter, experts, top_k = 37, 40, 24, 8, 3
@@ -198,18 +200,18 @@ def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm, sli
     if norm:
         weights = weights / weights.sum(-1, keepdims=True) * 2.5
 
-    class Dispatch(torch.nn.Module):
+    class RoutedExperts(torch.nn.Module):
         def forward(self, hidden_states, topk_ids, topk_weights):
-            from moetrt.plugins.moe_dispatch import moe_dispatch
+            from moetrt.plugins.routed_experts import routed_experts
 
-            return moe_dispatch(hidden_states, topk_ids, topk_weights, torch.from_numpy(w1), torch.from_numpy(w2))
+            return routed_experts(hidden_states, topk_ids, topk_weights, torch.from_numpy(w1), torch.from_numpy(w2))
 
     tensors = (torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
-    program = torch.onnx.export(Dispatch(), tensors, dynamo=True, input_names=["hidden", "ids", "weights"],
+    program = torch.onnx.export(RoutedExperts(), tensors, dynamo=True, input_names=["hidden", "ids", "weights"],
                                 dynamic_shapes={"hidden_states": {0: torch.export.Dim("T")},
                                                 "topk_ids": {0: torch.export.Dim("T")},
                                                 "topk_weights": {0: torch.export.Dim("T")}}, verbose=False)
-    model = lower(program.model, "ort", expert_slices=slices)
+    model = lower(program.model, LoweringPlan("ort", expert_slices=slices, moe_kernel="onnxruntime"))
     moe = [n for n in model.graph if n.domain == "com.microsoft"]
     assert [n.op_type for n in moe] == ["MoE"] and moe[0].attributes["k"].value == top_k * slices
     assert moe[0].inputs[2].shape == [slices * experts, 2 * inter // slices, hidden]
@@ -218,12 +220,12 @@ def test_ort_lowering_of_one_dispatch_node_matches_reference(tmp_path, norm, sli
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(tmp_path / "moe.onnx"), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {"hidden": x, "ids": ids, "weights": weights})[0]
-    want = moe_dispatch_reference(*tensors, torch.from_numpy(w1), torch.from_numpy(w2)).numpy()
+    want = routed_experts_reference(*tensors, torch.from_numpy(w1), torch.from_numpy(w2)).numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
 
 
 def test_expert_slices_must_divide_the_expert_width():
-    from moetrt.export.passes.ort import default_expert_slices
+    from moetrt.export.ort.plan import default_expert_slices
 
     assert default_expert_slices(512, threads=2) == 2 and default_expert_slices(512, threads=6) == 4
     assert default_expert_slices(63, threads=2) == 1 and default_expert_slices(2048, threads=64) == 16
@@ -231,7 +233,7 @@ def test_expert_slices_must_divide_the_expert_width():
 
 def test_checkpoint_without_tokenizer_exports(exports):
     for directory in exports.values():
-        assert json.loads((directory / "export.json").read_text())["tokenizer"] is False
+        assert read_export_info(directory).tokenizer is False
         assert not (directory / "tokenizer.json").exists()
 
 

@@ -10,12 +10,15 @@ import pytest
 from onnx import TensorProto, helper
 
 from moetrt import MoetrtError
-from moetrt.export.trt_check import check_trt_export
-from moetrt.export.trt_plan import dimension_ranges, optimization_profiles, plan_trt_build
+from moetrt.config import load_config
+from moetrt.export.trt.check import check_trt_export
+from moetrt.export.trt.plan import dimension_ranges, optimization_profiles, plan_trt_build
+from moetrt.formats import ExportInfo, NodeRef, TensorIO, graph_io
 from moetrt.plugins.moe_configs import select_config
-from moetrt.plugins.moe_launch import DispatchShape
-from moetrt.plugins.spec import MOE_STAGES
+from moetrt.plugins.moe_launch import ExpertsShape
+from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES
 from moetrt.plugins.trt_stages import StageAttribute
+from moetrt.settings import BuildProfile
 from tests.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,14 +77,14 @@ def stage_node(stage, inputs, outputs, **attributes):
 
 
 def test_plugin_nodes_that_differ_from_the_spec_are_refused(tmp_path):
-    shape = DispatchShape(1, 48, 24, 8, 2, "float32", "float32")
-    dispatch = StageAttribute(shape.dims, "float32", select_config(shape)).encode()
+    shape = ExpertsShape(1, 48, 24, 8, 2, "float32", "float32")
+    launch = StageAttribute(shape.dims, "float32", select_config(shape)).encode()
     ids, weights = value("ids", TensorProto.INT64, [3, 2]), value("w", TensorProto.FLOAT, [3, 2])
     outs = [value(n, TensorProto.INT32, None) for n in ("s", "b", "n")]
     nodes = [
-        stage_node("align", ["ids"], ["s", "b", "n"], dispatch=dispatch),  # ids must be int32
-        stage_node("align", ["ids32"], ["s2", "b2", "n2"], dispatch="{not json", plugin_version="1"),
-        stage_node("align", ["ids32"], ["s3", "b3", "n3"], dispatch=dispatch, plugin_version="2"),
+        stage_node("align", ["ids"], ["s", "b", "n"], launch=launch),  # ids must be int32
+        stage_node("align", ["ids32"], ["s2", "b2", "n2"], launch="{not json", plugin_version="1"),
+        stage_node("align", ["ids32"], ["s3", "b3", "n3"], launch=launch, plugin_version="2"),
         helper.make_node("MoeRoute", ["w"], ["r"], domain="moetrt"),
         helper.make_node("Cast", ["ids"], ["ids32"], to=TensorProto.INT32),
     ]
@@ -89,7 +92,7 @@ def test_plugin_nodes_that_differ_from_the_spec_are_refused(tmp_path):
     path = save(tmp_path, nodes, [ids, weights], outs + [value("r", TensorProto.FLOAT, None)], extra_opsets=extra)
     problems = [f.problem for f in check_trt_export(path).refused if f.kind == "plugin"]
     assert any("topk_ids (ids) is INT64, the plugin takes INT32" in p for p in problems), problems
-    assert any("bad `dispatch` attribute" in p for p in problems)
+    assert any("bad `launch` attribute" in p for p in problems)
     assert any("plugin_version '2', the plugin is version 1" in p for p in problems)
     assert any("registers no plugin MoeRoute" in p for p in problems)
 
@@ -98,27 +101,29 @@ def test_profiles_cover_prefill_chunks_and_padded_decode():
     ranges = dimension_ranges(max_batch=4, max_seq=64, max_context=256)
     assert ranges["prefill"]["seq"] == (1, 64, 64) and ranges["prefill"]["total_len"][2] == 256
     assert ranges["decode"]["seq"] == (1, 1, 1) and ranges["decode"]["past_len"][2] == 256
-    inputs = [{"name": "past_latent.0", "shape": ["past_len", "batch", 24]}]
-    prefill, decode = optimization_profiles(inputs, 4, 64, 256)
+    inputs = (TensorIO("past_latent.0", "float32", ("past_len", "batch", 24)),)
+    prefill, decode = optimization_profiles(inputs, BuildProfile(max_batch=4, max_seq=64, max_context=256))
     assert prefill.shapes["past_latent.0"] == ((0, 1, 24), (0, 1, 24), (255, 4, 24))
     assert decode.shapes["past_latent.0"] == ((0, 1, 24), (128, 4, 24), (256, 4, 24))
 
 
-def fake_export(directory, target):
-    directory.mkdir()
-    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
-    (directory / "export.json").write_text(json.dumps({"target": target, "inputs": inputs}))
-    return directory
+def fake_export(target):
+    """The export description of tiny-r1 lowered for `target` (plan_trt_build reads nothing else)."""
+    config = load_config(TINY_R1)
+    return ExportInfo(target=target, dtype="float32", opset=21, source="", tokenizer=False,
+                      io=graph_io(config, "float32"), node=NodeRef("RoutedExperts", "moetrt", 1), model_config=config,
+                      versions={})
 
 
-def test_plan_says_which_engines_need_python(tmp_path):
-    limits = {"max_batch": 2, "max_seq": 16, "max_context": 64}
-    trt, portable = fake_export(tmp_path / "trt", "trt"), fake_export(tmp_path / "onnx", "onnx")
-    assert not plan_trt_build(trt, limits, "aot").python_at_runtime
-    assert plan_trt_build(trt, limits, "jit").python_at_runtime
-    assert plan_trt_build(portable, limits, "jit").plugin_form == "none"
-    with pytest.raises(MoetrtError, match="exported for target ort"):
-        plan_trt_build(fake_export(tmp_path / "ort", "ort"), limits)
+def test_plan_says_which_engines_need_python():
+    profile = BuildProfile(max_batch=2, max_seq=16, max_context=64)
+    trt, portable = fake_export("trt"), fake_export("onnx")
+    assert not plan_trt_build(trt, profile, "aot").python_at_runtime
+    assert plan_trt_build(trt, profile, "jit").python_at_runtime
+    assert plan_trt_build(portable, profile, "jit").plugin_form == "none"
+    assert plan_trt_build(trt, profile).profiles[0].shapes["input_ids"] == ((1, 1), (1, 16), (2, 16))
+    with pytest.raises(MoetrtError, match="made for target ort"):
+        plan_trt_build(fake_export("ort"), profile)
 
 
 def assert_stage_kernels_match_their_launches(export_dir):
@@ -131,7 +136,7 @@ def assert_stage_kernels_match_their_launches(export_dir):
     nodes = [n for n in model.graph.node if n.op_type in stages]
     assert nodes
     for node in nodes:
-        attribute = StageAttribute.decode(next(a.s.decode() for a in node.attribute if a.name == "dispatch"))
+        attribute = StageAttribute.decode(next(a.s.decode() for a in node.attribute if a.name == LAUNCH_ATTRIBUTE))
         assert entry_param_problems(engine_stage(stages[node.op_type], attribute, 90, None)) == []
 
 

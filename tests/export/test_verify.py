@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from moetrt.export.engine import build_engine
+from moetrt.settings import BuildProfile
 from tests.checkpoints import make_checkpoint
 
 
@@ -15,7 +16,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     checkpoint = make_checkpoint(root / "ckpt", "v2-group-limited")
     impostor = make_checkpoint(root / "other", "v2-group-limited", seed=1)  # same config, other weights
-    engine = build_engine(checkpoint, root / "engine", backend="ort", max_context=128)
+    engine = build_engine(checkpoint, root / "engine", backend="ort", profile=BuildProfile(max_context=128))
     return engine, checkpoint, impostor
 
 

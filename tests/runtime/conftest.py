@@ -11,7 +11,8 @@ CHAT_ENGINE_PROFILE = dict(max_batch=16, max_seq=32, max_context=1024)
 def chat_engine_dir(tmp_path_factory):
     """Built once per session: prompts over 32 tokens prefill in chunks, 16 requests decode together."""
     from moetrt.export.engine import build_engine
+    from moetrt.settings import BuildProfile
 
     checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("chat-ckpt"))
     return build_engine(checkpoint, tmp_path_factory.mktemp("chat") / "tiny-chat", backend="ort",
-                        **CHAT_ENGINE_PROFILE)
+                        profile=BuildProfile(**CHAT_ENGINE_PROFILE))

@@ -13,6 +13,7 @@ from moetrt import MoetrtError
 from moetrt.export.engine import build_engine
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.manifest import load_manifest
+from moetrt.settings import BuildProfile
 from tests.checkpoints import make_checkpoint
 
 
@@ -56,7 +57,7 @@ def test_scoring_a_batch_matches_the_reference(engine_dir, checkpoint):
 
 
 def test_building_twice_gives_identical_artifacts(engine_dir, checkpoint, tmp_path):
-    again = build_engine(checkpoint, tmp_path / "again", backend="ort", max_context=256)
+    again = build_engine(checkpoint, tmp_path / "again", backend="ort", profile=BuildProfile(max_context=256))
     first = json.loads((engine_dir / "manifest.json").read_text())["artifacts"]
     second = json.loads((again / "manifest.json").read_text())["artifacts"]
     assert first == second
@@ -95,9 +96,13 @@ def test_changed_byte_fails_integrity_check(engine_dir, tmp_path):
         (lambda m: m["ort"].update(provider="CUDAExecutionProvider"),
          "engine was optimised for CUDAExecutionProvider, which this onnxruntime does not offer"),
         (lambda m: m["artifacts"]["model.onnx"].update(bytes=1), "engine artifact model.onnx is"),
-        (lambda m: m.update(format_version=99), "has format version 99, this moetrt reads 1 and 2: rebuild"),
+        (lambda m: m.update(format_version=99), "has format version 99, this moetrt reads 3: rebuild"),
+        (lambda m: m.update(format_version=2), "has format version 2, this moetrt reads 3: rebuild the engine with "
+         "this moetrt (`moetrt build-engine CHECKPOINT -o ENGINE`)"),
+        (lambda m: m.pop("artifacts"), "lacks the field 'manifest.artifacts'; rebuild the engine"),
+        (lambda m: m["ort"].pop("provider"), "lacks the field 'manifest.section.provider'; rebuild the engine"),
     ],
-    ids=["onnxruntime-version", "provider", "size", "format"],
+    ids=["onnxruntime-version", "provider", "size", "format", "old-format", "no-artifacts", "no-provider"],
 )
 def test_edited_manifest_fails_loading_with_the_reason(engine_dir, tmp_path, edit, message):
     import onnxruntime
@@ -112,7 +117,7 @@ def test_edited_manifest_fails_loading_with_the_reason(engine_dir, tmp_path, edi
 
 
 def test_missing_cpu_feature_fails_loading(engine_dir, tmp_path, monkeypatch):
-    from moetrt.runtime import hardware
+    from moetrt import hardware
 
     copy = _copy_engine(engine_dir, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -124,12 +129,12 @@ def test_missing_cpu_feature_fails_loading(engine_dir, tmp_path, monkeypatch):
 
 
 def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monkeypatch):
-    import moetrt.export.engine as engine_module
+    import moetrt.export.ort.build as ort_build
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_module, "build_ort", crash)
+    monkeypatch.setattr(ort_build, "build_ort", crash)
     with pytest.raises(KeyboardInterrupt):
         build_engine(checkpoint, tmp_path / "engine", backend="ort")
     assert list(tmp_path.iterdir()) == []

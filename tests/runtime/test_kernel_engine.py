@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moetrt.errors import MoetrtError
-from moetrt.export.passes.ort import choose_moe_kernel
+from moetrt.export.ort.plan import choose_moe_kernel
+from moetrt.formats import read_export_info, read_manifest
 from tests.runtime.test_tiny_r1_engine import TINY_R1, moetrt_cli
 
 
@@ -20,14 +21,14 @@ def engine(tmp_path_factory):
 
 
 def test_manifest_describes_segments_and_experts(engine):
-    ort = json.loads((engine / "manifest.json").read_text())["ort"]
-    assert ort["moe_kernel"] == "moetrt" and len(ort["segments"]) == 4 and len(ort["experts"]["layers"]) == 3
-    assert ort["segments"][0]["inputs"][:1] == ["input_ids"] and ort["segments"][-1]["outputs"] == ["logits"]
-    for layer, segment in zip(ort["experts"]["layers"], ort["segments"]):
-        assert set(layer["inputs"]) <= set(segment["outputs"])  # the kernel reads what the segment before made
-        assert layer["gate_up"]["offset"] % 64 == 0 and layer["down"]["offset"] % 64 == 0
+    ort = read_manifest(engine).section
+    assert ort.moe_kernel == "moetrt" and len(ort.segments) == 4 and len(ort.expert_layers) == 3
+    assert ort.segments[0].inputs[:1] == ("input_ids",) and ort.segments[-1].outputs == ("logits",)
+    for layer, segment in zip(ort.expert_layers, ort.segments):
+        assert set(layer.inputs) <= set(segment.outputs)  # the kernel reads what the segment before made
+        assert layer.gate_up.offset % 64 == 0 and layer.down.offset % 64 == 0
     assert (engine / "experts.bin").stat().st_size == 4 * sum(
-        layer[key]["count"] for layer in ort["experts"]["layers"] for key in ("gate_up", "down"))
+        span.count for layer in ort.expert_layers for span in (layer.gate_up, layer.down))
     info = moetrt_cli("info", engine)
     assert "routed experts   moetrt's CPU kernel, 4 graph segments" in info.stdout, info.stderr
 
@@ -93,11 +94,11 @@ def test_engine_from_an_export_leaves_the_export_as_it_was(tmp_path):
     export = tmp_path / "export"
     result = moetrt_cli("export", TINY_R1, "-o", export, "--target", "ort", "--moe-kernel", "moetrt")
     assert result.returncode == 0, result.stderr
-    assert json.loads((export / "export.json").read_text())["moe_kernel"] == "moetrt"
+    assert read_export_info(export).moe_kernel == "moetrt"
     before = sorted(path.name for path in export.iterdir())
     result = moetrt_cli("build-engine", export, "-o", tmp_path / "engine", "--backend", "ort")
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in export.iterdir()) == before
-    assert json.loads((tmp_path / "engine" / "manifest.json").read_text())["ort"]["moe_kernel"] == "moetrt"
+    assert read_manifest(tmp_path / "engine").section.moe_kernel == "moetrt"
     result = moetrt_cli("build-engine", export, "-o", tmp_path / "other", "--moe-kernel", "onnxruntime")
     assert result.returncode != 0 and "exported with its experts in moetrt" in result.stderr

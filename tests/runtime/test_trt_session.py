@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import moetrt
-from moetrt.export.engine import build_engine, trt_unavailable_reason
-from moetrt.runtime.trt_session import bfloat16_to_float32, decode_buckets, pad_mask
+from moetrt.export.backends import get_backend
+from moetrt.export.engine import build_engine
+from moetrt.settings import BuildProfile, TrtOptions
+from moetrt.runtime.trt.session import bfloat16_to_float32, decode_buckets, pad_mask
 from tests.checkpoints import make_checkpoint
-from tests.greedy import assert_greedy_agrees
+from tests.greedy import assert_greedy_agrees, greedy_with_logits
 
-UNAVAILABLE = trt_unavailable_reason()
+UNAVAILABLE = get_backend("trt").unavailable_reason()
 
 
 def test_decode_buckets_double_up_to_the_context():
@@ -42,20 +44,21 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=f"needs TensorRT and a CUDA GPU: {UNAVAILABLE}")
 @pytest.mark.parametrize("form", ["aot", "jit", "portable"])
 def test_trt_engine_scores_and_decodes_like_the_reference(checkpoint, tmp_path, form):
-    engine_dir = build_engine(checkpoint, tmp_path / form, backend="trt", max_batch=4, max_seq=32, max_context=128,
-                              portable=form == "portable", trt_plugin="aot" if form == "portable" else form)
+    engine_dir = build_engine(checkpoint, tmp_path / form, backend="trt",
+                              profile=BuildProfile(max_batch=4, max_seq=32, max_context=128),
+                              trt=TrtOptions(plugin="aot" if form == "portable" else form, portable=form == "portable"))
     engine = moetrt.Engine.load(engine_dir)
     assert engine.session.backend == "trt"
-    assert engine.manifest.data["trt"]["python_at_runtime"] == (form == "jit")
+    assert engine.manifest.section.python_at_runtime == (form == "jit")
     reference = moetrt.load_reference(checkpoint)
     ids = np.random.default_rng(0).integers(0, 96, (3, 21))
     with torch.no_grad():
         want = reference(torch.from_numpy(ids)).numpy()
     assert np.abs(engine.logits(ids) - want).max() <= 1e-3
     prompts = [[5, 9, 11, 40, 7], [17, 4, 60]]
-    from moetrt.export.generate import generate_greedy
+    from moetrt.export.reference_session import ReferenceSession
 
-    expected = generate_greedy(reference, prompts, max_new_tokens=80, stop_ids=engine.eos_ids, return_logits=True)
+    want_tokens, want_logits = greedy_with_logits(ReferenceSession(reference), prompts, 80, stop_ids=engine.eos_ids)
     results = engine.generate(prompts, max_new_tokens=80, greedy=True)  # 80 steps cross the 64-row bucket
     for row, result in enumerate(results):
-        assert assert_greedy_agrees(expected.tokens[row], expected.logits[row], result.token_ids, f"row {row}") > 8
+        assert assert_greedy_agrees(want_tokens[row], want_logits[row], result.token_ids, f"row {row}") > 8

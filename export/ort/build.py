@@ -1,0 +1,88 @@
+"""The ONNX Runtime backend's build step: an `ort` or `onnx` export -> an offline-optimised engine graph.
+
+ONNX Runtime's graph optimisations are applied ahead of time and saved, so loading skips them. An export lowered
+for moetrt's CPU expert kernel is first cut into segments around its expert nodes (export/ort/split.py); each
+segment is optimised the same way and the packed experts go to `experts.bin`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moetrt import hardware
+from moetrt.errors import MoetrtError
+from moetrt.formats import DATA_FILE, EXPERTS_FILE, MODEL_FILE, ExportInfo, OrtSection
+from moetrt.export.ort.plan import ort_provider
+from moetrt.progress import note
+from moetrt.versions import package_version
+
+OPTIMIZATION_LEVEL = "all"
+
+
+def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
+    """Optimise `export_dir`'s graph into `work` for this machine's provider; returns the manifest section."""
+    from moetrt.export.ort.split import split
+
+    provider = ort_provider()
+    capability = hardware.cuda_devices()[0].compute_capability if provider == "CUDAExecutionProvider" else None
+    common = dict(
+        package="onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime",
+        provider=provider, optimization_level=OPTIMIZATION_LEVEL, cpu_arch=hardware.cpu_arch(),
+        cpu_flags=tuple(hardware.cpu_flags()), expert_slices=info.expert_slices,
+        gpu_compute_capability=tuple(capability) if capability else None,
+    )
+    if info.moe_kernel != "moetrt":
+        _optimize(str(export_dir / MODEL_FILE), work / MODEL_FILE, DATA_FILE, provider)
+        return OrtSection(**common, moe_kernel="onnxruntime", layout="graph", model=MODEL_FILE,
+                          external_data=DATA_FILE)
+    if provider != "CPUExecutionProvider":
+        raise MoetrtError(f"{export_dir} runs its experts in moetrt's CPU kernel, but ONNX Runtime here would use "
+                          f"{provider}; re-export with --moe-kernel onnxruntime")
+    models, segments, layers = split(export_dir, MODEL_FILE, work)
+    for model, segment in zip(models, segments):
+        _optimize(model, work / segment.model, f"{segment.model}.data", provider, external_data_dir=export_dir)
+    note(f"experts: moetrt's CPU kernel, the graph cut into {len(segments)} segments")
+    return OrtSection(**common, moe_kernel="moetrt", layout="segments", segments=tuple(segments),
+                      experts_file=EXPERTS_FILE, expert_layers=tuple(layers))
+
+
+def _optimize(source: str | bytes, target: Path, data_file: str, provider: str,
+              external_data_dir: Path | None = None) -> None:
+    """ONNX Runtime's offline optimisation of `source` (a path, or a serialized model whose external data is in
+    `external_data_dir`) saved as `target` with its initializers in `data_file` beside it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if external_data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(source, options, providers=[provider])
+    except Exception as error:  # onnxruntime raises its own exception types
+        if "NOT_IMPLEMENTED" in str(error):
+            raise MoetrtError(
+                f"ONNX Runtime's {provider} cannot run this graph ({str(error).splitlines()[0][:200]}); "
+                "build a float32 engine for the CPU"
+            ) from None
+        raise
+    _keep_used_opsets(target)
+
+
+def _keep_used_opsets(path: Path) -> None:
+    """ONNX Runtime's saved model imports every op domain registered in the process, custom-op libraries loaded by
+    earlier sessions included; keep the domains the graph uses, so the engine does not depend on process history."""
+    import onnx
+
+    from moetrt.export.trt.check import walk
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {"", "ai.onnx", *(node.domain for node in walk(model.graph))}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    if len(kept) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        onnx.save(model, str(path))

@@ -1,0 +1,82 @@
+"""The ONNX Runtime backend's planning step: where its engine runs and who computes the routed experts.
+
+`plan_ort` turns the user's OrtOptions into a LoweringPlan before anything is traced: the execution provider
+(CUDA where onnxruntime-gpu and a GPU are present, else the CPU), the expert slices that balance the CPU MoE
+op's threads, and the expert kernel ("auto" resolved here, with the reason). `check_export` holds an existing
+export against the same options.
+"""
+
+from __future__ import annotations
+
+import os
+
+from moetrt import hardware
+from moetrt.config import ModelConfig
+from moetrt.errors import MoetrtError
+from moetrt.export.lowering import LoweringPlan
+from moetrt.export.ort.lower import MOE_KERNELS
+from moetrt.formats import ExportInfo
+from moetrt.settings import OrtOptions
+
+# Below this many bytes per expert the kernel's extra calls (one more ONNX Runtime run and kernel call per MoE
+# layer) cost more than its streaming gains. tiny-r1 (74 KB experts) built with the kernel stepped in 0.53 ms
+# against 0.28-0.30 ms without it at batch 1, 0.67 against 0.44-0.46 ms at batch 8; ds-mini (6 MB) gains
+# (bench/NOTES.md). DeepSeek-V3's experts are 176 MB in fp32.
+KERNEL_MIN_EXPERT_BYTES = 1 << 20
+
+
+def ort_provider() -> str:
+    """CUDA when onnxruntime-gpu and a GPU are present, else the CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and hardware.cuda_devices():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def default_expert_slices(intermediate: int, threads: int | None = None) -> int:
+    """One slice per CPU thread ONNX Runtime will use (at most 16), a divisor of the expert width."""
+    threads = min(threads or os.cpu_count() or 1, 16)
+    return max(s for s in range(1, threads + 1) if intermediate % s == 0)
+
+
+def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool) -> tuple[str, str]:
+    """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime"."""
+    from moetrt.plugins.cpu_experts import find_compiler, supported
+
+    if requested not in ("auto", *MOE_KERNELS):
+        raise MoetrtError(f"--moe-kernel must be auto, {' or '.join(MOE_KERNELS)}, got {requested!r}")
+    unfit = ("it runs on the CPU only" if not cpu else "it computes in float32" if dtype != "float32"
+             else supported(hidden, inter, slices))
+    if requested == "moetrt":
+        if unfit:
+            raise MoetrtError(f"--moe-kernel moetrt cannot be used here: {unfit}; use --moe-kernel onnxruntime")
+        return "moetrt", "requested"
+    if requested == "onnxruntime":
+        return "onnxruntime", "requested"
+    if unfit:
+        return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
+    if find_compiler() is None:  # the kernel is compiled where the engine is loaded
+        return "onnxruntime", "no C compiler here to build moetrt's kernel"
+    if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
+        return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
+    return "moetrt", "experts stream once per batch from a packed layout"
+
+
+def plan_ort(options: OrtOptions, config: ModelConfig, dtype: str) -> LoweringPlan:
+    """The `ort` lowering for `config` at `dtype` on this machine. Raises MoetrtError when an explicit choice
+    cannot work here (e.g. --moe-kernel moetrt for float16 experts)."""
+    cpu = ort_provider() == "CPUExecutionProvider"
+    slices = options.expert_slices
+    if slices is None:  # the CUDA kernel has no static thread split to balance
+        slices = default_expert_slices(config.moe_intermediate_size) if cpu else 1
+    kernel, why = choose_moe_kernel(options.moe_kernel, config.hidden_size, config.moe_intermediate_size, slices,
+                                    dtype, cpu)
+    return LoweringPlan("ort", expert_slices=slices, moe_kernel=kernel, why=why)
+
+
+def check_export(info: ExportInfo, options: OrtOptions, source: str) -> None:
+    """Refuse to build from an export whose lowering contradicts `options` (one line naming the re-export)."""
+    if info.target == "ort" and options.moe_kernel not in ("auto", info.moe_kernel):
+        raise MoetrtError(f"{source} was exported with its experts in {info.moe_kernel}; --moe-kernel "
+                          f"{options.moe_kernel} needs a re-export (moetrt export --moe-kernel ...)")

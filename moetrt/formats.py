@@ -1,0 +1,418 @@
+"""The on-disk formats, typed: an export's `export.json` and an engine's `manifest.json`, and the graph's I/O names.
+
+This is the only module that knows their JSON keys. Each format is a frozen dataclass with one reader
+(`read_export_info`, `read_manifest`: a damaged or foreign file is one MoetrtError naming the field and the fix)
+and one writer (`write_export_info`, `write_manifest`). Backend-specific parts of a manifest are sections
+(`OrtSection`, `TrtSection`), stored under the backend's name and registered in `SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+from moetrt.atomic import write_json
+from moetrt.config import ModelConfig
+from moetrt.errors import MoetrtError
+from moetrt.settings import BuildProfile
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+EXPORT_JSON = "export.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+PLAN_FILE = "model.plan"
+EXPERTS_FILE = "experts.bin"
+# Files that make an export (and later an engine) self-sufficient for serving.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+ENGINE_FORMAT = "moetrt-engine"
+# 3: typed sections (`ort.layout` says graph or segments); 1 and 2 were written before, and are refused.
+ENGINE_FORMAT_VERSION = 3
+EXPORT_FORMAT = "moetrt-export"
+EXPORT_FORMAT_VERSION = 2
+
+# -- the decoder graph's inputs and outputs (export/onnx_export.py documents the interface) ------------------------
+
+INPUT_IDS = "input_ids"  # [batch, seq] int64
+POSITION_IDS = "position_ids"  # [batch, seq] int64, per row
+ATTENTION_MASK = "attention_mask"  # [batch, past_len + seq] int64, 1 for real tokens
+LOGIT_POSITIONS = "logit_positions"  # [batch, n_logits] int64, positions in seq that get logits
+HOST_INPUTS = (INPUT_IDS, POSITION_IDS, ATTENTION_MASK, LOGIT_POSITIONS)
+LOGITS = "logits"  # [batch, n_logits, vocab]
+PAST_LATENT_PREFIX = "past_latent."  # + layer: [past_len, batch, latent_dim], the cache so far
+NEW_LATENT_PREFIX = "new_latent."  # + layer: [seq, batch, latent_dim], the rows this call adds
+
+
+def past_latent(layer: int) -> str:
+    return f"{PAST_LATENT_PREFIX}{layer}"
+
+
+def new_latent(layer: int) -> str:
+    return f"{NEW_LATENT_PREFIX}{layer}"
+
+
+def graph_input_names(num_layers: int) -> list[str]:
+    return [*HOST_INPUTS, *(past_latent(i) for i in range(num_layers))]
+
+
+def graph_output_names(num_layers: int) -> list[str]:
+    return [LOGITS, *(new_latent(i) for i in range(num_layers))]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorIO:
+    """One graph input or output: symbolic dims are names (batch, seq, past_len, total_len, n_logits)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The MLA latent cache the graph reads and extends: per layer `[past_len, batch, latent_dim]`, a row being
+    [RMSNorm(compressed kv) (kv_lora_rank) | RoPE'd shared key (rope_dim)]; the graph returns only the new rows."""
+
+    num_layers: int
+    latent_dim: int
+    kv_lora_rank: int
+    rope_dim: int
+    layout: str = "position-major [past_len, batch, latent_dim] per layer"
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+    cache: CacheLayout
+
+
+def graph_io(config: ModelConfig, dtype: str) -> GraphIO:
+    """The decoder graph's inputs and outputs for `config` at activation `dtype`, with symbolic shapes."""
+    layers = range(config.num_hidden_layers)
+    ids = ("batch", "seq")
+    return GraphIO(
+        inputs=(TensorIO(INPUT_IDS, "int64", ids), TensorIO(POSITION_IDS, "int64", ids),
+                TensorIO(ATTENTION_MASK, "int64", ("batch", "total_len")),
+                TensorIO(LOGIT_POSITIONS, "int64", ("batch", "n_logits")),
+                *(TensorIO(past_latent(i), dtype, ("past_len", "batch", config.latent_dim)) for i in layers)),
+        outputs=(TensorIO(LOGITS, dtype, ("batch", "n_logits", config.vocab_size)),
+                 *(TensorIO(new_latent(i), dtype, ("seq", "batch", config.latent_dim)) for i in layers)),
+        cache=CacheLayout(config.num_hidden_layers, config.latent_dim, config.kv_lora_rank, config.qk_rope_head_dim),
+    )
+
+
+# -- export.json --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRef:
+    """The custom node an export carries (plugins/spec.py), by name and version."""
+
+    op_type: str
+    domain: str
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """An export directory's description: what was traced and how it was lowered.
+
+    target: "ort", "trt" or "onnx" (standard ops). moe_kernel (ort only): "onnxruntime" or "moetrt", else "none".
+    expert_slices: sub-experts per expert the ort lowering cut (1 elsewhere)."""
+
+    target: str
+    dtype: str
+    opset: int
+    source: str
+    tokenizer: bool
+    io: GraphIO
+    node: NodeRef
+    model_config: ModelConfig
+    versions: dict[str, str]
+    expert_slices: int = 1
+    moe_kernel: str = "none"
+    model_file: str = MODEL_FILE
+    external_data: str = DATA_FILE
+
+
+# -- manifest.json ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    sha256: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """`count` float32 values from byte `offset` of a file."""
+
+    offset: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayer:
+    """One MoE layer's routed experts in experts.bin, packed for moetrt's CPU kernel (plugins/cpu_experts.py).
+    inputs: the segment outputs it reads (hidden [T, H] float32, topk_ids [T, k] int32, topk_weights [T, k]
+    float32); output: the value name the next segment reads ([T, H])."""
+
+    inputs: tuple[str, ...]
+    output: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    slices: int
+    gate_up: Span
+    down: Span
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtSegment:
+    model: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtSection:
+    """An ONNX Runtime engine: one optimised graph (`layout="graph"`: `model` + `external_data`), or segments cut
+    at the routed experts with moetrt's CPU kernel between them (`layout="segments"`: `segments`, `experts_file`,
+    `expert_layers`). Offline optimisation ties it to the package version, provider and CPU it was built on."""
+
+    package: str
+    provider: str
+    optimization_level: str
+    cpu_arch: str
+    cpu_flags: tuple[str, ...]
+    moe_kernel: str
+    expert_slices: int
+    layout: str
+    model: str | None = None
+    external_data: str | None = None
+    segments: tuple[OrtSegment, ...] = ()
+    experts_file: str | None = None
+    expert_layers: tuple[ExpertLayer, ...] = ()
+    gpu_compute_capability: tuple[int, ...] | None = None
+
+    @property
+    def segmented(self) -> bool:
+        return self.layout == "segments"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtProfile:
+    """One optimization profile: per graph input its (min, opt, max) dims."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtSection:
+    """A TensorRT engine: the plan, the TensorRT version and GPU it was built for, the plugin form."""
+
+    version: str
+    compute_capability: tuple[int, ...]
+    gpu: str
+    plan: str
+    plugin_form: str
+    python_at_runtime: bool
+    strongly_typed: bool
+    optimization_level: int
+    profiles: tuple[TrtProfile, ...]
+
+
+Section = Union[OrtSection, TrtSection]
+# Backend name -> its manifest section, stored under that name.
+SECTIONS: dict[str, type[Any]] = {"ort": OrtSection, "trt": TrtSection}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineManifest:
+    """An engine directory's `manifest.json`: what was built, from what, for which machine, and its artifacts.
+
+    `section` is the backend's own part (OrtSection or TrtSection); `directory` is where it was read from
+    (not stored)."""
+
+    backend: str
+    dtype: str
+    export_target: str
+    model_config: ModelConfig
+    tokenizer: bool
+    io: GraphIO
+    profile: BuildProfile
+    section: Section
+    artifacts: dict[str, Artifact]
+    versions: dict[str, str | None]
+    directory: Path = dataclasses.field(default=Path("."), compare=False)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+
+# -- readers and writers -------------------------------------------------------------------------------------------
+
+
+def read_export_info(export_dir: str | Path) -> ExportInfo:
+    """Read `EXPORT_DIR/export.json`; raises MoetrtError when it is missing, damaged or of another version."""
+    path = Path(export_dir) / EXPORT_JSON
+    if not path.is_file():
+        raise MoetrtError(f"{Path(export_dir)} has no {EXPORT_JSON}: not an export directory")
+    data = _read_json(path, "re-export the checkpoint")
+    _check_header(data, path, EXPORT_FORMAT, (EXPORT_FORMAT_VERSION,), "re-export it with `moetrt export`")
+    return _load(ExportInfo, data, path, "re-export the checkpoint")
+
+
+def write_export_info(export_dir: Path, info: ExportInfo) -> None:
+    write_json(export_dir / EXPORT_JSON, {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
+                                          **_dump(info)})
+
+
+def read_manifest(engine_dir: str | Path) -> EngineManifest:
+    """Read an engine directory's manifest (no environment checks: runtime/manifest.py makes those).
+
+    Raises MoetrtError for a missing directory or manifest, invalid JSON, a foreign or older format, an unknown
+    backend, or a missing or mistyped field, each naming the fix (mostly: rebuild the engine)."""
+    directory = Path(engine_dir)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise MoetrtError(f"engine directory {directory} does not exist; build one with `moetrt build-engine`")
+    if not path.is_file():
+        raise MoetrtError(f"{directory} has no {MANIFEST}: not an engine directory (or an interrupted build)")
+    data = _read_json(path, "rebuild the engine")
+    _check_header(data, path, ENGINE_FORMAT, (ENGINE_FORMAT_VERSION,), "rebuild the engine with this moetrt "
+                  "(`moetrt build-engine CHECKPOINT -o ENGINE`)")
+    backend = data.get("backend")
+    if backend not in SECTIONS:
+        raise MoetrtError(f"{path}: unknown backend {backend!r} (this moetrt runs {', '.join(SECTIONS)})")
+    if not isinstance(data.get(backend), dict):
+        raise MoetrtError(f"{path} lacks its '{backend}' section; rebuild the engine")
+    fields = {key: value for key, value in data.items() if key not in SECTIONS}
+    manifest = _load(EngineManifest, {**fields, "section": data[backend]}, path, "rebuild the engine",
+                     section=SECTIONS[backend])
+    return dataclasses.replace(manifest, directory=directory)
+
+
+def write_manifest(engine_dir: Path, manifest: EngineManifest) -> None:
+    data = _dump(manifest)
+    section = data.pop("section")
+    data.pop("directory")
+    write_json(engine_dir / MANIFEST, {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
+                                       **data, manifest.backend: section})
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_records(directory: Path) -> dict[str, Artifact]:
+    """sha256 and size of every file in `directory` but the manifest, by relative path."""
+    return {
+        str(path.relative_to(directory)): Artifact(file_sha256(path), path.stat().st_size)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MoetrtError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise MoetrtError(f"{path} must hold a JSON object; {fix}")
+    return data
+
+
+def _check_header(data: dict[str, Any], path: Path, kind: str, readable: tuple[int, ...], fix: str) -> None:
+    if data.get("format") != kind:
+        raise MoetrtError(f"{path} is not a {kind} description")
+    if data.get("format_version") not in readable:
+        raise MoetrtError(f"{path} has format version {data.get('format_version')}, this moetrt reads "
+                          f"{' and '.join(map(str, readable))}: {fix}")
+
+
+T = TypeVar("T")
+
+
+def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | None = None) -> T:
+    """Build dataclass `cls` from JSON `data`, converting nested dataclasses, tuples, dicts and optionals.
+    `section` is the concrete type of EngineManifest.section."""
+
+    def convert(hint: Any, value: Any, where: str) -> Any:
+        if hint is Any:
+            return value
+        if hint is ModelConfig:
+            try:
+                return ModelConfig.from_dict(value)
+            except (TypeError, KeyError, AttributeError) as error:
+                raise MoetrtError(f"{path}: {where} is not a valid model config ({error}); {fix}") from None
+        if hint == Section:
+            hint = section
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            options = [arg for arg in args if arg is not type(None)]
+            if len(options) == 1:
+                return convert(options[0], value, where)
+            if any(isinstance(value, option) and not isinstance(value, bool) for option in options):
+                return value  # a union of scalars: int | str dims
+            raise MoetrtError(f"{path}: {where} should be one of {options}, got {value!r}; {fix}")
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise MoetrtError(f"{path}: {where} should be an object; {fix}")
+            hints = typing.get_type_hints(hint)
+            kwargs = {}
+            for field in dataclasses.fields(hint):
+                if field.name == "directory":
+                    continue
+                if field.name in value:
+                    kwargs[field.name] = convert(hints[field.name], value[field.name], f"{where}.{field.name}")
+                elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                    raise MoetrtError(f"{path} lacks the field '{where}.{field.name}'; {fix}")
+            return hint(**kwargs)
+        if origin is tuple:
+            if not isinstance(value, list):
+                raise MoetrtError(f"{path}: {where} should be a list; {fix}")
+            inner = args[0]
+            return tuple(convert(inner, item, f"{where}[{i}]") for i, item in enumerate(value))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise MoetrtError(f"{path}: {where} should be an object; {fix}")
+            return {key: convert(args[1], item, f"{where}.{key}") for key, item in value.items()}
+        allowed = (int, float) if hint is float else (hint,)
+        if not isinstance(value, allowed) or (hint is int and isinstance(value, bool)):
+            raise MoetrtError(f"{path}: {where} should be {getattr(hint, '__name__', hint)}, got {value!r}; {fix}")
+        return value
+
+    return convert(cls, data, cls.__name__ if section is None else "manifest")
+
+
+def _dump(value: Any) -> Any:
+    """A dataclass tree as JSON-ready data (tuples as lists, ModelConfig through its own to_dict)."""
+    if isinstance(value, ModelConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _dump(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_dump(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _dump(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value

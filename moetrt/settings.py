@@ -1,0 +1,104 @@
+"""Build configuration: the shape profile and the per-backend option groups, each default in one field.
+
+`BuildConfig` composes them (as vLLM's top-level config composes model, cache and parallel configs):
+`build_engine(checkpoint, out, BuildConfig(profile=BuildProfile(max_context=2048), ort=OrtOptions(moe_kernel=
+"moetrt")))`. The runtime's generation defaults live in `moetrt.runtime.requests`; the cache folder is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from moetrt.errors import MoetrtError
+
+BACKEND_CHOICES = ("auto", "ort", "trt")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+MOE_KERNEL_CHOICES = ("auto", "moetrt", "onnxruntime")
+TRT_PLUGIN_CHOICES = ("aot", "jit")
+# Tokens per graph call when max_seq is not given: the prefill chunk, capped by the context.
+DEFAULT_MAX_SEQ = 512
+CACHE_DIR_ENV = "MOETRT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where moetrt keeps what it compiles or measures once per machine: compiled CPU kernels, TensorRT timing
+    caches. `$MOETRT_CACHE_DIR`, else `~/.cache/moetrt`."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "moetrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildProfile:
+    """The shapes an engine serves: at most `max_batch` sequences, `max_seq` new tokens per graph call (the prefill
+    chunk; None = min(512, max_context)) and `max_context` cached positions per sequence. TensorRT builds its
+    optimization profiles from these; the runtime sizes its latent cache by them. Raises MoetrtError when a
+    value is below 1 or max_seq exceeds max_context."""
+
+    max_batch: int = 8
+    max_context: int = 4096
+    max_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_seq is None:
+            object.__setattr__(self, "max_seq", min(DEFAULT_MAX_SEQ, self.max_context))
+        for name in ("max_batch", "max_seq", "max_context"):
+            value = getattr(self, name)
+            if value < 1:
+                raise MoetrtError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.seq > self.max_context:
+            raise MoetrtError(f"--max-seq ({self.max_seq}) cannot exceed --max-context ({self.max_context})")
+
+    @property
+    def seq(self) -> int:
+        """max_seq, resolved (never None after construction)."""
+        assert self.max_seq is not None
+        return self.max_seq
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime engines. moe_kernel: who runs the routed experts, "onnxruntime" (its com.microsoft::MoE op),
+    "moetrt" (moetrt's CPU kernel) or "auto" (decided by the backend's plan, export/ort/plan.py). expert_slices:
+    sub-experts per expert that balance the CPU MoE op's threads; None = one per CPU thread (1 on a GPU)."""
+
+    moe_kernel: str = "auto"
+    expert_slices: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.moe_kernel not in MOE_KERNEL_CHOICES:
+            raise MoetrtError(f"--moe-kernel must be one of {', '.join(MOE_KERNEL_CHOICES)}, got {self.moe_kernel!r}")
+        if self.expert_slices is not None and self.expert_slices < 1:
+            raise MoetrtError(f"expert_slices must be at least 1, got {self.expert_slices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtOptions:
+    """TensorRT engines. plugin: the routed-experts plugin's form, "aot" (PTX in the engine, no Python at run time)
+    or "jit". portable: build from the standard-ops lowering instead (no plugin)."""
+
+    plugin: str = "aot"
+    portable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plugin not in TRT_PLUGIN_CHOICES:
+            raise MoetrtError(f"--trt-plugin {self.plugin!r} is not one of {', '.join(TRT_PLUGIN_CHOICES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything `build_engine` takes besides its source and output: the backend ("auto" picks TensorRT where it
+    and a GPU are present, else ONNX Runtime), the dtype (None: float32, or an export's own), the shape profile
+    and each backend's options (only the chosen backend's are read)."""
+
+    backend: str = "auto"
+    dtype: str | None = None
+    profile: BuildProfile = BuildProfile()
+    ort: OrtOptions = OrtOptions()
+    trt: TrtOptions = TrtOptions()
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKEND_CHOICES:
+            raise MoetrtError(f"backend {self.backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise MoetrtError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
