@@ -17,6 +17,10 @@ _LAZY = {
     "export_onnx": "moetrt.export.onnx_export",
     "build_engine": "moetrt.export.engine",
     "Engine": "moetrt.runtime.engine",  # torch-free
+    "BuildConfig": "moetrt.settings",
+    "BuildProfile": "moetrt.settings",
+    "OrtOptions": "moetrt.settings",
+    "TrtOptions": "moetrt.settings",
 }
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from moetrt.export.engine import build_engine
     from moetrt.export.onnx_export import export_onnx
     from moetrt.runtime.engine import Engine
+    from moetrt.settings import BuildConfig, BuildProfile, OrtOptions, TrtOptions
 
 __all__ = ["MoetrtError", "__version__", *_LAZY]
 

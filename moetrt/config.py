@@ -7,12 +7,12 @@ configs (legacy `rope_scaling` + `rope_theta`) or transformers 5.x output (`rope
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from moetrt.errors import MoetrtError
+from moetrt.jsonfile import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
@@ -174,13 +174,7 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
         path = path / "config.json"
     if not path.is_file():
         raise MoetrtError(f"no config.json at {path}: point at a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoetrtError(f"{path} is not valid JSON ({error}); restore the checkpoint's config.json") from None
-    if not isinstance(raw, dict):
-        raise MoetrtError(f"{path} must hold a JSON object")
-    return parse_config(raw, source=str(path))
+    return parse_config(read_json_object(path, "restore the checkpoint's config.json"), source=str(path))
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import types
 import typing
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, TypeVar, Union
 from moetrt.atomic import write_json
 from moetrt.config import ModelConfig
 from moetrt.errors import MoetrtError
+from moetrt.jsonfile import read_json_object
 from moetrt.settings import BuildProfile
 
 # -- files ------------------------------------------------------------------------------------------------------
@@ -221,10 +221,10 @@ class TrtProfile:
 class TrtSection:
     """A TensorRT engine: the plan, the TensorRT version and GPU it was built for, the plugin form."""
 
-    version: str
-    compute_capability: tuple[int, ...]
-    gpu: str
     plan: str
+    version: str
+    gpu: str
+    compute_capability: tuple[int, ...]
     plugin_form: str
     python_at_runtime: bool
     strongly_typed: bool
@@ -268,7 +268,7 @@ def read_export_info(export_dir: str | Path) -> ExportInfo:
     path = Path(export_dir) / EXPORT_JSON
     if not path.is_file():
         raise MoetrtError(f"{Path(export_dir)} has no {EXPORT_JSON}: not an export directory")
-    data = _read_json(path, "re-export the checkpoint")
+    data = read_json_object(path, "re-export the checkpoint")
     _check_header(data, path, EXPORT_FORMAT, (EXPORT_FORMAT_VERSION,), "re-export it with `moetrt export`")
     return _load(ExportInfo, data, path, "re-export the checkpoint")
 
@@ -289,7 +289,7 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
         raise MoetrtError(f"engine directory {directory} does not exist; build one with `moetrt build-engine`")
     if not path.is_file():
         raise MoetrtError(f"{directory} has no {MANIFEST}: not an engine directory (or an interrupted build)")
-    data = _read_json(path, "rebuild the engine")
+    data = read_json_object(path, "rebuild the engine")
     _check_header(data, path, ENGINE_FORMAT, (ENGINE_FORMAT_VERSION,), "rebuild the engine with this moetrt "
                   "(`moetrt build-engine CHECKPOINT -o ENGINE`)")
     backend = data.get("backend")
@@ -326,16 +326,6 @@ def artifact_records(directory: Path) -> dict[str, Artifact]:
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-
-
-def _read_json(path: Path, fix: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MoetrtError(f"{path} is not valid JSON ({error}); {fix}") from None
-    if not isinstance(data, dict):
-        raise MoetrtError(f"{path} must hold a JSON object; {fix}")
-    return data
 
 
 def _check_header(data: dict[str, Any], path: Path, kind: str, readable: tuple[int, ...], fix: str) -> None:

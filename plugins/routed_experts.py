@@ -92,23 +92,6 @@ def routed_experts(
     return routed_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
 
 
-def routed_experts_triton(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    w_gate_up_scale: torch.Tensor | None = None,
-    w_down_scale: torch.Tensor | None = None,
-    **options,
-) -> torch.Tensor:
-    """`routed_experts_reference` computed by the Triton kernels (plugins/triton_moe.py; CUDA tensors, or CPU ones
-    under TRITON_INTERPRET=1). Imports triton on first call, so this module still imports without it."""
-    from moetrt.plugins.triton_moe import routed_experts_triton as run
-
-    return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale, **options)
-
-
 def moe_stage_reference(stage: str, dims, block_m: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One stage (plugins/spec.py's MOE_STAGES) in torch, with the kernels' exact outputs: padding rows of
     `sorted_slots` hold T*k, unused `block_experts` -1, padding rows of `act` zeros. dims: an ExpertDims. Inputs and

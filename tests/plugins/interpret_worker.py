@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from moetrt.plugins import triton_moe  # noqa: E402
 from moetrt.plugins.moe_inputs import poisoned, random_problem, relative_error  # noqa: E402
 from moetrt.plugins.moe_launch import ExpertsShape, TileConfig  # noqa: E402
-from moetrt.plugins.routed_experts import routed_experts_reference, routed_experts_triton  # noqa: E402
+from moetrt.plugins.routed_experts import routed_experts_reference  # noqa: E402
+from moetrt.plugins.triton_moe import routed_experts_triton  # noqa: E402
 from moetrt.plugins.trt_stages import StageAttribute  # noqa: E402
 from tests.plugins.poisoned_runs import run_poisoned, run_stage_nodes  # noqa: E402
 
