@@ -38,18 +38,12 @@ class ReferenceSession:
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, np.float32)
 
-    def run(
-        self,
-        input_ids: np.ndarray,
-        position_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        logit_positions: np.ndarray,
-        past: list[np.ndarray],
-        new_rows: list[np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]` (int64), past per layer `[P, B, D]`
-        float32. Returns logits `[B, N, vocab]` float32 and the new rows `[S, B, D]` (written into `new_rows`
-        when given)."""
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+            logit_positions: np.ndarray, past: list[np.ndarray],
+            new_rows: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Session.run (runtime/session.py): ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]`
+        (int64), past per layer `[P, B, D]` float32. Returns logits `[B, N, vocab]` float32 and the new rows
+        `[S, B, D]` (written into `new_rows` when given)."""
         with torch.inference_mode():
             logits, rows = self.model.step(
                 _as_tensor(input_ids),

@@ -3,6 +3,7 @@ completions streamed and not, models, 64 concurrent streams against one-at-a-tim
 disconnects."""
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -74,12 +75,19 @@ def stop_server(server: Server, log_path) -> None:
     assert server.process.wait(timeout=30) == 0, open(log_path).read()
 
 
-@pytest.fixture(scope="module")
-def server(chat_engine_dir, tmp_path_factory):
+@contextlib.contextmanager
+def serving(engine_dir, tmp_path_factory, max_batch: int, max_queue: int):
+    """A `moetrt serve` process for the duration of the block; it must exit 0 on SIGINT."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(chat_engine_dir, log_path, "--max-batch", "16", "--max-queue", "56")
+    running = start_server(engine_dir, log_path, "--max-batch", str(max_batch), "--max-queue", str(max_queue))
     yield running
     stop_server(running, log_path)
+
+
+@pytest.fixture(scope="module")
+def server(chat_engine_dir, tmp_path_factory):
+    with serving(chat_engine_dir, tmp_path_factory, max_batch=16, max_queue=56) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +307,8 @@ def wait_for(server: Server, metric: str, value: float, seconds: float = 10) -> 
 @pytest.fixture(scope="module")
 def one_slot_server(chat_engine_dir, tmp_path_factory):
     """One slot and one queue place, so a third concurrent request is refused deterministically."""
-    log_path = tmp_path_factory.mktemp("server1") / "server.log"
-    running = start_server(chat_engine_dir, log_path, "--max-batch", "1", "--max-queue", "1")
-    yield running
-    stop_server(running, log_path)
+    with serving(chat_engine_dir, tmp_path_factory, max_batch=1, max_queue=1) as running:
+        yield running
 
 
 def test_a_full_queue_gets_429_and_disconnects_free_their_slots(one_slot_server):
