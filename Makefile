@@ -9,7 +9,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check bench serve train-tiny build-engine demo
+.PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench serve train-tiny build-engine demo
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ test-slow: $(STAMP)
 gpu-check: $(STAMP)
 	@$(PY) -m tests.gpu_check
 	MOETRT_QUIET=1 $(PY) -m pytest -q -m gpu
+
+# What fits one lent GPU in 8 minutes, from a bare machine with torch, Triton and cuda-python (no TensorRT, no
+# network, nothing installed): a trimmed set of the `gpu` tests (the stage kernels as TensorRT runs them, on
+# autotuner-like garbage, capture-failure recovery), then the engine's own stage kernels timed at T = 1, 64, 4096 at
+# DeepSeek-V3 shapes. Report in $(QUICK_REPORT); exits 1 with one line where there is no GPU. No venv needed:
+# QUICK_PY is the venv's Python where there is one, else python3.
+QUICK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+QUICK_REPORT ?= bench/results/gpu_check_quick.md
+gpu-check-quick:
+	@$(QUICK_PY) -m tests.gpu_check_quick --out $(QUICK_REPORT)
 
 # moetrt against transformers and the copy-bandwidth roofline on tiny-r1 and ds-mini (~4 minutes on 2 cores;
 # the first run also writes the random 3.3 GB ds-mini checkpoint).

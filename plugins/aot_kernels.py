@@ -3,8 +3,9 @@
 `aot_launch(shape)` compiles every stage of `moe_launch.plan_launch` for sm_90 with `triton.compile` (no GPU
 needed) and describes its launch: kernel name, PTX, grid, threads per block, dynamic shared memory, and the kernel
 parameters in order with what each binds to. TensorRT passes plugin inputs, then int32 extra args, then plugin
-outputs. Triton appends two pointer parameters to every kernel (global and profile scratch); the kernels must use
-neither (checked here), and the launcher passes null for them, as TensorRT does for arguments it was not given.
+outputs. Triton appends hidden pointer parameters to every kernel (global scratch; profile scratch since 3.5): their
+number is read from the PTX entry, the kernels must use none of them (checked here), and the launcher passes null
+for them, as TensorRT does for arguments it was not given. pyproject pins the Triton versions this was checked with.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from moetrt.plugins.moe_launch import (
     plan_launch,
     triton_signature,
 )
-from moetrt.plugins.trt_stages import StageAttribute
+from moetrt.plugins.trt_stages import DECODE_TACTIC, GEMM_STAGES, StageAttribute
 
-HIDDEN_POINTERS = ("global_scratch", "profile_scratch")
+HIDDEN_POINTERS = ("global_scratch", "profile_scratch")  # Triton's names, in its order; 3.4 has the first only
 PORTABLE_SHARED_BYTES = 48 * 1024  # more needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) before launch
 PTX_TYPES = {"pointer": ".u64", "i32": ".u32"}
+# The oldest PTX ISA that can name each GPU target (Triton compiles sm_90 as sm_90a, which PTX 8.0 introduced).
+ARCH_MIN_PTX = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 120: 87, 121: 88}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +109,14 @@ def aot_launch(
 
 
 @functools.lru_cache(maxsize=64)
-def engine_stage(stage: str, attribute: StageAttribute, arch: int, ptx_version: int | None) -> AotStage:
+def engine_stage(
+    stage: str, attribute: StageAttribute, arch: int, ptx_version: int | None, *, tactic: int = DECODE_TACTIC
+) -> AotStage:
     """One stage's kernel for a TensorRT engine, whatever T it runs at: the PTX does not depend on T (grids and int32
-    extra args carry it). Capped at 48 KiB of dynamic shared memory, since TensorRT's documentation does not say that
-    it raises a kernel's limit (cuFuncSetAttribute) for an AOT plugin; grids do not change under the cap."""
-    plan = plan_launch(attribute.shape(1), attribute.config)
+    extra args carry it). A GEMM stage compiles the tactic's tiles (decode or prefill); align and combine have one
+    kernel. Capped at 48 KiB of dynamic shared memory, since TensorRT's documentation does not say that it raises a
+    kernel's limit (cuFuncSetAttribute) for an AOT plugin; grids do not change under the cap."""
+    plan = attribute.plan(1, tactic=tactic if stage in GEMM_STAGES else DECODE_TACTIC)
     launch = next(candidate for candidate in plan.stages if candidate.name == stage)
     return compile_stage(plan, launch, arch=arch, ptx_version=ptx_version, max_shared_bytes=PORTABLE_SHARED_BYTES)
 
@@ -122,12 +128,46 @@ def launch_at(stage: AotStage, grid: tuple[int, int, int], scalars: tuple[int, .
     return dataclasses.replace(stage, grid=grid, params=params)
 
 
-def ptx_version_for_driver(driver_version: int, arch: int = 90) -> int:
-    """The PTX ISA both Triton's ptxas and a driver (e.g. 12080 for CUDA 12.8) accept: the driver JIT-compiles it."""
-    from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+def ptx_version_for_driver(driver_version: int, arch: int = 90, tensorrt_cuda_major: int | None = None) -> int:
+    """The PTX ISA that Triton's ptxas, a driver (e.g. 12080 for CUDA 12.8: it JIT-compiles the PTX) and, when
+    given, a TensorRT built for that CUDA major version all accept."""
+    return ptx_version_cap(driver_version, ptxas_cuda_version(arch), arch, tensorrt_cuda_major)
 
-    driver_max = ptx_get_version(f"{driver_version // 1000}.{driver_version % 1000 // 10}")
-    return min(driver_max, ptx_get_version(get_ptxas(arch).version))
+
+def ptxas_cuda_version(arch: int) -> str:
+    """The CUDA version ("12.8") of the ptxas Triton compiles `arch` with (Triton >= 3.5 may pick one per arch)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        return str(get_ptxas(arch).version)
+    except TypeError:  # Triton 3.4: one ptxas, no argument
+        return str(get_ptxas().version)
+
+
+def ptx_isa(cuda_version: str) -> int:
+    """The newest PTX ISA a CUDA version reads, as 10 * major + minor (NVIDIA's table: 12.0 -> 8.0, 12.5 -> 8.5,
+    12.6 -> 8.5, 12.8 -> 8.7, 12.9 -> 8.8, 13.0 -> 9.0)."""
+    major, minor = (int(part) for part in cuda_version.split(".")[:2])
+    if major >= 13:
+        return 90 + (major - 13) * 10 + minor
+    if major == 12:
+        return 80 + minor - (minor >= 6)
+    return 70 + minor if major == 11 else 63 + minor
+
+
+def ptx_version_cap(driver_version: int, ptxas_cuda: str, arch: int, tensorrt_cuda_major: int | None) -> int:
+    """The newest PTX ISA within every limit: the driver's CUDA version, ptxas's ("12.8"), and the oldest toolkit of
+    TensorRT's CUDA major (its PTX compiler may be any minor of it), never below what `arch` needs. Raises
+    ValueError when the driver or ptxas is too old for `arch`."""
+    needed = ARCH_MIN_PTX.get(arch, 0)
+    caps = {"driver": ptx_isa(f"{driver_version // 1000}.{driver_version % 1000 // 10}"), "ptxas": ptx_isa(ptxas_cuda)}
+    if tensorrt_cuda_major is not None:
+        caps["TensorRT"] = max(ptx_isa(f"{tensorrt_cuda_major}.0"), needed)
+    version = min(caps.values())
+    if version < needed:
+        limits = ", ".join(f"{name} {cap // 10}.{cap % 10}" for name, cap in caps.items())
+        raise ValueError(f"sm_{arch} needs PTX {needed // 10}.{needed % 10}; this machine allows {limits}")
+    return version
 
 
 def compile_stage(plan, stage, *, arch=90, ptx_version=None, max_shared_bytes=None) -> AotStage:
@@ -166,13 +206,14 @@ def compile_launch(plan: LaunchPlan, stage: StageLaunch, arch: int, ptx_version:
 
 def check_launch_metadata(stage: StageLaunch, metadata) -> None:
     """Refuse what a plain cuLaunchKernel with null scratch pointers cannot reproduce."""
+    # Fields a Triton version lacks (profile_scratch_size before 3.5) are features it does not have.
     unsupported = {
-        "global_scratch_size": metadata.global_scratch_size,
-        "profile_scratch_size": metadata.profile_scratch_size,
-        "tmem_size": metadata.tmem_size or 0,
-        "launch_cooperative_grid": metadata.launch_cooperative_grid,
-        "launch_pdl": metadata.launch_pdl,
-        "num_ctas > 1": metadata.num_ctas > 1,
+        "global_scratch_size": getattr(metadata, "global_scratch_size", 0),
+        "profile_scratch_size": getattr(metadata, "profile_scratch_size", 0),
+        "tmem_size": getattr(metadata, "tmem_size", 0) or 0,
+        "launch_cooperative_grid": getattr(metadata, "launch_cooperative_grid", False),
+        "launch_pdl": getattr(metadata, "launch_pdl", False),
+        "num_ctas > 1": getattr(metadata, "num_ctas", 1) > 1,
     }
     used = [name for name, value in unsupported.items() if value]
     if used:
@@ -208,7 +249,7 @@ def describe(plan: LaunchPlan, stage: StageLaunch, compiled) -> AotStage:
     params = [tensor_param(plan, name, "input") for name in stage.inputs]
     params += [AotParam(name, "scalar", PTX_TYPES["i32"], value=value) for name, value in stage.scalars]
     params += [tensor_param(plan, name, "output") for name in stage.outputs]
-    params += [AotParam(name, "hidden", PTX_TYPES["pointer"]) for name in HIDDEN_POINTERS]
+    params += hidden_params(compiled.asm["ptx"], len(params))
     aot = AotStage(
         name=stage.name,
         kernel_name=metadata.name,
@@ -225,6 +266,19 @@ def describe(plan: LaunchPlan, stage: StageLaunch, compiled) -> AotStage:
     if problems:
         raise ValueError(f"stage {stage.name}: PTX parameters do not match the launch: {problems}")
     return aot
+
+
+def hidden_params(ptx: str, visible: int) -> list[AotParam]:
+    """The parameters Triton's PTX entry declares after the `visible` ones the launch binds: its scratch pointers,
+    as many as this Triton version appends. Raises ValueError for any that is not a global pointer."""
+    _, declared = ptx_entry(ptx)
+    hidden = []
+    for index, (ptx_type, is_pointer) in enumerate(declared[visible:]):
+        name = HIDDEN_POINTERS[index] if index < len(HIDDEN_POINTERS) else f"hidden_{index}"
+        if ptx_type != PTX_TYPES["pointer"] or not is_pointer:
+            raise ValueError(f"PTX parameter {visible + index} ({name}) is {ptx_type}, not a pointer to pass as null")
+        hidden.append(AotParam(name, "hidden", PTX_TYPES["pointer"]))
+    return hidden
 
 
 def tensor_param(plan: LaunchPlan, name: str, kind: str) -> AotParam:

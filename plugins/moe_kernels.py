@@ -1,7 +1,10 @@
 """The four Triton kernels of the routed experts (align, gate_up, down, combine); see plugins/moe_launch.py.
 
 Each kernel takes its tensor inputs, then int32 scalars, then its tensor outputs (TensorRT's AOT argument order),
-then constexprs. Tensors are contiguous, so strides follow from the constexpr sizes.
+then constexprs. Tensors are contiguous, so strides follow from the constexpr sizes. Every kernel stays inside its
+buffers whatever values its inputs hold (TensorRT's autotuner times each stage on arbitrary data): align drops ids
+outside [0, E); the GEMMs clamp num_padded, skip blocks whose expert is outside [0, E) and take a slot as real only
+if 0 <= slot < T*k (`expert_block`, `tile_rows`).
 """
 
 from __future__ import annotations
@@ -88,32 +91,38 @@ def grouped_tile(n_tiles: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def moe_gate_up_kernel(
-    hidden_ptr,  # [T, HIDDEN]
-    w_gate_up_ptr,  # [E, 2 * INTER, HIDDEN]: gate rows then up rows
-    sorted_slots_ptr,
-    block_experts_ptr,
-    num_padded_ptr,
-    num_slots,
-    act_ptr,  # [max_blocks * BLOCK_M, INTER] in the compute dtype
-    HIDDEN: tl.constexpr,
-    INTER: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    # act[row, n] = silu(x W_gate^T)[n] * (x W_up^T)[n] for the token behind each row of an expert block.
-    pid_m, pid_n = grouped_tile((INTER + BLOCK_N - 1) // BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def expert_block(block_experts_ptr, num_padded_ptr, n_tiles: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                 ALIGN_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """(block, N tile, expert, whether to skip) of this GEMM program: one block of align's layout, ALIGN_M rows of
+    one expert.
+
+    Safe for ANY values in the alignment buffers (TensorRT's autotuner runs each stage on its own, on arbitrary
+    inputs): num_padded is clamped to the rows the grid covers, and a block whose expert lies outside [0, E) is
+    skipped; only blocks inside the grid (and so inside the buffers) are read.
+    """
+    block, pid_n = grouped_tile(n_tiles, GROUP_M)
+    covered = tl.num_programs(0) // n_tiles * ALIGN_M
+    num_padded = tl.minimum(tl.load(num_padded_ptr), covered)
+    expert = tl.load(block_experts_ptr + block)
+    skip = (block * ALIGN_M >= num_padded) | (expert < 0) | (expert >= NUM_EXPERTS)
+    return block, pid_n, expert.to(tl.int64), skip
+
+
+@triton.jit
+def tile_rows(sorted_slots_ptr, block, sub, num_slots, ALIGN_M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(rows, slots, real) of the sub-th tile of BLOCK_M rows in `block`: a slot is real only if 0 <= slot <
+    num_slots (padding holds num_slots; anything else is garbage), and non-real slots read as 0."""
+    rows = block * ALIGN_M + sub * BLOCK_M + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + rows)
-    real = slots < num_slots
+    real = (slots >= 0) & (slots < num_slots)
+    return rows, tl.where(real, slots, 0), real
+
+
+@triton.jit
+def gate_up_tile(hidden_ptr, w_gate_up_ptr, act_ptr, expert, rows, slots, real, pid_n,
+                 HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr):
     tokens = (slots // TOP_K).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -151,18 +160,19 @@ def moe_gate_up_kernel(
 
 
 @triton.jit
-def moe_down_kernel(
-    act_ptr,  # [max_blocks * BLOCK_M, INTER]
-    w_down_ptr,  # [E, HIDDEN, INTER]
-    topk_weights_ptr,  # [num_slots] fp32: the routing weight of each slot
+def moe_gate_up_kernel(
+    hidden_ptr,  # [T, HIDDEN]
+    w_gate_up_ptr,  # [E, 2 * INTER, HIDDEN]: gate rows then up rows
     sorted_slots_ptr,
     block_experts_ptr,
     num_padded_ptr,
     num_slots,
-    expert_out_ptr,  # [num_slots, HIDDEN] in the compute dtype, row = slot, weighted
+    act_ptr,  # [max_blocks * ALIGN_M, INTER] in the compute dtype
     HIDDEN: tl.constexpr,
     INTER: tl.constexpr,
     TOP_K: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -170,17 +180,34 @@ def moe_down_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    # expert_out[slot] = w[slot] * act[row] W_down^T, weighted in fp32. Rows go back to their slot, so the combine
-    # needs no atomics.
-    pid_m, pid_n = grouped_tile((HIDDEN + BLOCK_N - 1) // BLOCK_N, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    # act[row, n] = silu(x W_gate^T)[n] * (x W_up^T)[n] for the token behind each row of an expert block, in tiles
+    # of BLOCK_M rows; when a block holds several tiles, one of padding rows only is skipped (its act rows are
+    # never used).
+    block, pid_n, expert, skip = expert_block(
+        block_experts_ptr, num_padded_ptr, (INTER + BLOCK_N - 1) // BLOCK_N, NUM_EXPERTS, ALIGN_M, GROUP_M
+    )
+    if skip:
         return
-    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + rows)
+    if ALIGN_M == BLOCK_M:  # one tile: a block in use always has real rows
+        rows, slots, real = tile_rows(sorted_slots_ptr, block, 0, num_slots, ALIGN_M, BLOCK_M)
+        gate_up_tile(hidden_ptr, w_gate_up_ptr, act_ptr, expert, rows, slots, real, pid_n, HIDDEN, INTER, TOP_K,
+                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    else:
+        for sub in range(ALIGN_M // BLOCK_M):
+            rows, slots, real = tile_rows(sorted_slots_ptr, block, sub, num_slots, ALIGN_M, BLOCK_M)
+            if tl.sum(real.to(tl.int32), axis=0) > 0:
+                gate_up_tile(hidden_ptr, w_gate_up_ptr, act_ptr, expert, rows, slots, real, pid_n, HIDDEN, INTER,
+                             TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+
+
+@triton.jit
+def down_tile(act_ptr, w_down_ptr, topk_weights_ptr, expert_out_ptr, expert, rows, slots, real, pid_n,
+              HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    # Every row of a block in use was written by gate_up (padding rows as zeros): no row mask on act.
+    # No row mask on act: its padding rows may hold anything (gate_up skips tiles of padding only), a row of the
+    # product depends on its own row of act alone, and padding rows are never stored.
     act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * INTER + ks[None, :]
     w_ptrs = w_down_ptr + expert * (HIDDEN * INTER) + (cols % HIDDEN)[None, :] * INTER + ks[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -199,10 +226,50 @@ def moe_down_kernel(
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         act_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    real = slots < num_slots
     acc *= tl.load(topk_weights_ptr + slots, mask=real, other=0.0)[:, None]
     out_ptrs = expert_out_ptr + slots.to(tl.int64)[:, None] * HIDDEN + cols[None, :]
     tl.store(out_ptrs, acc.to(expert_out_ptr.dtype.element_ty), mask=real[:, None] & (cols < HIDDEN)[None, :])
+
+
+@triton.jit
+def moe_down_kernel(
+    act_ptr,  # [max_blocks * ALIGN_M, INTER]
+    w_down_ptr,  # [E, HIDDEN, INTER]
+    topk_weights_ptr,  # [num_slots] fp32: the routing weight of each slot
+    sorted_slots_ptr,
+    block_experts_ptr,
+    num_padded_ptr,
+    num_slots,
+    expert_out_ptr,  # [num_slots, HIDDEN] in the compute dtype, row = slot, weighted
+    HIDDEN: tl.constexpr,
+    INTER: tl.constexpr,
+    TOP_K: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    ALIGN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # expert_out[slot] = w[slot] * act[row] W_down^T, weighted in fp32. Rows go back to their slot, so the combine
+    # needs no atomics.
+    block, pid_n, expert, skip = expert_block(
+        block_experts_ptr, num_padded_ptr, (HIDDEN + BLOCK_N - 1) // BLOCK_N, NUM_EXPERTS, ALIGN_M, GROUP_M
+    )
+    if skip:
+        return
+    if ALIGN_M == BLOCK_M:
+        rows, slots, real = tile_rows(sorted_slots_ptr, block, 0, num_slots, ALIGN_M, BLOCK_M)
+        down_tile(act_ptr, w_down_ptr, topk_weights_ptr, expert_out_ptr, expert, rows, slots, real, pid_n,
+                  HIDDEN, INTER, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    else:
+        for sub in range(ALIGN_M // BLOCK_M):
+            rows, slots, real = tile_rows(sorted_slots_ptr, block, sub, num_slots, ALIGN_M, BLOCK_M)
+            if tl.sum(real.to(tl.int32), axis=0) > 0:
+                down_tile(act_ptr, w_down_ptr, topk_weights_ptr, expert_out_ptr, expert, rows, slots, real, pid_n,
+                          HIDDEN, INTER, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit

@@ -76,6 +76,14 @@ class ExpertDims:
     top_k: int
 
 
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+# tl.dot needs every tile dimension to be at least 16 (the MMA shapes' smallest M, N and K).
+MIN_DOT_DIM = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmTile:
     """Tile of one grouped GEMM: BLOCK_N output columns, BLOCK_K reduction step, launch options."""
@@ -85,15 +93,26 @@ class GemmTile:
     num_warps: int = 4
     num_stages: int = 3
 
+    def __post_init__(self) -> None:
+        check_tile(self, block_n=self.block_n, block_k=self.block_k, num_warps=self.num_warps)
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be at least 1: {self}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Block sizes for one shape. block_m (rows per expert block) is shared by align and both GEMMs."""
+    """Block sizes for one shape. block_m: rows of a GEMM tile, all of one expert; the layout align writes pads
+    each expert's rows to a multiple of it, or of a multiple of it (plan_launch's align_block)."""
 
     block_m: int
     gate_up: GemmTile
     down: GemmTile
     group_m: int = 8
+
+    def __post_init__(self) -> None:
+        check_tile(self, block_m=self.block_m)
+        if self.group_m < 1:
+            raise ValueError(f"group_m must be at least 1: {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +125,14 @@ class TileConfig:
             down=GemmTile(**data["down"]),
             group_m=data.get("group_m", 8),
         )
+
+
+def check_tile(owner: object, **sizes: int) -> None:
+    """Refuse what Triton cannot compile: block sizes and warp counts are powers of two, tile dimensions >= 16."""
+    for name, value in sizes.items():
+        least = 1 if name == "num_warps" else MIN_DOT_DIM
+        if not is_pow2(value) or value < least:
+            raise ValueError(f"{name}={value} must be a power of two and at least {least}: {owner}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +181,7 @@ class LaunchPlan:
     config: TileConfig
     buffers: dict[str, Buffer]
     stages: tuple[StageLaunch, ...]
+    align_block: int  # rows per block of align's layout: config.block_m or a multiple of it
 
     def scratch(self) -> list[Buffer]:
         return [buffer for buffer in self.buffers.values() if buffer.role == "scratch"]
@@ -174,6 +202,8 @@ class Dim(Protocol):
 
 
 D = TypeVar("D", bound=Dim)
+# `min` for ints, `tensorrt.plugin.min` for shape expressions.
+Minimum = Callable[[D, int], D]
 
 
 def max_blocks_expr(num_slots: D, num_experts: int, block_m: int, minimum: Callable[[D, int], D]) -> D:
@@ -199,12 +229,20 @@ class StageGeometry(Generic[D]):
 
 
 def stage_geometry(
-    stage: str, tokens: D, dims: ExpertDims, config: TileConfig, minimum: Callable[[D, int], D]
+    stage: str,
+    tokens: D,
+    dims: ExpertDims,
+    config: TileConfig,
+    minimum: Callable[[D, int], D],
+    align_block: int | None = None,
 ) -> StageGeometry[D]:
-    """`stage`'s geometry for `tokens` tokens (an int or a symbolic expression)."""
+    """`stage`'s geometry for `tokens` tokens (an int or a symbolic expression). align_block: rows per block of the
+    layout align writes (config.block_m by default; else a multiple of it). A GEMM program covers one such block,
+    in tiles of config.block_m rows, and one tile of N columns."""
+    align_block = check_align_block(config, align_block)
     slots = tokens * dims.top_k
-    blocks = max_blocks_expr(slots, dims.num_experts, config.block_m, minimum)
-    rows = blocks * config.block_m
+    blocks = max_blocks_expr(slots, dims.num_experts, align_block, minimum)
+    rows = blocks * align_block
     if stage == "align":
         return StageGeometry((1, 1, 1), (slots, blocks), ((rows,), (blocks,), (1,)))
     if stage == "gate_up":
@@ -218,6 +256,15 @@ def stage_geometry(
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(MOE_STAGES)}")
 
 
+def check_align_block(config: TileConfig, align_block: int | None) -> int:
+    """The layout's rows per block: config.block_m, or a multiple of it that is a power of two."""
+    if align_block is None:
+        return config.block_m
+    if not is_pow2(align_block) or align_block % config.block_m:
+        raise ValueError(f"align_block={align_block} must be a power-of-two multiple of block_m={config.block_m}")
+    return align_block
+
+
 def combine_block(hidden: int) -> int:
     return min(1024, next_pow2(hidden))
 
@@ -226,7 +273,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(n)))
 
 
-def buffers(shape: ExpertsShape, config: TileConfig) -> dict[str, Buffer]:
+def buffers(shape: ExpertsShape, config: TileConfig, align_block: int | None = None) -> dict[str, Buffer]:
     """Every tensor of the plan, by name: node inputs, scratch buffers between stages, the output."""
     T, H, I, E, k = shape.num_tokens, shape.hidden, shape.inter, shape.num_experts, shape.top_k
     listing = [
@@ -238,25 +285,31 @@ def buffers(shape: ExpertsShape, config: TileConfig) -> dict[str, Buffer]:
     ]
     dtypes = {"act": shape.compute_dtype, "expert_out": shape.compute_dtype, "output": shape.act_dtype}
     for stage, spec in MOE_STAGES.items():
-        geometry = stage_geometry(stage, T, shape.dims, config, min)
+        geometry = stage_geometry(stage, T, shape.dims, config, min, align_block)
         for output, dims in zip(spec.outputs, geometry.outputs):
             role = "output" if output.name == "output" else "scratch"
             listing.append(Buffer(output.name, tuple(dims), dtypes.get(output.name, "int32"), role))
     return {buffer.name: buffer for buffer in listing}
 
 
-def plan_launch(shape: ExpertsShape, config: TileConfig, *, interpret: bool = False) -> LaunchPlan:
-    """The four launches for `shape` with `config`. interpret=True adds the CPU interpreter's bf16 workaround."""
+def plan_launch(
+    shape: ExpertsShape, config: TileConfig, *, interpret: bool = False, align_block: int | None = None
+) -> LaunchPlan:
+    """The four launches for `shape` with `config`. interpret=True adds the CPU interpreter's bf16 workaround.
+    align_block: rows per block of align's layout (config.block_m by default); an engine's stages pad to the larger
+    block_m of their two configurations, so either configuration's GEMMs read the one layout."""
+    align_block = check_align_block(config, align_block)
     return LaunchPlan(
         shape,
         config,
-        buffers(shape, config),
+        buffers(shape, config, align_block),
         (
-            align_stage(shape, config),
-            gemm_stage(shape, config, "gate_up", interpret),
-            gemm_stage(shape, config, "down", interpret),
+            align_stage(shape, config, align_block),
+            gemm_stage(shape, config, "gate_up", interpret, align_block),
+            gemm_stage(shape, config, "down", interpret, align_block),
             combine_stage(shape, config),
         ),
+        align_block,
     )
 
 
@@ -268,10 +321,11 @@ def launch(
     num_warps: int,
     num_stages: int,
     constexprs: tuple[tuple[str, object], ...],
+    align_block: int | None = None,
 ) -> StageLaunch:
     """A stage's launch: tensors named as its plugin node's (plugins/spec.py), geometry from stage_geometry."""
     spec = MOE_STAGES[stage]
-    geometry = stage_geometry(stage, shape.num_tokens, shape.dims, config, min)
+    geometry = stage_geometry(stage, shape.num_tokens, shape.dims, config, min, align_block)
     grid_x, grid_y, grid_z = geometry.grid
     return StageLaunch(
         name=stage,
@@ -286,7 +340,7 @@ def launch(
     )
 
 
-def align_stage(shape: ExpertsShape, config: TileConfig) -> StageLaunch:
+def align_stage(shape: ExpertsShape, config: TileConfig, align_block: int) -> StageLaunch:
     """One program: counts per expert, padded offsets, then a stable scatter of slots (deterministic)."""
     experts_pow2 = next_pow2(shape.num_experts)
     return launch(
@@ -299,16 +353,20 @@ def align_stage(shape: ExpertsShape, config: TileConfig) -> StageLaunch:
         constexprs=(
             ("NUM_EXPERTS", shape.num_experts),
             ("EXPERTS_POW2", experts_pow2),
-            ("BLOCK_M", config.block_m),
+            ("BLOCK_M", align_block),
             ("CHUNK", 128),  # slots per step of the scatter: [CHUNK, CHUNK] compares
             ("BLOCKS_CHUNK", max(16, min(1024, 8192 // experts_pow2))),  # [BLOCKS_CHUNK, E] compares
         ),
+        align_block=align_block,
     )
 
 
-def gemm_stage(shape: ExpertsShape, config: TileConfig, which: str, interpret: bool = False) -> StageLaunch:
-    """gate_up (N = I per half, K = H) or down (N = H, K = I): one program per (expert block, N tile)."""
+def gemm_stage(
+    shape: ExpertsShape, config: TileConfig, which: str, interpret: bool = False, align_block: int | None = None
+) -> StageLaunch:
+    """gate_up (N = I per half, K = H) or down (N = H, K = I): one program per (layout block, N tile)."""
     tile: GemmTile = getattr(config, which)
+    align_block = check_align_block(config, align_block)
     return launch(
         shape,
         config,
@@ -320,6 +378,8 @@ def gemm_stage(shape: ExpertsShape, config: TileConfig, which: str, interpret: b
             ("HIDDEN", shape.hidden),
             ("INTER", shape.inter),
             ("TOP_K", shape.top_k),
+            ("NUM_EXPERTS", shape.num_experts),
+            ("ALIGN_M", align_block),
             ("BLOCK_M", config.block_m),
             ("BLOCK_N", tile.block_n),
             ("BLOCK_K", tile.block_k),
@@ -329,6 +389,7 @@ def gemm_stage(shape: ExpertsShape, config: TileConfig, which: str, interpret: b
             # Triton's CPU interpreter multiplies bf16 tiles as raw uint16: upcast there.
             ("UPCAST_DOT", bool(interpret and shape.compute_dtype == "bfloat16")),
         ),
+        align_block=align_block,
     )
 
 

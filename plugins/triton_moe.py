@@ -116,14 +116,15 @@ def routed_experts_triton(
     return tensors["output"]
 
 
-def run_stage(stage: str, attribute, tensors: dict[str, torch.Tensor]) -> None:
+def run_stage(stage: str, attribute, tensors: dict[str, torch.Tensor], tactic: int | None = None) -> None:
     """One stage node's JIT work (plugins/trt_plugin.py): T from the stage's own inputs, then its one launch on the
-    current stream. `tensors`: the stage's inputs and outputs by spec name; attribute: its StageAttribute."""
+    current stream, with the tiles for T (or for `tactic`). `tensors`: the stage's inputs and outputs by spec name;
+    attribute: its StageAttribute."""
     from moetrt.plugins.spec import MOE_STAGES
     from moetrt.plugins.trt_stages import tokens_input
 
     index, per_slot = tokens_input(stage)
     first = tensors[MOE_STAGES[stage].input_names[index]].shape[0]
     tokens = first // attribute.dims.top_k if per_slot else first
-    plan = plan_launch(attribute.shape(tokens), attribute.config, interpret=interpreting())
+    plan = attribute.plan(tokens, tactic=tactic, interpret=interpreting())
     launch_stage(plan, list(MOE_STAGES).index(stage), tensors)

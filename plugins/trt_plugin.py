@@ -5,7 +5,12 @@
 - `moetrt::MoeAlign / MoeGateUp / MoeDown / MoeCombine`, the nodes the `trt` lowering expands it into: each has a
   shape function, a JIT implementation (its one Triton launch) and an ahead-of-time implementation returning its
   one kernel's PTX (plugins/aot_kernels.py), launch grid and int32 extra arguments as TensorRT expressions of T,
-  so the engine runs without Python. The network's PREFER_AOT/PREFER_JIT flag picks the form.
+  so the engine runs without Python. The network's PREFER_AOT/PREFER_JIT flag picks the form. The GEMM stages
+  (gate_up, down) offer their decode and prefill tiles as tactics, and their autotune functions keep the one for
+  each optimization profile's opt T (plugins/trt_stages.py).
+
+String attributes arrive from TensorRT's ONNX parser with their C terminator; every one is read through
+`trt_stages.plugin_string` (StageAttribute.decode does it for `launch`).
 
 Shapes and launches come from moe_launch.stage_geometry, the same formulas the plans and tests evaluate on ints.
 Needs TensorRT (and, for the JIT forms and AOT compilation, torch and triton), imported only to build or run a
@@ -13,17 +18,18 @@ TensorRT engine. No `from __future__ import annotations`: tensorrt.plugin reads 
 """
 
 import functools
-from typing import TYPE_CHECKING, Tuple, Union
+from typing import TYPE_CHECKING, List, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from moetrt.plugins.moe_launch import StageGeometry, stage_geometry
+from moetrt.plugins.moe_launch import StageGeometry
 from moetrt.plugins.spec import MOE_STAGES, ROUTED_EXPERTS, TensorSpec
-from moetrt.plugins.trt_stages import StageAttribute, tokens_input
+from moetrt.plugins.trt_stages import DECODE_TACTIC, PREFILL_TACTIC, StageAttribute, plugin_string, tokens_input
 from moetrt import hardware
+from moetrt.versions import tensorrt_cuda_major
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +41,7 @@ TRT_DTYPES = {
     "int32": trt.DataType.INT32,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in TRT_DTYPES.items()}
+TYPE_STRINGS = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32"}  # AutoTuneCombination's
 # Ahead-of-time Python plugins arrived in TensorRT 10.x; tensorrt.plugin itself tests this attribute.
 AOT_AVAILABLE = hasattr(trt, "QuickPluginCreationRequest")
 if AOT_AVAILABLE:
@@ -50,6 +57,7 @@ def plugin_id(op_type: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def decode(launch: str) -> StageAttribute:
+    """The node's `launch` attribute, as tensorrt.plugin's creator hands it over (NUL-terminated from the parser)."""
     return StageAttribute.decode(launch)
 
 
@@ -72,11 +80,12 @@ def shape_exprs(dims: Tuple[Union[trtp.ShapeExpr, int], ...]) -> trtp.ShapeExprs
     return exprs
 
 
-def symbolic_geometry(stage: str, attribute: StageAttribute, first_dim: trtp.ShapeExpr) -> StageGeometry[trtp.ShapeExpr]:
+def symbolic_geometry(stage: str, attribute: StageAttribute, first_dim: trtp.ShapeExpr,
+                      tactic: int = DECODE_TACTIC) -> StageGeometry[trtp.ShapeExpr]:
     """The stage's geometry with T read from its own input (`first_dim`: that input's first dimension)."""
     _, per_slot = tokens_input(stage)
     tokens: trtp.ShapeExpr = first_dim // attribute.dims.top_k if per_slot else first_dim
-    return stage_geometry(stage, tokens, attribute.dims, attribute.config, trtp.min)
+    return attribute.geometry(stage, tokens, trtp.min, tactic)
 
 
 def stage_outputs(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> Tuple[trtp.TensorDesc, ...]:
@@ -92,14 +101,29 @@ def stage_outputs(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) 
     )
 
 
-def stage_kernel(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> "AotKernel":
-    """AOT implementation of a stage node: its one kernel, launch parameters and int32 extra arguments."""
+def stage_tactics(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -> List[trtp.AutoTuneCombination]:
+    """Autotune function of a GEMM stage: its one type combination, and the tactic (decode or prefill tiles) for
+    the opt T of the profile being built, so the profile runs those tiles whatever the autotuner would time."""
+    spec = MOE_STAGES[stage]
+    attribute = decode(launch)
+    types = ",".join(TYPE_STRINGS[spec_dtype(tensor, attribute.dtype)] for tensor in (*spec.inputs, *spec.outputs))
+    index, per_slot = tokens_input(stage)
+    shape = inputs[index].shape
+    first = shape.opt[0] if shape.is_dynamic else shape[0]
+    tokens = first // attribute.dims.top_k if per_slot else first
+    return [trtp.AutoTuneCombination(types, "LINEAR", [attribute.tactic_for(max(int(tokens), 1))])]
+
+
+def stage_kernel(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...], tactic: int) -> "AotKernel":
+    """AOT implementation of a stage node: its one kernel (for a GEMM stage, the tactic's tiles), launch parameters
+    and int32 extra arguments."""
     from moetrt.plugins.aot_kernels import engine_stage
 
     attribute = decode(launch)
-    compiled = engine_stage(stage, attribute, *build_target())
+    tactic = tactic if tactic in (DECODE_TACTIC, PREFILL_TACTIC) else DECODE_TACTIC
+    compiled = engine_stage(stage, attribute, *build_target(), tactic=tactic)
     index, _ = tokens_input(stage)
-    geometry = symbolic_geometry(stage, attribute, inputs[index].shape_expr[0])
+    geometry = symbolic_geometry(stage, attribute, inputs[index].shape_expr[0], tactic)
     grid_x, grid_y, grid_z = geometry.grid
     launch_params = trtp.KernelLaunchParams(
         grid_x=grid_x, grid_y=grid_y, grid_z=grid_z, block_x=compiled.block_threads, shared_mem=compiled.shared_mem
@@ -112,7 +136,8 @@ def stage_kernel(stage: str, launch: str, inputs: Tuple[trtp.TensorDesc, ...]) -
 
 @functools.lru_cache(maxsize=1)
 def build_target() -> Tuple[int, int]:
-    """(sm arch, PTX ISA version) of this machine's first GPU and driver, which the engine is built for."""
+    """(sm arch, PTX ISA version) of this machine's first GPU, its driver and the CUDA TensorRT was built with, which
+    the engine is built for."""
     from moetrt.plugins.aot_kernels import ptx_version_for_driver
 
     devices, driver = hardware.cuda_devices(), hardware.cuda_driver_version()
@@ -120,7 +145,7 @@ def build_target() -> Tuple[int, int]:
         raise RuntimeError("compiling the routed-experts kernels for a TensorRT engine needs a CUDA GPU and driver")
     major, minor = devices[0].compute_capability
     arch = major * 10 + minor
-    return arch, ptx_version_for_driver(driver, arch)
+    return arch, ptx_version_for_driver(driver, arch, tensorrt_cuda_major())
 
 
 def launch_stage_jit(
@@ -170,6 +195,7 @@ def routed_experts_shape(
     activation: str,
     block_size: npt.NDArray[np.int32],
 ) -> trtp.TensorDesc:
+    activation = plugin_string(activation)
     if activation != ROUTED_EXPERTS.attributes["activation"]:
         raise ValueError(f"{plugin_id(ROUTED_EXPERTS.op_type)}: activation {activation!r} is not supported")
     dtype = DTYPE_NAMES.get(hidden.dtype, str(hidden.dtype))
@@ -236,6 +262,13 @@ def gate_up_jit(hidden: trtp.Tensor, w_gate_up: trtp.Tensor, sorted_slots: trtp.
     launch_stage_jit("gate_up", launch, inputs, outputs, stream)
 
 
+@trtp.autotune(GATE_UP)
+def gate_up_autotune(hidden: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_slots: trtp.TensorDesc,
+                     block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, launch: str,
+                     outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+    return stage_tactics("gate_up", launch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
+
+
 @trtp.register(DOWN)
 def down_shape(act: trtp.TensorDesc, w_down: trtp.TensorDesc, topk_weights: trtp.TensorDesc,
                sorted_slots: trtp.TensorDesc, block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc,
@@ -250,6 +283,13 @@ def down_jit(act: trtp.Tensor, w_down: trtp.Tensor, topk_weights: trtp.Tensor, s
              stream: int) -> None:
     inputs = (act, w_down, topk_weights, sorted_slots, block_experts, num_padded)
     launch_stage_jit("down", launch, inputs, outputs, stream)
+
+
+@trtp.autotune(DOWN)
+def down_autotune(act: trtp.TensorDesc, w_down: trtp.TensorDesc, topk_weights: trtp.TensorDesc,
+                  sorted_slots: trtp.TensorDesc, block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc,
+                  launch: str, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+    return stage_tactics("down", launch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded))
 
 
 @trtp.register(COMBINE)
@@ -268,21 +308,22 @@ if AOT_AVAILABLE:
     @trtp.aot_impl(ALIGN)
     def align_aot(topk_ids: trtp.TensorDesc, launch: str,
                   outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("align", launch, (topk_ids,))
+        return stage_kernel("align", launch, (topk_ids,), tactic)
 
     @trtp.aot_impl(GATE_UP)
     def gate_up_aot(hidden: trtp.TensorDesc, w_gate_up: trtp.TensorDesc, sorted_slots: trtp.TensorDesc,
                     block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc, launch: str,
                     outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("gate_up", launch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded))
+        return stage_kernel("gate_up", launch, (hidden, w_gate_up, sorted_slots, block_experts, num_padded), tactic)
 
     @trtp.aot_impl(DOWN)
     def down_aot(act: trtp.TensorDesc, w_down: trtp.TensorDesc, topk_weights: trtp.TensorDesc,
                  sorted_slots: trtp.TensorDesc, block_experts: trtp.TensorDesc, num_padded: trtp.TensorDesc,
                  launch: str, outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
-        return stage_kernel("down", launch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded))
+        return stage_kernel("down", launch, (act, w_down, topk_weights, sorted_slots, block_experts, num_padded),
+                            tactic)
 
     @trtp.aot_impl(COMBINE)
     def combine_aot(expert_out: trtp.TensorDesc, launch: str, outputs: Tuple[trtp.TensorDesc],
                     tactic: int) -> AotKernel:
-        return stage_kernel("combine", launch, (expert_out,))
+        return stage_kernel("combine", launch, (expert_out,), tactic)

@@ -6,11 +6,12 @@ import sys
 import torch
 
 
-def main() -> int:
+def main(command: str = "gpu-check") -> int:
+    """0 where torch sees a CUDA GPU; else one line on stderr, naming `command`, and 1."""
     if torch.cuda.is_available():
         return 0
     print(
-        f"gpu-check: no CUDA GPU visible to torch {torch.__version__}; run it on an NVIDIA GPU machine "
+        f"{command}: no CUDA GPU visible to torch {torch.__version__}; run it on an NVIDIA GPU machine "
         "with a CUDA build of torch (make install TORCH=...)",
         file=sys.stderr,
     )

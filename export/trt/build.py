@@ -62,9 +62,9 @@ def build_trt(export_dir: Path, info: ExportInfo, work_dir: Path, profile: Build
             optimization_profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         config.add_optimization_profile(optimization_profile)
     device = hardware.cuda_devices()[0]
-    cache_path = timing_cache_path(trt.__version__, device.compute_capability)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = timing_cache_path(trt.__version__, device.name, device.compute_capability,
+                                   hardware.cuda_driver_version())
+    attach_timing_cache(config, cache_path)
     note(f"building a TensorRT {trt.__version__} engine for {device.name} (timing cache {cache_path})")
     with Phases() as phases:
         config.progress_monitor = BuildProgress(phases)
@@ -76,6 +76,18 @@ def build_trt(export_dir: Path, info: ExportInfo, work_dir: Path, profile: Build
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
     return manifest_section(plan, device)
+
+
+def attach_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
+    """The timing cache at `path`, or an empty one when the file is absent or TensorRT will not take it (another
+    TensorRT or device wrote it: its header says so, and set_timing_cache then returns False)."""
+    if path.is_file():
+        cache = config.create_timing_cache(path.read_bytes())
+        if cache and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        note(f"TensorRT did not accept the timing cache {path}; starting an empty one")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise MoetrtError("TensorRT refused an empty timing cache (its log above says why)")
 
 
 def register_plugins(plan: TrtBuildPlan) -> None:

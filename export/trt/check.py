@@ -22,6 +22,10 @@ from moetrt.plugins.spec import ACTIVATION_DTYPES, LAUNCH_ATTRIBUTE, MOE_STAGES,
 from moetrt.plugins.trt_stages import StageAttribute
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+# What onnx-tensorrt's importer does with a plugin node that lacks plugin_namespace (the `trt` lowering sets it).
+NO_NAMESPACE_NOTE = ("plugin nodes without plugin_namespace reach the plugin importer only because no ONNX operator "
+                     "has their op type; it looks them up in namespace \"\" and, in parsers that fall back to it, the "
+                     "node's domain (set plugin_namespace to be independent of that)")
 SPEC_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int32": "INT32", "float8e4m3fn": "FP8"}
 
 
@@ -185,7 +189,7 @@ class Checker:
         for problem in plugin_problems(spec, node, attributes, self.type_of):
             self.refuse("plugin", label, op, problem)
         if "plugin_namespace" not in attributes:
-            self.notes.add("plugin nodes without plugin_namespace parse only on TensorRT >= 10.10 (domain fallback)")
+            self.notes.add(NO_NAMESPACE_NOTE)
 
 
 def plugin_problems(spec: PluginSpec, node: onnx.NodeProto, attributes: dict, type_of) -> Iterator[str]:

@@ -2,9 +2,10 @@
 
 `moetrt::MoeAlign -> MoeGateUp -> MoeDown -> MoeCombine` (plugins/spec.py's MOE_STAGES), intermediates as plugin
 outputs, so each node has an ahead-of-time implementation of exactly one kernel and an engine runs without Python.
-Every node carries the `launch` attribute (static dimensions, dtype, block sizes) and, for the parser's plugin
-lookup, `plugin_version` and `plugin_namespace` (parsers before TensorRT 10.10 read the namespace only from the
-attribute; later ones fall back to the node's domain).
+Every node carries the `launch` attribute (static dimensions, dtype, the decode and the prefill block sizes) and,
+for the parser's plugin lookup, `plugin_version` and `plugin_namespace`: a node with `plugin_namespace` is looked up
+in that namespace; one without it is tried as a plugin only because no ONNX importer has its op type, in namespace
+"" (and, in some parsers, the node's domain after that).
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from onnx_ir.tape import Tape
 
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan, replace_node, routed_experts_nodes
-from moetrt.plugins.moe_configs import select_config
-from moetrt.plugins.moe_launch import ExpertDims, ExpertsShape
+from moetrt.plugins.moe_launch import ExpertDims
 from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES, ROUTED_EXPERTS
 from moetrt.plugins.trt_stages import StageAttribute
 
 DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
 IR_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()} | {"int32": ir.DataType.INT32}
-# One PTX per stage serves every T of an engine, so the block sizes are picked once, here: for a prefill chunk of
-# this many tokens (the default --max-seq), where the block shape matters most.
-CONFIG_TOKENS = 512
 
 
 def lower(model: ir.Model, plan: LoweringPlan) -> None:
@@ -54,9 +51,9 @@ def stage_attribute(node: ir.Node) -> StageAttribute:
         raise MoetrtError(f"{node.name}: expert weights and the number of active experts must be static")
     experts, two_inter, hidden_size = (int(d) for d in w_gate_up.shape)
     dims = ExpertDims(hidden_size, two_inter // 2, experts, top_k)
-    dtype = DTYPE_NAMES[hidden.dtype]
-    shape = ExpertsShape(CONFIG_TOKENS, dims.hidden, dims.inter, dims.num_experts, dims.top_k, dtype, dtype)
-    return StageAttribute(dims, dtype, select_config(shape))
+    # One PTX per stage and tactic serves every T of a profile: the decode and prefill block sizes are both picked
+    # here, and each profile runs one (plugins/trt_stages.py).
+    return StageAttribute.select(dims, DTYPE_NAMES[hidden.dtype])
 
 
 def stage(tape: Tape, name: str, inputs: list, attribute: StageAttribute, index: int) -> list[ir.Value]:

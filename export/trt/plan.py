@@ -9,6 +9,7 @@ replay CUDA graphs) and says whether the engine will need Python at run time. `d
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,6 +77,8 @@ def dimension_ranges(max_batch: int, max_seq: int, max_context: int) -> dict[str
 
 def optimization_profiles(inputs: tuple[TensorIO, ...], profile: BuildProfile) -> tuple[Profile, ...]:
     """The prefill and decode profiles for the graph inputs an export records (formats.GraphIO.inputs)."""
+    if profile.max_context is None:
+        raise MoetrtError("the build profile has no max_context yet: fit it to the model first (settings.fit_profile)")
     profiles = []
     for name, ranges in dimension_ranges(profile.max_batch, profile.seq, profile.max_context).items():
         shapes: dict[str, Shapes] = {}
@@ -96,17 +99,22 @@ def plan_trt_build(info: ExportInfo, profile: BuildProfile, plugin: str = "aot")
     return TrtBuildPlan(profiles, plugin if info.target == "trt" else "none")
 
 
-def timing_cache_path(trt_version: str, compute_capability: tuple[int, int]) -> Path:
-    """Reused across builds; one file per TensorRT version and GPU, which is what a timing cache is valid for."""
+def timing_cache_path(trt_version: str, gpu: str, compute_capability: tuple[int, int],
+                      driver_version: int | None) -> Path:
+    """Reused across builds; one file per TensorRT version, GPU model (an H100 and an H200 are both sm_90 but time
+    differently) and CUDA driver (e.g. 13000), which is what a timing cache's timings hold for."""
     major, minor = compute_capability
-    return cache_dir() / f"trt-timing-{trt_version}-sm{major}{minor}.cache"
+    model = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") or "gpu"
+    driver = f"cuda{driver_version // 1000}.{driver_version % 1000 // 10}" if driver_version else "cuda-unknown"
+    return cache_dir() / f"trt-timing-{trt_version}-{model}-sm{major}{minor}-{driver}.cache"
 
 
 def dry_run_trt(source: str | Path, config: BuildConfig) -> tuple[TrtBuildPlan, TrtCheckReport]:
     """(plan, report) for a TensorRT build of `source` (checkpoint: exported to a temporary directory first)."""
-    from moetrt.export.engine import export_for
+    from moetrt.export.engine import export_for, fit_to_model
     from moetrt.export.trt.check import check_trt_export
 
+    config = fit_to_model(Path(source), config)
     with tempfile.TemporaryDirectory(prefix="moetrt-dry-run-") as scratch:
         export_dir = export_for(Path(source), Path(scratch) / "export", "trt", config)
         info = read_export_info(export_dir)

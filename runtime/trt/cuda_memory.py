@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -111,6 +112,41 @@ def begin_capture(stream: int) -> None:
 
 def end_capture(stream: int) -> int:
     return _call("cudaStreamEndCapture", stream)
+
+
+def last_error() -> int:
+    """cudaGetLastError: the error status left by an earlier call (0 for none), which it also resets."""
+    status = _runtime().cudaGetLastError()
+    return int(status[0] if isinstance(status, tuple) else status)
+
+
+def clear_error() -> None:
+    """Reset the error a failed call leaves behind (not a sticky context error, which no call clears): without it,
+    the next kernel launch (TensorRT checks cudaGetLastError after its own) reports the stale error."""
+    last_error()
+
+
+def capture(stream: int, work: Callable[[], bool]) -> int:
+    """Capture what `work` enqueues on `stream` (it returns False on failure) into a graph; returns the graph. On
+    any failure the capture is ended, its partial graph destroyed and the error it left cleared, then CudaError is
+    raised (an exception from `work` propagates after the same cleanup)."""
+    begin_capture(stream)
+    done, graph = False, 0
+    try:
+        done = bool(work())
+    finally:
+        try:
+            graph = end_capture(stream)
+        except CudaError:
+            graph = 0
+        if not (done and graph):
+            destroy_graph(graph, 0)
+            clear_error()
+    if not done:
+        raise CudaError("the captured work failed")
+    if not graph:
+        raise CudaError("the stream capture was invalidated")
+    return graph
 
 
 def instantiate(graph: int) -> int:

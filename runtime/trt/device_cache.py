@@ -1,8 +1,10 @@
 """The MLA latent cache in device memory, for TensorRT sessions: runtime/session.py's LatentCache over device buffers.
 
 Per layer one zero-filled `[max_context, slots, latent_dim]` allocation (position-major, as the graph expects).
-`past()` and `reserve(steps)` return DeviceArray views the engine reads and writes in place; the mask, length and
-context limit are the host-side bookkeeping every cache shares (kv_cache.MaskedLatentCache). The slot operations are
+`past()` returns DeviceArray views the engine reads in place: each starts at its layer's allocation, so it is
+256-byte aligned as TensorRT requires. `reserve(steps)` returns the views the new rows are copied to: they start
+`length` cells in, which is not aligned in general (runtime/trt/bindings.py), so the session never binds them. The
+mask, length and context limit are the host-side bookkeeping every cache shares (kv_cache.MaskedLatentCache). The slot operations are
 strided device copies on the session's stream: one slot's consecutive columns lie `slots * latent_dim * itemsize`
 bytes apart, so a slot's column range is one 2D copy (cudaMemcpy2DAsync) or memset. What to copy where is pure
 arithmetic (`SlotLayout` and the `*_moves` / `compaction_plan` functions), tested without a GPU.
@@ -112,6 +114,16 @@ def compaction_plan(layout: SlotLayout, kept: dict[int, Columns], length: int) -
     return CompactionPlan(gathers, fills, packed * layout.cell)
 
 
+def layer_views(layers: list[int], layout: SlotLayout, max_context: int, start: int, steps: int,
+                itemsize: int) -> list[DeviceArray]:
+    """Positions [start, start + steps) of every layer allocated at `layers`: the views past() (start 0) and
+    reserve() (start = length) hand out."""
+    latent_dim = layout.cell // itemsize
+    capacity = (max_context - start) * layout.pitch
+    return [DeviceArray(pointer + start * layout.pitch, (steps, layout.slots, latent_dim), itemsize, capacity)
+            for pointer in layers]
+
+
 class DeviceLatentCache(MaskedLatentCache[DeviceArray]):
     def __init__(self, num_layers: int, latent_dim: int, slots: int, max_context: int, itemsize: int, stream: int):
         super().__init__(slots, max_context)
@@ -128,9 +140,7 @@ class DeviceLatentCache(MaskedLatentCache[DeviceArray]):
         return pointer
 
     def _views(self, start: int, steps: int) -> list[DeviceArray]:
-        capacity = (self.max_context - start) * self.layout.pitch
-        return [DeviceArray(pointer + start * self.layout.pitch, (steps, self.slots, self.latent_dim), self.itemsize,
-                            capacity) for pointer in self.layers]
+        return layer_views(self.layers, self.layout, self.max_context, start, steps, self.itemsize)
 
     # -- the slot operations, as strided copies and memsets on the stream ----------------------------------------
 

@@ -1,12 +1,15 @@
 """TensorRT session over an engine's plan: numpy in, numpy logits out, the latent cache on the device.
 
 Behind the same interface as OrtSession (runtime/session.py's Session). One execution context per optimization
-profile (prefill, decode: export/trt/plan.py). The cache is a DeviceLatentCache: the engine reads the past rows and
-writes the new ones in place through tensor addresses. Decode steps run as CUDA graphs where shapes allow: the past
-is padded (masked, zero rows) to a bucket so the shapes, and thus the graph, repeat for many steps; the new rows go to
-a fixed staging buffer and are copied into the cache after each replay. One graph is kept: any other use of the
-decode context (another bucket, batch or cache, or plain execution) replaces it, because a graph bakes in the
-context's state at capture. A graph that cannot be captured (some engines cannot) falls back to plain execution.
+profile (prefill, decode: export/trt/plan.py), sharing one user-managed activation buffer: the contexts run one at a
+time on the session's stream, so neither needs memory of its own. The cache is a DeviceLatentCache: the engine reads
+the past rows in place, and writes the new rows into a staging buffer whose layers all start 256-byte aligned, as
+TensorRT requires (runtime/trt/bindings.py); the session copies them into the cache. Every address and shape set on a
+context is checked. Decode steps run as CUDA graphs where shapes allow: the past is padded (masked, zero rows) to a
+bucket so the shapes, and thus the graph, repeat for many steps. One graph is kept: any other use of the decode
+context (another bucket, batch or cache, or plain execution) replaces it, because a graph bakes in the context's
+state at capture. A graph that cannot be captured (some engines cannot) falls back to plain execution, after CUDA's
+sticky error from the failed capture is cleared.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tensorrt as trt
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
 from moetrt.runtime.trt import cuda_memory as cuda
+from moetrt.runtime.trt.bindings import StagingLayout, misaligned, step_bindings
 from moetrt.runtime.trt.cuda_memory import DeviceArray, DeviceBuffer
 from moetrt.runtime.trt.device_cache import DeviceLatentCache
 from moetrt.formats import (
@@ -54,6 +58,15 @@ def bfloat16_to_float32(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def capture_inputs(batch: int, bucket: int) -> dict[str, npt.NDArray[np.int64]]:
+    """The host inputs of the warm-up run before a capture: token 0 at position 0 for every row, with its own
+    column unmasked, so attention sees one real key (an all-masked row would send NaN through the network)."""
+    mask = np.zeros((batch, bucket + 1), dtype=np.int64)
+    mask[:, -1] = 1
+    zeros = np.zeros((batch, 1), dtype=np.int64)
+    return {INPUT_IDS: zeros, POSITION_IDS: zeros.copy(), ATTENTION_MASK: mask, LOGIT_POSITIONS: zeros.copy()}
+
+
 @dataclasses.dataclass
 class DecodeGraph:
     """A captured decode step for one (batch, bucket, cache): fixed input, logits and staging buffers."""
@@ -62,7 +75,11 @@ class DecodeGraph:
     graph_exec: int
     inputs: dict[str, DeviceBuffer]
     logits: DeviceBuffer
-    staging: list[DeviceBuffer]
+    staging: DeviceBuffer
+    rows: list[DeviceArray]  # the staging buffer's layers
+
+    def buffers(self) -> tuple[DeviceBuffer, ...]:
+        return (*self.inputs.values(), self.logits, self.staging)
 
 
 class TrtSession:
@@ -79,6 +96,8 @@ class TrtSession:
         config = manifest.model_config
         self.num_layers, self.latent_dim, self.vocab_size = config.num_hidden_layers, config.latent_dim, config.vocab_size
         self.itemsize = ITEMSIZES[manifest.dtype]
+        if manifest.profile.max_context is None:  # builds fit the profile to the model before writing it
+            raise MoetrtError(f"{manifest.directory}: the manifest's profile has no max_context; rebuild the engine")
         self.max_context = manifest.profile.max_context
         self.stream = cuda.stream_create()
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -87,15 +106,24 @@ class TrtSession:
         if not self.engine:
             raise MoetrtError(f"TensorRT could not load {manifest.path(info.plan)} (its log above says why); "
                               "rebuild the engine with this TensorRT")
-        names = [profile.name for profile in info.profiles]
-        self.contexts = {name: self.engine.create_execution_context() for name in names}
-        for index, name in enumerate(names):
-            self.contexts[name].set_optimization_profile_async(index, self.stream)
+        # One activation buffer for both contexts (each would otherwise hold its own for the largest profile).
+        self.activations = DeviceBuffer(self.engine.device_memory_size_v2)
+        self.contexts = {profile.name: self._context(index, profile.name)
+                         for index, profile in enumerate(info.profiles)}
         self.logits_dtype = self.engine.get_tensor_dtype(LOGITS)
         self.logits_itemsize = 2 if self.logits_dtype in (trt.DataType.HALF, trt.DataType.BF16) else 4
-        self.buffers = {name: DeviceBuffer() for name in (*HOST_INPUTS, LOGITS, "scratch")}
+        self.buffers = {name: DeviceBuffer() for name in (*HOST_INPUTS, LOGITS, "staging")}
         self.graph_key: tuple[int, ...] | None = None
         self.graph: DecodeGraph | None = None
+
+    def _context(self, profile_index: int, name: str) -> trt.IExecutionContext:
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if not context:
+            raise MoetrtError(f"TensorRT could not create an execution context for the {name} profile")
+        context.set_device_memory(self.activations.pointer, self.engine.device_memory_size_v2)
+        if not context.set_optimization_profile_async(profile_index, self.stream):
+            raise MoetrtError(f"TensorRT refused optimization profile {profile_index} ({name}) of this engine")
+        return context
 
     @staticmethod
     def _register_jit_plugins() -> None:
@@ -118,45 +146,60 @@ class TrtSession:
         new_rows: list[DeviceArray] | None = None,
     ) -> tuple[npt.NDArray[np.float32], list[DeviceArray]]:
         """One graph call; see OrtSession.run. `past` and `new_rows` are device views of a DeviceLatentCache (the
-        engine writes the new rows in place). Returns float32 logits `[B, N, vocab]` and the new rows."""
+        engine's new rows are copied there from the staging buffer it writes). Returns float32 logits
+        `[B, N, vocab]` and the new rows (without `new_rows`: the staging views, valid until the next call)."""
         arrays = (input_ids, position_ids, attention_mask, logit_positions)
         host = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in zip(HOST_INPUTS, arrays)}
-        batch, seq = host[INPUT_IDS].shape
         n_logits = host[LOGIT_POSITIONS].shape[1]
-        if new_rows is None:
-            new_rows = self._scratch_rows(seq, batch)
-        if seq == 1 and n_logits == 1:
-            logits = self._decode(host, past, new_rows)
+        if host[INPUT_IDS].shape[1] == 1 and n_logits == 1:
+            logits, written = self._decode(host, past)
         else:
-            logits = self._execute("prefill", host, past, new_rows)
+            logits, written = self._execute("prefill", host, past)
+        if new_rows is None:
+            return logits, written
+        for staged, out in zip(written, new_rows):  # ordered on the stream before any later use of the cache
+            cuda.device_copy(out.pointer, staged.pointer, staged.nbytes, self.stream)
         return logits, new_rows
 
     # -- plain execution -----------------------------------------------------------------------------------------
 
-    def _execute(self, profile: str, host: dict[str, npt.NDArray[np.int64]], past: list[DeviceArray],
-                 new_rows: list[DeviceArray]) -> npt.NDArray[np.float32]:
+    def _execute(self, profile: str, host: dict[str, npt.NDArray[np.int64]],
+                 past: list[DeviceArray]) -> tuple[npt.NDArray[np.float32], list[DeviceArray]]:
+        """Plain execution; returns the logits and the staging views holding the new rows."""
         if profile == "decode":
             self._drop_graph()
         context = self.contexts[profile]
+        batch, seq = host[INPUT_IDS].shape
+        inputs = {}
         for name, array in host.items():
-            pointer = self.buffers[name].reserve(array.nbytes)
-            cuda.to_device(pointer, array, self.stream)
-            self._bind(context, name, array.shape, pointer)
-        for layer, (rows, out) in enumerate(zip(past, new_rows)):
-            self._bind(context, past_latent(layer), rows.shape, rows.pointer)
-            context.set_tensor_address(new_latent(layer), out.pointer)
-        logits_shape = (host[INPUT_IDS].shape[0], host[LOGIT_POSITIONS].shape[1], self.vocab_size)
+            inputs[name] = self.buffers[name].reserve(array.nbytes)
+            cuda.to_device(inputs[name], array, self.stream)
+        layout = StagingLayout(self.num_layers, seq, batch, self.latent_dim, self.itemsize)
+        staging = layout.views(self.buffers["staging"].reserve(layout.nbytes))
+        logits_shape = (batch, host[LOGIT_POSITIONS].shape[1], self.vocab_size)
         logits = self.buffers[LOGITS].reserve(int(np.prod(logits_shape)) * self.logits_itemsize)
-        context.set_tensor_address(LOGITS, logits)
+        shapes = {name: array.shape for name, array in host.items()}
+        self._bind_step(context, inputs, shapes, past, staging, logits)
         if not context.execute_async_v3(self.stream):
             raise MoetrtError(f"TensorRT could not run the {profile} profile at these shapes (its log says why)")
-        return self._logits(logits, logits_shape)
+        return self._logits(logits, logits_shape), staging
 
-    def _bind(self, context: trt.IExecutionContext, name: str, shape: tuple[int, ...], pointer: int) -> None:
-        if not context.set_input_shape(name, trt.Dims(list(shape))):
-            raise MoetrtError(f"input {name} of shape {list(shape)} is outside the engine's profiles "
-                              "(rebuild with larger --max-batch / --max-seq / --max-context)")
-        context.set_tensor_address(name, pointer)
+    def _bind_step(self, context: trt.IExecutionContext, inputs: dict[str, int], shapes: dict[str, tuple[int, ...]],
+                   past: list[DeviceArray], staging: list[DeviceArray], logits: int) -> None:
+        """Set every input shape and tensor address of one step, each checked, all 256-byte aligned."""
+        past_names = [(past_latent(layer), rows) for layer, rows in enumerate(past)]
+        new_names = [(new_latent(layer), rows) for layer, rows in enumerate(staging)]
+        addresses = step_bindings(inputs, past_names, new_names, (LOGITS, logits))
+        wrong = misaligned(addresses)
+        if wrong:  # a bug here, not the user's: TensorRT would fail or read the wrong bytes
+            raise AssertionError(f"tensor addresses not 256-byte aligned: {', '.join(wrong)}")
+        for name, shape in (*shapes.items(), *((name, rows.shape) for name, rows in past_names)):
+            if not context.set_input_shape(name, trt.Dims(list(shape))):
+                raise MoetrtError(f"input {name} of shape {list(shape)} is outside the engine's profiles "
+                                  "(rebuild with larger --max-batch / --max-seq / --max-context)")
+        for name, pointer in addresses.items():
+            if not context.set_tensor_address(name, pointer):
+                raise MoetrtError(f"TensorRT refused the address of {name} (its log says why)")
 
     def _logits(self, pointer: int, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
         if self.logits_itemsize == 4:
@@ -171,83 +214,72 @@ class TrtSession:
             return bits.view(np.float16).astype(np.float32)
         return bfloat16_to_float32(bits)
 
-    def _scratch_rows(self, seq: int, batch: int) -> list[DeviceArray]:
-        """Device rows for a caller that keeps no cache (Session.run's new_rows=None)."""
-        layer_bytes = seq * batch * self.latent_dim * self.itemsize
-        base = self.buffers["scratch"].reserve(layer_bytes * self.num_layers)
-        return [DeviceArray(base + i * layer_bytes, (seq, batch, self.latent_dim), self.itemsize, layer_bytes)
-                for i in range(self.num_layers)]
-
     # -- decode steps as CUDA graphs ----------------------------------------------------------------------------
 
-    def _decode(self, host: dict[str, npt.NDArray[np.int64]], past: list[DeviceArray], new_rows: list[DeviceArray]) -> npt.NDArray[np.float32]:
+    def _decode(self, host: dict[str, npt.NDArray[np.int64]],
+                past: list[DeviceArray]) -> tuple[npt.NDArray[np.float32], list[DeviceArray]]:
         batch, length = host[INPUT_IDS].shape[0], past[0].shape[0] if past else 0
         bucket = next((b for b in decode_buckets(self.max_context) if b >= length), None)
         if not past or bucket is None or any(rows.capacity < bucket * batch * self.latent_dim * self.itemsize
                                              for rows in past):
-            return self._execute("decode", host, past, new_rows)
+            return self._execute("decode", host, past)
         key = (batch, bucket, *(rows.pointer for rows in past))
         if key != self.graph_key:
             self._drop_graph()
             self.graph_key, self.graph = key, self._capture(batch, bucket, past)
         graph = self.graph
         if graph is None:  # capture failed for this key: plain execution until the key changes
-            return self._execute_uncaptured(host, past, new_rows)
+            return self._execute_uncaptured(host, past)
         padded = {**host, ATTENTION_MASK: pad_mask(host[ATTENTION_MASK], bucket)}
         for name, array in padded.items():
             cuda.to_device(graph.inputs[name].pointer, array, self.stream)
         cuda.launch_graph(graph.graph_exec, self.stream)
-        for staging, out in zip(graph.staging, new_rows):
-            cuda.device_copy(out.pointer, staging.pointer, out.nbytes, self.stream)
-        return self._logits(graph.logits.pointer, (batch, 1, self.vocab_size))
+        return self._logits(graph.logits.pointer, (batch, 1, self.vocab_size)), graph.rows
 
     def _capture(self, batch: int, bucket: int, past: list[DeviceArray]) -> DecodeGraph | None:
-        """Bind fixed buffers at padded shapes, run once (TensorRT finishes shape-dependent setup), capture."""
+        """Bind fixed buffers at padded shapes, run once on a real-looking step (TensorRT finishes shape-dependent
+        setup), capture. None when that fails, with CUDA's sticky error cleared."""
         context = self.contexts["decode"]
-        shapes = {INPUT_IDS: (batch, 1), POSITION_IDS: (batch, 1), ATTENTION_MASK: (batch, bucket + 1),
-                  LOGIT_POSITIONS: (batch, 1)}
-        inputs = {name: DeviceBuffer(int(np.prod(shape)) * 8) for name, shape in shapes.items()}
+        warm_up = capture_inputs(batch, bucket)
+        inputs = {name: DeviceBuffer(array.nbytes) for name, array in warm_up.items()}
         logits = DeviceBuffer(batch * self.vocab_size * self.logits_itemsize)
-        staging = [DeviceBuffer(batch * self.latent_dim * self.itemsize) for _ in past]
-        for name, shape in shapes.items():
-            cuda.memset(inputs[name].pointer, inputs[name].nbytes, self.stream)
-            self._bind(context, name, shape, inputs[name].pointer)
-        for layer, (rows, out) in enumerate(zip(past, staging)):
-            self._bind(context, past_latent(layer), (bucket, batch, self.latent_dim), rows.pointer)
-            context.set_tensor_address(new_latent(layer), out.pointer)
-        context.set_tensor_address(LOGITS, logits.pointer)
+        layout = StagingLayout(self.num_layers, 1, batch, self.latent_dim, self.itemsize)
+        staging = DeviceBuffer(layout.nbytes)
+        rows = layout.views(staging.pointer)
+        padded = [DeviceArray(view.pointer, (bucket, batch, self.latent_dim), self.itemsize, view.capacity)
+                  for view in past]
         graph = graph_exec = 0
         try:
+            for name, array in warm_up.items():
+                cuda.to_device(inputs[name].pointer, array, self.stream)
+            shapes = {name: array.shape for name, array in warm_up.items()}
+            pointers = {name: buffer.pointer for name, buffer in inputs.items()}
+            self._bind_step(context, pointers, shapes, padded, rows, logits.pointer)
             if not context.execute_async_v3(self.stream):
                 raise cuda.CudaError("warm-up execution failed")
             cuda.synchronize(self.stream)
-            cuda.begin_capture(self.stream)
-            try:
-                captured = context.execute_async_v3(self.stream)
-            finally:
-                graph = cuda.end_capture(self.stream)
-            if not captured or not graph:
-                raise cuda.CudaError("execution could not be captured")
+            graph = cuda.capture(self.stream, lambda: context.execute_async_v3(self.stream))
             graph_exec = cuda.instantiate(graph)
-        except cuda.CudaError as error:
+        except (cuda.CudaError, MoetrtError) as error:
+            cuda.clear_error()  # as trtexec does: a failed capture leaves an error that the next launch would report
             note(f"decode step at batch {batch}, past {bucket}: no CUDA graph ({error}); running it directly")
             cuda.destroy_graph(graph, graph_exec)
-            for buffer in (*inputs.values(), logits, *staging):
+            for buffer in (*inputs.values(), logits, staging):
                 buffer.close()
             return None
-        return DecodeGraph(graph, graph_exec, inputs, logits, staging)
+        return DecodeGraph(graph, graph_exec, inputs, logits, staging, rows)
 
-    def _execute_uncaptured(self, host: dict[str, npt.NDArray[np.int64]], past: list[DeviceArray],
-                            new_rows: list[DeviceArray]) -> npt.NDArray[np.float32]:
+    def _execute_uncaptured(self, host: dict[str, npt.NDArray[np.int64]],
+                            past: list[DeviceArray]) -> tuple[npt.NDArray[np.float32], list[DeviceArray]]:
         key = self.graph_key
-        logits = self._execute("decode", host, past, new_rows)
+        result = self._execute("decode", host, past)
         self.graph_key = key  # remember the failed capture, so the next step does not retry it
-        return logits
+        return result
 
     def _drop_graph(self) -> None:
         if self.graph is not None:
             cuda.destroy_graph(self.graph.graph, self.graph.graph_exec)
-            for buffer in (*self.graph.inputs.values(), self.graph.logits, *self.graph.staging):
+            for buffer in self.graph.buffers():
                 buffer.close()
         self.graph_key, self.graph = None, None
 
@@ -255,6 +287,8 @@ class TrtSession:
         self._drop_graph()
         for buffer in self.buffers.values():
             buffer.close()
+        self.contexts.clear()  # before their activation memory goes
+        self.activations.close()
         cuda.stream_destroy(self.stream)
 
 

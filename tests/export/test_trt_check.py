@@ -11,8 +11,8 @@ from onnx import TensorProto, helper
 
 from moetrt import MoetrtError
 from moetrt.config import load_config
-from moetrt.export.trt.check import check_trt_export
-from moetrt.export.trt.plan import dimension_ranges, optimization_profiles, plan_trt_build
+from moetrt.export.trt.check import NO_NAMESPACE_NOTE, check_trt_export
+from moetrt.export.trt.plan import dimension_ranges, optimization_profiles, plan_trt_build, timing_cache_path
 from moetrt.formats import ExportInfo, NodeRef, TensorIO, graph_io
 from moetrt.plugins.moe_configs import select_config
 from moetrt.plugins.moe_launch import ExpertsShape
@@ -78,7 +78,7 @@ def stage_node(stage, inputs, outputs, **attributes):
 
 def test_plugin_nodes_that_differ_from_the_spec_are_refused(tmp_path):
     shape = ExpertsShape(1, 48, 24, 8, 2, "float32", "float32")
-    launch = StageAttribute(shape.dims, "float32", select_config(shape)).encode()
+    launch = StageAttribute.uniform(shape.dims, "float32", select_config(shape)).encode()
     ids, weights = value("ids", TensorProto.INT64, [3, 2]), value("w", TensorProto.FLOAT, [3, 2])
     outs = [value(n, TensorProto.INT32, None) for n in ("s", "b", "n")]
     nodes = [
@@ -97,6 +97,18 @@ def test_plugin_nodes_that_differ_from_the_spec_are_refused(tmp_path):
     assert any("registers no plugin MoeRoute" in p for p in problems)
 
 
+def test_a_plugin_node_without_namespace_gets_the_importers_rule_as_a_note(tmp_path):
+    shape = ExpertsShape(1, 48, 24, 8, 2, "float32", "float32")
+    launch = StageAttribute.select(shape.dims, "float32").encode()
+    outs = [value(n, TensorProto.INT32, None) for n in ("s", "b", "n")]
+    node = stage_node("align", ["ids"], ["s", "b", "n"], launch=launch, plugin_version="1")
+    path = save(tmp_path, [node], [value("ids", TensorProto.INT32, [3, 2])], outs,
+                extra_opsets=[helper.make_opsetid("moetrt", 1)])
+    report = check_trt_export(path)
+    assert report.ok and report.notes == [NO_NAMESPACE_NOTE]
+    assert "no ONNX operator has their op type" in report.format() and "10.10" not in report.format()
+
+
 def test_profiles_cover_prefill_chunks_and_padded_decode():
     ranges = dimension_ranges(max_batch=4, max_seq=64, max_context=256)
     assert ranges["prefill"]["seq"] == (1, 64, 64) and ranges["prefill"]["total_len"][2] == 256
@@ -105,6 +117,18 @@ def test_profiles_cover_prefill_chunks_and_padded_decode():
     prefill, decode = optimization_profiles(inputs, BuildProfile(max_batch=4, max_seq=64, max_context=256))
     assert prefill.shapes["past_latent.0"] == ((0, 1, 24), (0, 1, 24), (255, 4, 24))
     assert decode.shapes["past_latent.0"] == ((0, 1, 24), (128, 4, 24), (256, 4, 24))
+
+
+def test_timing_caches_are_kept_per_gpu_model_and_driver(monkeypatch, tmp_path):
+    """An H100 and an H200 are both sm_90: their timings must not share a file; nor a driver's with another's."""
+    monkeypatch.setenv("MOETRT_CACHE_DIR", str(tmp_path))
+    h100 = timing_cache_path("10.13.3.9", "NVIDIA H100 80GB HBM3", (9, 0), 12080)
+    h200 = timing_cache_path("10.13.3.9", "NVIDIA H200", (9, 0), 12080)
+    newer_driver = timing_cache_path("10.13.3.9", "NVIDIA H200", (9, 0), 13000)
+    assert len({h100, h200, newer_driver}) == 3 and {h100.parent, h200.parent} == {tmp_path}
+    assert h200.name == "trt-timing-10.13.3.9-NVIDIA-H200-sm90-cuda12.8.cache"
+    assert h100.name == "trt-timing-10.13.3.9-NVIDIA-H100-80GB-HBM3-sm90-cuda12.8.cache"
+    assert timing_cache_path("10.13.3.9", "GPU/../x", (9, 0), None).name.endswith("GPU-..-x-sm90-cuda-unknown.cache")
 
 
 def fake_export(target):

@@ -21,7 +21,7 @@ from moetrt.plugins.moe_launch import ExpertsShape, TileConfig  # noqa: E402
 from moetrt.plugins.routed_experts import routed_experts_reference  # noqa: E402
 from moetrt.plugins.triton_moe import routed_experts_triton  # noqa: E402
 from moetrt.plugins.trt_stages import StageAttribute  # noqa: E402
-from tests.plugins.poisoned_runs import run_poisoned, run_stage_nodes  # noqa: E402
+from tests.plugins.poisoned_runs import garbage_problems, run_poisoned, run_stage_nodes  # noqa: E402
 
 
 def expected_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int, capacity: int):
@@ -43,7 +43,7 @@ def expected_alignment(topk_ids: torch.Tensor, num_experts: int, block_m: int, c
 def alignment_problems(plan, tensors) -> list[str]:
     capacity = plan.buffers["sorted_slots"].shape[0]
     rows, experts, num_padded = expected_alignment(
-        tensors["topk_ids"], plan.shape.num_experts, plan.config.block_m, capacity
+        tensors["topk_ids"], plan.shape.num_experts, plan.align_block, capacity
     )
     problems = []
     if tensors["sorted_slots"].tolist() != rows:
@@ -93,13 +93,31 @@ def run_twice(shape, config, problem, want) -> dict:
     return {"error": relative_error(first["output"], want), "problems": problems}
 
 
+def engine_attribute(shape, config) -> StageAttribute:
+    """The stage attribute the `trt` lowering writes for `shape`, or one with `config` for every T."""
+    if config is None:
+        return StageAttribute.select(shape.dims, shape.act_dtype)
+    return StageAttribute.uniform(shape.dims, shape.act_dtype, config)
+
+
 def run_nodes(shape, config, problem, want) -> dict:
-    """The four stage nodes in their JIT form, as a TensorRT engine chains them."""
-    got = run_stage_nodes(StageAttribute(shape.dims, shape.act_dtype, config), problem)
-    return {"error": relative_error(got, want), "problems": []}
+    """The four stage nodes in their JIT form, as a TensorRT engine chains them, with the tiles for T; then with the
+    other tactic's tiles in one GEMM stage (two autotune choices may differ)."""
+    attribute = engine_attribute(shape, config)
+    errors = [relative_error(run_stage_nodes(attribute, problem), want)]
+    for stage in ("gate_up", "down"):
+        other = 3 - attribute.tactic_for(shape.num_tokens)  # tactics are 1 and 2
+        errors.append(relative_error(run_stage_nodes(attribute, problem, tactics={stage: other}), want))
+    return {"error": max(errors), "problems": []}
 
 
-FORMS = {"stages": run_stages, "public": run_public, "twice": run_twice, "stage_nodes": run_nodes}
+def run_garbage(shape, config, problem, want) -> dict:
+    """Each stage kernel alone on arbitrary alignment buffers and ids, in guarded buffers: no access outside."""
+    return {"error": 0.0, "problems": garbage_problems(engine_attribute(shape, config), shape.num_tokens, seed=11)}
+
+
+FORMS = {"stages": run_stages, "public": run_public, "twice": run_twice, "stage_nodes": run_nodes,
+         "garbage": run_garbage}
 
 
 def run_case(case: dict) -> dict:

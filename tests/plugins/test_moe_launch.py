@@ -5,7 +5,7 @@ import random
 import pytest
 
 from moetrt.bench.tune_moe import merge_tuned
-from moetrt.plugins.moe_configs import load_table, select_config, shape_key
+from moetrt.plugins.moe_configs import check_table, engine_configs, load_table, select_config, shape_key
 from moetrt.plugins.moe_kernels import KERNELS
 from moetrt.plugins.moe_launch import (
     ExpertsShape,
@@ -15,6 +15,7 @@ from moetrt.plugins.moe_launch import (
     plan_launch,
     triton_signature,
 )
+from moetrt.plugins.trt_stages import StageAttribute
 
 V3 = dict(hidden=7168, inter=2048, num_experts=256, top_k=8)
 CONFIG = TileConfig(16, GemmTile(64, 128), GemmTile(64, 64))
@@ -90,3 +91,37 @@ def test_tuned_entries_win_at_the_nearest_measured_token_count():
 def test_shape_rejects_what_the_kernels_cannot_run(bad):
     with pytest.raises(ValueError):
         ExpertsShape(**{**dict(num_tokens=2, **V3), **bad})
+
+
+@pytest.mark.parametrize("bad", [
+    dict(block_m=24), dict(block_m=8), dict(gate_up=dict(block_n=64, block_k=8)),
+    dict(down=dict(block_n=96, block_k=64)), dict(down=dict(block_n=64, block_k=64, num_warps=3)),
+    dict(down=dict(block_n=64, block_k=64, num_stages=0)), dict(group_m=0),
+])
+def test_configurations_triton_cannot_compile_are_refused(bad):
+    """Block sizes are powers of two, and every tl.dot dimension (block_m, block_n, block_k) is at least 16."""
+    good = CONFIG.to_dict()
+    with pytest.raises(ValueError, match="must be"):
+        TileConfig.from_dict({**good, **{key: value if key in ("block_m", "group_m") else {**good[key], **value}
+                                         for key, value in bad.items()}})
+
+
+def test_a_bad_tuned_entry_is_named_when_the_table_loads():
+    table = merge_tuned(dict(load_table(), tuned={}), ExpertsShape(num_tokens=1, **V3), "GPU", {8: (CONFIG, 0.1)})
+    check_table(table)
+    table["tuned"][shape_key(ExpertsShape(num_tokens=1, **V3))]["configs"]["8"]["gate_up"]["block_k"] = 8
+    with pytest.raises(ValueError, match="tuned/E=256.*/8 is not a usable"):
+        check_table(table)
+    check_table(load_table())  # the shipped table
+
+
+def test_engines_get_separate_decode_and_prefill_configurations():
+    """An engine's kernels serve every T: decode steps get the bandwidth tiles, chunks from 1025 tokens (more than 32
+    rows per expert at E=256, k=8) the matrix-rate tiles, on one 64-row layout."""
+    decode, prefill, prefill_from = engine_configs(ExpertsShape(num_tokens=1, **V3).dims, "bfloat16")
+    assert (decode.block_m, prefill.block_m, prefill_from) == (16, 64, 1025)
+    assert decode == select_config(ExpertsShape(num_tokens=64, **V3))
+    assert prefill == select_config(ExpertsShape(num_tokens=4096, **V3))
+    attribute = StageAttribute.select(ExpertsShape(num_tokens=1, **V3).dims, "bfloat16")
+    assert attribute.plan(4096).config == prefill and attribute.plan(512).config == decode
+    assert attribute.plan(1).buffers["sorted_slots"].shape == (8 + 8 * 63,)  # 64-row blocks for both

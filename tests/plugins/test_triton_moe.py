@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moetrt.plugins.moe_configs import select_config
-from moetrt.plugins.moe_launch import ExpertsShape, GemmTile, TileConfig
+from moetrt.plugins.moe_launch import GemmTile, TileConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # fp32 and fp32-compute cases must meet 1e-5. The interpreter rounds fp32 -> bf16 by truncation (a GPU rounds
@@ -73,8 +72,8 @@ def cases() -> list[dict]:
 
 
 CASES = cases()
-# The GPU tests' checks (tests/plugins/gpu) at tiny shapes: two runs from poisoned buffers bitwise equal, and the four
-# stage nodes chained as an engine runs them, their block sizes picked once for every T as the `trt` lowering does.
+# The GPU tests' checks (tests/plugins/gpu) at tiny shapes: two runs from poisoned buffers bitwise equal, the four
+# stage nodes chained as an engine runs them, and each stage kernel on garbage.
 TWICE_CASES = [
     dict(id=f"twice-{dtype}-T{tokens}", shape=shape_fields(tokens, hidden, inter, experts, top_k, dtype), config=None,
          seed=seed, skew=0.0, form="twice")
@@ -82,11 +81,20 @@ TWICE_CASES = [
         [(1, 40, 24, 4, 2, "float32"), (37, 72, 40, 8, 3, "bfloat16")]
     )
 ]
+# The stage nodes with the attribute the `trt` lowering writes (decode tiles of 16 rows, prefill tiles of 64, one
+# layout of 64-row blocks): below and above the switch to the prefill tiles (T=86 here), each also with one GEMM
+# stage on the other tactic.
 STAGE_NODE_CASES = [
-    dict(id=f"stage-nodes-T{tokens}", shape=shape_fields(tokens, 40, 24, 8, 3, "float32"),
-         config=select_config(ExpertsShape(**shape_fields(512, 40, 24, 8, 3, "float32"))).to_dict(),
+    dict(id=f"stage-nodes-T{tokens}", shape=shape_fields(tokens, 40, 24, 8, 3, "float32"), config=None,
          seed=7 + tokens, skew=3.0, form="stage_nodes")
-    for tokens in (1, 9)
+    for tokens in (1, 9, 100)
+]
+# Each stage kernel alone on arbitrary alignment buffers and ids (TensorRT's autotuner), in guarded buffers; run in
+# a process of its own, since an access far outside a buffer kills the interpreter.
+GARBAGE_CASES = [
+    dict(id=f"garbage-{dtype}", shape=shape_fields(5, 40, 24, 8, 3, dtype), config=None, seed=0, skew=0.0,
+         form="garbage")
+    for dtype in ("float32", "bfloat16")
 ]
 
 
@@ -145,6 +153,15 @@ def test_two_runs_from_poisoned_buffers_write_every_row_and_are_bitwise_equal(ca
 @pytest.mark.parametrize("case", STAGE_NODE_CASES, ids=[case["id"] for case in STAGE_NODE_CASES])
 def test_stage_nodes_chained_as_an_engine_runs_them_match_reference(case, results):
     assert_passed(case, results)
+
+
+@pytest.mark.parametrize("case", GARBAGE_CASES, ids=[case["id"] for case in GARBAGE_CASES])
+def test_stage_kernels_on_arbitrary_alignment_buffers_touch_nothing_outside_them(case):
+    done = subprocess.run([sys.executable, "-m", "tests.plugins.interpret_worker"], cwd=ROOT, input=json.dumps([case]),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (f"the interpreter died (status {done.returncode}): a kernel dereferenced an address "
+                                  f"far outside its buffers\n{done.stderr[-3000:]}")
+    assert json.loads(done.stdout)[case["id"]]["problems"] == []
 
 
 def test_routed_experts_module_imports_without_triton():

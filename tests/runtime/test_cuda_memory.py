@@ -1,4 +1,5 @@
-"""The TensorRT session's CUDA layer on a GPU, through cuda-python: the device latent cache and CUDA graph replay.
+"""The TensorRT session's CUDA layer on a GPU, through cuda-python: the device latent cache, CUDA graph replay, and
+recovery from a failed capture.
 
 Marked `gpu`; skips without a CUDA GPU, and where cuda-python is not installed (it comes with `moetrt[trt]`).
 """
@@ -58,3 +59,29 @@ def test_a_replayed_graph_copies_the_source_as_it_is_at_replay(stream):
     for buffer in (source, target):
         buffer.close()
     assert np.array_equal(back, ROWS * 2)
+
+
+def test_a_failed_capture_leaves_no_error_for_the_next_call(stream):
+    """The session's fallback after a capture fails: cuda.capture ends the capture and clears the error it left
+    (as trtexec does), so the plain execution that follows does not report it."""
+    def forbidden_during_capture() -> bool:
+        cuda.synchronize(stream)  # synchronizing a capturing stream invalidates the capture
+        return True
+
+    cuda.begin_capture(stream)  # first, unguarded: the error stays behind
+    with pytest.raises(cuda.CudaError):
+        forbidden_during_capture()
+    with pytest.raises(cuda.CudaError):
+        cuda.end_capture(stream)
+    assert cuda.last_error() != 0  # what TensorRT's next enqueue would have reported; reading it also resets it
+
+    with pytest.raises(cuda.CudaError):
+        cuda.capture(stream, forbidden_during_capture)
+    assert cuda.last_error() == 0
+    buffer = cuda.DeviceBuffer(ROWS.nbytes)  # and the stream works as before
+    cuda.to_device(buffer.pointer, ROWS, stream)
+    back = np.empty_like(ROWS)
+    cuda.to_host(back, buffer.pointer, stream)
+    cuda.synchronize(stream)
+    buffer.close()
+    assert np.array_equal(back, ROWS)

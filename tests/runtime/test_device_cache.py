@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from moetrt.runtime.kv_cache import LatentKVCache
-from moetrt.runtime.trt.device_cache import SlotLayout, compaction_plan, place_moves, repack_moves, runs
+from moetrt.runtime.trt.device_cache import (
+    SlotLayout,
+    compaction_plan,
+    layer_views,
+    place_moves,
+    repack_moves,
+    runs,
+)
 
 LAYERS, D, CONTEXT = 2, 5, 24
 
@@ -106,3 +113,15 @@ def test_repack_copies_what_the_host_cache_copies(old, new):
         apply(repack_moves(old_layout, new_layout, min(old, new), cache.length), got, source)
         used = cache.length * new_layout.pitch  # the host leaves columns past `length` uninitialised
         assert np.array_equal(got[:used], image(layer)[:used])
+
+
+def test_past_views_start_at_the_layer_allocations_and_new_rows_length_cells_in():
+    """past() is what the session binds (its layer's cudaMalloc address, 256-aligned); reserve() is where the new rows
+    are copied to, `length` positions in (runtime/trt/bindings.py: not bindable in general)."""
+    layout = SlotLayout(3, 576 * 2)
+    layers = [0x10000, 0x90000]
+    past = layer_views(layers, layout, 100, 0, 37, 2)
+    new = layer_views(layers, layout, 100, 37, 1, 2)
+    assert [view.pointer for view in past] == layers and past[0].shape == (37, 3, 576)
+    assert [view.pointer - base for view, base in zip(new, layers)] == [37 * 3 * 1152] * 2
+    assert new[0].capacity == (100 - 37) * layout.pitch and new[0].nbytes == 3 * 1152
