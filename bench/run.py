@@ -33,9 +33,8 @@ TARGET = 0.70
 BUILD_SCRIPT = """
 import sys, time
 from moetrt.export.engine import build_engine
-from moetrt.settings import BuildProfile
 start = time.perf_counter()
-build_engine(sys.argv[1], sys.argv[2], backend="ort", profile=BuildProfile(max_context=int(sys.argv[3])))
+build_engine(sys.argv[1], sys.argv[2], backend="ort")  # the model's own context
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(seconds, peak)
@@ -67,7 +66,7 @@ def model_dirs(names: list[str]) -> dict[str, Path]:
 def build(model_dir: Path, engine_dir: Path) -> dict[str, float]:
     """Engine build time and the build's (export included) peak RSS, in a fresh process."""
     env = {**os.environ, "MOETRT_QUIET": "1"}
-    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(model_dir), str(engine_dir), "2048"],
+    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(model_dir), str(engine_dir)],
                          capture_output=True, text=True, env=env, check=True)
     seconds, peak = out.stdout.split()
     return {"build_seconds": float(seconds), "export_peak_rss_bytes": int(peak)}

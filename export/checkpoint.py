@@ -13,6 +13,7 @@ import mmap
 import re
 import struct
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 EXPERT_TARGETS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-IGNORED_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+# Tensors a checkpoint may hold that its config makes redundant (transformers loads past them too): rotary caches
+# that some writers save, the correction bias of a router that selects without it, and the zero-sized shared
+# experts transformers writes for n_shared_experts 0. Checkpoint key pattern -> when it is redundant.
+REDUNDANT_TENSORS: tuple[tuple[re.Pattern[str], Callable[[ModelConfig, "TensorInfo"], bool]], ...] = (
+    (re.compile(r"rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$"), lambda config, info: True),
+    (re.compile(r"\.mlp\.gate\.e_score_correction_bias$"), lambda config, info: not config.uses_correction_bias),
+    (re.compile(r"\.mlp\.shared_experts\.\w+\.weight$"),
+     lambda config, info: not config.n_shared_experts and 0 in info.shape),
+)
 SCALE_SUFFIX = "_scale_inv"
 
 
@@ -151,8 +160,9 @@ def _pickle_refusal(checkpoint_dir: Path, files: list[str]) -> MoetrtError:
     )
 
 
-def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts)."""
+def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts); no
+    lm_head.weight when `tied` (the head is the embedding)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
@@ -165,9 +175,13 @@ def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM) -> dict[str
             shapes[prefix + "gate_proj.weight"] = (i, h)
             shapes[prefix + "up_proj.weight"] = (i, h)
             shapes[prefix + "down_proj.weight"] = (h, i)
-    if config.tie_word_embeddings:
+    if tied:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def _redundant(config: ModelConfig, name: str, info: TensorInfo) -> bool:
+    return any(pattern.search(name) and applies(config, info) for pattern, applies in REDUNDANT_TENSORS)
 
 
 def _check_tensors(
@@ -179,7 +193,7 @@ def _check_tensors(
         layer = LAYER_KEY.match(name)
         if layer and int(layer.group(1)) >= config.num_hidden_layers:
             mtp.append(name)
-        elif IGNORED_KEYS.search(name):
+        elif name not in expected and _redundant(config, name, info):
             continue
         elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in expected:
             want = _scale_shape(config, expected[name[: -len(SCALE_SUFFIX)]])
@@ -263,7 +277,9 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> Deepse
             if name not in shards[path].tensors:
                 raise MoetrtError(f"the safetensors index places {name} in {path.name}, which lacks it")
             found[name] = shards[path].tensors[name]
-        expected = expected_shapes(config, model)
+        # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
+        tied = config.tie_word_embeddings and "lm_head.weight" not in found
+        expected = expected_shapes(config, model, tied)
         mtp = _check_tensors(config, expected, found)
         if mtp:
             note(f"skipping {len(mtp)} tensors of the multi-token-prediction layer (model.layers.{config.num_hidden_layers})")
@@ -277,7 +293,7 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> Deepse
     finally:
         for shard in shards.values():
             shard.close()
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 

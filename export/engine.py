@@ -17,6 +17,7 @@ from moetrt.atomic import staging_dir
 from moetrt.config import load_config
 from moetrt.errors import MoetrtError
 from moetrt.export.backends import choose_backend, get_backend
+from moetrt.export.calibration import check_overflow
 from moetrt.formats import (
     EXPORT_JSON,
     TOKENIZER_FILES,
@@ -26,7 +27,7 @@ from moetrt.formats import (
     write_manifest,
 )
 from moetrt.progress import note
-from moetrt.settings import BuildConfig
+from moetrt.settings import BuildConfig, fit_profile
 from moetrt.versions import tool_versions
 
 
@@ -36,8 +37,9 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
 
     `config` (default BuildConfig()) groups the options; keyword `fields` replace its fields, e.g.
     `build_engine(ckpt, out, backend="ort", profile=BuildProfile(max_context=2048), ort=OrtOptions("moetrt"))`.
-    Raises MoetrtError for a backend this machine cannot build, an export that contradicts the options, or bad
-    limits; nothing is left at `engine_dir` then.
+    Raises MoetrtError for a backend this machine cannot build, an export that contradicts the options, bad
+    limits, or a half-precision engine whose calibration prompts overflow (export/calibration.py); nothing is
+    left at `engine_dir` then.
     """
     try:
         config = dataclasses.replace(config or BuildConfig(), **fields)
@@ -51,6 +53,7 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         raise MoetrtError(f"cannot build a {'TensorRT' if chosen == 'trt' else chosen} engine: {reason}; "
                           "`--backend ort` works on this machine")
     note(f"backend: {chosen} ({why})")
+    config = fit_to_model(source, config)
     with staging_dir(engine_dir) as work:
         export_dir = export_for(source, work / ".export", chosen, config)
         info = read_export_info(export_dir)
@@ -66,7 +69,25 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
             versions={**tool_versions(), "cuda_driver": hardware.cuda_driver_version()},
         )
         write_manifest(work, manifest)
+        if info.dtype != "float32":  # half precision can overflow: refuse an engine that computes NaN
+            check_overflow(work)
     return engine_dir
+
+
+def fit_to_model(source: Path, config: BuildConfig) -> BuildConfig:
+    """`config` with its profile fitted to the model at `source` (checkpoint or export directory) before any export:
+    a max_context checked against what the model supports, or chosen from it (settings.fit_profile), said in a
+    note. Raises MoetrtError for a max_context beyond the model's without allow_long_context."""
+    if (source / EXPORT_JSON).is_file():
+        info = read_export_info(source)
+        model, dtype = info.model_config, info.dtype
+    elif (source / "config.json").is_file():
+        model, dtype = load_config(source), config.dtype or "float32"
+    else:
+        return config  # export_for says what the source lacks
+    profile, how = fit_profile(config.profile, model, dtype, config.allow_long_context)
+    note(how)
+    return dataclasses.replace(config, profile=profile)
 
 
 def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConfig) -> Path:

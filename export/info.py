@@ -124,7 +124,7 @@ def kv_bytes_per_token(c: ModelConfig, bytes_per_value: int = BF16) -> dict[str,
     """Cache bytes per token over all layers: MLA's latent rows against a per-head K/V cache."""
     per_head = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
     return {
-        "latent": c.num_hidden_layers * c.latent_dim * bytes_per_value,
+        "latent": c.latent_bytes_per_token(bytes_per_value),
         "per_head": c.num_hidden_layers * per_head * bytes_per_value,
     }
 

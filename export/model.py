@@ -27,13 +27,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`scale`: x is the true input divided by it (`residual_scale`); eps / scale² keeps the output exact."""
         dtype = x.dtype
         x = x.float()
         # x / sqrt(.) rather than x * rsqrt(.): the exported pattern is the one ONNX Runtime fuses into
         # SimplifiedLayerNormalization (one kernel instead of six).
-        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps / scale**2)
         return self.weight * x.to(dtype)
+
+
+def residual_scale(config: ModelConfig, dtype: torch.dtype) -> float:
+    """What the residual stream is divided by: routed_scaling_factor in a float16 model where it exceeds 1, else 1.
+
+    float16 ends at 65504, and the factor multiplies every routed output into the stream. Every layer adds its
+    outputs divided by it (the routed weights are divided in fp32, before the experts), and the norms reading
+    the stream divide their eps by its square, so the normalised values and the logits are unchanged (vLLM
+    keeps DeepSeek's float16 residual in range the same way).
+    """
+    factor = config.routed_scaling_factor
+    return float(factor) if dtype == torch.float16 and factor > 1 else 1.0
+
+
+def _divided(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1 else x / scale
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -145,8 +162,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x `[..., H]` -> the output divided by `scale` (`residual_scale`)."""
+        return _divided(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), scale)
 
 
 def route_tokens(
@@ -175,10 +193,13 @@ def route_tokens(
         choice = choice.masked_fill(expert_mask == 0, float("-inf"))
     topk_ids = choice.topk(config.num_experts_per_tok, dim=-1).indices
     topk_weights = scores.gather(1, topk_ids)
-    normalise = config.num_experts_per_tok > 1 and config.norm_topk_prob
+    # V3 normalises whenever norm_topk_prob (one expert too: its weight becomes 1, as in transformers and
+    # DeepSeek's inference code); DeepSeek's V2 code only with top_k > 1.
+    v3 = config.model_type == "deepseek_v3"
+    normalise = config.norm_topk_prob and (v3 or config.num_experts_per_tok > 1)
     if normalise:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if config.model_type == "deepseek_v3" or not normalise:
+    if v3 or not normalise:
         topk_weights = topk_weights * config.routed_scaling_factor
     return topk_ids, topk_weights
 
@@ -220,13 +241,15 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x `[B, S, H]` -> the output divided by `scale` (`residual_scale`)."""
         flat = x.reshape(-1, x.shape[-1])  # [T, H]
         topk_ids, topk_weights = self.gate(flat)
+        topk_weights = _divided(topk_weights, scale)  # fp32: the experts' sum is formed already divided
         routed = routed_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
         out = routed.view_as(x)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, scale)
         return out
 
 
@@ -241,10 +264,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allowed, past):
-        attn, new_rows = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), new_rows
+    def forward(self, x, cos, sin, allowed, past, scale: float = 1.0):
+        """x: the residual stream divided by `scale` (`residual_scale`); returns it after this layer, and the
+        layer's new latent rows."""
+        attn, new_rows = self.self_attn(self.input_layernorm(x, scale), cos, sin, allowed, past)
+        x = x + _divided(attn, scale)
+        return x + self.mlp(self.post_attention_layernorm(x, scale), scale), new_rows
 
 
 class DeepseekBackbone(nn.Module):
@@ -300,6 +325,7 @@ class DeepseekForCausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        scale = residual_scale(self.config, x.dtype)
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, S, rope/2]
         cos = (freqs.cos() * self.rope_scale).to(x.dtype)
         sin = (freqs.sin() * self.rope_scale).to(x.dtype)
@@ -309,9 +335,10 @@ class DeepseekForCausalLM(nn.Module):
         allowed = causal[None] & attention_mask[:, None, :].bool()  # [B, S, T]
 
         new_latents = []
+        x = _divided(x, scale)
         for layer, past in zip(self.model.layers, past_latents):
-            x, rows = layer(x, cos, sin, allowed, past)
+            x, rows = layer(x, cos, sin, allowed, past, scale)
             new_latents.append(rows)
         if logit_positions is not None:
             x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, H]
-        return self.lm_head(self.model.norm(x)), new_latents
+        return self.lm_head(self.model.norm(x, scale)), new_latents

@@ -15,7 +15,14 @@ from typing import Optional
 import typer
 
 from moetrt.errors import MoetrtError
-from moetrt.settings import DEFAULT_MAX_SEQ, BuildConfig, BuildProfile, OrtOptions, TrtOptions
+from moetrt.settings import (
+    DEFAULT_LATENT_CACHE_BYTES,
+    DEFAULT_MAX_SEQ,
+    BuildConfig,
+    BuildProfile,
+    OrtOptions,
+    TrtOptions,
+)
 from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
 
 app = typer.Typer(
@@ -167,8 +174,12 @@ def build_engine_command(
     max_batch: Optional[int] = typer.Option(None, help=f"Largest batch the engine serves (default {BuildProfile.max_batch})."),
     max_seq: Optional[int] = typer.Option(None, help=f"Most tokens per call, the prefill chunk (default "
                                           f"{DEFAULT_MAX_SEQ}, at most the context)."),
-    max_context: Optional[int] = typer.Option(None, help=f"Most cached positions per sequence (default "
-                                              f"{BuildProfile.max_context})."),
+    max_context: Optional[int] = typer.Option(None, help="Most cached positions per sequence (default: the model's "
+                                              "context, max_position_embeddings or YaRN's, cut where the latent "
+                                              "cache of --max-batch sequences would pass "
+                                              f"{DEFAULT_LATENT_CACHE_BYTES >> 30} GiB)."),
+    allow_long_context: bool = typer.Option(False, "--allow-long-context", help="Build a --max-context beyond the "
+                                            "positions the model supports."),
     portable: bool = typer.Option(False, help="TensorRT: build from the standard-ops lowering (no plugin)."),
     trt_plugin: str = typer.Option(TrtOptions.plugin, help="TensorRT routed-experts plugin: aot (no Python at run "
                                    "time) or jit."),
@@ -182,7 +193,7 @@ def build_engine_command(
     from moetrt.export.engine import build_engine
 
     limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
-    config = BuildConfig(backend=backend, dtype=dtype,
+    config = BuildConfig(backend=backend, dtype=dtype, allow_long_context=allow_long_context,
                          profile=BuildProfile(**{k: v for k, v in limits.items() if v is not None}),
                          ort=OrtOptions(moe_kernel=moe_kernel), trt=TrtOptions(plugin=trt_plugin, portable=portable))
     if dry_run:
@@ -232,23 +243,25 @@ def verify(
 
 
 def _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
-                        max_reasoning_tokens) -> dict:
+                        max_reasoning_tokens, stop_in_reasoning=False) -> dict:
     return {
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
         "repetition_penalty": repetition_penalty, "seed": seed, "greedy": greedy or None,
-        "stop": tuple(stop) or None, "max_reasoning_tokens": max_reasoning_tokens,
+        "stop": tuple(stop) or None, "stop_in_reasoning": stop_in_reasoning or None,
+        "max_reasoning_tokens": max_reasoning_tokens,
     }
 
 
 _MAX_NEW = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate (default: "
                         f"generation_config.json's max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}).")
 _TEMPERATURE = typer.Option(None, help="Sampling temperature (default: generation_config.json; 0 = greedy).")
-_TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off).")
-_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1].")
+_TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 or -1 = off).")
+_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass in [0, 1] (0 = the most likely token only).")
 _PENALTY = typer.Option(None, "--repetition-penalty", help="Penalty > 1 discourages repeating tokens.")
-_SEED = typer.Option(None, help="Seed that makes sampling reproducible.")
+_SEED = typer.Option(None, help="Seed that makes sampling reproducible (-1 = a random seed).")
 _GREEDY = typer.Option(False, "--greedy", help="Greedy decoding, whatever generation_config.json says.")
-_STOP = typer.Option([], "--stop", help="Stop string (repeatable).")
+_STOP = typer.Option([], "--stop", help="Stop string (repeatable); it ends the answer, not the thinking.")
+_STOP_IN_REASONING = typer.Option(False, "--stop-in-reasoning", help="Let stop strings end the thinking too.")
 _THINK_BUDGET = typer.Option(None, "--max-reasoning-tokens", help="Close the thinking after this many tokens.")
 
 
@@ -287,6 +300,7 @@ def generate(
     seed: Optional[int] = _SEED,
     greedy: bool = _GREEDY,
     stop: list[str] = _STOP,
+    stop_in_reasoning: bool = _STOP_IN_REASONING,
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, reasoning, tokens, usage)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
@@ -296,14 +310,10 @@ def generate(
 
     loaded = Engine.load(engine, threads=threads)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
-                                  max_reasoning_tokens)
-    if raw:
-        ids = loaded.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = loaded.chat_prompt(messages)
+                                  max_reasoning_tokens, stop_in_reasoning)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if as_json:
-        result = loaded.generate(ids, **options)
+        result = loaded.generate(prompt, **options) if raw else loaded.chat(messages, **options)
         typer.echo(json.dumps({
             "text": result.text, "reasoning": result.reasoning, "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
@@ -312,7 +322,8 @@ def generate(
         return
     from rich.console import Console
 
-    _print_stream(loaded.stream(ids, **options), Console(highlight=False))
+    events = loaded.stream(prompt, **options) if raw else loaded.chat_stream(messages, **options)
+    _print_stream(events, Console(highlight=False))
 
 
 @app.command()

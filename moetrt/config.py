@@ -16,8 +16,8 @@ from moetrt.jsonfile import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
-# Fields every supported config.json must carry; anything else has a default from the model family.
-REQUIRED_FIELDS = (
+# The fields of the architecture, in the order a refusal lists them.
+ARCHITECTURE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -38,13 +38,29 @@ REQUIRED_FIELDS = (
     "rms_norm_eps",
     "max_position_embeddings",
 )
-
-# Router semantics the transformers-written configs leave implicit, per model type.
+# What transformers 5.x (DeepseekV3Config / DeepseekV2Config) gives a field that config.json leaves out.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
-    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+    "deepseek_v3": {
+        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+        "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_interleave": True,
+    },
+    "deepseek_v2": {
+        "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "n_shared_experts": 2, "n_routed_experts": 64,
+        "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": None, "topk_group": None, "num_experts_per_tok": None,
+        "first_k_dense_replace": 0, "norm_topk_prob": False, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "topk_method": "greedy",
+    },
 }
-ROUTERS = {("sigmoid", "noaux_tc"), ("softmax", "greedy"), ("softmax", "group_limited_greedy")}
+# Group-limited routers read n_group and topk_group; the others never do, so those may be null or anything.
+GROUPED_ROUTERS = ("noaux_tc", "group_limited_greedy")
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default_theta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +138,19 @@ class ModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
+    def supported_context(self) -> int:
+        """Positions the model supports: max_position_embeddings, or YaRN's extended window (original window x
+        factor) where that is longer."""
+        if self.rope.kind == "yarn" and self.rope.original_max_position_embeddings:
+            extended = int(self.rope.original_max_position_embeddings * self.rope.factor)
+            return max(self.max_position_embeddings, extended)
+        return self.max_position_embeddings
+
+    def latent_bytes_per_token(self, bytes_per_value: int) -> int:
+        """Latent-cache bytes one token takes over all layers: layers x (kv_lora_rank + qk_rope_head_dim) values."""
+        return self.num_hidden_layers * self.latent_dim * bytes_per_value
+
+    @property
     def uses_correction_bias(self) -> bool:
         return self.topk_method == "noaux_tc"
 
@@ -178,60 +207,61 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a config.json dict, read as transformers 5.x reads it: an absent field takes the family's
+    default, a null counts only where transformers' model runs with it (q_lora_rank, norm_topk_prob,
+    rope_interleave, the rope dict, n_group/topk_group for a router that never groups), fields the family never
+    reads are ignored. Raises MoetrtError naming what is missing or unsupported."""
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MoetrtError(
             f"{source}: model_type {model_type!r} is not supported; moetrt reads "
             f"{' and '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
         )
-    missing = [name for name in REQUIRED_FIELDS if raw.get(name) is None]
+    fields = {**FAMILY_DEFAULTS[model_type], **raw}
+    if fields.get("hidden_act", "silu") != "silu":
+        raise MoetrtError(f"{source}: hidden_act {fields['hidden_act']!r} is not supported (only silu)")
+    scoring_func, topk_method = _router(fields, model_type, source)
+    if topk_method not in GROUPED_ROUTERS:
+        fields.update(n_group=1, topk_group=1)
+    missing = [name for name in ARCHITECTURE_FIELDS if fields.get(name) is None]
     if missing:
         raise MoetrtError(f"{source}: missing field(s) {', '.join(missing)} required for {model_type}")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise MoetrtError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
-
-    family = FAMILY_DEFAULTS[model_type]
-    scoring_func = raw.get("scoring_func") or family["scoring_func"]
-    topk_method = raw.get("topk_method") or family["topk_method"]
-    if (scoring_func, topk_method) not in ROUTERS:
-        raise MoetrtError(
-            f"{source}: router scoring_func={scoring_func!r} with topk_method={topk_method!r} is not supported"
-        )
-    norm_topk_prob = raw.get("norm_topk_prob")
-    if norm_topk_prob is None:
-        norm_topk_prob = family["norm_topk_prob"]
+    v2 = model_type == "deepseek_v2"
 
     config = ModelConfig(
         model_type=model_type,
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        num_hidden_layers=int(raw["num_hidden_layers"]),
-        num_attention_heads=int(raw["num_attention_heads"]),
-        q_lora_rank=None if raw.get("q_lora_rank") is None else int(raw["q_lora_rank"]),
-        kv_lora_rank=int(raw["kv_lora_rank"]),
-        qk_nope_head_dim=int(raw["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(raw["qk_rope_head_dim"]),
-        v_head_dim=int(raw["v_head_dim"]),
-        moe_intermediate_size=int(raw["moe_intermediate_size"]),
-        n_routed_experts=int(raw["n_routed_experts"]),
-        num_experts_per_tok=int(raw["num_experts_per_tok"]),
-        n_shared_experts=int(raw["n_shared_experts"]),
-        first_k_dense_replace=int(raw["first_k_dense_replace"]),
-        moe_layer_freq=int(raw.get("moe_layer_freq") or 1),
-        n_group=int(raw["n_group"]),
-        topk_group=int(raw["topk_group"]),
-        norm_topk_prob=bool(norm_topk_prob),
-        routed_scaling_factor=float(raw["routed_scaling_factor"]),
+        vocab_size=int(fields["vocab_size"]),
+        hidden_size=int(fields["hidden_size"]),
+        intermediate_size=int(fields["intermediate_size"]),
+        num_hidden_layers=int(fields["num_hidden_layers"]),
+        num_attention_heads=int(fields["num_attention_heads"]),
+        q_lora_rank=None if fields.get("q_lora_rank") is None else int(fields["q_lora_rank"]),
+        kv_lora_rank=int(fields["kv_lora_rank"]),
+        qk_nope_head_dim=int(fields["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(fields["qk_rope_head_dim"]),
+        v_head_dim=int(fields["v_head_dim"]),
+        moe_intermediate_size=int(fields["moe_intermediate_size"]),
+        n_routed_experts=int(fields["n_routed_experts"]),
+        num_experts_per_tok=int(fields["num_experts_per_tok"]),
+        n_shared_experts=int(fields["n_shared_experts"]),
+        first_k_dense_replace=int(fields["first_k_dense_replace"]),
+        # transformers builds every layer from first_k_dense_replace on as MoE: config.json's moe_layer_freq is
+        # not read (every published DeepSeek checkpoint has 1).
+        moe_layer_freq=1,
+        n_group=int(fields["n_group"]),
+        topk_group=int(fields["topk_group"]),
+        norm_topk_prob=bool(fields.get("norm_topk_prob")),  # null: transformers' `if norm_topk_prob` is false
+        routed_scaling_factor=float(fields["routed_scaling_factor"]),
         scoring_func=scoring_func,
         topk_method=topk_method,
-        rms_norm_eps=float(raw["rms_norm_eps"]),
-        max_position_embeddings=int(raw["max_position_embeddings"]),
-        rope=_parse_rope(raw, source),
-        rope_interleave=bool(raw.get("rope_interleave", True)),
-        attention_bias=bool(raw.get("attention_bias", False)),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rms_norm_eps=float(fields["rms_norm_eps"]),
+        max_position_embeddings=int(fields["max_position_embeddings"]),
+        rope=_parse_rope(fields, source),
+        # V2 always pairs interleaved dims (complex rotation) and V3's MLPs have no bias, whatever the file says.
+        rope_interleave=True if v2 else bool(fields.get("rope_interleave")),
+        attention_bias=bool(fields.get("attention_bias", False)),
+        mlp_bias=v2 and bool(fields.get("mlp_bias", False)),
+        tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_as_ids(raw.get("eos_token_id")),
         pad_token_id=raw.get("pad_token_id"),
@@ -243,6 +273,19 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
     return config
 
 
+def _router(fields: dict[str, Any], model_type: str, source: str) -> tuple[str, str]:
+    """(scoring_func, topk_method) as transformers' model routes: V3 always sigmoid scores with noaux_tc (its
+    modeling reads neither field, as DeepSeek's V3 code implements no other); V2 softmax scores, greedy (also for
+    null) or group_limited_greedy."""
+    if model_type == "deepseek_v3":
+        return "sigmoid", "noaux_tc"
+    method = fields.get("topk_method") or "greedy"
+    if method not in V2_TOPK_METHODS:
+        raise MoetrtError(f"{source}: router topk_method={method!r} is not supported for deepseek_v2 "
+                          f"({' or '.join(V2_TOPK_METHODS)})")
+    return "softmax", method
+
+
 def _as_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -251,24 +294,24 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = params.get("rope_theta", raw.get("rope_theta"))
-    if theta is None:
-        raise MoetrtError(f"{source}: missing field rope_theta (top level or in rope_parameters)")
+def _parse_rope(fields: dict[str, Any], source: str) -> RopeConfig:
+    """Plain RoPE or YaRN from `rope_scaling` (legacy; it wins, as in transformers) or `rope_parameters`; null or
+    absent is plain RoPE. rope_theta defaults to 10000, a null yarn factor to max_position / original window."""
+    params = fields.get("rope_scaling") or fields.get("rope_parameters") or {}
+    theta = params.get("rope_theta") or fields.get("rope_theta") or DEFAULT_ROPE_THETA
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind != "yarn":
         raise MoetrtError(f"{source}: rope type {kind!r} is not supported (default or yarn)")
-    if params.get("factor") is None:
-        raise MoetrtError(f"{source}: yarn rope scaling is missing field factor")
-    original = params.get("original_max_position_embeddings") or raw["max_position_embeddings"]
+    max_position = int(fields["max_position_embeddings"])
+    original = int(params.get("original_max_position_embeddings") or max_position)
+    factor = params.get("factor") or max_position / original
     return RopeConfig(
         theta=float(theta),
         kind="yarn",
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(original),
+        factor=float(factor),
+        original_max_position_embeddings=original,
         beta_fast=float(params.get("beta_fast") or 32),
         beta_slow=float(params.get("beta_slow") or 1),
         mscale=None if params.get("mscale") is None else float(params["mscale"]),
@@ -305,10 +348,7 @@ def _check_consistency(config: ModelConfig, raw: dict[str, Any], source: str) ->
         if config.num_experts_per_tok > config.n_routed_experts:
             raise MoetrtError(f"{source}: num_experts_per_tok exceeds n_routed_experts")
         per_group = config.n_routed_experts // config.n_group
-        grouped = config.topk_method in ("noaux_tc", "group_limited_greedy")
-        if grouped and config.num_experts_per_tok > config.topk_group * per_group:
+        if config.topk_method in GROUPED_ROUTERS and config.num_experts_per_tok > config.topk_group * per_group:
             raise MoetrtError(f"{source}: num_experts_per_tok exceeds the experts of the topk_group kept groups")
         if config.topk_method == "noaux_tc" and per_group < 2:
             raise MoetrtError(f"{source}: noaux_tc scores a group by its top-2, so each group needs 2+ experts")
-    if config.moe_layer_freq < 1:
-        raise MoetrtError(f"{source}: moe_layer_freq must be at least 1")

@@ -30,7 +30,8 @@ DATA_FILE = "model.onnx.data"
 PLAN_FILE = "model.plan"
 EXPERTS_FILE = "experts.bin"
 # Files that make an export (and later an engine) self-sufficient for serving.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
 
 ENGINE_FORMAT = "moetrt-engine"
 # 3: typed sections (`ort.layout` says graph or segments); 1 and 2 were written before, and are refused.

@@ -11,14 +11,19 @@ import dataclasses
 import os
 from pathlib import Path
 
+from moetrt.config import ModelConfig
 from moetrt.errors import MoetrtError
 
 BACKEND_CHOICES = ("auto", "ort", "trt")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 MOE_KERNEL_CHOICES = ("auto", "moetrt", "onnxruntime")
 TRT_PLUGIN_CHOICES = ("aot", "jit")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Tokens per graph call when max_seq is not given: the prefill chunk, capped by the context.
 DEFAULT_MAX_SEQ = 512
+# Without --max-context an engine gets the model's whole context, cut (to a multiple of 256) where the latent cache of
+# max_batch sequences that long would pass this many bytes: 163840 positions of DeepSeek-V3 take 11.5 GB each in bf16.
+DEFAULT_LATENT_CACHE_BYTES = 8 << 30
 CACHE_DIR_ENV = "MOETRT_CACHE_DIR"
 
 
@@ -31,29 +36,60 @@ def cache_dir() -> Path:
 @dataclasses.dataclass(frozen=True)
 class BuildProfile:
     """The shapes an engine serves: at most `max_batch` sequences, `max_seq` new tokens per graph call (the prefill
-    chunk; None = min(512, max_context)) and `max_context` cached positions per sequence. TensorRT builds its
-    optimization profiles from these; the runtime sizes its latent cache by them. Raises MoetrtError when a
-    value is below 1 or max_seq exceeds max_context."""
+    chunk; None = min(512, max_context)) and `max_context` cached positions per sequence (None: chosen from the
+    model when the build fits the profile to it, `fit_profile`). TensorRT builds its optimization profiles from
+    these; the runtime sizes its latent cache by them. Raises MoetrtError when a value is below 1 or max_seq
+    exceeds max_context."""
 
     max_batch: int = 8
-    max_context: int = 4096
+    max_context: int | None = None
     max_seq: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_seq is None:
+        if self.max_seq is None and self.max_context is not None:
             object.__setattr__(self, "max_seq", min(DEFAULT_MAX_SEQ, self.max_context))
         for name in ("max_batch", "max_seq", "max_context"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise MoetrtError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.seq > self.max_context:
+        if self.max_seq is not None and self.max_context is not None and self.max_seq > self.max_context:
             raise MoetrtError(f"--max-seq ({self.max_seq}) cannot exceed --max-context ({self.max_context})")
 
     @property
     def seq(self) -> int:
-        """max_seq, resolved (never None after construction)."""
+        """max_seq, resolved (never None once max_context is known)."""
         assert self.max_seq is not None
         return self.max_seq
+
+
+def fit_profile(profile: BuildProfile, model: ModelConfig, dtype: str,
+                allow_long_context: bool = False) -> tuple[BuildProfile, str]:
+    """`profile` fitted to `model` for an engine in `dtype`, and a line saying how its context was chosen.
+
+    A given max_context beyond what the model supports (ModelConfig.supported_context) raises MoetrtError naming
+    the limit, unless `allow_long_context`; without one the engine gets the model's context, cut where the
+    latent cache of max_batch sequences would pass DEFAULT_LATENT_CACHE_BYTES.
+    """
+    limit, per_token = model.supported_context, model.latent_bytes_per_token(DTYPE_BYTES[dtype])
+    extended = model.rope.kind == "yarn" and limit > model.max_position_embeddings
+    source = (f"YaRN's {model.rope.original_max_position_embeddings} x {model.rope.factor:g}" if extended
+              else f"max_position_embeddings {model.max_position_embeddings}")
+    cache = (f"latent cache {per_token:,} bytes per token ({model.num_hidden_layers} layers x {model.latent_dim} "
+             f"values x {DTYPE_BYTES[dtype]} bytes)")
+    context = profile.max_context
+    if context is not None and context > limit and not allow_long_context:
+        raise MoetrtError(f"--max-context {context} exceeds the {limit} positions this {model.model_type} model "
+                          f"supports ({source}); pass --allow-long-context to build it anyway")
+    if context is not None:
+        beyond = " (beyond the model's, --allow-long-context)" if context > limit else ""
+        return profile, f"context: {context} positions{beyond}, the model supports {limit}; {cache}"
+    affordable = DEFAULT_LATENT_CACHE_BYTES // (profile.max_batch * per_token)
+    context = limit if affordable >= limit else max(min(limit, 256), affordable // 256 * 256)
+    why = (f"the model's ({source})" if context == limit else
+           f"of the model's {limit}, so that {profile.max_batch} sequences' latent cache fits "
+           f"{DEFAULT_LATENT_CACHE_BYTES / 2**30:g} GiB; --max-context sets it")
+    fitted = dataclasses.replace(profile, max_context=context)
+    return fitted, f"context: {context} positions, {why}; {cache}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +124,14 @@ class TrtOptions:
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
     """Everything `build_engine` takes besides its source and output: the backend ("auto" picks TensorRT where it
-    and a GPU are present, else ONNX Runtime), the dtype (None: float32, or an export's own), the shape profile
-    and each backend's options (only the chosen backend's are read)."""
+    and a GPU are present, else ONNX Runtime), the dtype (None: float32, or an export's own), the shape profile,
+    whether a max_context beyond the model's may be built (`fit_profile`) and each backend's options (only the
+    chosen backend's are read)."""
 
     backend: str = "auto"
     dtype: str | None = None
     profile: BuildProfile = BuildProfile()
+    allow_long_context: bool = False
     ort: OrtOptions = OrtOptions()
     trt: TrtOptions = TrtOptions()
 

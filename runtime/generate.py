@@ -1,7 +1,8 @@
 """Generation over a Session: chunked prefill, then decode steps, sampling, stops and R1 reasoning.
 
 `prefill` and `decode_one_token` drive the graph over the latent cache; `generate_stream` runs a batch of
-prompts to completion and yields per-row text increments; `generate` collects them.
+prompts to completion and yields per-row text increments; `generate` collects them. Logits that are about to be
+sampled must be finite (`require_finite`): a NaN is an error, never a token.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from moetrt.errors import MoetrtError
+from moetrt.runtime.reasoning import ReasoningSplitter, ThinkTags, prompt_opens_thinking
 from moetrt.runtime.requests import GenerationOptions, RequestError, validate_request
 from moetrt.runtime.sampling import SamplingParams, select_token
 from moetrt.runtime.session import LatentCache, Session
-from moetrt.runtime.text import THINK_END, THINK_START, IncrementalDetokenizer, ReasoningSplitter, StopMatcher
+from moetrt.runtime.text import IncrementalDetokenizer, StopMatcher
 
 
 @dataclasses.dataclass
@@ -67,7 +69,7 @@ def prefill(session: Session, cache: LatentCache, prompts: list[list[int]], chun
         logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
                                 cache.past(), cache.reserve(end - start))
         cache.advance(end - start)
-    return logits[:, -1]
+    return require_finite(logits[:, -1])
 
 
 def decode_one_token(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
@@ -80,34 +82,71 @@ def decode_one_token(session: Session, cache: LatentCache, tokens: np.ndarray, p
     return logits[:, -1]
 
 
+class NonFiniteLogits(MoetrtError):
+    """The engine returned NaN or inf logits for rows about to be sampled (`rows`: their batch indices)."""
+
+    def __init__(self, rows: list[int], dtype: np.dtype):
+        self.rows = rows
+        super().__init__(f"the engine returned NaN or inf {dtype} logits, so no token can be sampled: its "
+                         "arithmetic overflowed or its weights are not finite; rebuild it in float32 (build-engine "
+                         "--dtype float32) and compare it with its checkpoint (moetrt verify ENGINE CHECKPOINT)")
+
+
+def finite_rows(logits: np.ndarray) -> np.ndarray:
+    """`[B]` bool: which rows of logits `[B, vocab]` hold no NaN or inf."""
+    if logits.dtype == np.float16:  # numpy's float16 isfinite is scalar code, 10x slower than testing the exponent
+        return ((logits.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=-1)
+    return np.isfinite(logits).all(axis=-1)
+
+
+def require_finite(logits: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """`logits` `[B, vocab]`, or NonFiniteLogits if any of `rows` (`[B]` bool, default all) holds NaN or inf."""
+    bad = ~finite_rows(logits)
+    if rows is not None:
+        bad &= rows
+    if bad.any():
+        raise NonFiniteLogits(np.flatnonzero(bad).tolist(), logits.dtype)
+    return logits
+
+
 class RowState:
     """One sequence's generation state, shared by `generate_stream` and the serving scheduler: the next
-    token (forced by the thinking budget, else sampled with the row's own seeded rng), then the text it
-    completes (detokenised, stop strings cut, split into reasoning and answer) and whether the row is done.
+    token (`</think>` once the thinking budget is spent, else sampled with the row's own seeded rng), then the
+    text it completes (detokenised, split into reasoning and answer, stop strings cut) and whether the row is done.
 
     `split_reasoning=False` routes all text to the answer (raw completions keep their `<think>` tags).
+    `in_reasoning`: whether the chat template's generation prompt opened the thinking (reasoning.py's
+    `chat_opens_thinking`); None infers it from the prompt's last tokens (`prompt_opens_thinking`). Stop
+    strings end the answer, and the thinking too with `options.stop_in_reasoning`.
     """
 
     def __init__(self, prompt: list[int], options: GenerationOptions, tokenizer=None, seed: int | None = None,
-                 split_reasoning: bool = True):
+                 split_reasoning: bool = True, in_reasoning: bool | None = None):
         self.prompt = list(prompt)
         self.options = options
         self.rng = np.random.default_rng(seed)
         self.detokenizer = IncrementalDetokenizer(tokenizer.decode, self.prompt[-4:]) if tokenizer is not None else None
-        self.splitter = ReasoningSplitter(_prompt_opens_thinking(tokenizer, self.prompt)) if split_reasoning else None
+        self.splitter = _splitter(tokenizer, self.prompt, in_reasoning) if split_reasoning else None
         self.stops = StopMatcher(options.stop)
+        self.reasoning_stops = (StopMatcher(options.stop) if options.stop_in_reasoning and self.splitter is not None
+                                else None)
         self.stop_ids = frozenset(options.stop_token_ids)
-        self.think_end = tokenizer.encode(THINK_END) if tokenizer is not None else []
         self.generated: list[int] = []
         self.reasoning_tokens = 0
-        self.forced: list[int] = []
         self.finish_reason: str | None = None
+
+    @property
+    def thought(self) -> bool:
+        """Whether the output has a thinking part (possibly empty)."""
+        return self.splitter is not None and self.splitter.thought
 
     def choose(self, logits: np.ndarray, greedy_pick: int | None = None) -> int:
         """The next token from this row's logits `[vocab]`; `greedy_pick` is the batch's argmax for this row,
         computed once for all rows when sampling is plain greedy."""
-        if self.forced:
-            return self.forced.pop(0)
+        budget = self.options.max_reasoning_tokens
+        if budget is not None and self.splitter is not None and self.splitter.in_reasoning \
+                and self.reasoning_tokens >= budget:
+            return self.splitter.tags.end
         if greedy_pick is not None:
             return greedy_pick
         sampling = self.options.sampling
@@ -121,27 +160,33 @@ class RowState:
         if finish is None and len(self.generated) >= self.options.max_new_tokens:
             finish = "length"
         text = self.detokenizer.push(token) if self.detokenizer is not None and finish != "stop" else ""
-        text, stopped = self.stops.feed(text, final=finish is not None)
-        if stopped:
-            finish = "stop"
         if self.splitter is None:
             reasoning, content = "", text
         else:
-            reasoning, content = self.splitter.feed(text, final=finish is not None)
-            if self.splitter.in_reasoning:
-                self.reasoning_tokens += 1
-                budget = self.options.max_reasoning_tokens
-                if budget is not None and self.reasoning_tokens >= budget and not self.forced and self.think_end:
-                    self.forced = list(self.think_end)  # the thinking budget is spent: close the section
+            if self.splitter.in_reasoning and token not in (self.splitter.tags.start, self.splitter.tags.end):
+                self.reasoning_tokens += 1  # a thinking token; the tags themselves are not
+            reasoning, content = self.splitter.feed(token, text)
+        reasoning, content, stopped = self._cut_at_stops(reasoning, content, final=finish is not None)
+        if stopped:
+            finish = "stop"
         self.finish_reason = finish
         return StreamEvent(index, [token], reasoning, content, finish)
 
+    def _cut_at_stops(self, reasoning: str, content: str, final: bool) -> tuple[str, str, bool]:
+        """Cut at the first stop string: in the answer, and in the thinking when `reasoning_stops` watches it."""
+        if self.reasoning_stops is not None:
+            reasoning, stopped = self.reasoning_stops.feed(reasoning, final=final or not self.splitter.in_reasoning)
+            if stopped:
+                return reasoning, "", True
+        content, stopped = self.stops.feed(content, final=final)
+        return reasoning, content, stopped
 
-def _prompt_opens_thinking(tokenizer, prompt: list[int]) -> bool:
-    if tokenizer is None:
-        return False
-    text = tokenizer.decode(prompt[-64:])
-    return text.rfind(THINK_START) > text.rfind(THINK_END)
+
+def _splitter(tokenizer, prompt: list[int], in_reasoning: bool | None) -> ReasoningSplitter | None:
+    tags = ThinkTags.of(tokenizer) if tokenizer is not None else None
+    if tags is None:
+        return None
+    return ReasoningSplitter(tags, prompt_opens_thinking(tokenizer, prompt) if in_reasoning is None else in_reasoning)
 
 
 def generate_stream(
@@ -150,26 +195,33 @@ def generate_stream(
     options: GenerationOptions,
     tokenizer=None,
     max_context: int | None = None,
+    in_reasoning: bool | None = None,
 ) -> Iterator[StreamEvent]:
     """Generate for a batch of token-id prompts; yields one event per row per generated token (text may be
-    empty while a character or a tag is incomplete). `tokenizer` (decode/encode) enables text, stop
-    strings and the reasoning split. Raises RequestError (see `validate_request`) before any compute."""
+    empty while a character is incomplete). `tokenizer` (ChatTokenizer) enables text, stop strings and the
+    reasoning split; `in_reasoning` as RowState's, for every prompt. Raises RequestError (see
+    `validate_request`) before any compute."""
+    return _stream_batch(session, _start_rows(session, prompts, options, tokenizer, max_context, in_reasoning),
+                         options)
+
+
+def _start_rows(session: Session, prompts: list[list[int]], options: GenerationOptions, tokenizer,
+                max_context: int | None, in_reasoning: bool | None) -> list[RowState]:
+    """Validate the batch (RequestError before any compute) and start one RowState per prompt."""
     if not prompts:
         raise RequestError("no prompts given: pass at least one", param="prompt")
     for prompt in prompts:
         validate_request(prompt, options, vocab_size=session.vocab_size, max_context=max_context,
                          has_tokenizer=tokenizer is not None)
-    return _stream_batch(session, prompts, options, tokenizer)
-
-
-def _stream_batch(session: Session, prompts: list[list[int]], options: GenerationOptions,
-               tokenizer) -> Iterator[StreamEvent]:
-    """generate_stream's loop over a validated batch: prefill, then one decode step per token."""
-    longest = max(len(p) for p in prompts)
     seed = options.sampling.seed
-    rows = [RowState(prompt, options, tokenizer, None if seed is None else seed + i)
+    return [RowState(prompt, options, tokenizer, None if seed is None else seed + i, in_reasoning=in_reasoning)
             for i, prompt in enumerate(prompts)]
-    cache = session.new_cache(len(prompts), longest + options.max_new_tokens)
+
+
+def _stream_batch(session: Session, rows: list[RowState], options: GenerationOptions) -> Iterator[StreamEvent]:
+    """generate_stream's loop over a validated batch: prefill, then one decode step per token."""
+    longest = max(len(r.prompt) for r in rows)
+    cache = session.new_cache(len(rows), longest + options.max_new_tokens)
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
     positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
 
@@ -184,7 +236,7 @@ def _stream_batch(session: Session, prompts: list[list[int]], options: Generatio
         active = np.array([r.finish_reason is None for r in rows])
         if not active.any():
             return
-        logits = decode_one_token(session, cache, tokens, positions, active)
+        logits = require_finite(decode_one_token(session, cache, tokens, positions, active), active)
         positions += 1
 
 
@@ -194,27 +246,25 @@ def generate(
     options: GenerationOptions,
     tokenizer=None,
     max_context: int | None = None,
+    in_reasoning: bool | None = None,
 ) -> list[GenerationResult]:
     """Run `generate_stream` to the end and assemble one result per prompt."""
+    rows = _start_rows(session, prompts, options, tokenizer, max_context, in_reasoning)
     reasoning = [[] for _ in prompts]
     text = [[] for _ in prompts]
     tokens = [[] for _ in prompts]
     finish = ["length"] * len(prompts)
-    opened = [False] * len(prompts)
-    for event in generate_stream(session, prompts, options, tokenizer, max_context):
+    for event in _stream_batch(session, rows, options):
         tokens[event.row].extend(event.token_ids)
         reasoning[event.row].append(event.reasoning)
         text[event.row].append(event.text)
-        opened[event.row] |= bool(event.reasoning)
         if event.finish_reason:
             finish[event.row] = event.finish_reason
     results = []
     for i, prompt in enumerate(prompts):
-        thought = "".join(reasoning[i])
-        has_reasoning = opened[i] or (tokenizer is not None and _prompt_opens_thinking(tokenizer, prompt))
         results.append(GenerationResult(
             text="".join(text[i]).rstrip() if tokenizer is not None else "",
-            reasoning=thought.strip() if has_reasoning else None,
+            reasoning="".join(reasoning[i]).strip() if rows[i].thought else None,
             token_ids=tokens[i],
             finish_reason=finish[i],
             prompt_tokens=len(prompt),

@@ -28,13 +28,15 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
     """How one request generates: at most `max_new_tokens` new tokens, sampled as `sampling` says, ending at a
-    stop string or stop token id; `max_reasoning_tokens` closes the thinking after that many tokens; prompts are
+    stop token id, or at a stop string in the answer (or, with `stop_in_reasoning`, in the thinking too);
+    `max_reasoning_tokens` closes the thinking after that many tokens; prompts are
     prefilled `prefill_chunk` tokens per graph call. Raises MoetrtError for values out of range."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingParams = SamplingParams(do_sample=False)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    stop_in_reasoning: bool = False
     max_reasoning_tokens: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
@@ -90,6 +92,14 @@ def check_context(prompt_tokens: int, new_tokens: int, max_context: int) -> None
         fix = f"ask for at most {_new_tokens(room)}, shorten the prompt" if room >= 1 else fix
     raise RequestError(f"{head} exceeds the engine's context of {max_context} tokens; {fix}, or rebuild the "
                        "engine with a larger --max-context", param="prompt", code=CONTEXT_LENGTH_EXCEEDED)
+
+
+def fit_new_tokens(prompt_tokens: int, max_context: int, default: int | None) -> int:
+    """max_new_tokens for a request that names none: `default` (None: all the room) capped by the room a prompt of
+    `prompt_tokens` leaves in the engine's `max_context`; at least 1, so that a prompt that fills the context is
+    refused as too long rather than given nothing to do."""
+    room = max_context - prompt_tokens
+    return max(1, room if default is None else min(room, default))
 
 
 def _new_tokens(count: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -11,7 +12,9 @@ from moetrt.errors import MoetrtError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """`temperature=0` (or `do_sample=False`) is greedy. `top_k=0` and `top_p=1` disable those filters."""
+    """`temperature=0` (or `do_sample=False`) is greedy. As other OpenAI-compatible servers take them: `top_k` 0
+    or -1 and `top_p=1` disable those filters, `top_p=0` keeps the smallest nucleus, the most likely token
+    (greedy), and `seed` None or -1 draws a fresh seed. Raises MoetrtError for values out of range, NaN or infinite."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -21,18 +24,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise MoetrtError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise MoetrtError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise MoetrtError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise MoetrtError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise MoetrtError(f"top_k must be -1 or 0 (no top-k) or at least 1, got {self.top_k}")
+        if not 0 <= self.top_p <= 1:
+            raise MoetrtError(f"top_p must lie in [0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise MoetrtError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and self.seed < -1:
+            raise MoetrtError(f"seed must be -1 (random) or >= 0, got {self.seed}")
+        # one spelling per meaning from here on
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.seed == -1:
+            object.__setattr__(self, "seed", None)
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature == 0 or self.top_p == 0
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.runtime.generate import GenerationOptions, RowState, StreamEvent, decode_one_token, prefill
+from moetrt.runtime.generate import (GenerationOptions, NonFiniteLogits, RowState, StreamEvent, decode_one_token,
+                                    finite_rows, prefill)
 from moetrt.runtime.metrics import Metrics
 from moetrt.runtime.requests import validate_request
 from moetrt.runtime.session import LatentCache, Session
@@ -133,12 +134,13 @@ class Scheduler:
         self.close()
 
     def submit(self, prompt: list[int], options: GenerationOptions, sink: Sink | None = None,
-               split_reasoning: bool = True) -> Ticket:
-        """Queue a request. Without a sink, read its events with `ticket.events()`. Raises RequestError for a
-        request `validate_request` refuses, QueueFull when the queue is at its limit."""
+               split_reasoning: bool = True, in_reasoning: bool | None = None) -> Ticket:
+        """Queue a request. Without a sink, read its events with `ticket.events()`. `split_reasoning` and
+        `in_reasoning` as generate.py's RowState takes them. Raises RequestError for a request
+        `validate_request` refuses, QueueFull when the queue is at its limit."""
         validate_request(prompt, options, vocab_size=self.session.vocab_size, max_context=self.max_context,
                          has_tokenizer=self.tokenizer is not None)
-        row = RowState(prompt, options, self.tokenizer, options.sampling.seed, split_reasoning)
+        row = RowState(prompt, options, self.tokenizer, options.sampling.seed, split_reasoning, in_reasoning)
         ticket = Ticket(row, sink)
         with self._wake:
             if self._closing:
@@ -245,13 +247,19 @@ class Scheduler:
             positions[slot] = ticket.columns  # RoPE position of the fed token: the tokens before it
         try:
             logits = decode_one_token(self.session, self.cache, tokens, positions, np.ones(width, dtype=bool))
-            chosen = [(slot, ticket, ticket.row.choose(logits[slot])) for slot, ticket in occupied]
+            finite = finite_rows(logits)
+            chosen = [(slot, ticket, ticket.row.choose(logits[slot])) for slot, ticket in occupied if finite[slot]]
         except Exception as error:
             log.exception("decode step failed; failing the running batch")
             for slot, ticket in occupied:
                 self._release(slot)
                 self._finish(ticket, "failed", error)
             return
+        for slot, ticket in occupied:
+            if not finite[slot]:  # NaN or inf logits fail this request alone; rows never mix, so the rest go on
+                log.error("request in slot %d got NaN or inf logits; failing it", slot)
+                self._release(slot)
+                self._finish(ticket, "failed", NonFiniteLogits([slot], logits.dtype))
         self.metrics.decode_step(len(occupied))
         self.metrics.tokens(len(chosen))
         for slot, ticket, token in chosen:

@@ -1,9 +1,7 @@
-"""Streaming text: incremental detokenisation that never splits a UTF-8 character, R1's `<think>` split and
-stop strings, all holding back only the few characters that might still change meaning."""
+"""Streaming text: incremental detokenisation that never splits a UTF-8 character, and stop strings, holding
+back only the few characters that might still change meaning. (R1's `<think>` split: runtime/reasoning.py.)"""
 
 from __future__ import annotations
-
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 class IncrementalDetokenizer:
@@ -34,54 +32,6 @@ def _partial_suffix(text: str, tag: str) -> int:
         if tag.startswith(text[-length:]):
             return length
     return 0
-
-
-class ReasoningSplitter:
-    """Routes text into `reasoning` (inside `<think>...</think>`) and `content` (the answer).
-
-    R1's generation prompt ends with `<think>\\n`, so its output starts inside the thinking (`in_reasoning`);
-    an output that opens `<think>` itself is handled too. The answer's leading whitespace is dropped.
-    """
-
-    def __init__(self, in_reasoning: bool):
-        self.in_reasoning = in_reasoning
-        self.seen_output = in_reasoning  # whether an opening <think> can still come
-        self.closed = False
-        self._pending = ""
-        self._answer_started = False
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
-        """Returns (reasoning delta, content delta) for the new text."""
-        self._pending += text
-        reasoning, content = "", ""
-        while self._pending:
-            if not self.seen_output:
-                stripped = self._pending.lstrip()
-                if stripped.startswith(THINK_START):
-                    self._pending = stripped[len(THINK_START) :]
-                    self.in_reasoning = self.seen_output = True
-                    continue
-                if not final and (not stripped or THINK_START.startswith(stripped)):
-                    break  # could still become "<think>"
-                self.seen_output = True
-            if self.in_reasoning:
-                end = self._pending.find(THINK_END)
-                if end >= 0:
-                    reasoning += self._pending[:end]
-                    self._pending = self._pending[end + len(THINK_END) :]
-                    self.in_reasoning, self.closed = False, True
-                    continue
-                hold = 0 if final else _partial_suffix(self._pending, THINK_END)
-                reasoning += self._pending[: len(self._pending) - hold]
-                self._pending = self._pending[len(self._pending) - hold :]
-                break
-            piece = self._pending
-            self._pending = ""
-            if not self._answer_started:
-                piece = piece.lstrip()
-                self._answer_started = bool(piece)
-            content += piece
-        return reasoning, content
 
 
 class StopMatcher:

@@ -54,7 +54,8 @@ def make_chat_checkpoint(directory: Path, name: str = "v3-qlora-grouped-yarn", s
 
     directory = Path(directory)
     tokenizer = build_tokenizer()
-    model = build_model(name, seed, vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=1)
+    # 1024 positions: the serving tests' engines are built with that context (conftest.py CHAT_ENGINE_PROFILE).
+    model = build_model(name, seed, vocab_size=VOCAB_SIZE, bos_token_id=0, eos_token_id=1, max_position_embeddings=1024)
     with torch.no_grad():
         model.lm_head.weight[[tokenizer.token_to_id(t) for t in BOOSTED_TOKENS]] *= BOOST
     model.save_pretrained(directory)

@@ -48,3 +48,12 @@ def test_export_command_writes_an_export_and_rejects_bad_options(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip() == "error: dtype 'int8' is not one of float32, float16, bfloat16"
     assert not (tmp_path / "out2").exists()
+
+
+def test_build_engine_refuses_a_context_beyond_the_models_before_exporting(tmp_path):
+    tiny_r1 = Path(__file__).parents[1] / "models" / "tiny-r1"
+    result = moetrt("build-engine", str(tiny_r1), "-o", str(tmp_path / "e"), "--max-context", "1024")
+    assert result.returncode == 1
+    assert result.stderr == ("error: --max-context 1024 exceeds the 512 positions this deepseek_v3 model supports "
+                             "(max_position_embeddings 512); pass --allow-long-context to build it anyway\n")
+    assert not (tmp_path / "e").exists()

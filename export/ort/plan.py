@@ -24,6 +24,10 @@ from moetrt.settings import OrtOptions
 # (bench/NOTES.md). DeepSeek-V3's experts are 176 MB in fp32.
 KERNEL_MIN_EXPERT_BYTES = 1 << 20
 
+# What moetrt's ONNX Runtime engines compute in: the CPU provider has no bfloat16 kernels, and the runtime binds
+# numpy arrays (runtime/ort/session.py), which have no bfloat16 either.
+ORT_DTYPES = ("float32", "float16")
+
 
 def ort_provider() -> str:
     """CUDA when onnxruntime-gpu and a GPU are present, else the CPU."""
@@ -66,7 +70,9 @@ def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtyp
 def plan_ort(options: OrtOptions, config: ModelConfig, dtype: str) -> LoweringPlan:
     """The `ort` lowering for `config` at `dtype` on this machine. Raises MoetrtError when an explicit choice
     cannot work here (e.g. --moe-kernel moetrt for float16 experts)."""
-    cpu = ort_provider() == "CPUExecutionProvider"
+    provider = ort_provider()
+    check_dtype(dtype, provider)
+    cpu = provider == "CPUExecutionProvider"
     slices = options.expert_slices
     if slices is None:  # the CUDA kernel has no static thread split to balance
         slices = default_expert_slices(config.moe_intermediate_size) if cpu else 1
@@ -75,8 +81,19 @@ def plan_ort(options: OrtOptions, config: ModelConfig, dtype: str) -> LoweringPl
     return LoweringPlan("ort", expert_slices=slices, moe_kernel=kernel, why=why)
 
 
+def check_dtype(dtype: str, provider: str) -> None:
+    """Refuse, before any export work, a dtype moetrt's ONNX Runtime engines cannot run on `provider`."""
+    if dtype not in ORT_DTYPES:
+        why = ("its CPU provider has no bfloat16 kernels" if provider == "CPUExecutionProvider"
+               else "moetrt's session binds numpy arrays, which have no bfloat16")
+        raise MoetrtError(f"ONNX Runtime engines run float32 or float16 here, not {dtype} ({why}); build with "
+                          "--dtype float32 or --dtype float16, or with --backend trt on a GPU")
+
+
 def check_export(info: ExportInfo, options: OrtOptions, source: str) -> None:
-    """Refuse to build from an export whose lowering contradicts `options` (one line naming the re-export)."""
+    """Refuse to build from an export whose lowering contradicts `options` (one line naming the re-export) or
+    whose dtype ONNX Runtime cannot run here."""
+    check_dtype(info.dtype, ort_provider())
     if info.target == "ort" and options.moe_kernel not in ("auto", info.moe_kernel):
         raise MoetrtError(f"{source} was exported with its experts in {info.moe_kernel}; --moe-kernel "
                           f"{options.moe_kernel} needs a re-export (moetrt export --moe-kernel ...)")

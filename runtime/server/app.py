@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from moetrt.errors import MoetrtError
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.generate import GenerationOptions, StreamEvent
-from moetrt.runtime.requests import RequestError
+from moetrt.runtime.requests import RequestError, fit_new_tokens
 from moetrt.runtime.scheduler import QueueFull, Scheduler, Ticket
 from moetrt.runtime.server.protocol import (
     DEFAULT_MAX_BODY_BYTES,
@@ -170,7 +170,8 @@ def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = parse(ChatCompletionRequest, await request.body())
-        return await service.respond(request, body, service.chat_prompt(body), chat=True)
+        prompt, in_reasoning = service.chat_prompt(body)
+        return await service.respond(request, body, prompt, chat=True, in_reasoning=in_reasoning)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -188,12 +189,13 @@ class _Service:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.mailbox: _Mailbox | None = None
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], bool]:
+        """The conversation's token ids, and whether the template's generation prompt opened the thinking."""
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in body.messages]
         try:
-            return self.engine.chat_prompt(messages)
+            return self.engine.chat_prompt(messages), self.engine.opens_thinking(messages)
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
         except Exception as error:  # the checkpoint's template rejected the conversation (raise_exception)
@@ -224,22 +226,22 @@ class _Service:
         try:
             options = self.engine.options(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p,
                                           top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                                          seed=body.seed, stop=body.stop)
+                                          seed=body.seed, stop=body.stop, stop_in_reasoning=body.stop_in_reasoning)
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
         if requested is None:
-            room = self.engine.max_context - len(prompt)
-            default = self.engine.defaults.get("max_new_tokens", room)
-            options = dataclasses.replace(options, max_new_tokens=max(1, min(room, default)))
+            default = fit_new_tokens(len(prompt), self.engine.max_context, self.engine.defaults.get("max_new_tokens"))
+            options = dataclasses.replace(options, max_new_tokens=default)
         return options
 
-    async def respond(self, request: Request, body: GenerationRequest, prompt: list[int], chat: bool) -> Response:
+    async def respond(self, request: Request, body: GenerationRequest, prompt: list[int], chat: bool,
+                      in_reasoning: bool = False) -> Response:
         options = self.options(body, prompt)
         self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         try:
             ticket = self.scheduler.submit(prompt, options, functools.partial(self.mailbox.post, events),
-                                           split_reasoning=chat)
+                                           split_reasoning=chat, in_reasoning=in_reasoning)
         except QueueFull as error:
             raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full") from None
         except RequestError as error:

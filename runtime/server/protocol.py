@@ -25,7 +25,9 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 # -- request bodies ---------------------------------------------------------------------------------------
-# Strict: a wrong JSON type is an error rather than coerced ("1" is no number, 1.5 no integer).
+# Strict: a wrong JSON type is an error rather than coerced ("1" is no number, 1.5 no integer); NaN and Infinity
+# are no numbers either. Sampling fields take what other OpenAI-compatible servers take: top_k -1 or 0 is no top-k,
+# top_p 0 the smallest nucleus (greedy), seed -1 a random seed.
 
 
 class StreamOptions(BaseModel):
@@ -36,15 +38,16 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """The fields chat and text completions share."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # beyond OpenAI's fields, as vLLM and SGLang accept them
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # beyond OpenAI's fields, as vLLM and SGLang accept them
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    seed: int | None = Field(None, ge=-1, lt=1 << 63)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop_in_reasoning: bool = False  # stop strings end the answer; with this, the thinking too
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1

@@ -50,7 +50,7 @@ def test_v2_defaults_to_softmax_greedy_router():
         ({"model_type": "llama"}, "model_type 'llama' is not supported"),
         ({"kv_lora_rank": None}, "missing field(s) kv_lora_rank"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-        ({"topk_method": "sparse"}, "topk_method='sparse' is not supported"),
+        ({"model_type": "deepseek_v2", "topk_method": "sparse"}, "topk_method='sparse' is not supported"),
         ({"n_group": 7}, "multiple of n_group"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "rope type 'dynamic' is not supported"),
     ],

@@ -49,7 +49,7 @@ def _register_stages_as_python_ops():
         def run(*arrays, stage=stage, **attributes):
             attribute = StageAttribute.decode(attributes[LAUNCH_ATTRIBUTE])
             tensors = [torch.from_numpy(np.array(a)) for a in arrays]
-            outputs = moe_stage_reference(stage, attribute.dims, attribute.config.block_m, *tensors)
+            outputs = moe_stage_reference(stage, attribute.dims, attribute.block_m, *tensors)
             return tuple(o.numpy() for o in outputs) if len(outputs) > 1 else outputs[0].numpy()
 
         onnx_op(op_type=spec.op_type, domain="ai.onnx.contrib",

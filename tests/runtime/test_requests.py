@@ -72,8 +72,8 @@ OPTION_REFUSALS = [
     (lambda: GenerationOptions(prefill_chunk=0), "prefill_chunk must be at least 1, got 0"),
     (lambda: GenerationOptions(max_reasoning_tokens=-1), "max_reasoning_tokens must be >= 0"),
     (lambda: SamplingParams(temperature=-0.5), "temperature must be >= 0, got -0.5"),
-    (lambda: SamplingParams(top_k=-1), "top_k must be >= 0, got -1"),
-    (lambda: SamplingParams(top_p=0.0), r"top_p must lie in (0, 1], got 0.0"),
+    (lambda: SamplingParams(top_k=-2), "top_k must be -1 or 0 (no top-k) or at least 1, got -2"),
+    (lambda: SamplingParams(top_p=1.5), "top_p must lie in [0, 1], got 1.5"),
     (lambda: SamplingParams(repetition_penalty=0.0), "repetition_penalty must be > 0, got 0.0"),
 ]
 

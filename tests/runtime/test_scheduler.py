@@ -58,7 +58,7 @@ def test_batched_requests_equal_single_requests_token_for_token(engine):
     stopped = next(i for i, (prompt, options) in enumerate(requests) if "seed" not in options
                    and len(engine.generate(prompt, **options).reasoning) >= 6)
     reasoning = engine.generate(requests[stopped][0], **requests[stopped][1]).reasoning
-    requests[stopped][1]["stop"] = [reasoning[len(reasoning) // 2 :][:2]]  # a stop string the output meets
+    requests[stopped][1].update(stop=[reasoning[len(reasoning) // 2 :][:2]], stop_in_reasoning=True)  # one it meets
 
     with scheduler(engine, max_batch=5) as batched:
         tickets = [batched.submit(prompt, engine.options(**options)) for prompt, options in requests]

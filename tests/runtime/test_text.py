@@ -1,9 +1,9 @@
-"""Streaming text: UTF-8-safe increments, the R1 reasoning split and stop strings."""
+"""Streaming text: UTF-8-safe increments and stop strings (the reasoning split: test_reasoning.py)."""
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from moetrt.runtime.text import IncrementalDetokenizer, ReasoningSplitter, StopMatcher
+from moetrt.runtime.text import IncrementalDetokenizer, StopMatcher
 
 
 @pytest.fixture(scope="module")
@@ -25,32 +25,6 @@ def test_increments_never_split_a_character(byte_tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert any(piece == "" for piece in pieces)  # waited for the rest of a character
-
-
-def feed_all(splitter, pieces):
-    reasoning, content = "", ""
-    for i, piece in enumerate(pieces):
-        r, c = splitter.feed(piece, final=i == len(pieces) - 1)
-        reasoning, content = reasoning + r, content + c
-    return reasoning, content
-
-
-def test_output_starting_inside_thinking_splits_at_the_close_tag():
-    pieces = ["First, 12", "+30=42.\n</th", "ink>\n\n", "The answer ", "is 42."]
-    assert feed_all(ReasoningSplitter(in_reasoning=True), pieces) == ("First, 12+30=42.\n", "The answer is 42.")
-
-
-def test_output_that_opens_think_itself():
-    pieces = ["  <thi", "nk>\nhmm", "</think>", "\n\nyes"]
-    assert feed_all(ReasoningSplitter(in_reasoning=False), pieces) == ("\nhmm", "yes")
-
-
-def test_output_without_thinking_is_all_answer():
-    assert feed_all(ReasoningSplitter(in_reasoning=False), ["<b>bold", "</b> text"]) == ("", "<b>bold</b> text")
-
-
-def test_unclosed_thinking_stays_reasoning():
-    assert feed_all(ReasoningSplitter(in_reasoning=True), ["still </thi", "nking"]) == ("still </thinking", "")
 
 
 def test_stop_string_across_increments():

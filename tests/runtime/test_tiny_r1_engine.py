@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from moetrt.formats import read_manifest
+
 TINY_R1 = Path(__file__).parents[2] / "models" / "tiny-r1"
 
 
@@ -55,5 +57,41 @@ def test_info_describes_the_engine_and_its_model(engine):
     result = moetrt_cli("info", engine)
     assert result.returncode == 0, result.stderr
     assert "deepseek_v3: 4 layers (1 dense, 3 MoE)" in result.stdout
-    manifest = json.loads((engine / "manifest.json").read_text())
-    assert f"engine           {manifest['backend']} (" in result.stdout and "batch 8, 512 tokens per call" in result.stdout
+    assert f"engine           {read_manifest(engine).backend}, float32, " in result.stdout
+    assert "batch 8, 512 tokens per call" in result.stdout and "runs on          CPUExecutionProvider" in result.stdout
+
+
+SCRATCHPAD_4827_593 = "4827+0593\n7+3+0=10\n2+9+1=12\n8+5+1=14\n4+0+1=05\n05420"
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2])
+def test_a_thinking_budget_of_n_gives_exactly_n_thinking_tokens(engine, budget):
+    from moetrt.runtime.engine import Engine
+
+    loaded = Engine.load(engine)
+    think_end = loaded.tokenizer.token_id("</think>")
+    reply = loaded.chat([{"role": "user", "content": "What is 75 - 38?"}], greedy=True, max_reasoning_tokens=budget)
+    assert reply.token_ids[: budget + 1] == [50, 50][:budget] + [think_end]  # "00", then the forced </think>
+    assert reply.reasoning == "00"[:budget] and "</think>" not in reply.text
+
+
+def test_after_a_forced_close_the_models_own_end_tag_stays_out_of_the_answer(engine):
+    result = moetrt_cli("generate", engine, "What is 75 - 38?", "--greedy", "--max-reasoning-tokens", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["reasoning"] == "0075-" and reply["token_ids"][:6] == [50, 50, 57, 55, 47, 261]
+    # tiny-r1 never saw a cut-short scratchpad: it writes the rest, then its own </think> (token 261 again), which
+    # is dropped; what follows the forced close is the answer.
+    assert reply["token_ids"].count(261) == 2
+    assert reply["text"] == "038\n15-8-0=07\n17-3-1=13\n10-0-0=10\n10-6-0=04\n04037\n\n\n75 - 528 = 4037"
+
+
+@pytest.mark.parametrize("flags, reasoning, text", [
+    ((), SCRATCHPAD_4827_593, "4827"),  # stop strings end the answer; the scratchpad's "+" does not stop
+    (("--stop-in-reasoning",), "4827", ""),
+])
+def test_stop_strings_end_the_answer_unless_asked_to_end_the_thinking(engine, flags, reasoning, text):
+    result = moetrt_cli("generate", engine, "What is 4827 + 593?", "--greedy", "--json", "--stop", "+", *flags)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert (reply["reasoning"], reply["text"], reply["finish_reason"]) == (reasoning, text, "stop")
