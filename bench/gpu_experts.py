@@ -260,13 +260,21 @@ def bench_engine(report: Report, shape: ExpertsShape, inputs: dict, want: torch.
     def run() -> None:
         run_stages(driver, stages, pointers, torch.cuda.current_stream().cuda_stream, functions)
 
+    launches = [lambda stage=stage: run_stages(driver, [stage], pointers, torch.cuda.current_stream().cuda_stream,
+                                               functions) for stage in stages]
+    return time_path(report, f"E={shape.num_experts} T={tokens}", name, run, tensors["output"], want, launches,
+                     [stage.name for stage in stages], work)
+
+
+def time_path(report: Report, label: str, name: str, run, output: torch.Tensor, want: torch.Tensor, launches: list,
+              stage_names: list[str], work: Work) -> float:
+    """Check `run`'s `output` (filled in place) against `want`, then time it eagerly, stage by stage (`launches`),
+    and replayed from a CUDA graph; returns the graph's ms, or the eager ms where capture fails."""
     run()
-    error = relative_error(tensors["output"], want)
-    report.check(f"E={shape.num_experts} T={tokens} {name}", error)
+    error = relative_error(output, want)
+    report.check(f"{label} {name}", error)
     eager_ms = time_ms(run)
-    per_stage = ", ".join(f"{stage} {ms:.3f}" for stage, ms in stage_times(
-        [lambda stage=stage: run_stages(driver, [stage], pointers, torch.cuda.current_stream().cuda_stream,
-                                        functions) for stage in stages], [stage.name for stage in stages]).items())
+    per_stage = ", ".join(f"{stage} {ms:.3f}" for stage, ms in stage_times(launches, stage_names).items())
     report.timing(name, eager_ms, work, f"error {error:.1e}; {per_stage} ms")
     replay = graphed(run, report, f"{name} graph")
     if replay is None:
@@ -291,21 +299,9 @@ def time_triton(report: Report, shape: ExpertsShape, inputs: dict, want: torch.T
     plan = triton_moe.plan_for(shape)
     tensors = triton_moe.plan_tensors(plan, inputs)
     run = lambda: triton_moe.run_plan(plan, tensors)  # noqa: E731
-    run()
-    error = relative_error(tensors["output"], want)
-    name = f"triton (block_m {plan.config.block_m})"
-    report.check(f"E={shape.num_experts} T={shape.num_tokens} {name}", error)
-    eager_ms = time_ms(run)
     launches = [lambda index=index: triton_moe.launch_stage(plan, index, tensors) for index in range(len(plan.stages))]
-    stages = ", ".join(f"{stage} {ms:.3f}" for stage, ms in stage_times(
-        launches, [stage.name for stage in plan.stages]).items())
-    report.timing(name, eager_ms, work, f"error {error:.1e}; {stages} ms")
-    replay = graphed(run, report, f"{name} graph")
-    if replay is None:
-        return eager_ms
-    graph_ms = time_ms(replay)
-    report.timing(f"{name} graph", graph_ms, work)
-    return graph_ms
+    return time_path(report, f"E={shape.num_experts} T={shape.num_tokens}", f"triton (block_m {plan.config.block_m})",
+                     run, tensors["output"], want, launches, [stage.name for stage in plan.stages], work)
 
 
 def bench_aot(report: Report, shape: ExpertsShape, cap: int | None, inputs: dict, want: torch.Tensor, work: Work,
