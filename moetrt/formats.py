@@ -12,8 +12,8 @@ import dataclasses
 import hashlib
 import types
 import typing
-from pathlib import Path
-from typing import Any, TypeVar, Union
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, TypeVar, Union
 
 from moetrt.atomic import write_json
 from moetrt.config import ModelConfig
@@ -29,6 +29,9 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PLAN_FILE = "model.plan"
 EXPERTS_FILE = "experts.bin"
+# A file a description names, relative to the directory it sits in. The readers refuse an absolute name, a `..`
+# component, or a symlink that leads out of the directory, before anything opens the file.
+FileName = Annotated[str, "a file inside the described directory"]
 # Files that make an export (and later an engine) self-sufficient for serving.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
@@ -140,8 +143,8 @@ class ExportInfo:
     versions: dict[str, str]
     expert_slices: int = 1
     moe_kernel: str = "none"
-    model_file: str = MODEL_FILE
-    external_data: str = DATA_FILE
+    model_file: FileName = MODEL_FILE
+    external_data: FileName = DATA_FILE
 
 
 # -- manifest.json ------------------------------------------------------------------------------------------------
@@ -179,16 +182,29 @@ class ExpertLayer:
 
 @dataclasses.dataclass(frozen=True)
 class OrtSegment:
-    model: str
+    model: FileName
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernel:
+    """moetrt's CPU expert kernel compiled for one instruction-set level (plugins/cpu_experts.py TARGETS) and
+    carried in the engine: `file` relative to the engine directory; `cpu_flags` what /proc/cpuinfo must show
+    for this CPU to run it."""
+
+    target: str
+    file: FileName
+    cpu_flags: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class OrtSection:
     """An ONNX Runtime engine: one optimised graph (`layout="graph"`: `model` + `external_data`), or segments cut
     at the routed experts with moetrt's CPU kernel between them (`layout="segments"`: `segments`, `experts_file`,
-    `expert_layers`). Offline optimisation ties it to the package version, provider and CPU it was built on."""
+    `expert_layers`, and `kernels`, best first). The saved graph is tied to the package's major.minor version,
+    the provider and the CPU architecture; `cpu_flags` are the instruction sets it depends on (none at
+    optimization level "extended": the hardware-specific passes run at load)."""
 
     package: str
     provider: str
@@ -198,12 +214,24 @@ class OrtSection:
     moe_kernel: str
     expert_slices: int
     layout: str
-    model: str | None = None
-    external_data: str | None = None
+    model: FileName | None = None
+    external_data: FileName | None = None
     segments: tuple[OrtSegment, ...] = ()
-    experts_file: str | None = None
+    experts_file: FileName | None = None
     expert_layers: tuple[ExpertLayer, ...] = ()
     gpu_compute_capability: tuple[int, ...] | None = None
+    kernels: tuple[CpuKernel, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.layout == "graph" and self.model is None:
+            raise MoetrtError("the ort section's layout is 'graph' but it names no model")
+        if self.layout == "segments" and (self.experts_file is None
+                                          or len(self.segments) != len(self.expert_layers) + 1):
+            raise MoetrtError(f"the ort section's layout is 'segments' but it has {len(self.segments)} segments, "
+                              f"{len(self.expert_layers)} expert layers (one fewer expected) and experts file "
+                              f"{self.experts_file!r}")
+        if self.layout not in ("graph", "segments"):
+            raise MoetrtError(f"the ort section's layout is {self.layout!r}, not 'graph' or 'segments'")
 
     @property
     def segmented(self) -> bool:
@@ -222,7 +250,7 @@ class TrtProfile:
 class TrtSection:
     """A TensorRT engine: the plan, the TensorRT version and GPU it was built for, the plugin form."""
 
-    plan: str
+    plan: FileName
     version: str
     gpu: str
     compute_capability: tuple[int, ...]
@@ -253,7 +281,7 @@ class EngineManifest:
     io: GraphIO
     profile: BuildProfile
     section: Section
-    artifacts: dict[str, Artifact]
+    artifacts: dict[FileName, Artifact]
     versions: dict[str, str | None]
     directory: Path = dataclasses.field(default=Path("."), compare=False)
 
@@ -283,7 +311,9 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     """Read an engine directory's manifest (no environment checks: runtime/manifest.py makes those).
 
     Raises MoetrtError for a missing directory or manifest, invalid JSON, a foreign or older format, an unknown
-    backend, or a missing or mistyped field, each naming the fix (mostly: rebuild the engine)."""
+    backend, a missing or mistyped field, a file name that leads out of the directory (absolute, `..`, or a
+    symlink pointing outside) or that the artifacts do not record, each naming the fix (mostly: rebuild the
+    engine). Nothing but the manifest is opened."""
     directory = Path(engine_dir)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -299,8 +329,10 @@ def read_manifest(engine_dir: str | Path) -> EngineManifest:
     if not isinstance(data.get(backend), dict):
         raise MoetrtError(f"{path} lacks its '{backend}' section; rebuild the engine")
     fields = {key: value for key, value in data.items() if key not in SECTIONS}
+    named: list[tuple[str, str]] = []
     manifest = _load(EngineManifest, {**fields, "section": data[backend]}, path, "rebuild the engine",
-                     section=SECTIONS[backend])
+                     section=SECTIONS[backend], named=named)
+    _check_section_files(manifest, path, named)
     return dataclasses.replace(manifest, directory=directory)
 
 
@@ -329,6 +361,48 @@ def artifact_records(directory: Path) -> dict[str, Artifact]:
     }
 
 
+def _check_section_files(manifest: EngineManifest, path: Path, named: list[tuple[str, str]]) -> None:
+    """Every file the backend's section names is a recorded artifact (so `verify --integrity` hashes all that
+    loads, and the load-time size check covers it), and the experts file holds every span read from it."""
+    for where, name in named:
+        if where.startswith("manifest.section") and name not in manifest.artifacts:
+            raise MoetrtError(f"{path}: {where} names {name!r}, which the manifest's artifacts do not record; "
+                              "rebuild the engine")
+    section = manifest.section
+    if not isinstance(section, OrtSection) or section.experts_file is None:
+        return
+    size = manifest.artifacts[section.experts_file].bytes
+    for index, layer in enumerate(section.expert_layers):
+        for span in (layer.gate_up, layer.down):
+            end = span.offset + 4 * span.count
+            if span.offset < 0 or span.count < 0 or span.offset % 4 or end > size:
+                raise MoetrtError(f"{path}: expert layer {index} reads bytes {span.offset} to {end} of "
+                                  f"{section.experts_file}, which holds {size}; rebuild the engine")
+
+
+def _confined(name: str, directory: Path, where: str, path: Path, fix: str) -> str:
+    """`name` when it names a file inside `directory` (relative, no `..`, no symlink leading out; it need not
+    exist yet); MoetrtError otherwise. Only links are read, no file is opened."""
+    parts = PurePosixPath(name).parts
+    if "\0" in name or not parts:
+        reason = "names no file"
+    elif PurePosixPath(name).is_absolute():
+        reason = "is an absolute path"
+    elif ".." in parts:
+        reason = "climbs out with '..'"
+    else:
+        try:
+            root, target = directory.resolve(), (directory / name).resolve()
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+            reason = f"cannot be resolved ({error})"
+        else:
+            if target.is_relative_to(root) and target != root:
+                return name
+            reason = f"leads to {target} through a symlink"
+    raise MoetrtError(f"{path}: {where} {name!r} {reason}, but the files it names must lie inside {directory}; "
+                      f"{fix}")
+
+
 def _check_header(data: dict[str, Any], path: Path, kind: str, readable: tuple[int, ...], fix: str) -> None:
     if data.get("format") != kind:
         raise MoetrtError(f"{path} is not a {kind} description")
@@ -340,18 +414,20 @@ def _check_header(data: dict[str, Any], path: Path, kind: str, readable: tuple[i
 T = TypeVar("T")
 
 
-def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | None = None) -> T:
-    """Build dataclass `cls` from JSON `data`, converting nested dataclasses, tuples, dicts and optionals.
-    `section` is the concrete type of EngineManifest.section."""
+def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | None = None,
+          named: list[tuple[str, str]] | None = None) -> T:
+    """Build dataclass `cls` from JSON `data`, converting nested dataclasses (ModelConfig's too), tuples, dicts
+    and optionals, checking every value's type and every FileName's place (`_confined`, relative to `path`'s
+    directory). `section` is the concrete type of EngineManifest.section; `named` collects (where, file name)."""
 
     def convert(hint: Any, value: Any, where: str) -> Any:
         if hint is Any:
             return value
-        if hint is ModelConfig:
-            try:
-                return ModelConfig.from_dict(value)
-            except (TypeError, KeyError, AttributeError) as error:
-                raise MoetrtError(f"{path}: {where} is not a valid model config ({error}); {fix}") from None
+        if hint == FileName:
+            checked = _confined(convert(str, value, where), path.parent, where, path, fix)
+            if named is not None:
+                named.append((where, checked))
+            return checked
         if hint == Section:
             hint = section
         origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -367,7 +443,7 @@ def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | No
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise MoetrtError(f"{path}: {where} should be an object; {fix}")
-            hints = typing.get_type_hints(hint)
+            hints = typing.get_type_hints(hint, include_extras=True)
             kwargs = {}
             for field in dataclasses.fields(hint):
                 if field.name == "directory":
@@ -376,7 +452,10 @@ def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | No
                     kwargs[field.name] = convert(hints[field.name], value[field.name], f"{where}.{field.name}")
                 elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                     raise MoetrtError(f"{path} lacks the field '{where}.{field.name}'; {fix}")
-            return hint(**kwargs)
+            try:
+                return hint(**kwargs)
+            except MoetrtError as error:  # the dataclass's own checks (__post_init__)
+                raise MoetrtError(f"{path}: {where}: {error}; {fix}") from None
         if origin is tuple:
             if not isinstance(value, list):
                 raise MoetrtError(f"{path}: {where} should be a list; {fix}")
@@ -385,7 +464,8 @@ def _load(cls: type[T], data: Any, path: Path, fix: str, section: type[Any] | No
         if origin is dict:
             if not isinstance(value, dict):
                 raise MoetrtError(f"{path}: {where} should be an object; {fix}")
-            return {key: convert(args[1], item, f"{where}.{key}") for key, item in value.items()}
+            return {convert(args[0], key, f"{where} key"): convert(args[1], item, f"{where}.{key}")
+                    for key, item in value.items()}
         allowed = (int, float) if hint is float else (hint,)
         if not isinstance(value, allowed) or (hint is int and isinstance(value, bool)):
             raise MoetrtError(f"{path}: {where} should be {getattr(hint, '__name__', hint)}, got {value!r}; {fix}")
