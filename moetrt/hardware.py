@@ -7,11 +7,15 @@ import functools
 import platform
 from dataclasses import dataclass
 
-# CPU features an offline-optimised ONNX Runtime model may depend on (MLAS picks kernels by them).
-RELEVANT_CPU_FLAGS = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",  # x86
-    "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm", "fphp", "asimdhp",  # aarch64
+# x86 instruction-set extensions moetrt checks: the x86-64 micro-architecture levels its CPU expert kernel is
+# compiled for (plugins/cpu_experts.py TARGETS), and those MLAS picks kernels by (a graph optimised at level "all"
+# depends on them; its engine records them). /proc/cpuinfo's x86 `flags` line also holds non-ISA bits
+# (hypervisor, constant_tsc), which are dropped; aarch64's `Features` line is all ISA (hwcaps) and kept whole.
+X86_ISA_FLAGS = (
+    "pni", "ssse3", "cx16", "popcnt", "lahf_lm", "sse4_1", "sse4_2",  # x86-64-v2 (pni: SSE3)
+    "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",  # x86-64-v3 (abm: LZCNT)
+    "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",  # x86-64-v4
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
 )
 
 
@@ -21,7 +25,8 @@ def cpu_arch() -> str:
 
 @functools.cache
 def cpu_flags() -> tuple[str, ...]:
-    """The relevant instruction-set flags of this CPU, sorted (from /proc/cpuinfo; empty elsewhere)."""
+    """This CPU's instruction-set flags, sorted, in /proc/cpuinfo's names (x86: those in X86_ISA_FLAGS; aarch64:
+    every hwcap); empty where /proc/cpuinfo is missing."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
@@ -29,9 +34,11 @@ def cpu_flags() -> tuple[str, ...]:
     flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
+        if key.strip() == "flags":
+            flags.update(set(value.split()) & set(X86_ISA_FLAGS))
+        elif key.strip() == "Features":
             flags.update(value.split())
-    return tuple(sorted(flags & set(RELEVANT_CPU_FLAGS)))
+    return tuple(sorted(flags))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,14 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 static inline v8 load8(const float *p) { return *(const v8u *)p; }
 
+/* Keep a loaded vector in a register (see group_dot). Only where a v8 is one register (x86 with AVX): without
+ * AVX (x86-64-v2) or on aarch64 it spans two, no constraint can hold it, and GCC then keeps what it likes. */
+#ifdef __AVX__
+#define PIN(v) __asm__("" : "+x"(v))
+#else
+#define PIN(v) ((void)0)
+#endif
+
 static inline float hsum(v8 v) {
     float s = 0.0f;
     for (int i = 0; i < 8; i++) s += v[i];
@@ -62,11 +70,11 @@ static inline __attribute__((always_inline)) void group_dot(const float *p, long
         v8 xv[ROW_BLOCK];
         for (int r = 0; r < R; r++) {
             xv[r] = load8(x + r * ld_x + l);
-            __asm__("" : "+x"(xv[r]));
+            PIN(xv[r]);
         }
         for (int a = 0; a < NW; a++) {
             v8 wv = load8(p + 8 * a);
-            __asm__("" : "+x"(wv));
+            PIN(wv);
             for (int r = 0; r < R; r++) acc[a][r] += wv * xv[r];
         }
     }

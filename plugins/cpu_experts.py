@@ -1,13 +1,15 @@
-"""moetrt's CPU expert kernel (`cpu_experts.c`): packing, compiling on first use, calling.
+"""moetrt's CPU expert kernel (`cpu_experts.c`): packing, compiling, choosing a build for this CPU, calling.
 
 ONNX Runtime engines built with `moe_kernel="moetrt"` run each MoE layer's routed experts here instead of in
 ONNX Runtime's `com.microsoft::MoE`: the engine's graph is cut at the expert nodes (export/ort/split.py) and the
 runtime calls this kernel between the pieces. Why, and the measurements: the header of `cpu_experts.c` and
 bench/NOTES.md.
 
-The kernel is C with no dependency beyond libc and pthreads. It is compiled for this machine
-(`-O3 -march=native`) the first time it is needed and cached under `$MOETRT_CACHE_DIR` (default
-`~/.cache/moetrt`), keyed by its source, the compiler and the CPU's instruction sets.
+The kernel is C with no dependency beyond libc and pthreads. An engine build compiles it for every level in
+TARGETS of its CPU architecture and carries the libraries (`kernels/`); loading takes the best one this CPU runs
+(`choose`). Without one that fits, or for tests and benchmarks, it is compiled for this machine
+(`-O3 -march=native`) and cached under `$MOETRT_CACHE_DIR` (default `~/.cache/moetrt`), keyed by its source, the
+compiler and the CPU's instruction sets.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moetrt.errors import MoetrtError
+from moetrt.formats import CpuKernel
 from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
@@ -58,6 +63,78 @@ def pack_down(down: np.ndarray, slices: int) -> np.ndarray:
     return np.ascontiguousarray(grouped.transpose(0, 1, 2, 4, 3, 5))
 
 
+COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-Wno-psabi")
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """An instruction-set level the kernel is compiled for: `compiler_flags` select it, `cpu_flags` are what
+    /proc/cpuinfo must show for a CPU to run the result (None: every flag of the CPU that compiled it)."""
+
+    name: str
+    arch: str  # platform.machine()
+    compiler_flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...] | None
+
+
+X86_64_V2 = ("cx16", "lahf_lm", "pni", "popcnt", "sse4_1", "sse4_2", "ssse3")
+X86_64_V3 = (*X86_64_V2, "abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
+X86_64_V4 = (*X86_64_V3, "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl")
+
+# Per architecture, best first. x86: the psABI levels (GCC 11+, clang 12+), tuned generically so the library does
+# not depend on the CPU that built it. The kernel's speed comes from its vector width and register count, not from
+# tuning: on an AVX2 CPU x86-64-v3 gives what -march=native gives (256-bit FMA, 16 registers, ROW_BLOCK 3); on
+# AVX-512, x86-64-v4 defines __AVX512F__ as native does (32 registers, ROW_BLOCK 4). aarch64: the building CPU's
+# own features, and the armv8-a baseline (NEON) that every aarch64 CPU runs.
+TARGETS = (
+    KernelTarget("x86-64-v4", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), X86_64_V4),
+    KernelTarget("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), X86_64_V3),
+    KernelTarget("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), X86_64_V2),
+    KernelTarget("native", "aarch64", ("-mcpu=native",), None),
+    KernelTarget("armv8-a", "aarch64", ("-march=armv8-a",), ("asimd", "fp")),
+)
+
+
+def targets(arch: str) -> tuple[KernelTarget, ...]:
+    """The levels an engine built on a CPU of architecture `arch` carries, best first (none for others)."""
+    return tuple(target for target in TARGETS if target.arch == arch)
+
+
+def choose(carried: Sequence[CpuKernel], cpu_flags: Iterable[str]) -> CpuKernel | None:
+    """The first of `carried` (best first) whose required flags are all in `cpu_flags`, else None."""
+    have = set(cpu_flags)
+    return next((kernel for kernel in carried if set(kernel.cpu_flags) <= have), None)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The build of the kernel an engine runs on this machine: `path` of a build the engine carries, or None for
+    one compiled here (`native_library`); `description` says which, for `moetrt info` and the load note."""
+
+    path: Path | None
+    description: str
+
+
+def expert_kernel(carried: Sequence[CpuKernel], directory: Path) -> KernelChoice:
+    """For an engine in `directory` carrying `carried` (best first): the best build this CPU runs, else one
+    compiled for this machine. Raises MoetrtError (the CPU, the builds carried, the fix) when neither is possible."""
+    from moetrt import hardware
+
+    names = ", ".join(kernel.target for kernel in carried) or "none"
+    chosen = choose(carried, hardware.cpu_flags())
+    if chosen is not None:
+        return KernelChoice(directory / chosen.file, f"{chosen.target} (carried: {names})")
+    why = (f"none of the engine's builds ({names}) fits (this CPU lacks "
+           f"{', '.join(sorted(set(carried[-1].cpu_flags) - set(hardware.cpu_flags())))} for {carried[-1].target})"
+           if carried else "the engine carries no build")
+    problem = cannot_compile_here()
+    if problem is None:
+        return KernelChoice(None, f"compiled for this CPU: {why}")
+    raise MoetrtError(f"moetrt's CPU expert kernel cannot run on this {hardware.cpu_arch()} CPU: {why}, and it "
+                      f"cannot be compiled here ({problem}); rebuild the engine with --moe-kernel onnxruntime, or "
+                      "install gcc")
+
+
 def find_compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -70,44 +147,75 @@ def _compiler() -> str:
     if found:
         return found
     raise MoetrtError(
-        "the moetrt CPU expert kernel is compiled on first use and no C compiler was found; install gcc "
+        "the moetrt CPU expert kernel needs a C compiler here and none was found; install gcc "
         "(Debian: apt-get install gcc), or build the engine with --moe-kernel onnxruntime"
     )
 
 
+def compile_kernel(output: Path, flags: Sequence[str], compiler: str | None = None) -> None:
+    """Compile cpu_experts.c with COMMON_FLAGS and `flags` into the shared library `output`, whole or not at all
+    (another process may be loading the same name). Raises MoetrtError without a compiler or when compiling fails
+    (e.g. a compiler too old for `-march=x86-64-v4`)."""
+    compiler = compiler or _compiler()
+    fd, partial = tempfile.mkstemp(prefix=".cpu_experts-", suffix=".so", dir=output.parent)
+    os.close(fd)
+    try:
+        out = subprocess.run([compiler, *COMMON_FLAGS, *flags, "-o", partial, str(SOURCE), "-lm"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise MoetrtError(f"compiling the moetrt CPU expert kernel ({compiler} {' '.join(flags)}) failed: "
+                              f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+        os.chmod(partial, 0o755)  # mkstemp made it private; the engine may be served by another user
+        os.replace(partial, output)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def cannot_compile_here() -> str | None:
+    """Why the kernel cannot be compiled on this machine at load (no compiler, or no writable cache), or None."""
+    if find_compiler() is None:
+        return "no C compiler"
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"the kernel cache {folder} cannot be created ({error.strerror})"
+    return None if os.access(folder, os.W_OK) else f"the kernel cache {folder} is not writable"
+
+
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel for this machine, built once into the cache."""
+def native_library() -> ctypes.CDLL:
+    """The kernel compiled for this machine (`-march=native`), once, into the cache; used where no carried build
+    fits, and by tests and benchmarks. Raises MoetrtError without a compiler or a writable cache."""
     from moetrt import hardware
 
     compiler = _compiler()
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread"]
+    flags = ["-march=native"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(),
+        b"\0".join([SOURCE.read_bytes(), " ".join([*COMMON_FLAGS, *flags]).encode(), version.encode(),
                     " ".join(hardware.cpu_flags()).encode(), hardware.cpu_arch().encode()])
     ).hexdigest()[:16]
     path = cache_dir() / f"cpu_experts-{key}.so"
     if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise MoetrtError(f"cannot create the kernel cache {path.parent} ({error.strerror}); set MOETRT_CACHE_DIR "
-                              "to a writable directory") from None
-        fd, partial = tempfile.mkstemp(prefix=".cpu_experts-", suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            out = subprocess.run([compiler, *flags, "-o", partial, str(SOURCE), "-lm"], capture_output=True,
-                                 text=True)
-            if out.returncode != 0:
-                raise MoetrtError(f"compiling the moetrt CPU expert kernel failed ({compiler}): "
-                                  f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-            os.replace(partial, path)  # whole or not at all: another process may be loading the same name
-        finally:
-            Path(partial).unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(path))
+        problem = cannot_compile_here()
+        if problem:
+            raise MoetrtError(f"cannot compile the moetrt CPU expert kernel here: {problem}; set MOETRT_CACHE_DIR to "
+                              "a writable directory, or build the engine with --moe-kernel onnxruntime")
+        compile_kernel(path, flags, compiler)
+    return load_library(path)
+
+
+@functools.cache
+def load_library(path: Path) -> ctypes.CDLL:
+    """The compiled kernel at `path`, its ABI checked and its entry point typed. Raises MoetrtError when it
+    cannot be loaded or is another version of the kernel."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise MoetrtError(f"cannot load the CPU expert kernel {path} ({error}); rebuild the engine") from None
     if lib.moetrt_experts_abi() != ABI:
-        raise MoetrtError(f"{path} is not the kernel this moetrt expects; delete it and retry")
+        raise MoetrtError(f"{path} is not the kernel this moetrt expects; delete it (or rebuild its engine) and retry")
     pointer, size = ctypes.c_void_p, ctypes.c_long
     lib.moetrt_experts.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int]
     lib.moetrt_experts.restype = ctypes.c_int
@@ -119,10 +227,11 @@ ERRORS = {-1: "bad arguments (an expert id out of range, or a shape the packed l
 
 
 class CpuExperts:
-    """One MoE layer's routed experts, packed; `__call__` runs them on raw float32/int32 buffers."""
+    """One MoE layer's routed experts, packed; `__call__` runs them on raw float32/int32 buffers. `library`: a
+    loaded build of the kernel (`load_library`), by default the one compiled for this machine."""
 
     def __init__(self, gate_up: np.ndarray, down: np.ndarray, num_experts: int, hidden: int, inter: int,
-                 slices: int, threads: int | None = None):
+                 slices: int, threads: int | None = None, library: ctypes.CDLL | None = None):
         reason = supported(hidden, inter, slices)
         if reason:
             raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
@@ -134,7 +243,7 @@ class CpuExperts:
         self.gate_up, self.down = gate_up, down
         self.num_experts, self.hidden, self.inter, self.slices = num_experts, hidden, inter, slices
         self.threads = max(1, min(threads or os.cpu_count() or 1, slices, 64))
-        self._run = library().moetrt_experts
+        self._run = (library if library is not None else native_library()).moetrt_experts
 
     def run_pointers(self, x: int, ids: int, weights: int, out: int, tokens: int, top_k: int) -> None:
         """x/out `[T, H]` float32, ids `[T, k]` int32, weights `[T, k]` float32, all C-contiguous, by address."""

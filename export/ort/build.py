@@ -1,8 +1,11 @@
 """The ONNX Runtime backend's build step: an `ort` or `onnx` export -> an offline-optimised engine graph.
 
-ONNX Runtime's graph optimisations are applied ahead of time and saved, so loading skips them. An export lowered
-for moetrt's CPU expert kernel is first cut into segments around its expert nodes (export/ort/split.py); each
-segment is optimised the same way and the packed experts go to `experts.bin`.
+ONNX Runtime's graph optimisations up to level "extended" (fusions for the provider, none tied to a CPU's
+instruction sets) are applied ahead of time and saved; the hardware-specific rest runs at load
+(runtime/ort/session.py), so the engine loads on any CPU of its architecture. An export lowered for moetrt's CPU
+expert kernel is first cut into segments around its expert nodes (export/ort/split.py); each segment is optimised
+the same way, the packed experts go to `experts.bin`, and the kernel is compiled into `kernels/` for each
+instruction-set level of the architecture (plugins/cpu_experts.py TARGETS), so serving hosts need no compiler.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from pathlib import Path
 
 from moetrt import hardware
 from moetrt.errors import MoetrtError
-from moetrt.formats import DATA_FILE, EXPERTS_FILE, MODEL_FILE, ExportInfo, OrtSection
+from moetrt.formats import DATA_FILE, EXPERTS_FILE, MODEL_FILE, CpuKernel, ExportInfo, OrtSection
 from moetrt.export.ort.plan import ort_provider
 from moetrt.progress import note
 from moetrt.versions import package_version
 
-OPTIMIZATION_LEVEL = "all"
+# "all" (99) adds layout transformations chosen for the building CPU (ONNX Runtime's graph optimizations docs:
+# layout optimizations are hardware-dependent), which would tie the saved graph to that CPU.
+OPTIMIZATION_LEVEL = "extended"
+KERNELS_DIR = "kernels"
 
 
 def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
@@ -28,7 +34,7 @@ def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
     common = dict(
         package="onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime",
         provider=provider, optimization_level=OPTIMIZATION_LEVEL, cpu_arch=hardware.cpu_arch(),
-        cpu_flags=tuple(hardware.cpu_flags()), expert_slices=info.expert_slices,
+        cpu_flags=(), expert_slices=info.expert_slices,  # the "extended" graph needs no particular instruction set
         gpu_compute_capability=tuple(capability) if capability else None,
     )
     if info.moe_kernel != "moetrt":
@@ -41,9 +47,41 @@ def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
     models, segments, layers = split(export_dir, MODEL_FILE, work)
     for model, segment in zip(models, segments):
         _optimize(model, work / segment.model, f"{segment.model}.data", provider, external_data_dir=export_dir)
-    note(f"experts: moetrt's CPU kernel, the graph cut into {len(segments)} segments")
+    kernels = build_kernels(work)
+    note(f"experts: moetrt's CPU kernel, the graph cut into {len(segments)} segments; the kernel built for "
+         f"{', '.join(kernel.target for kernel in kernels)}")
     return OrtSection(**common, moe_kernel="moetrt", layout="segments", segments=tuple(segments),
-                      experts_file=EXPERTS_FILE, expert_layers=tuple(layers))
+                      experts_file=EXPERTS_FILE, expert_layers=tuple(layers), kernels=kernels)
+
+
+def build_kernels(work: Path) -> tuple[CpuKernel, ...]:
+    """moetrt's CPU expert kernel compiled into `work/kernels/` for each level of this CPU architecture
+    (plugins/cpu_experts.py TARGETS), best first, with the CPU flags each needs. A level this compiler cannot
+    build is left out with a note. Raises MoetrtError without a C compiler, or when no level builds."""
+    from moetrt.plugins.cpu_experts import compile_kernel, find_compiler, targets
+
+    arch = hardware.cpu_arch()
+    compiler = find_compiler()
+    if compiler is None:
+        raise MoetrtError("an engine with moetrt's CPU kernel carries the kernel compiled, and no C compiler was "
+                          "found; install gcc (Debian: apt-get install gcc), or build with --moe-kernel onnxruntime")
+    if not targets(arch):
+        raise MoetrtError(f"moetrt's CPU kernel has no build for {arch} CPUs; build with --moe-kernel onnxruntime")
+    (work / KERNELS_DIR).mkdir(exist_ok=True)
+    kernels = []
+    for target in targets(arch):
+        file = f"{KERNELS_DIR}/cpu_experts-{target.name}.so"
+        try:
+            compile_kernel(work / file, target.compiler_flags, compiler)
+        except MoetrtError as error:
+            note(f"experts: no {target.name} build of the kernel: {error}")
+            continue
+        needs = target.cpu_flags if target.cpu_flags is not None else hardware.cpu_flags()
+        kernels.append(CpuKernel(target.name, file, tuple(needs)))
+    if not kernels:
+        raise MoetrtError(f"{compiler} built moetrt's CPU kernel for none of "
+                          f"{', '.join(target.name for target in targets(arch))}; build with --moe-kernel onnxruntime")
+    return tuple(kernels)
 
 
 def _optimize(source: str | bytes, target: Path, data_file: str, provider: str,
@@ -52,10 +90,11 @@ def _optimize(source: str | bytes, target: Path, data_file: str, provider: str,
     `external_data_dir`) saved as `target` with its initializers in `data_file` beside it."""
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # usage telemetry (Windows builds' ETW events): off
     options = ort.SessionOptions()
     if external_data_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{OPTIMIZATION_LEVEL.upper()}")
     options.optimized_model_filepath = str(target)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")

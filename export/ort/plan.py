@@ -60,7 +60,7 @@ def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtyp
         return "onnxruntime", "requested"
     if unfit:
         return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
-    if find_compiler() is None:  # the kernel is compiled where the engine is loaded
+    if find_compiler() is None:  # the build compiles the kernel for each ISA level it ships
         return "onnxruntime", "no C compiler here to build moetrt's kernel"
     if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
         return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"

@@ -1,4 +1,5 @@
-"""The ONNX Runtime runtime backend: the load-time checks of an ort engine, and its session (session.py)."""
+"""The ONNX Runtime runtime backend: the load-time checks of an ort engine (its onnxruntime version policy
+among them), its session (session.py), and the `moetrt info` lines."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ from moetrt.versions import package_version
 
 
 def check_environment(manifest: EngineManifest) -> None:
-    """An offline-optimised graph is tied to the onnxruntime version, execution provider and CPU it was built for."""
+    """An offline-optimised graph is tied to the onnxruntime major.minor, execution provider and CPU architecture it
+    was built for (and to the CPU flags it records, none for graphs saved at level "extended"); an engine with
+    moetrt's CPU kernel also needs a build of the kernel this CPU runs. Each mismatch is one MoetrtError."""
     import onnxruntime
 
     section = manifest.section
     assert isinstance(section, OrtSection)
-    recorded = manifest.versions.get(section.package)
-    installed = package_version(section.package)
-    if installed != recorded:
-        raise MoetrtError(
-            f"engine was optimised by {section.package} {recorded} but {installed or 'none'} is installed: "
-            "an offline-optimised model is tied to its onnxruntime version; rebuild the engine"
-        )
+    check_onnxruntime_version(section.package, manifest.versions.get(section.package),
+                              package_version(section.package))
     if section.provider not in onnxruntime.get_available_providers():
         raise MoetrtError(
             f"engine was optimised for {section.provider}, which this onnxruntime does not offer "
@@ -33,6 +31,26 @@ def check_environment(manifest: EngineManifest) -> None:
         raise MoetrtError(
             f"engine was optimised on a CPU with {', '.join(missing)}, which this CPU lacks; rebuild the engine here"
         )
+    if section.segmented:
+        from moetrt.plugins.cpu_experts import expert_kernel
+
+        expert_kernel(section.kernels, manifest.directory)  # refuses when no build runs here
+
+
+def minor_version(version: str) -> str:
+    """The major.minor of an onnxruntime version ("1.32.4" -> "1.32"): what an offline-optimised graph depends on."""
+    return ".".join(version.split(".")[:2])
+
+
+def check_onnxruntime_version(package: str, recorded: str | None, installed: str | None) -> None:
+    """Engines load under the onnxruntime major.minor that optimised them (a patch release changes no op schema
+    or fusion); pyproject.toml pins the same range. Raises MoetrtError naming both versions and both fixes."""
+    if recorded and installed and minor_version(recorded) == minor_version(installed):
+        return
+    fix = (f"rebuild the engine, or pip install '{package}=={minor_version(recorded)}.*' "
+           f"(any {minor_version(recorded)}.x loads it)" if recorded else "rebuild the engine")
+    raise MoetrtError(f"engine was optimised by {package} {recorded} but {installed or 'none'} is installed: "
+                      f"an offline-optimised model is tied to its onnxruntime version; {fix}")
 
 
 def open_session(manifest: EngineManifest, threads: int | None = None):
@@ -42,10 +60,16 @@ def open_session(manifest: EngineManifest, threads: int | None = None):
 
 
 def describe(manifest: EngineManifest) -> list[str]:
-    """`moetrt info` lines for an ort engine: where it runs and who computes the routed experts."""
+    """`moetrt info` lines for an ort engine: where it runs, who computes the routed experts, and with which
+    build of moetrt's kernel on this machine."""
     section = manifest.section
     assert isinstance(section, OrtSection)
     experts = (f"moetrt's CPU kernel, {len(section.segments)} graph segments" if section.segmented
                else "onnxruntime's MoE op")
-    return [f"runs on          {section.provider} ({section.cpu_arch})",
-            f"routed experts   {experts}, {section.expert_slices} slices per expert"]
+    lines = [f"runs on          {section.provider} ({section.cpu_arch})",
+             f"routed experts   {experts}, {section.expert_slices} slices per expert"]
+    if section.segmented:
+        from moetrt.plugins.cpu_experts import expert_kernel
+
+        lines.append(f"CPU kernel       {expert_kernel(section.kernels, manifest.directory).description}")
+    return lines

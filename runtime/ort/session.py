@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moetrt.errors import MoetrtError
+from moetrt.progress import note
 from moetrt.runtime.kv_cache import LatentKVCache
 from moetrt.formats import HOST_INPUTS, LOGITS, EngineManifest, OrtSection, new_latent, past_latent
 
@@ -53,9 +54,9 @@ class OrtSession:
         self.dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
         section = manifest.section
         assert isinstance(section, OrtSection)
+        ort.disable_telemetry_events()  # usage telemetry (Windows builds' ETW events): off
         options = ort.SessionOptions()
-        # The graph was optimised when the engine was built; do not pay for it again at every load.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.graph_optimization_level = load_optimization_level(section)
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -66,11 +67,11 @@ class OrtSession:
         if section.segmented:
             options.add_session_config_entry("session.force_spinning_stop", "1")
             for segment in section.segments:
-                session = ort.InferenceSession(str(manifest.path(segment.model)), options, providers=providers)
+                session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
             self._experts = _load_experts(manifest, section, self._segments, threads)
         else:
-            self._session = ort.InferenceSession(str(manifest.path(section.model)), options, providers=providers)
+            self._session = _open_graph(manifest, section.model, options, providers)
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
@@ -145,13 +146,44 @@ class OrtSession:
         return logits, [values[new_latent(layer)].numpy() for layer in range(self.num_layers)]
 
 
+def load_optimization_level(section: OrtSection) -> ort.GraphOptimizationLevel:
+    """A graph saved at level "extended" gets the hardware-specific rest (layout passes for this CPU) at load; one
+    saved at "all" (engines from before) is already complete."""
+    if section.optimization_level == "extended":
+        return ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+# What onnxruntime raises for a file it cannot load (its pybind exceptions derive from Exception only).
+LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
+    "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
+    "RuntimeException"))
+
+
+def _open_graph(manifest: EngineManifest, name: str | None, options: ort.SessionOptions,
+                providers: list[str]) -> ort.InferenceSession:
+    """An InferenceSession on the engine's graph file `name`; MoetrtError naming the file when onnxruntime cannot
+    load it (replaced or damaged bytes that kept their size, which the load-time checks do not hash)."""
+    assert name is not None
+    try:
+        return ort.InferenceSession(str(manifest.path(name)), options, providers=providers)
+    except LOAD_ERRORS as error:
+        reason = " ".join(str(error).split())
+        raise MoetrtError(f"onnxruntime cannot load the engine's {name} ({reason}): the file is damaged or was "
+                          f"replaced; rebuild the engine (`moetrt verify {manifest.directory} --integrity` names "
+                          "every changed file)") from None
+
+
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
                   threads: int | None) -> list[KernelLayer]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
     it in now, so the first calls do not pay for it; one kernel per MoE layer. (Reading it into private,
     huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.)"""
-    from moetrt.plugins.cpu_experts import CpuExperts
+    from moetrt.plugins.cpu_experts import CpuExperts, expert_kernel, load_library, native_library
 
+    choice = expert_kernel(section.kernels, manifest.directory)
+    library = load_library(choice.path) if choice.path is not None else native_library()
+    note(f"experts: moetrt's CPU kernel, {choice.description}")
     assert section.experts_file is not None
     with open(manifest.path(section.experts_file), "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -168,6 +200,6 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
                                   f"takes {wanted}; rebuild the engine")
         gate_up, down = (floats[span.offset // 4:][: span.count] for span in (layer.gate_up, layer.down))
         kernel = CpuExperts(gate_up, down, layer.num_experts, layer.hidden_size, layer.intermediate_size,
-                            layer.slices, threads)
+                            layer.slices, threads, library)
         layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
     return layers

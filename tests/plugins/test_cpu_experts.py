@@ -96,3 +96,46 @@ def test_growing_the_thread_pool_between_calls():
         kernel.threads = threads
         for _ in range(3):
             np.testing.assert_allclose(kernel(x, ids, weights), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_every_level_compiles_and_the_ones_this_cpu_runs_match_the_reference(tmp_path):
+    """The builds an engine carries (plugins/cpu_experts.py TARGETS): each compiles with this compiler, and each
+    this CPU can run computes the same experts (x86-64-v2 has no AVX: its vectors are split in two)."""
+    from moetrt import hardware
+    from moetrt.plugins.cpu_experts import compile_kernel, load_library, targets
+
+    levels = targets(hardware.cpu_arch())
+    if not levels:
+        pytest.skip(f"no kernel levels for {hardware.cpu_arch()}")
+    rng = np.random.default_rng(5)
+    w_gate_up = (rng.standard_normal((8, 128, 40)) / 7).astype(np.float32)
+    w_down = (rng.standard_normal((8, 40, 64)) / 8).astype(np.float32)
+    packed = pack_gate_up(interleave_gate_up(w_gate_up), 2), pack_down(w_down, 2)
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(5)]).astype(np.int32)
+    weights = rng.random((5, 2)).astype(np.float32)
+    want = reference(x, ids, weights, w_gate_up, w_down)
+    ran = []
+    for target in levels:
+        path = tmp_path / f"{target.name}.so"
+        compile_kernel(path, target.compiler_flags)
+        assert path.stat().st_size > 0 and not list(tmp_path.glob(".cpu_experts-*"))
+        if target.cpu_flags is None or set(target.cpu_flags) <= set(hardware.cpu_flags()):
+            kernel = CpuExperts(*packed, 8, 40, 64, 2, threads=2, library=load_library(path))
+            np.testing.assert_allclose(kernel(x, ids, weights), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+            ran.append(target.name)
+    assert ran, f"this CPU runs none of {[target.name for target in levels]}"
+
+
+def test_the_best_carried_build_this_cpu_runs_is_chosen():
+    from moetrt.formats import CpuKernel
+    from moetrt.plugins.cpu_experts import X86_64_V2, X86_64_V3, X86_64_V4, choose
+
+    carried = [CpuKernel(name, f"kernels/{name}.so", flags)
+               for name, flags in (("x86-64-v4", X86_64_V4), ("x86-64-v3", X86_64_V3), ("x86-64-v2", X86_64_V2))]
+    assert choose(carried, (*X86_64_V4, "amx_tile")).target == "x86-64-v4"
+    assert choose(carried, X86_64_V3).target == "x86-64-v3"  # an AVX2 server runs what an AVX-512 one built
+    assert choose(carried, [flag for flag in X86_64_V4 if flag != "avx512bw"]).target == "x86-64-v3"
+    assert choose(carried, [flag for flag in X86_64_V3 if flag != "fma"]).target == "x86-64-v2"
+    assert choose(carried, ("sse4_2", "popcnt")) is None
+    assert choose((), X86_64_V4) is None

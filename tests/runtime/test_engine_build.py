@@ -37,7 +37,7 @@ def engine_dir(checkpoint, tmp_path_factory):
 def test_manifest_describes_the_engine(engine_dir):
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     assert manifest["backend"] == "ort" and manifest["dtype"] == "float32"
-    assert manifest["ort"]["provider"] == "CPUExecutionProvider" and manifest["ort"]["optimization_level"] == "all"
+    assert manifest["ort"]["provider"] == "CPUExecutionProvider" and manifest["ort"]["optimization_level"] == "extended"
     assert manifest["ort"]["cpu_arch"] and isinstance(manifest["ort"]["cpu_flags"], list)
     assert manifest["profile"] == {"max_batch": 8, "max_seq": 256, "max_context": 256}
     assert {"model.onnx", "model.onnx.data", "config.json"} <= set(manifest["artifacts"])

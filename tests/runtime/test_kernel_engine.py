@@ -2,6 +2,7 @@
 the experts, checked against the torch reference and against the checkpoint's own answers."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -33,6 +34,94 @@ def test_manifest_describes_segments_and_experts(engine):
     assert "routed experts   moetrt's CPU kernel, 4 graph segments" in info.stdout, info.stderr
 
 
+def test_engine_carries_the_kernel_built_for_each_level_and_says_which_runs(engine):
+    from moetrt import hardware
+    from moetrt.plugins.cpu_experts import choose, targets
+
+    ort = read_manifest(engine).section
+    assert ort.optimization_level == "extended" and ort.cpu_flags == ()  # the graph needs no particular CPU
+    levels = targets(hardware.cpu_arch())
+    assert [kernel.target for kernel in ort.kernels] == [target.name for target in levels]
+    artifacts = read_manifest(engine).artifacts
+    for kernel, target in zip(ort.kernels, levels):
+        assert kernel.file in artifacts and (engine / kernel.file).is_file()
+        assert target.cpu_flags is None or kernel.cpu_flags == target.cpu_flags
+    chosen = choose(ort.kernels, hardware.cpu_flags())
+    info = moetrt_cli("info", engine)
+    carried = ", ".join(target.name for target in levels)
+    assert f"CPU kernel       {chosen.target} (carried: {carried})" in info.stdout, info.stderr
+
+
+def test_engine_loads_without_a_compiler_or_a_writable_cache(engine, monkeypatch, tmp_path):
+    """A serving host needs neither gcc nor ~/.cache: the engine brings its kernel."""
+    from moetrt.runtime.engine import Engine
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("MOETRT_CACHE_DIR", str(blocker / "cache"))
+    logits = Engine.load(engine).logits(np.array([[3, 4, 5, 6]]))
+    assert logits.shape[:2] == (1, 4) and np.isfinite(logits).all()
+
+
+def test_cpu_without_the_best_level_runs_a_lower_build_that_agrees(engine, monkeypatch):
+    """An engine built on an AVX-512 or AVX2 machine on a CPU with only x86-64-v2: the v2 build runs, and computes
+    what the build chosen for this CPU computes."""
+    from moetrt import hardware
+    from moetrt.plugins.cpu_experts import X86_64_V2, X86_64_V3, X86_64_V4, expert_kernel
+    from moetrt.runtime.engine import Engine
+
+    if hardware.cpu_arch() != "x86_64" or not set(X86_64_V3) <= set(hardware.cpu_flags()):
+        pytest.skip("needs an x86-64-v3 CPU")
+    ort = read_manifest(engine).section
+    ids = np.array([[7, 8, 9, 10, 11]])
+    logits = {}
+    for flags, level in ((X86_64_V4, "x86-64-v4"), (X86_64_V3, "x86-64-v3"), (X86_64_V2, "x86-64-v2")):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: tuple(flags))
+        assert expert_kernel(ort.kernels, engine).description.startswith(f"{level} (carried: ")
+        if level != "x86-64-v4":  # choosing it is all this CPU can check
+            logits[level] = Engine.load(engine).logits(ids)
+    np.testing.assert_allclose(logits["x86-64-v2"], logits["x86-64-v3"], rtol=1e-4, atol=1e-4)
+
+
+def test_no_build_fits_compiles_here_or_refuses_in_one_line(engine, monkeypatch, tmp_path):
+    from moetrt import hardware
+    from moetrt.plugins.cpu_experts import expert_kernel
+    from moetrt.runtime.manifest import load_manifest
+
+    ort = read_manifest(engine).section
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ())  # a CPU (or VM) that shows none of the levels' flags
+    monkeypatch.setenv("MOETRT_CACHE_DIR", str(tmp_path / "cache"))
+    choice = expert_kernel(ort.kernels, engine)
+    assert choice.path is None and choice.description.startswith("compiled for this CPU: none of the engine's builds")
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(MoetrtError) as error:
+        load_manifest(engine)
+    message = str(error.value)
+    assert "\n" not in message and f"this {hardware.cpu_arch()} CPU" in message
+    assert all(kernel.target in message for kernel in ort.kernels)
+    assert "cannot be compiled here (no C compiler)" in message and "--moe-kernel onnxruntime" in message
+
+
+def test_engine_without_carried_builds_compiles_the_kernel_at_load(engine, monkeypatch, tmp_path):
+    """Engines built before the kernels were carried (no `kernels`, graph saved at level "all") still load where
+    a compiler is."""
+    from moetrt.runtime.engine import Engine
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["ort"]["kernels"]
+    manifest["ort"].update(optimization_level="all")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("MOETRT_CACHE_DIR", str(tmp_path / "cache"))
+    result = moetrt_cli("info", copy)
+    assert "CPU kernel       compiled for this CPU: the engine carries no build" in result.stdout, result.stderr
+    assert Engine.load(copy).logits(np.array([[1, 2]])).shape[:2] == (1, 2)
+
+
 def test_verify_passes(engine):
     result = moetrt_cli("verify", engine, TINY_R1, "--prompts", "4", "--task-problems", "48", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -42,7 +131,8 @@ def test_verify_passes(engine):
 
 
 def test_eval_answers_as_the_checkpoint_does(engine):
-    runs = [moetrt_cli("eval", source, "-n", "40", "--seed", "11", "--json") for source in (engine, TINY_R1)]
+    runs = [moetrt_cli("eval", source, "--num-problems", "40", "--seed", "11", "--json")
+            for source in (engine, TINY_R1)]
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     ours, theirs = (json.loads(run.stdout) for run in runs)
     assert [p["output"] for p in ours["problems"]] == [p["output"] for p in theirs["problems"]]
@@ -102,3 +192,18 @@ def test_engine_from_an_export_leaves_the_export_as_it_was(tmp_path):
     assert read_manifest(tmp_path / "engine").section.moe_kernel == "moetrt"
     result = moetrt_cli("build-engine", export, "-o", tmp_path / "other", "--moe-kernel", "onnxruntime")
     assert result.returncode != 0 and "exported with its experts in moetrt" in result.stderr
+
+
+@pytest.mark.parametrize("name, reason", [("../outside.so", "climbs out with '..'"),
+                                          ("kernels/unrecorded.so", "the manifest's artifacts do not record")])
+def test_engine_refuses_a_kernel_it_does_not_hold(engine, tmp_path, name, reason):
+    """The kernels are code the loader runs: only files inside the engine that its artifacts record."""
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    shutil.copyfile(engine / read_manifest(engine).section.kernels[0].file, copy / "kernels" / "unrecorded.so")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for kernel in manifest["ort"]["kernels"]:
+        kernel["file"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoetrtError, match=reason):
+        read_manifest(copy)
