@@ -1,15 +1,15 @@
 """The Python API: `Engine.load(engine_dir)`, then `logits`, `generate`, `stream` and `chat`.
 
 Sampling defaults come from the engine's `generation_config.json` (DeepSeek recommends sampling for R1:
-temperature 0.6, top-p 0.95); keyword arguments override them per call.
+temperature 0.6, top-p 0.95); keyword arguments override them per call. Chat prompts are encoded so that the
+messages' text cannot write the template's control tokens (runtime/text.py `ChatEncoder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,18 @@ from moetrt.formats import EngineManifest
 from moetrt.runtime.backends import get_backend
 from moetrt.runtime.manifest import load_manifest
 from moetrt.runtime.reasoning import chat_opens_thinking
-from moetrt.runtime.requests import DEFAULT_PREFILL_CHUNK, RequestError, check_context, fit_new_tokens
+from moetrt.runtime.requests import (
+    DEFAULT_PREFILL_CHUNK,
+    RequestError,
+    check_context,
+    check_messages,
+    check_option_types,
+    check_text,
+    fit_new_tokens,
+    is_integer,
+)
 from moetrt.runtime.sampling import SamplingParams
+from moetrt.runtime.text import ChatEncoder, template_errors
 
 Prompt = str | list[int]
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed")
@@ -37,49 +47,85 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "do_sa
 def open_session(manifest: EngineManifest, threads: int | None = None):
     """The session for an engine, from the backend that built it (runtime/backends.py); `threads` CPU threads
     (None: the backend's choice)."""
-    if threads is not None and not (_is_integer(threads) and threads >= 1):
+    if threads is not None and not (is_integer(threads) and threads >= 1):
         raise MoetrtError(f"threads must be a positive integer, got {threads!r}; leave it out for the backend's "
                           "default")
     return get_backend(manifest.backend).open_session(manifest, threads)
 
 
-def _is_integer(value: Any) -> bool:
-    """An integer, Python's or numpy's (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _generation_defaults(directory: Path) -> dict[str, Any]:
+    """The sampling defaults and max_new_tokens in an engine's `generation_config.json` (transformers'
+    GenerationConfig keys; {} without the file). Raises MoetrtError, naming the file, the field and the fix, for a
+    file that is no JSON object, values of the wrong type or out of range, or an eos_token_id that is no token id
+    or list of them (the tokenizer reads that one)."""
     path = directory / "generation_config.json"
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        return _checked_generation_defaults(path)
+    except MoetrtError as error:
+        raise MoetrtError(f"{path}: {error}; correct the checkpoint's generation_config.json and rebuild the "
+                          "engine") from None
+
+
+def _checked_generation_defaults(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MoetrtError(f"cannot read it ({error})") from None
+    if not isinstance(data, dict):
+        raise MoetrtError(f"it must hold a JSON object of generation settings, got {type(data).__name__}")
     defaults = {name: data[name] for name in SAMPLING_FIELDS if data.get(name) is not None}
     if data.get("max_new_tokens"):
-        defaults["max_new_tokens"] = int(data["max_new_tokens"])
+        defaults["max_new_tokens"] = data["max_new_tokens"]
+    check_option_types(defaults)
+    SamplingParams(**{name: defaults[name] for name in SAMPLING_FIELDS if name in defaults})
+    GenerationOptions(max_new_tokens=defaults.get("max_new_tokens", 1))
+    eos = data.get("eos_token_id")
+    if eos is not None and not (is_integer(eos) or (isinstance(eos, list) and eos and all(map(is_integer, eos)))):
+        raise MoetrtError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
     return defaults
 
 
+def _load_tokenizer(directory: Path):
+    """The engine's ChatTokenizer; MoetrtError for a chat template that does not compile."""
+    from jinja2 import TemplateError
+
+    from moetrt.tasks.chat import ChatTokenizer
+
+    try:
+        return ChatTokenizer.load(directory)
+    except TemplateError as error:
+        line = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise MoetrtError(f"the chat template in {directory} does not compile{line}: "
+                          f"{str(error.message or error).rstrip('.')}; correct chat_template in the checkpoint's "
+                          "tokenizer_config.json (or chat_template.jinja) and rebuild the engine") from None
+
+
 class Engine:
-    def __init__(self, manifest: EngineManifest, session, tokenizer=None):
+    """An engine directory ready to run: its manifest, the backend's session, the tokenizer (None when the engine
+    has none: token ids only) and the generation defaults. `defaults`: generation_config.json's, read here unless
+    given."""
+
+    def __init__(self, manifest: EngineManifest, session, tokenizer=None, defaults: dict[str, Any] | None = None):
         self.manifest = manifest
         self.config = manifest.model_config
         self.session = session
         self.tokenizer = tokenizer
         self.max_context = manifest.profile.max_context
         self.max_seq = manifest.profile.seq
-        self.defaults = _generation_defaults(manifest.directory)
+        self.defaults = _generation_defaults(manifest.directory) if defaults is None else defaults
         self.eos_ids: tuple[int, ...] = tokenizer.eos_ids if tokenizer is not None else self.config.eos_token_ids
+        self._chat_encoder = ChatEncoder(tokenizer) if tokenizer is not None else None
 
     @classmethod
     def load(cls, engine_dir: str | Path, threads: int | None = None, integrity: bool = False) -> Engine:
-        """Load an engine directory: cheap manifest checks (hashes too with `integrity`), session, tokenizer."""
+        """Load an engine directory: cheap manifest checks (hashes too with `integrity`), generation_config.json,
+        tokenizer and chat template, session. Raises MoetrtError for any of them malformed."""
         manifest = load_manifest(engine_dir, integrity=integrity)
-        tokenizer = None
-        if manifest.tokenizer:
-            from moetrt.tasks.chat import ChatTokenizer
-
-            tokenizer = ChatTokenizer.load(manifest.directory)
-        return cls(manifest, open_session(manifest, threads), tokenizer)
+        defaults = _generation_defaults(manifest.directory)
+        tokenizer = _load_tokenizer(manifest.directory) if manifest.tokenizer else None
+        return cls(manifest, open_session(manifest, threads), tokenizer, defaults)
 
     # -- scoring ---------------------------------------------------------------------------------------
 
@@ -106,12 +152,17 @@ class Engine:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Text (through the tokenizer, with the special tokens transformers' tokenizer adds: DeepSeek's BOS) or
-        token ids (taken as given) -> a list of ints; generation validates them."""
+        token ids (taken as given) -> a list of ints; generation validates them. Raises RequestError for text that
+        is not UTF-8 (a command-line argument in another encoding) and for anything but text or ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise MoetrtError("this engine has no tokenizer: pass token ids (a list of ints) instead of text")
+            check_text(prompt, "the prompt", param="prompt")
             return self.tokenizer.encode_prompt(prompt)
-        bad = next((t for t in prompt if not _is_integer(t)), None)
+        if not isinstance(prompt, (Sequence, np.ndarray)):
+            raise RequestError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}",
+                               param="prompt")
+        bad = next((t for t in prompt if not is_integer(t)), None)
         if bad is not None:
             raise RequestError(f"token ids must be integers, got {bad!r}: pass a list of ints", param="prompt")
         return [int(t) for t in prompt]
@@ -121,8 +172,10 @@ class Engine:
         DEFAULT_MAX_NEW_TOKENS new tokens, prefill in chunks of min(max_seq, DEFAULT_PREFILL_CHUNK)).
 
         Keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, greedy,
-        stop (str or list), stop_token_ids, stop_in_reasoning, max_reasoning_tokens, prefill_chunk.
+        stop (str or list), stop_token_ids, stop_in_reasoning, max_reasoning_tokens, prefill_chunk. Raises
+        RequestError for a value of the wrong type (a string temperature), MoetrtError for one out of range.
         """
+        check_option_types(overrides)
         merged = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if merged.pop("greedy", False):
             merged["do_sample"] = False
@@ -141,7 +194,7 @@ class Engine:
         """Continue a prompt (text or token ids, numpy's integers too) or a list of prompts (batched); no chat
         template. The output is split into reasoning and answer where it thinks: from the start when the prompt
         ends with a generation prompt that opens `<think>` (R1's), else from a `<think>` the model writes first."""
-        batched = isinstance(prompt, list) and prompt and not _is_integer(prompt[0])
+        batched = isinstance(prompt, list) and prompt and not is_integer(prompt[0])
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         results = self._run(prompts, self._options_for(prompts, options))
         return results if batched else results[0]
@@ -152,26 +205,38 @@ class Engine:
         ids = self.encode(prompt)
         return generate_stream(self.session, [ids], self._options_for([ids], options), self.tokenizer, self.max_context)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None:
+    def chat_prompt(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False) -> list[int]:
+        """The token ids of `messages` ([{"role", "content"}], OpenAI's shape) rendered with the chat template,
+        ending with its generation prompt. Text in the messages that spells a control token (`<｜Assistant｜>`,
+        `<｜end▁of▁sentence｜>`...) is encoded as plain text, so a message cannot forge a turn; with
+        `allow_special_tokens` it becomes the token, as the rendered text reads. Raises RequestError for messages
+        of the wrong shape (`check_messages`) or that the template refuses, MoetrtError without a template."""
+        if self._chat_encoder is None:
             raise MoetrtError("this engine has no tokenizer, so no chat template: use generate with token ids")
-        return self.tokenizer.encode(self.tokenizer.render(messages))
+        check_messages(messages)
+        return self._chat_encoder.encode(messages, allow_special_tokens=allow_special_tokens)
 
-    def opens_thinking(self, messages: list[dict[str, str]]) -> bool:
+    def opens_thinking(self, messages: list[dict[str, Any]]) -> bool:
         """Whether the chat template's generation prompt for `messages` leaves the reply inside `<think>` (R1's
         does); what the conversation says plays no part."""
-        return self.tokenizer is not None and chat_opens_thinking(self.tokenizer, messages)
+        if self.tokenizer is None:
+            return False
+        check_messages(messages)
+        with template_errors():
+            return chat_opens_thinking(self.tokenizer, messages)
 
-    def chat(self, messages: list[dict[str, str]], **options: Any) -> GenerationResult:
-        """Render `messages` with the chat template and generate; the reply starts inside `<think>` when the
-        template's generation prompt opens it (`opens_thinking`)."""
-        prompt = self.chat_prompt(messages)
+    def chat(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False,
+             **options: Any) -> GenerationResult:
+        """Render `messages` with the chat template (see `chat_prompt`) and generate; the reply starts inside
+        `<think>` when the template's generation prompt opens it (`opens_thinking`)."""
+        prompt = self.chat_prompt(messages, allow_special_tokens=allow_special_tokens)
         opts = self._options_for([prompt], options)
         return self._run([prompt], opts, in_reasoning=self.opens_thinking(messages))[0]
 
-    def chat_stream(self, messages: list[dict[str, str]], **options: Any) -> Iterator[StreamEvent]:
+    def chat_stream(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False,
+                    **options: Any) -> Iterator[StreamEvent]:
         """`chat`'s events as they come (see `stream`)."""
-        prompt = self.chat_prompt(messages)
+        prompt = self.chat_prompt(messages, allow_special_tokens=allow_special_tokens)
         opts = self._options_for([prompt], options)
         return generate_stream(self.session, [prompt], opts, self.tokenizer, self.max_context,
                                in_reasoning=self.opens_thinking(messages))
