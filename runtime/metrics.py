@@ -1,127 +1,166 @@
-"""Serving metrics, kept by the scheduler and the HTTP server and rendered in Prometheus' text format.
+"""Serving metrics on `prometheus_client`: the scheduler and the HTTP server record into a `Metrics`, and
+`/metrics` renders it in Prometheus' text format (`render`, served with `CONTENT_TYPE`).
 
-Thread-safe: the scheduler thread and the server's event loop update it, `/metrics` reads it.
+Each `Metrics` owns its own CollectorRegistry (with the process, platform and garbage-collector collectors), so
+two servers in one process never collide on names. prometheus_client is thread-safe: the scheduler thread and
+the server's event loop record, `/metrics` reads. Token throughput is `rate()` over the token counters.
+
+Histogram buckets, in seconds, cover both a tiny model on CPU (steps of a millisecond) and a DeepSeek-R1-class
+model on GPUs (decode steps of 10-100 ms, prefills of seconds, reasoning answers of many minutes). They are
+roughly 1-2.5-5 per decade, finer where serving targets usually sit (inter-token latency 10-100 ms, time to first
+token 0.1-1 s) and reaching an hour for end-to-end latency, where a long chain of thought ends.
 """
 
 from __future__ import annotations
 
 import collections
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-RATE_WINDOW_S = 10.0
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
+
+# The classic text format (0.0.4) that `generate_latest` writes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                      300.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+                300.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                       2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
+               3600.0)
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.total = 0.0
-        self.count = 0
+def _count(metric: Counter, **labels: str) -> int:
+    """A counter's value (a labelled counter's child with exactly these labels), 0 if never incremented."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == labels:
+                return int(sample.value)
+    return 0
 
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
+
+class _Reading:
+    """A read-only int attribute that reads a counter of the `Metrics` (for tests and benchmarks)."""
+
+    def __init__(self, counter: str):
+        self.counter = counter
+
+    def __get__(self, metrics: Metrics, owner=None) -> int:
+        return _count(getattr(metrics, self.counter))
 
 
 class Metrics:
-    """Counters, gauges and the time-to-first-token histogram of one server."""
+    """The metrics of one server: request outcomes, HTTP responses, token counters, batch gauges and the
+    latency histograms (queue time, time to first token, inter-token latency, end-to-end latency)."""
+
+    content_type = CONTENT_TYPE
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: collections.Counter[str] = collections.Counter()  # by outcome
-        self.http_responses: collections.Counter[tuple[str, int]] = collections.Counter()  # by (route, status)
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.decode_steps = 0
-        self.decode_rows = 0  # rows summed over decode steps: / decode_steps = mean batch occupancy
-        self.cache_resizes = 0
-        self.cache_compactions = 0
-        self.batch_rows = 0
-        self.batch_width = 0
-        self.batch_capacity = 0
-        self.time_to_first_token = Histogram(TTFT_BUCKETS)
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
-        self.queue_depth: Callable[[], int] = lambda: 0
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        self._requests = Counter("moetrt_requests_total", "Generation requests by outcome (a finish reason, "
+                                 "cancelled, failed or rejected).", ["outcome"], registry=r)
+        self._responses = Counter("moetrt_http_responses_total", "HTTP responses by route and status.",
+                                  ["route", "status"], registry=r)
+        self._prompt_tokens = Counter("moetrt_prompt_tokens_total", "Prompt tokens prefilled.", registry=r)
+        self._generated_tokens = Counter("moetrt_generated_tokens_total", "Tokens generated.", registry=r)
+        self._decode_steps = Counter("moetrt_decode_steps_total", "Batched decode steps.", registry=r)
+        self._decode_rows = Counter("moetrt_decode_rows_total", "Requests summed over decode steps (batch "
+                                    "occupancy is its rate over moetrt_decode_steps_total's).", registry=r)
+        self._cache_resizes = Counter("moetrt_cache_resizes_total", "Cache re-packs because the batch width "
+                                      "changed.", registry=r)
+        self._cache_compactions = Counter("moetrt_cache_compactions_total", "Cache compactions (rows moved left).",
+                                          registry=r)
+        self._queue_depth = Gauge("moetrt_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self._batch_rows = Gauge("moetrt_batch_rows", "Requests in the running batch.", registry=r)
+        self._batch_width = Gauge("moetrt_batch_width", "Cache slots each decode step runs over (rows and the "
+                                  "holes between them).", registry=r)
+        self._batch_capacity = Gauge("moetrt_batch_capacity", "Most requests decoded together (--max-batch).",
+                                     registry=r)
+        self._queue_time = Histogram("moetrt_request_queue_time_seconds", "From request arrival to the start of "
+                                     "its prefill.", buckets=QUEUE_TIME_BUCKETS, registry=r)
+        self._ttft = Histogram("moetrt_time_to_first_token_seconds", "From request arrival to its first "
+                               "generated token.", buckets=TTFT_BUCKETS, registry=r)
+        self._inter_token = Histogram("moetrt_inter_token_latency_seconds", "Between a request's consecutive "
+                                      "generated tokens (one observation per token after the first).",
+                                      buckets=INTER_TOKEN_BUCKETS, registry=r)
+        self._e2e = Histogram("moetrt_e2e_request_latency_seconds", "From request arrival to its last token, for "
+                              "requests that ran to a finish reason (stop or length).", buckets=E2E_BUCKETS,
+                              registry=r)
+
+    # -- recording (any thread) ---------------------------------------------------------------------------
+
+    def follow_scheduler(self, max_batch: int, queue_depth: Callable[[], int]) -> None:
+        """Report `max_batch` as the batch capacity and `queue_depth()` (read at each scrape) as the queue depth."""
+        self._batch_capacity.set(max_batch)
+        self._queue_depth.set_function(queue_depth)
 
     def count_request(self, outcome: str) -> None:
-        with self._lock:
-            self.requests[outcome] += 1
+        """A request that ended without running to a finish reason: cancelled, failed or rejected."""
+        self._requests.labels(outcome=outcome).inc()
 
     def count_response(self, route: str, status: int) -> None:
-        with self._lock:
-            self.http_responses[(route, status)] += 1
+        self._responses.labels(route=route, status=str(status)).inc()
+
+    def queued(self, seconds: float) -> None:
+        """A request left the queue `seconds` after it arrived; its prefill starts."""
+        self._queue_time.observe(seconds)
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
-        with self._lock:
-            self.time_to_first_token.observe(seconds)
-            self.prompt_tokens += prompt_tokens
+        """A request's prompt was prefilled and its first token generated, `seconds` after it arrived."""
+        self._ttft.observe(seconds)
+        self._prompt_tokens.inc(prompt_tokens)
+        self._generated_tokens.inc()
 
-    def tokens(self, count: int) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.generated_tokens += count
-            self._recent.append((now, count))
-            self._forget(now)
+    def next_tokens(self, gaps: Iterable[float]) -> None:
+        """One more token for each of some requests; `gaps`: seconds since each one's previous token."""
+        count = 0
+        for gap in gaps:
+            self._inter_token.observe(gap)
+            count += 1
+        self._generated_tokens.inc(count)
+
+    def finished(self, reason: str, seconds: float) -> None:
+        """A request ran to its finish reason (stop or length) `seconds` after it arrived."""
+        self._requests.labels(outcome=reason).inc()
+        self._e2e.observe(seconds)
 
     def decode_step(self, rows: int) -> None:
-        with self._lock:
-            self.decode_steps += 1
-            self.decode_rows += rows
+        self._decode_steps.inc()
+        self._decode_rows.inc(rows)
 
-    def tokens_per_second(self) -> float:
-        """Tokens generated per second over the last RATE_WINDOW_S seconds."""
-        with self._lock:
-            self._forget(time.monotonic())
-            return sum(count for _, count in self._recent) / RATE_WINDOW_S
+    def batch(self, rows: int, width: int) -> None:
+        """The running batch now holds `rows` requests over `width` cache slots."""
+        self._batch_rows.set(rows)
+        self._batch_width.set(width)
 
-    def _forget(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
-            self._recent.popleft()
+    def cache_resized(self) -> None:
+        self._cache_resizes.inc()
+
+    def cache_compacted(self) -> None:
+        self._cache_compactions.inc()
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    prompt_tokens = _Reading("_prompt_tokens")
+    generated_tokens = _Reading("_generated_tokens")
+    decode_steps = _Reading("_decode_steps")
+    decode_rows = _Reading("_decode_rows")
+    cache_resizes = _Reading("_cache_resizes")
+    cache_compactions = _Reading("_cache_compactions")
+
+    @property
+    def requests(self) -> collections.Counter[str]:
+        """Requests so far by outcome."""
+        return collections.Counter({sample.labels["outcome"]: int(sample.value)
+                                    for family in self._requests.collect() for sample in family.samples
+                                    if sample.name.endswith("_total")})
 
     def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
-        rate = self.tokens_per_second()
-        with self._lock:
-            lines: list[str] = []
-
-            def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-                lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-                lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                             for labels, value in samples)
-
-            metric("moetrt_requests_total", "counter", "Generation requests by outcome.",
-                   [(f'{{outcome="{k}"}}', v) for k, v in sorted(self.requests.items())])
-            metric("moetrt_http_responses_total", "counter", "HTTP responses by route and status.",
-                   [(f'{{route="{r}",status="{s}"}}', v) for (r, s), v in sorted(self.http_responses.items())])
-            metric("moetrt_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
-            metric("moetrt_generated_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
-            metric("moetrt_tokens_per_second", "gauge", f"Tokens generated per second over the last "
-                   f"{RATE_WINDOW_S:g} s.", [("", float(rate))])
-            metric("moetrt_queue_depth", "gauge", "Requests waiting for a batch slot.", [("", self.queue_depth())])
-            metric("moetrt_batch_rows", "gauge", "Requests in the running batch.",
-                   [("", self.batch_rows)])
-            metric("moetrt_batch_width", "gauge", "Cache slots each decode step runs over (rows and the holes "
-                   "between them).", [("", self.batch_width)])
-            metric("moetrt_batch_capacity", "gauge", "Most requests decoded together (--max-batch).",
-                   [("", self.batch_capacity)])
-            metric("moetrt_decode_steps_total", "counter", "Batched decode steps.", [("", self.decode_steps)])
-            metric("moetrt_decode_rows_total", "counter", "Requests summed over decode steps (batch occupancy is "
-                   "its rate over moetrt_decode_steps_total's).", [("", self.decode_rows)])
-            metric("moetrt_cache_resizes_total", "counter", "Cache re-packs because the batch width changed.",
-                   [("", self.cache_resizes)])
-            metric("moetrt_cache_compactions_total", "counter", "Cache compactions (rows moved left).",
-                   [("", self.cache_compactions)])
-            ttft = self.time_to_first_token
-            name = "moetrt_time_to_first_token_seconds"
-            lines.extend([f"# HELP {name} From request arrival to its first generated token.",
-                          f"# TYPE {name} histogram"])
-            lines.extend(f'{name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(ttft.buckets, ttft.counts))
-            lines.extend([f'{name}_bucket{{le="+Inf"}} {ttft.count}', f"{name}_sum {ttft.total:g}",
-                          f"{name}_count {ttft.count}"])
-        return "\n".join(lines) + "\n"
+        """Every metric of the registry in Prometheus' text format (`CONTENT_TYPE`)."""
+        return generate_latest(self.registry).decode()

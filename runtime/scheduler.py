@@ -46,6 +46,7 @@ class Ticket:
         self.row = row
         self.prompt = row.prompt
         self.arrived = time.perf_counter()
+        self.last_token_at = self.arrived  # when its latest token was generated (inter-token latency)
         self.next_token = 0  # sampled, fed to the graph at the next decode step
         self._queue: queue.SimpleQueue | None = None
         if sink is None:
@@ -93,8 +94,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
-        self.metrics.batch_capacity = max_batch
-        self.metrics.queue_depth = lambda: len(self._waiting)
+        self.metrics.follow_scheduler(max_batch, lambda: len(self._waiting))
         self.cache: LatentCache = session.new_cache(0, max_context)
         self._slots: list[Ticket | None] = []  # by slot; len == cache width
         self._running = 0  # taken from the queue and not yet over (prefilling or in a slot)
@@ -193,6 +193,7 @@ class Scheduler:
         if ticket.cancelled:
             self.metrics.count_request("cancelled")
             return None
+        self.metrics.queued(time.perf_counter() - ticket.arrived)
         try:
             cache = self.session.new_cache(1, len(ticket.prompt))
             logits = prefill(self.session, cache, [ticket.prompt], ticket.row.options.prefill_chunk)
@@ -201,8 +202,8 @@ class Scheduler:
             log.exception("prefill failed")
             self._finish(ticket, "failed", error)
             return None
-        self.metrics.first_token(time.perf_counter() - ticket.arrived, len(ticket.prompt))
-        self.metrics.tokens(1)
+        ticket.last_token_at = time.perf_counter()
+        self.metrics.first_token(ticket.last_token_at - ticket.arrived, len(ticket.prompt))
         if self._emit(ticket, token):
             return None
         ticket.next_token = token
@@ -224,8 +225,8 @@ class Scheduler:
             self._slots.pop()
         if len(self._slots) != self.cache.slots:
             self.cache.resize(len(self._slots))
-            self.metrics.cache_resizes += 1
-        self.metrics.batch_rows, self.metrics.batch_width = len(self._occupied()), len(self._slots)
+            self.metrics.cache_resized()
+        self.metrics.batch(len(self._occupied()), len(self._slots))
         if joiners:  # P up to the longest joiner first, so every joiner's columns end where the steps begin
             self.cache.extend_to(max(len(ticket.prompt) for ticket, _ in joiners))
         for slot, _, prefilled in assigned:
@@ -238,7 +239,7 @@ class Scheduler:
         if self.cache.length + 1 > self.max_context or self.cache.length > 2 * longest:
             # Out of columns, or over half of each step's attention spent on masked columns: move rows left.
             self.cache.compact([slot for slot, _ in occupied])
-            self.metrics.cache_compactions += 1
+            self.metrics.cache_compacted()
         width = self.cache.slots
         tokens = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)
@@ -261,7 +262,10 @@ class Scheduler:
                 self._release(slot)
                 self._finish(ticket, "failed", NonFiniteLogits([slot], logits.dtype))
         self.metrics.decode_step(len(occupied))
-        self.metrics.tokens(len(chosen))
+        now = time.perf_counter()
+        self.metrics.next_tokens([now - ticket.last_token_at for _, ticket, _ in chosen])
+        for _, ticket, _ in chosen:
+            ticket.last_token_at = now
         for slot, ticket, token in chosen:
             if self._emit(ticket, token):
                 self._release(slot)
@@ -281,14 +285,14 @@ class Scheduler:
             self.metrics.count_request("cancelled")
             return True
         if event.finish_reason is not None:
-            self.metrics.count_request(event.finish_reason)
+            self.metrics.finished(event.finish_reason, time.perf_counter() - ticket.arrived)
             return True
         return False
 
     def _release(self, slot: int) -> None:
         self._slots[slot] = None
         self.cache.free(slot)
-        self.metrics.batch_rows = len(self._occupied())
+        self.metrics.batch(len(self._occupied()), len(self._slots))
 
     def _finish(self, ticket: Ticket, outcome: str, error: BaseException) -> None:
         self.metrics.count_request(outcome)
