@@ -9,14 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moetrt.runtime.requests import RequestError
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-
 
 class ApiError(Exception):
+    """An error the server answers with `status` and OpenAI's error body; `headers` go with the response
+    (Retry-After on 429, WWW-Authenticate on 401)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

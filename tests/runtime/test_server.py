@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moetrt.runtime.engine import Engine
 
@@ -27,6 +29,7 @@ class Server:
     url: str
     model: str
     process: subprocess.Popen
+    log_path: Path | None = None
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60, **kwargs)
@@ -63,7 +66,7 @@ def start_server(engine_dir, log_path, *options) -> Server:
             pytest.fail(f"the server exited with {process.returncode}:\n{open(log_path).read()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return Server(url, engine_dir.name, process)
+                return Server(url, engine_dir.name, process, Path(log_path))
         except httpx.TransportError:
             time.sleep(0.1)
     process.kill()
@@ -76,10 +79,11 @@ def stop_server(server: Server, log_path) -> None:
 
 
 @contextlib.contextmanager
-def serving(engine_dir, tmp_path_factory, max_batch: int, max_queue: int):
-    """A `moetrt serve` process for the duration of the block; it must exit 0 on SIGINT."""
+def serving(engine_dir, tmp_path_factory, max_batch: int, max_queue: int, *options: str):
+    """A `moetrt serve` process (with more `options`) for the duration of the block; it must exit 0 on SIGINT."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(engine_dir, log_path, "--max-batch", str(max_batch), "--max-queue", str(max_queue))
+    running = start_server(engine_dir, log_path, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+                           *options)
     yield running
     stop_server(running, log_path)
 
@@ -289,12 +293,40 @@ def test_unknown_routes_get_openai_errors(server):
 
 
 def test_metrics_are_prometheus_text(server):
-    text = httpx.get(server.url + "/metrics").text
-    for name in ("moetrt_requests_total", "moetrt_generated_tokens_total", "moetrt_tokens_per_second",
-                 "moetrt_time_to_first_token_seconds", "moetrt_queue_depth", "moetrt_batch_rows",
-                 "moetrt_decode_rows_total"):
-        assert f"# TYPE {name} " in text
-    assert 'moetrt_time_to_first_token_seconds_bucket{le="+Inf"}' in text
+    response = httpx.get(server.url + "/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    kinds = {family.name: family.type for family in text_string_to_metric_families(response.text)}
+    for name, kind in [("moetrt_requests", "counter"), ("moetrt_prompt_tokens", "counter"),
+                       ("moetrt_generated_tokens", "counter"), ("moetrt_decode_rows", "counter"),
+                       ("moetrt_queue_depth", "gauge"), ("moetrt_batch_rows", "gauge"),
+                       ("moetrt_e2e_request_latency_seconds", "histogram"),
+                       ("moetrt_time_to_first_token_seconds", "histogram"),
+                       ("moetrt_inter_token_latency_seconds", "histogram"),
+                       ("moetrt_request_queue_time_seconds", "histogram"),
+                       ("process_resident_memory_bytes", "gauge")]:
+        assert kinds.get(name) == kind, name
+
+
+def test_a_streamed_request_lands_in_the_latency_histograms_and_token_counters(server):
+    """TTFT and queue time once, inter-token latency once per token after the first (as vLLM counts it),
+    end-to-end once; the token counters rise by the usage the response reported."""
+    before = server.metrics()
+    stream = server.client().chat.completions.create(
+        model=server.model, messages=user("What is 4+28?"), temperature=0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True})
+    usage = read_chat_stream(stream)[3]
+    e2e = "moetrt_e2e_request_latency_seconds_count"
+    deadline = time.monotonic() + 10  # the scheduler records the end just after it hands over the last event
+    while (after := server.metrics())[e2e] == before[e2e]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.005)
+    rose = {name: after[name] - before[name] for name in after if name in before}
+    assert usage.completion_tokens > 1
+    assert rose["moetrt_time_to_first_token_seconds_count"] == rose["moetrt_request_queue_time_seconds_count"] == 1
+    assert rose["moetrt_inter_token_latency_seconds_count"] == usage.completion_tokens - 1
+    assert rose["moetrt_generated_tokens_total"] == usage.completion_tokens
+    assert rose["moetrt_prompt_tokens_total"] == usage.prompt_tokens
+    assert rose[e2e] == 1
 
 
 def wait_for(server: Server, metric: str, value: float, seconds: float = 10) -> None:
@@ -341,5 +373,5 @@ def test_a_full_queue_gets_429_and_disconnects_free_their_slots(one_slot_server)
 
 
 def test_the_server_and_scheduler_import_no_torch():
-    code = "import sys, moetrt.runtime.server, moetrt.runtime.scheduler; assert 'torch' not in sys.modules"
+    code = "import sys, moetrt.runtime.server.launch, moetrt.runtime.scheduler; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
