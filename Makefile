@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default; GPU users: make install TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH ?= torch==2.13.0
+# pip's arguments, one per word of TORCH, each quoted for the shell (so `torch>=2.9` stays a requirement).
+TORCH_ARGS = $(foreach word,$(TORCH),'$(word)')
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CHECKPOINT ?= models/tiny-r1
@@ -14,7 +16,7 @@ BACKEND ?= auto
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	# tensorrt-stubs declares a dependency on tensorrt, whose wheels need NVIDIA's index: stubs only.
 	$(PY) -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"

@@ -367,7 +367,7 @@ DeepSeek-R1's format: a digit-by-digit scratchpad inside `<think>...</think>`, t
 - trained: `python models/train_tiny_r1.py --seed {args.seed} --steps {args.steps} --batch-size {args.batch_size}`,
   {summary['tokens']:,} tokens, final loss {summary['loss']:.4f}, {summary['seconds'] / 60:.1f} min on {args.threads} CPU threads
 - held-out greedy accuracy at the end of training: {summary['accuracy']:.1%} on {summary['eval_n']} problems
-  (`moetrt eval models/tiny-r1 --task arithmetic -n 500` measures it)
+  (`moetrt eval models/tiny-r1 --task arithmetic --num-problems 500` measures it)
 - problems whose sha256 falls in the held-out {arithmetic.HELD_OUT_PERCENT}% are never trained on
 """
     (directory / "README.md").write_text(card)

@@ -10,38 +10,93 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from moetrt import progress
 from moetrt.errors import MoetrtError
 from moetrt.settings import (
+    BACKEND_CHOICES,
     DEFAULT_LATENT_CACHE_BYTES,
     DEFAULT_MAX_SEQ,
+    DTYPE_CHOICES,
+    MOE_KERNEL_CHOICES,
+    TRT_PLUGIN_CHOICES,
     BuildConfig,
     BuildProfile,
     OrtOptions,
     TrtOptions,
 )
 from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
+from moetrt.tasks import TASKS
+from moetrt.runtime.server.limits import DEFAULT_LIMITS as SERVER_LIMITS, LOG_LEVELS as SERVER_LOG_LEVELS
+
+
+class _Commands(typer.core.TyperGroup):
+    """The command group: every command also takes the group's --verbose/-v, after its name."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        verbose = next(param for param in self.params if param.name == "verbose")
+        for command in self.commands.values():
+            command.params.append(verbose)
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Compile DeepSeek-V3/R1-class MoE checkpoints into engines and run them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 _verbose = False
+# Export targets (export/lowering.py TARGETS, which imports onnx_ir: not loaded just to parse options).
+TARGET_CHOICES = ("ort", "trt", "onnx")
+# Import names of the optional dependencies, by the pyproject extra that installs them.
+EXTRA_FOR_MODULE = {
+    "torch": "export", "onnx": "export", "onnx_ir": "export", "onnxscript": "export", "safetensors": "export",
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+    "triton": "gpu", "cuda": "gpu", "tensorrt": "trt",
+    "transformers": "dev", "matplotlib": "dev", "scipy": "dev",
+}
+
+# Options with choices are typed Literal[...]: typer lists them in --help and refuses others with a usage error.
+Target = Literal[TARGET_CHOICES]
+Dtype = Literal[DTYPE_CHOICES]
+MoeKernel = Literal[MOE_KERNEL_CHOICES]
+Task = Literal[tuple(TASKS)]
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
                    "CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB on the CPU).")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from moetrt import __version__
+
+        try:
+            typer.echo(f"moetrt {version('moetrt')}")
+        except PackageNotFoundError:  # a checkout that is not installed
+            typer.echo(f"moetrt {__version__}")
+        raise typer.Exit()
+
+
+def _set_verbose(value: bool) -> None:
+    global _verbose
+    _verbose = _verbose or value
+
+
 @app.callback()
 def _options(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", is_eager=True, expose_value=False, callback=_set_verbose,
+                                 help="Show tracebacks for errors (after the command too)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, expose_value=False, callback=_show_version,
+                                 help="Print moetrt's version and exit."),
 ) -> None:
-    global _verbose
-    _verbose = verbose or _verbose
+    progress.command = ctx.invoked_subcommand or progress.command
 
 
 def _human_count(n: float) -> str:
@@ -118,9 +173,9 @@ def _engine_lines(engine_dir: Path) -> list[str]:
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (safetensors)."),
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
-    target: str = typer.Option("ort", help="Lowering of the routed experts: trt (plugin), ort, onnx (portable)."),
-    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
-    moe_kernel: str = typer.Option("auto", help=MOE_KERNEL_HELP),
+    target: Target = typer.Option("ort", help="Lowering of the routed experts: trt (plugin), ort, onnx (portable)."),
+    dtype: Dtype = typer.Option("float32", help="Precision of the export."),
+    moe_kernel: MoeKernel = typer.Option("auto", help=MOE_KERNEL_HELP),
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
@@ -143,8 +198,8 @@ def export(
 @app.command("eval")
 def eval_(
     source: Path = typer.Argument(..., help="Checkpoint directory (fp32 torch reference) or engine directory."),
-    task: str = typer.Option("arithmetic", help="Task whose held-out problems to solve."),
-    n: int = typer.Option(500, "-n", "--num-problems", help="Held-out problems to draw (never trained on)."),
+    task: Task = typer.Option("arithmetic", help="Task whose held-out problems to solve."),
+    n: int = typer.Option(500, "--num-problems", help="Held-out problems to draw (never trained on)."),
     seed: int = typer.Option(0, help="Seed that draws the problems."),
     batch_size: int = typer.Option(64, help="Prompts decoded together."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, with per-problem details."),
@@ -169,8 +224,9 @@ def eval_(
 def build_engine_command(
     source: Path = typer.Argument(..., help="Checkpoint directory (exported first) or export directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Engine directory to write."),
-    backend: str = typer.Option(BuildConfig.backend, help="auto (TensorRT with a GPU, else ONNX Runtime), trt or ort."),
-    dtype: Optional[str] = typer.Option(None, help="float32 (default), float16 or bfloat16."),
+    backend: Literal[BACKEND_CHOICES] = typer.Option(BuildConfig.backend,
+                                                     help="auto: TensorRT with a GPU, else ONNX Runtime."),
+    dtype: Optional[Dtype] = typer.Option(None, help="Precision of the engine (default float32, or the export's)."),
     max_batch: Optional[int] = typer.Option(None, help=f"Largest batch the engine serves (default {BuildProfile.max_batch})."),
     max_seq: Optional[int] = typer.Option(None, help=f"Most tokens per call, the prefill chunk (default "
                                           f"{DEFAULT_MAX_SEQ}, at most the context)."),
@@ -181,9 +237,9 @@ def build_engine_command(
     allow_long_context: bool = typer.Option(False, "--allow-long-context", help="Build a --max-context beyond the "
                                             "positions the model supports."),
     portable: bool = typer.Option(False, help="TensorRT: build from the standard-ops lowering (no plugin)."),
-    trt_plugin: str = typer.Option(TrtOptions.plugin, help="TensorRT routed-experts plugin: aot (no Python at run "
-                                   "time) or jit."),
-    moe_kernel: str = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
+    trt_plugin: Literal[TRT_PLUGIN_CHOICES] = typer.Option(TrtOptions.plugin, help="TensorRT routed-experts "
+                                                           "plugin: aot (no Python at run time) or jit."),
+    moe_kernel: MoeKernel = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
@@ -344,19 +400,25 @@ def chat(
     from rich.console import Console
 
     from moetrt.runtime.engine import Engine
+    from moetrt.runtime.requests import check_text
 
     loaded = Engine.load(engine, threads=threads)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
                                   max_reasoning_tokens)
     console = Console(highlight=False)
     messages = [{"role": "system", "content": system}] if system else []
-    console.print(f"[bold]moetrt chat[/bold] — {engine} ({loaded.manifest.backend}). /reset, /exit")
+    if system:  # refused at once, not at each line
+        check_text(system, "the --system message", param="messages")
+    console.print(f"[bold]moetrt chat[/bold] — {engine} ({loaded.manifest.backend}). /reset, /exit", soft_wrap=True)
     while True:
         try:
             line = console.input("[bold green]you>[/bold green] ")
         except (EOFError, KeyboardInterrupt):
             console.print()
             return
+        except UnicodeDecodeError as error:  # a strict UTF-8 stdin and a line in another encoding
+            console.print(f"[red]error:[/red] that line is not valid UTF-8 ({error.reason}); type UTF-8 text")
+            continue
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":
@@ -367,8 +429,12 @@ def chat(
         messages.append({"role": "user", "content": line})
         try:
             _, answer, _ = _print_stream(loaded.chat_stream(messages, **options), console)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (as llama.cpp's interactive mode)
+            console.print("\n[dim](stopped; this exchange is not kept)[/dim]")
+            messages.pop()
+            continue
         except MoetrtError as error:  # e.g. the conversation outgrew the context: say so and go on
-            console.print(f"[red]error:[/red] {error}")
+            console.print(f"[red]error:[/red] {error}", soft_wrap=True)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": answer})
@@ -377,22 +443,44 @@ def chat(
 @app.command()
 def serve(
     engine: Path = typer.Argument(..., help="Engine directory."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
-    port: int = typer.Option(8000, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network; "
+                             "without --api-key that logs a warning)."),
+    port: int = typer.Option(8000, help="TCP port (0: any free one, logged)."),
     api_key: Optional[str] = typer.Option(None, envvar="MOETRT_API_KEY",
                                           help="Require `Authorization: Bearer KEY` on /v1 routes."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model's id in the API (default: the engine "
+                                                    "directory's name)."),
     max_batch: Optional[int] = typer.Option(None, help="Most requests decoded together (default: the engine's)."),
-    max_queue: int = typer.Option(256, help="Most requests waiting for a slot; beyond that, 429."),
-    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted; beyond that, 413."),
+    max_queue: int = typer.Option(SERVER_LIMITS.max_queue, help="Most requests waiting for a slot; beyond "
+                                  "that, 429 with Retry-After."),
+    max_body_bytes: int = typer.Option(SERVER_LIMITS.max_body_bytes, help="Largest request body accepted; "
+                                       "beyond that, 413."),
+    max_connections: int = typer.Option(SERVER_LIMITS.max_connections, help="Open connections beyond which a "
+                                        "new request gets 503."),
+    header_timeout: float = typer.Option(SERVER_LIMITS.header_timeout, help="Seconds a connection has to send "
+                                         "a whole request head; then it is closed."),
+    body_timeout: float = typer.Option(SERVER_LIMITS.body_timeout, help="Seconds a client has to send the "
+                                       "whole request body; then 408."),
+    shutdown_timeout: float = typer.Option(SERVER_LIMITS.shutdown_timeout, help="On SIGTERM/SIGINT, seconds "
+                                           "running requests get to finish before they end with an error."),
+    sse_keepalive: float = typer.Option(SERVER_LIMITS.sse_keepalive, help="Seconds without tokens after which "
+                                        "a stream gets a `: keep-alive` comment (while queued, say)."),
+    log_level: Literal[SERVER_LOG_LEVELS] = typer.Option("info", help="Access lines are info; health checks "
+                                                         "and metrics scrapes debug."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (/v1/chat/completions, /v1/completions)."""
+    from moetrt.runtime.server.limits import ServerLimits
+
+    limits = ServerLimits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_connections=max_connections,
+                          header_timeout=header_timeout, body_timeout=body_timeout,
+                          shutdown_timeout=shutdown_timeout, sse_keepalive=sse_keepalive)
     try:
         from moetrt.runtime.server import serve as run_server
     except ImportError as error:
         raise MoetrtError(f"moetrt serve needs the serve extra ({error}): pip install 'moetrt[serve]'") from None
-    run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               max_body_bytes=max_body_bytes, threads=threads)
+    run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, threads=threads,
+               model_name=served_model_name, limits=limits, log_level=log_level)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -405,16 +493,31 @@ def bench(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: one-line errors for user mistakes, tracebacks for bugs."""
+    """Console-script entry point: one-line errors for user mistakes (a missing optional dependency among them,
+    named with its extra), click's plain usage errors (exit 2), tracebacks for bugs."""
     global _verbose
     _verbose = os.environ.get("MOETRT_VERBOSE", "") not in ("", "0")
     try:
-        app()
+        status = app(standalone_mode=False)
+    except typer.TyperException as error:  # click's plain usage errors, not typer's panel hard-wrapped in a box
+        error.show() if hasattr(error, "show") else typer.echo(f"Error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
     except MoetrtError as error:
         if _verbose:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(1)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_FOR_MODULE.get((error.name or "").split(".")[0])
+        if extra is None or _verbose:
+            raise
+        typer.echo(f"error: moetrt {progress.command} needs {error.name}, which the {extra} extra installs: "
+                   f"pip install 'moetrt[{extra}]'", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from moetrt.settings import DEFAULT_LATENT_CACHE_BYTES, BuildProfile, fit_profil
 
 ROOT = Path(__file__).parents[1]
 TINY_R1 = load_config(ROOT / "models" / "tiny-r1")
-DEEPSEEK_V3 = load_config(ROOT / "tests" / "data" / "deepseek-v3-config.json")
+DEEPSEEK_V3 = load_config(ROOT / "docs" / "deepseek-v3-config.json")
 
 
 def test_the_default_context_is_the_models():
@@ -36,7 +36,7 @@ def test_the_default_context_is_cut_where_the_latent_cache_would_not_fit():
 
 
 def test_yarn_extends_what_the_model_supports():
-    raw = json.loads((ROOT / "tests" / "data" / "deepseek-v3-config.json").read_text())
+    raw = json.loads((ROOT / "docs" / "deepseek-v3-config.json").read_text())
     raw["max_position_embeddings"] = 4096  # the pre-YaRN window; rope_scaling says 4096 x 40
     config = parse_config(raw)
     assert config.supported_context == 163840

@@ -8,7 +8,7 @@ import pytest
 from moetrt import MoetrtError
 from moetrt.config import ModelConfig, load_config, parse_config
 
-REFERENCE = Path(__file__).parents[1] / "data" / "deepseek-v3-config.json"
+REFERENCE = Path(__file__).parents[2] / "docs" / "deepseek-v3-config.json"
 
 
 def test_reads_the_published_deepseek_v3_config():

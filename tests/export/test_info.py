@@ -5,7 +5,7 @@ from pathlib import Path
 from moetrt.config import load_config
 from moetrt.export.info import count_parameters, describe, kv_bytes_per_token, weight_bytes
 
-REFERENCE = Path(__file__).parents[1] / "data" / "deepseek-v3-config.json"
+REFERENCE = Path(__file__).parents[2] / "docs" / "deepseek-v3-config.json"
 
 
 def test_deepseek_v3_totals_match_published_671b_and_37b_active():

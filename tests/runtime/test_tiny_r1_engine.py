@@ -36,7 +36,7 @@ def test_verify_passes_with_the_references_task_accuracy(engine):
 
 
 def test_eval_of_the_engine_answers_as_the_checkpoint_does(engine):
-    runs = [moetrt_cli("eval", source, "-n", "40", "--seed", "7", "--json") for source in (engine, TINY_R1)]
+    runs = [moetrt_cli("eval", source, "--num-problems", "40", "--seed", "7", "--json") for source in (engine, TINY_R1)]
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     ours, theirs = (json.loads(run.stdout) for run in runs)
     assert [p["predicted"] for p in ours["problems"]] == [p["predicted"] for p in theirs["problems"]]
