@@ -265,7 +265,7 @@ def test_bad_input_leaves_no_output(tmp_path, checkpoint, break_it, message):
 def test_unwritable_output_is_a_one_line_error(tmp_path, checkpoint):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(MoetrtError, match="cannot write to .*a-file") as error:
+    with pytest.raises(MoetrtError, match="a-file is a file, not a directory") as error:
         export_onnx(checkpoint[0], blocker / "out")
     assert "\n" not in str(error.value)
     with pytest.raises(MoetrtError, match="exists and is not a directory"):
