@@ -1,6 +1,25 @@
+"""Session fixtures: the chat engine (tokenizer, R1-style template, generation_config.json) shared by the
+scheduler, server and serving-benchmark tests."""
+
 import os
+
+import pytest
 
 from tests.checkout import make_importable
 
 os.environ.setdefault("MOETRT_QUIET", "1")
 make_importable()  # a checkout that is not installed (a bare GPU machine) still runs its tests
+
+CHAT_ENGINE_PROFILE = dict(max_batch=16, max_seq=32, max_context=1024)
+
+
+@pytest.fixture(scope="session")
+def chat_engine_dir(tmp_path_factory):
+    """Built once per session: prompts over 32 tokens prefill in chunks, 16 requests decode together."""
+    from moetrt.export.engine import build_engine
+    from moetrt.settings import BuildProfile
+    from tests.chat_checkpoint import make_chat_checkpoint
+
+    checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("chat-ckpt"))
+    return build_engine(checkpoint, tmp_path_factory.mktemp("chat") / "tiny-chat", backend="ort",
+                        profile=BuildProfile(**CHAT_ENGINE_PROFILE))
