@@ -15,20 +15,42 @@ import numpy as np
 from moetrt.errors import MoetrtError
 from moetrt.runtime.reasoning import ReasoningSplitter, ThinkTags, prompt_opens_thinking
 from moetrt.runtime.requests import GenerationOptions, RequestError, validate_request
-from moetrt.runtime.sampling import SamplingParams, select_token
+from moetrt.runtime.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    log_softmax,
+    select_token,
+    top_logprobs,
+)
 from moetrt.runtime.session import LatentCache, Session
 from moetrt.runtime.text import IncrementalDetokenizer, StopMatcher
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the `top` k most likely (token id, logprob) pairs at its step,
+    most likely first (the chosen token among them when it ranks). The values are the float64 log-softmax of the
+    model's raw float32 logits at that step, before penalties, logit bias, temperature, top-k/top-p and any
+    response-format constraint (vLLM's default), so they describe the model, not the sampler."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class StreamEvent:
-    """One row's increment: new tokens and the text they completed, split into reasoning and answer."""
+    """One row's increment: new tokens and the text they completed, split into reasoning and answer; with
+    `options.logprobs` set, `logprobs` holds one TokenLogprob per token in `token_ids`."""
 
     row: int
     token_ids: list[int]
     reasoning: str = ""
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" on the row's last event
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclasses.dataclass
@@ -38,6 +60,7 @@ class GenerationResult:
     token_ids: list[int]  # new tokens (a stop token included)
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, with options.logprobs set
 
     @property
     def completion_tokens(self) -> int:
@@ -59,17 +82,37 @@ def prefill(session: Session, cache: LatentCache, prompts: list[list[int]], chun
     """Run the prompts through the graph at most `chunk` positions per call; logits `[B, vocab]` of each
     prompt's last token. Only the last call computes logits, so long prompts never materialise more."""
     ids, valid, positions = left_pad(prompts)
+    return require_finite(_prefill_columns(session, cache, ids, valid, positions, chunk, logits_at_end=True))
+
+
+def prefill_part(session: Session, cache: LatentCache, prompt: list[int], start: int, stop: int,
+                 chunk: int) -> np.ndarray | None:
+    """Resume one prompt's prefill: run its positions [start, stop) on its batch-1 `cache` (which holds
+    [0, start)), at most `chunk` per call. Returns the logits `[vocab]` of the prompt's last token once `stop`
+    reaches `len(prompt)`, else None. Positions and calls as `prefill`'s, so a prompt prefilled in any split
+    gives its tokens; the serving scheduler interleaves the parts with decode steps (chunked prefill)."""
+    ids = np.asarray([prompt[start:stop]], dtype=np.int64)
+    positions = np.arange(start, stop, dtype=np.int64)[None]
+    last = stop == len(prompt)
+    logits = _prefill_columns(session, cache, ids, np.ones_like(ids), positions, chunk, logits_at_end=last)
+    return require_finite(logits)[0] if last else None
+
+
+def _prefill_columns(session: Session, cache: LatentCache, ids: np.ndarray, valid: np.ndarray,
+                     positions: np.ndarray, chunk: int, logits_at_end: bool) -> np.ndarray | None:
+    """Feed the columns of `ids` `[B, W]` (with `valid` and `positions`) at most `chunk` per call; logits
+    `[B, vocab]` of the last column when `logits_at_end` (only that call computes any), else None."""
     batch, width = ids.shape
     logits = None
     for start in range(0, width, chunk):
         end = min(start + chunk, width)
-        last = end == width
+        last = end == width and logits_at_end
         logit_positions = np.full((batch, 1 if last else 0), end - start - 1, dtype=np.int64)
         mask = cache.attention_mask(end - start, valid[:, start:end])
         logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
                                 cache.past(), cache.reserve(end - start))
         cache.advance(end - start)
-    return require_finite(logits[:, -1])
+    return logits[:, -1] if logits_at_end else None
 
 
 def decode_one_token(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
@@ -118,6 +161,13 @@ class RowState:
     `in_reasoning`: whether the chat template's generation prompt opened the thinking (reasoning.py's
     `chat_opens_thinking`); None infers it from the prompt's last tokens (`prompt_opens_thinking`). Stop
     strings end the answer, and the thinking too with `options.stop_in_reasoning`.
+
+    `choose` runs the logits processors the options ask for (repetition, presence and frequency penalties, logit
+    bias; sampling.py) and, with `options.response_format`, masks the answer's tokens with structured.py's
+    constraint: from the first token, or from the token after `</think>` when the row reasons, so the thinking is
+    free but for the stop tokens (it cannot end the row before the answer); once the constraint is finished only
+    the stop tokens remain. With `options.logprobs`, the event of the
+    chosen token carries its `TokenLogprob`.
     """
 
     def __init__(self, prompt: list[int], options: GenerationOptions, tokenizer=None, seed: int | None = None,
@@ -131,9 +181,12 @@ class RowState:
         self.reasoning_stops = (StopMatcher(options.stop) if options.stop_in_reasoning and self.splitter is not None
                                 else None)
         self.stop_ids = frozenset(options.stop_token_ids)
+        self.constraint = _constraint(options, tokenizer)
         self.generated: list[int] = []
         self.reasoning_tokens = 0
         self.finish_reason: str | None = None
+        self._pending_logprob: TokenLogprob | None = None  # the chosen token's, until advance reports it
+        self._masked = False  # whether the chosen token was picked under the constraint's mask
 
     @property
     def thought(self) -> bool:
@@ -141,21 +194,70 @@ class RowState:
         return self.splitter is not None and self.splitter.thought
 
     def choose(self, logits: np.ndarray, greedy_pick: int | None = None) -> int:
-        """The next token from this row's logits `[vocab]`; `greedy_pick` is the batch's argmax for this row,
-        computed once for all rows when sampling is plain greedy."""
+        """The next token from this row's raw logits `[vocab]`; `greedy_pick` is the batch's argmax for this row,
+        computed once for all rows when sampling is plain greedy (ignored when the options process the logits).
+        Call `advance` with the token before the next `choose`."""
+        token = self._pick(logits, greedy_pick)
+        if self.options.logprobs is not None:
+            logprobs = log_softmax(logits)
+            self._pending_logprob = TokenLogprob(token, float(logprobs[token]),
+                                                 top_logprobs(logprobs, self.options.logprobs))
+        return token
+
+    def _pick(self, logits: np.ndarray, greedy_pick: int | None) -> int:
+        self._masked = False
         budget = self.options.max_reasoning_tokens
         if budget is not None and self.splitter is not None and self.splitter.in_reasoning \
                 and self.reasoning_tokens >= budget:
             return self.splitter.tags.end
-        if greedy_pick is not None:
+        options = self.options
+        if greedy_pick is not None and not options.processes_logits:
             return greedy_pick
-        sampling = self.options.sampling
-        seen = self.prompt + self.generated if sampling.repetition_penalty != 1.0 else []
-        return select_token(logits, sampling, self.rng, np.asarray(seen, dtype=np.int64))
+        sampling = options.sampling
+        if sampling.repetition_penalty != 1.0:
+            seen = np.asarray(self.prompt + self.generated, dtype=np.int64)
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        if options.presence_penalty or options.frequency_penalty:
+            logits = apply_presence_frequency_penalties(logits, np.asarray(self.generated, dtype=np.int64),
+                                                        options.presence_penalty, options.frequency_penalty)
+        logits = apply_logit_bias(logits, options.logit_bias)
+        if self.constraint is not None:
+            if self.splitter is not None and self.splitter.in_reasoning:
+                logits = self._without_stops(logits)
+            else:
+                logits = self._mask(logits)
+                self._masked = True
+        return select_token(logits, sampling, self.rng, np.empty(0, dtype=np.int64))
+
+    def _without_stops(self, logits: np.ndarray) -> np.ndarray:
+        """Logits with the stop tokens at -inf: a constrained row may not end inside its thinking, so that a
+        "stop" always comes with the answer the format asks for."""
+        ends = [t for t in self.stop_ids if 0 <= t < len(logits)]
+        if not ends:
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        logits[ends] = -np.inf
+        return logits
+
+    def _mask(self, logits: np.ndarray) -> np.ndarray:
+        """Logits with what the constraint forbids at -inf; once it is finished, everything but the stop tokens."""
+        ends = [t for t in self.stop_ids if 0 <= t < len(logits)]
+        if self.constraint.finished and ends:
+            allowed = np.full(logits.shape, -np.inf, dtype=np.float32)
+            allowed[ends] = logits[ends]
+            return allowed
+        return self.constraint.mask(np.array(logits, dtype=np.float32))  # a copy: the mask may write in place
 
     def advance(self, token: int, index: int = 0) -> StreamEvent:
         """Append `token`; returns the row's event (`index` names the row in it)."""
         self.generated.append(token)
+        if self._masked and not self.constraint.finished and token not in self.stop_ids:
+            self.constraint.accept(token)
+        self._masked = False
+        logprob, self._pending_logprob = self._pending_logprob, None
+        if self.options.logprobs is not None and (logprob is None or logprob.token_id != token):
+            raise RuntimeError("RowState.advance got a token its last choose did not pick, so it has no logprob for "
+                               "it; call choose before each advance")
         finish = "stop" if token in self.stop_ids else None
         if finish is None and len(self.generated) >= self.options.max_new_tokens:
             finish = "length"
@@ -170,7 +272,7 @@ class RowState:
         if stopped:
             finish = "stop"
         self.finish_reason = finish
-        return StreamEvent(index, [token], reasoning, content, finish)
+        return StreamEvent(index, [token], reasoning, content, finish, None if logprob is None else [logprob])
 
     def _cut_at_stops(self, reasoning: str, content: str, final: bool) -> tuple[str, str, bool]:
         """Cut at the first stop string: in the answer, and in the thinking when `reasoning_stops` watches it."""
@@ -180,6 +282,19 @@ class RowState:
                 return reasoning, "", True
         content, stopped = self.stops.feed(content, final=final)
         return reasoning, content, stopped
+
+
+def _constraint(options: GenerationOptions, tokenizer):
+    """structured.py's constraint for the options' response_format, or None without one (or for `{"type":
+    "text"}`). It also checks the object (RequestError, param "response_format"): RowState is made before any
+    compute, by generate_stream and the scheduler's submit alike. The import is lazy: the grammar library loads only
+    for requests that name a format, and structured.py imports requests.py, which therefore cannot call it."""
+    if options.response_format is None:
+        return None
+    from moetrt.runtime import structured
+
+    eos_ids = tuple(options.stop_token_ids) or tuple(getattr(tokenizer, "eos_ids", ()))
+    return structured.constraint_for(options.response_format, tokenizer, eos_ids)
 
 
 def _splitter(tokenizer, prompt: list[int], in_reasoning: bool | None) -> ReasoningSplitter | None:
@@ -225,7 +340,7 @@ def _stream_batch(session: Session, rows: list[RowState], options: GenerationOpt
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)
     positions = np.array([len(r.prompt) for r in rows], dtype=np.int64)
 
-    plain_greedy = options.sampling.greedy and options.sampling.repetition_penalty == 1.0
+    plain_greedy = options.sampling.greedy and not options.processes_logits
     for _ in range(options.max_new_tokens):
         tokens = np.zeros(len(rows), dtype=np.int64)
         picks = logits.argmax(-1).tolist() if plain_greedy else [None] * len(rows)  # one call for the batch
@@ -253,9 +368,11 @@ def generate(
     reasoning = [[] for _ in prompts]
     text = [[] for _ in prompts]
     tokens = [[] for _ in prompts]
+    logprobs = [[] for _ in prompts]
     finish = ["length"] * len(prompts)
     for event in _stream_batch(session, rows, options):
         tokens[event.row].extend(event.token_ids)
+        logprobs[event.row].extend(event.logprobs or ())
         reasoning[event.row].append(event.reasoning)
         text[event.row].append(event.text)
         if event.finish_reason:
@@ -268,6 +385,7 @@ def generate(
             token_ids=tokens[i],
             finish_reason=finish[i],
             prompt_tokens=len(prompt),
+            logprobs=logprobs[i] if options.logprobs is not None else None,
         ))
     return results
 

@@ -1,4 +1,5 @@
-"""Token selection from logits (numpy): greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+"""Token selection from logits (numpy): greedy, temperature, top-k, top-p, seeded; the logits processors a request
+may ask for (repetition, presence and frequency penalties, logit bias) and the log-probabilities it may report."""
 
 from __future__ import annotations
 
@@ -58,6 +59,49 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
+def apply_presence_frequency_penalties(logits: np.ndarray, generated: np.ndarray, presence: float,
+                                       frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties (the API reference's "Frequency and presence penalties"):
+    `logits[j] - c[j] * frequency - (c[j] > 0) * presence`, where `c[j]` counts token j in `generated` (the ids
+    generated so far, not the prompt's). Logits `[vocab]`; returns a float32 copy, or `logits` itself when
+    nothing applies. Positive values push repeated tokens down, negative ones pull them up."""
+    if (presence == 0.0 and frequency == 0.0) or not len(generated):
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    logits = logits.astype(np.float32)  # a copy; float16 logits would round the penalty
+    logits[ids] -= counts * np.float32(frequency) + np.float32(presence)
+    return logits
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """OpenAI's `logit_bias`: each (token id, bias) pair adds `bias` to that token's logit before sampling, so
+    -100 as good as bans a token and +100 as good as forces it. Logits `[vocab]`; returns a float32 copy, or
+    `logits` itself without pairs."""
+    if not bias:
+        return logits
+    ids, values = zip(*bias)
+    logits = logits.astype(np.float32)
+    logits[list(ids)] += np.asarray(values, dtype=np.float32)
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities `[vocab]` of logits `[vocab]` (any float dtype)."""
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The `k` most likely (token id, logprob) pairs of log-probabilities `[vocab]`, most likely first (ties: the
+    lower id first); [] for k 0."""
+    if k <= 0:
+        return []
+    k = min(k, len(logprobs))
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    best = best[np.lexsort((best, -logprobs[best]))]
+    return [(int(i), float(logprobs[i])) for i in best]
+
+
 def filtered_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution one sampling step draws from (fp64, sums to 1) for logits `[vocab]`."""
     scaled = logits.astype(np.float64) / params.temperature
@@ -78,7 +122,8 @@ def filtered_probabilities(logits: np.ndarray, params: SamplingParams) -> np.nda
 
 
 def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
-    """One token for one row: logits `[vocab]`, `seen` the ids generated or prompted so far."""
+    """One token for one row: logits `[vocab]` (already through any other processors), `seen` the ids generated
+    or prompted so far for the repetition penalty."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
