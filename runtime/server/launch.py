@@ -20,7 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.engine import Engine
-from moetrt.runtime.scheduler import Scheduler
+from moetrt.runtime.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler
 from moetrt.runtime.server.app import create_app
 from moetrt.runtime.server.limits import DEFAULT_LIMITS, LOG_LEVELS, ServerLimits
 
@@ -48,12 +48,14 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         if not 1 <= max_batch <= built:
             raise MoetrtError(f"--max-batch must lie in [1, {built}] (the engine was built for {built}; rebuild "
                               "with a larger --max-batch)")
+        budget = DEFAULT_PREFILL_BUDGET if limits.max_prefill_tokens is None else limits.max_prefill_tokens or None
         scheduler = Scheduler(engine.session, engine.tokenizer, max_context=engine.max_context,
-                              max_batch=max_batch, max_queue=limits.max_queue)
+                              max_batch=max_batch, max_queue=limits.max_queue, prefill_budget=budget)
+        _prepare_structured_output(engine)
         name = model_name or Path(engine_dir).resolve().name
         app = create_app(engine, scheduler, model_name=name, api_key=api_key, limits=limits)
-        log.info("serving %s (%s, batch %d, queue %d) from %s", name, engine.manifest.backend, max_batch,
-                 limits.max_queue, engine_dir)
+        log.info("serving %s (%s, batch %d, queue %d, prefill %s tokens per step) from %s", name,
+                 engine.manifest.backend, max_batch, limits.max_queue, budget or "all", engine_dir)
         config = _Config(app, header_timeout=limits.header_timeout, http=HeaderTimeoutH11Protocol,
                          log_config=None, log_level=log_level, access_log=False, lifespan="on",
                          limit_concurrency=limits.max_connections, timeout_graceful_shutdown=WRITE_GRACE_SECONDS)
@@ -65,6 +67,17 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     if not server.started:
         raise MoetrtError("the server did not start (see the log above)")
     log.info("stopped")
+
+
+def _prepare_structured_output(engine: Engine) -> None:
+    """Build the grammar library's view of the tokenizer now (about a second for DeepSeek's 129k vocabulary):
+    the first request with a `response_format` would otherwise pay it on the event loop, stalling every stream."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not engine.eos_ids:
+        return
+    from moetrt.runtime import structured
+
+    structured.grammar_info(getattr(tokenizer, "tokenizer", tokenizer), tuple(int(t) for t in engine.eos_ids))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -26,6 +26,9 @@ class ServerLimits:
         event (streams) or a 503.
     sse_keepalive: seconds without events after which a stream gets a `: keep-alive` SSE comment (while it
         waits in the queue, say), so proxies with idle timeouts keep the connection.
+    max_prefill_tokens: prompt tokens prefilled per decode step while requests run (chunked prefill, so a long
+        prompt arriving never stalls the streams); 0 prefills whole prompts before the step; None: the
+        scheduler's DEFAULT_PREFILL_BUDGET (runtime/scheduler.py, which needs the extra to import).
     """
 
     max_queue: int = 256
@@ -35,6 +38,7 @@ class ServerLimits:
     body_timeout: float = 30.0
     shutdown_timeout: float = 30.0
     sse_keepalive: float = 5.0
+    max_prefill_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_connections"):
@@ -42,6 +46,8 @@ class ServerLimits:
                 raise MoetrtError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_queue < 0:
             raise MoetrtError("--max-queue must be at least 0")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 0:
+            raise MoetrtError("--max-prefill-tokens must be at least 0 (0 turns chunked prefill off)")
         for name in ("header_timeout", "body_timeout", "sse_keepalive"):
             if not getattr(self, name) > 0:
                 raise MoetrtError(f"--{name.replace('_', '-')} must be more than 0 seconds")
