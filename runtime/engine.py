@@ -34,6 +34,7 @@ from moetrt.runtime.requests import (
     check_messages,
     check_option_types,
     check_text,
+    check_tools,
     fit_new_tokens,
     is_integer,
 )
@@ -100,6 +101,16 @@ def _load_tokenizer(directory: Path):
         raise MoetrtError(f"the chat template in {directory} does not compile{line}: "
                           f"{str(error.message or error).rstrip('.')}; correct chat_template in the checkpoint's "
                           "tokenizer_config.json (or chat_template.jinja) and rebuild the engine") from None
+
+
+def _template_messages(messages: Any, tools: Any) -> list[dict[str, Any]]:
+    """`messages` checked (`check_messages`, `check_tools`) as the template should see them: an assistant turn
+    with tool_calls and an empty content gets `content: None`, as OpenAI means it (clients send either), since
+    DeepSeek-R1's template writes a turn's tool calls only when its content is None."""
+    check_messages(messages)
+    check_tools(tools)
+    return [{**message, "content": None} if message.get("tool_calls") and message.get("content") == "" else message
+            for message in messages]
 
 
 class Engine:
@@ -172,15 +183,18 @@ class Engine:
         DEFAULT_MAX_NEW_TOKENS new tokens, prefill in chunks of min(max_seq, DEFAULT_PREFILL_CHUNK)).
 
         Keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, greedy,
-        stop (str or list), stop_token_ids, stop_in_reasoning, max_reasoning_tokens, prefill_chunk. Raises
-        RequestError for a value of the wrong type (a string temperature), MoetrtError for one out of range.
+        stop (str or list), stop_token_ids, stop_in_reasoning, max_reasoning_tokens, prefill_chunk, and OpenAI's
+        presence_penalty, frequency_penalty, logit_bias ({token id: bias}), logprobs (k alternatives, 0-20) and
+        response_format (GenerationOptions says what each means). Raises RequestError for a value of the wrong
+        type (a string temperature), MoetrtError for one out of range.
         """
         check_option_types(overrides)
         merged = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if merged.pop("greedy", False):
             merged["do_sample"] = False
         unknown = set(merged) - set(SAMPLING_FIELDS) - {
-            "max_new_tokens", "stop", "stop_token_ids", "stop_in_reasoning", "max_reasoning_tokens", "prefill_chunk"}
+            "max_new_tokens", "stop", "stop_token_ids", "stop_in_reasoning", "max_reasoning_tokens", "prefill_chunk",
+            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format"}
         if unknown:
             raise MoetrtError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         sampling = SamplingParams(**{k: merged.pop(k) for k in SAMPLING_FIELDS if k in merged})
@@ -205,41 +219,52 @@ class Engine:
         ids = self.encode(prompt)
         return generate_stream(self.session, [ids], self._options_for([ids], options), self.tokenizer, self.max_context)
 
-    def chat_prompt(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False) -> list[int]:
-        """The token ids of `messages` ([{"role", "content"}], OpenAI's shape) rendered with the chat template,
-        ending with its generation prompt. Text in the messages that spells a control token (`<｜Assistant｜>`,
-        `<｜end▁of▁sentence｜>`...) is encoded as plain text, so a message cannot forge a turn; with
-        `allow_special_tokens` it becomes the token, as the rendered text reads. Raises RequestError for messages
-        of the wrong shape (`check_messages`) or that the template refuses, MoetrtError without a template."""
+    def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                    allow_special_tokens: bool = False) -> list[int]:
+        """The token ids of `messages` (OpenAI's shape: [{"role", "content"}], assistant turns with `content: None`
+        and `tool_calls` [{"id", "type": "function", "function": {"name", "arguments": str}}], `tool` turns with
+        `tool_call_id` and `content`) rendered with the chat template, ending with its generation prompt. `tools`:
+        OpenAI's tool objects [{"type": "function", "function": {"name", "description", "parameters"}}], passed
+        to the template as `tools`, or, when it ignores them (DeepSeek's published templates do), described in the
+        system turn by moetrt's preamble (runtime/tool_prompts.py); parse the reply's calls with
+        runtime/tool_parsers.py. Text in the messages
+        or tools that spells a control token (`<｜Assistant｜>`, `<｜end▁of▁sentence｜>`, a tool-call marker...) is
+        encoded as plain text, so it cannot forge a turn or a call; with `allow_special_tokens` message text
+        becomes the token, as the rendered text reads. Raises RequestError for messages or tools of the wrong
+        shape (`check_messages`, `check_tools`), for tools neither the template nor the preamble can show (no
+        tool-call tokens, a template that writes no tool calls), and for what the template refuses; MoetrtError
+        without a template."""
         if self._chat_encoder is None:
             raise MoetrtError("this engine has no tokenizer, so no chat template: use generate with token ids")
-        check_messages(messages)
-        return self._chat_encoder.encode(messages, allow_special_tokens=allow_special_tokens)
+        messages = _template_messages(messages, tools)
+        return self._chat_encoder.encode(messages, allow_special_tokens=allow_special_tokens, tools=tools)
 
-    def opens_thinking(self, messages: list[dict[str, Any]]) -> bool:
-        """Whether the chat template's generation prompt for `messages` leaves the reply inside `<think>` (R1's
-        does); what the conversation says plays no part."""
+    def opens_thinking(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> bool:
+        """Whether the chat template's generation prompt for `messages` (and `tools`) leaves the reply inside
+        `<think>` (R1's does); what the conversation says plays no part."""
         if self.tokenizer is None:
             return False
-        check_messages(messages)
+        messages = _template_messages(messages, tools)
         with template_errors():
-            return chat_opens_thinking(self.tokenizer, messages)
+            return chat_opens_thinking(self.tokenizer, messages, tools)
 
-    def chat(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False,
-             **options: Any) -> GenerationResult:
-        """Render `messages` with the chat template (see `chat_prompt`) and generate; the reply starts inside
-        `<think>` when the template's generation prompt opens it (`opens_thinking`)."""
-        prompt = self.chat_prompt(messages, allow_special_tokens=allow_special_tokens)
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+             allow_special_tokens: bool = False, **options: Any) -> GenerationResult:
+        """Render `messages` (and `tools`) with the chat template (see `chat_prompt`) and generate; the reply starts
+        inside `<think>` when the template's generation prompt opens it (`opens_thinking`). Tool calls stay in
+        the reply's text: `tool_parsers.tool_parser(name, engine.tokenizer).tool_calls_in(result.token_ids,
+        result.text)` reads them."""
+        prompt = self.chat_prompt(messages, tools=tools, allow_special_tokens=allow_special_tokens)
         opts = self._options_for([prompt], options)
-        return self._run([prompt], opts, in_reasoning=self.opens_thinking(messages))[0]
+        return self._run([prompt], opts, in_reasoning=self.opens_thinking(messages, tools=tools))[0]
 
-    def chat_stream(self, messages: list[dict[str, Any]], *, allow_special_tokens: bool = False,
-                    **options: Any) -> Iterator[StreamEvent]:
+    def chat_stream(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                    allow_special_tokens: bool = False, **options: Any) -> Iterator[StreamEvent]:
         """`chat`'s events as they come (see `stream`)."""
-        prompt = self.chat_prompt(messages, allow_special_tokens=allow_special_tokens)
+        prompt = self.chat_prompt(messages, tools=tools, allow_special_tokens=allow_special_tokens)
         opts = self._options_for([prompt], options)
         return generate_stream(self.session, [prompt], opts, self.tokenizer, self.max_context,
-                               in_reasoning=self.opens_thinking(messages))
+                               in_reasoning=self.opens_thinking(messages, tools=tools))
 
     def _options_for(self, prompts: list[list[int]], overrides: dict[str, Any]) -> GenerationOptions:
         """`options(**overrides)` for these prompts: when the caller names no max_new_tokens, the default

@@ -32,11 +32,11 @@ def leaves_thinking_open(text: str) -> bool:
     return text.rfind(THINK_START) > text.rfind(THINK_END)
 
 
-def chat_opens_thinking(tokenizer, messages: list[dict[str, str]]) -> bool:
-    """Whether the chat template's generation prompt for `messages` (what `add_generation_prompt` appends) leaves
-    the reply inside `<think>`, as R1's `<｜Assistant｜><think>\\n` does."""
-    prompted = tokenizer.render(messages)
-    plain = tokenizer.render(messages, add_generation_prompt=False)
+def chat_opens_thinking(tokenizer, messages: list[dict[str, str]], tools: list[dict] | None = None) -> bool:
+    """Whether the chat template's generation prompt for `messages` (and `tools`) (what `add_generation_prompt`
+    appends) leaves the reply inside `<think>`, as R1's `<｜Assistant｜><think>\\n` does."""
+    prompted = tokenizer.render(messages, tools=tools)
+    plain = tokenizer.render(messages, add_generation_prompt=False, tools=tools)
     return leaves_thinking_open(prompted[len(os.path.commonprefix([prompted, plain])) :])
 
 

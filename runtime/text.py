@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from moetrt.runtime import tool_prompts
 from moetrt.runtime.requests import RequestError
 
 # Unicode's Supplementary Private Use Area-A: characters that no tokenizer or template gives a meaning.
@@ -48,6 +49,13 @@ class ChatEncoder:
     messages, and the placeholders are encoded as the plain text they stand for. Text pieces are encoded
     separately at those spans, as the added token would have split them.
 
+    Tool definitions (`tools`, rendered by the template as text: DeepSeek-style templates write them with
+    `tojson`) are protected the same way, dict keys (a schema's property names) included. When the template ignores
+    `tools` (DeepSeek's published ones do) and writes DeepSeek's tool calls, the tools are described in the system
+    turn by moetrt's preamble (runtime/tool_prompts.py) and the conversation rendered by the template: the
+    preamble's format markers are template text and become control tokens, the tool definitions in it stay
+    protected.
+
     `tokenizer`: a ChatTokenizer (moetrt/tasks/chat.py: `render`, `encode`, and `tokenizer`, the `tokenizers`
     Tokenizer). Raises RequestError for what the template refuses (`template_errors`).
     """
@@ -59,44 +67,68 @@ class ChatEncoder:
         self.added = sorted(added, key=len, reverse=True)  # the longest first: the regex takes the longest match
         self._pattern = re.compile("|".join(map(re.escape, self.added))) if self.added else None
         self._plain = None
+        self._tool_form: str | None = None  # tool_prompts.call_form's answer, once found
 
-    def encode(self, messages: list[dict[str, Any]], allow_special_tokens: bool = False) -> list[int]:
+    def encode(self, messages: list[dict[str, Any]], allow_special_tokens: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt's token ids, ending with the template's generation prompt. `allow_special_tokens`: encode the
-        rendered text as it comes, so that messages may write control tokens (the behaviour before protection)."""
-        rendered = self._render(messages)
-        strings = _strings(messages)
-        # plain substring tests: much faster than the regex over DeepSeek's ~800 added tokens
-        if allow_special_tokens or not any(text in s for s in strings for text in self.added):
+        rendered text as it comes, so that messages may write control tokens (the behaviour before protection).
+        `tools`: OpenAI's tool objects for the template's `tools`; when the template renders the same prompt
+        without them (DeepSeek's published templates take no tools), moetrt's preamble describes them in the system
+        turn (`tool_prompts.with_tool_preamble`); RequestError (param "tools") when neither can show them: the
+        tokenizer lacks DeepSeek's tool-call tokens or the template writes no tool call (`tool_prompts.call_form`)."""
+        form = None  # the call form the preamble shows; None: the template renders the tools itself
+        rendered = self._render(messages, tools)
+        if tools and rendered == self._render(messages, None):
+            form = self._tool_form = self._tool_form or tool_prompts.call_form(self.tokenizer)
+            rendered = self._render(messages, tools, form)
+        strings = _strings(messages) + _strings(tools, skip=None)
+        # plain substring tests: much faster than the regex over DeepSeek's ~800 added tokens; no token holds "\0"
+        joined = "\0".join(strings)
+        if allow_special_tokens or not any(text in joined for text in self.added):
             return self.tokenizer.encode(rendered)
         taken = set(rendered).union(*map(set, strings))
         free = (chr(code) for code in _PRIVATE_USE if chr(code) not in taken)
-        ids = self._encode_marked(messages, rendered, next(free), next(free))
-        return ids if ids is not None else self._encode_escaped(messages, free)
+        ids = self._encode_marked(messages, tools, form, rendered, next(free), next(free))
+        return ids if ids is not None else self._encode_escaped(messages, tools, form, free)
 
-    def _encode_marked(self, messages: list[dict[str, Any]], rendered: str, opening: str,
-                       closing: str) -> list[int] | None:
-        """Each added token's text in the messages between `opening` and `closing`; None when the template's output
-        is not `rendered` once the marks are taken out."""
-        marked = self._render(_map_strings(messages, lambda s: self._pattern.sub(
-            lambda match: opening + match[0] + closing, s)))
+    def _encode_marked(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, form: str | None,
+                       rendered: str, opening: str, closing: str) -> list[int] | None:
+        """Each added token's text in the messages and tools between `opening` and `closing`; None when the
+        template's output is not `rendered` once the marks are taken out."""
+        def mark(s: str) -> str:
+            return self._pattern.sub(lambda match: opening + match[0] + closing, s)
+
+        marked = self._render(_map_strings(messages, mark), _map_strings(tools, mark, skip=None), form)
         if _without(marked, opening + closing) != rendered:
             return None
         # re.split with one group: the text between spans at even indices, the spans' token text at odd ones
         parts = re.split(f"{opening}({self._pattern.pattern}){closing}", marked)
         return self._encode_parts([_without(part, opening + closing) for part in parts])
 
-    def _encode_escaped(self, messages: list[dict[str, Any]], free: Iterator[str]) -> list[int]:
-        """Each added token's text in the messages replaced by a placeholder character taken from `free`."""
-        found = dict.fromkeys(match[0] for s in _strings(messages) for match in self._pattern.finditer(s))
+    def _encode_escaped(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, form: str | None,
+                        free: Iterator[str]) -> list[int]:
+        """Each added token's text in the messages and tools replaced by a placeholder character from `free`."""
+        strings = _strings(messages) + _strings(tools, skip=None)
+        found = dict.fromkeys(match[0] for s in strings for match in self._pattern.finditer(s))
         placeholder = {text: next(free) for text in found}
-        escaped = self._render(_map_strings(messages, lambda s: self._pattern.sub(lambda m: placeholder[m[0]], s)))
+
+        def escape(s: str) -> str:
+            return self._pattern.sub(lambda m: placeholder[m[0]], s)
+
+        escaped = self._render(_map_strings(messages, escape), _map_strings(tools, escape, skip=None), form)
         text_of = {char: text for text, char in placeholder.items()}
         parts = re.split(f"([{''.join(text_of)}])", escaped)
         return self._encode_parts([text_of[part] if index % 2 else part for index, part in enumerate(parts)])
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                form: str | None = None) -> str:
+        """The template's text for `messages` and `tools`; with a call `form`, the tools described by moetrt's
+        preamble in the system turn instead (the template does not read them)."""
+        if form is not None and tools:
+            messages, tools = tool_prompts.with_tool_preamble(messages, tools, form), None
         with template_errors():
-            return self.tokenizer.render(messages)
+            return self.tokenizer.render(messages, tools=tools)
 
     def _encode_parts(self, parts: list[str]) -> list[int]:
         """Even parts: template and message text, encoded as usual; odd parts: text encoded with no added token."""
@@ -126,25 +158,28 @@ def _without(text: str, chars: str) -> str:
     return text.translate({ord(c): None for c in chars})
 
 
-def _strings(value: Any) -> list[str]:
-    """Every string in a conversation, nested fields (tool calls) included, but for the messages' roles."""
+def _strings(value: Any, skip: str | None = "role") -> list[str]:
+    """Every string in a conversation's messages (or tools), dict keys and nested fields (tool calls, schemas)
+    included, but for the values under the key `skip` (the messages' roles; None for tools)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, Mapping):
-        return [s for key, item in value.items() if key != "role" for s in _strings(item)]
+        keys = [key for key in value if isinstance(key, str)]
+        return keys + [s for key, item in value.items() if key != skip for s in _strings(item, skip)]
     if isinstance(value, (list, tuple)):
-        return [s for item in value for s in _strings(item)]
+        return [s for item in value for s in _strings(item, skip)]
     return []
 
 
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """`value` with `change` applied to the strings `_strings` lists."""
+def _map_strings(value: Any, change: Callable[[str], str], skip: str | None = "role") -> Any:
+    """`value` with `change` applied to the strings `_strings(value, skip)` lists."""
     if isinstance(value, str):
         return change(value)
     if isinstance(value, Mapping):
-        return {key: item if key == "role" else _map_strings(item, change) for key, item in value.items()}
+        return {change(key) if isinstance(key, str) else key: item if key == skip else _map_strings(item, change, skip)
+                for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_map_strings(item, change) for item in value]
+        return [_map_strings(item, change, skip) for item in value]
     return value
 
 

@@ -76,12 +76,15 @@ class ChatTokenizer:
         special = {field: text for field, text in special.items() if text is not None}
         return cls(tokenizer, _chat_template(directory, config), special, _eos_ids(directory, tokenizer, special))
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role", "content"}]), as the model saw it in training. Raises
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for `messages` ([{"role", "content"}]), as the model saw it in training; `tools` (OpenAI's
+        tool objects) reach the template as `tools`, None when there are none, as transformers passes them. Raises
         MoetrtError when the tokenizer has no chat template."""
         if self._template is None:
             raise MoetrtError(NO_TEMPLATE)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; nothing added (the template already writes the BOS token)."""
