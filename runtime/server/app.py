@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server over the continuous-batching scheduler (FastAPI and uvicorn: the `serve` extra).
 
-POST /v1/chat/completions and /v1/completions (server-sent events with `stream`, else one JSON object),
-GET /v1/models and /v1/models/{id}, GET /health and GET /metrics (Prometheus text). R1's thinking comes back as
-`reasoning_content` beside `content`, as DeepSeek's API returns it. Errors are OpenAI-style JSON
+POST /v1/chat/completions and /v1/completions (server-sent events with `stream`, else one JSON object; the fields
+each takes and the response shapes are protocol.py's), GET /v1/models and /v1/models/{id}, GET /health and
+GET /metrics (Prometheus text). R1's thinking comes back as `reasoning_content` (DeepSeek's name) and `reasoning`
+(vLLM's) beside `content`; with `tools`, tool calls in the model's output come back as `tool_calls`
+(runtime/tool_parsers.py). Errors are OpenAI-style JSON
 (protocol.py's `error_body`) with a 4xx status for anything a client can cause. `drain()` ends the app's work
 for a graceful shutdown (launch.py calls it on SIGTERM/SIGINT).
 """
@@ -18,7 +20,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException
 from moetrt.errors import MoetrtError
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.generate import GenerationOptions, StreamEvent
+from moetrt.runtime.reasoning import ThinkTags
 from moetrt.runtime.requests import RequestError, fit_new_tokens
 from moetrt.runtime.scheduler import QueueFull, Scheduler, Ticket
 from moetrt.runtime.server.limits import DEFAULT_LIMITS, ServerLimits
@@ -39,15 +41,19 @@ from moetrt.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
+    Reply,
+    TokenSpeller,
     error_body,
     parse,
     refused,
 )
+from moetrt.runtime.tool_parsers import DEFAULT_TOOL_PARSER, tool_parser
 
 log = logging.getLogger("moetrt.server")
 access_log = logging.getLogger("moetrt.access")
 
 SHUTTING_DOWN = "the server is shutting down; retry the request on another server"
+TOOL_PARSER = DEFAULT_TOOL_PARSER  # DeepSeek's tool-call format (V3, R1 and their updates, V3.1)
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -83,7 +89,7 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), 0
-        state = scope.setdefault("state", {})  # per request: the route leaves its _Reply here for the log
+        state = scope.setdefault("state", {})  # per request: the route leaves its Reply here for the log
 
         async def counted_send(message):
             nonlocal status
@@ -165,7 +171,7 @@ class _Gate:
             message.cancel()  # a no-op once it is done
 
 
-def _log_access(scope, status: int, reply: _Reply | None, seconds: float) -> None:
+def _log_access(scope, status: int, reply: Reply | None, seconds: float) -> None:
     """One line per request: client, request line, status, tokens and finish reason (generation routes), time.
     Health checks and metrics scrapes log at DEBUG, so probes do not drown the requests."""
     client = "%s:%d" % tuple(scope["client"]) if scope.get("client") else "-"
@@ -246,7 +252,8 @@ def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse(CompletionRequest, await request.body())
-        return await service.respond(request, body, service.completion_prompt(body.prompt), chat=False)
+        prompt = service.completion_prompt(body.prompt)
+        return await service.respond(request, body, prompt, chat=False, echo=service.echo(body, prompt))
 
     return _Gate(app, service, scheduler.metrics, api_key, limits)
 
@@ -258,6 +265,7 @@ class _Service:
     def __init__(self, engine: Engine, scheduler: Scheduler, model_name: str, sse_keepalive: float):
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.sse_keepalive = sse_keepalive
+        self.speller = TokenSpeller(engine.tokenizer)
         self.mailbox: _Mailbox | None = None
         self.flights: weakref.WeakSet[_Flight] = weakref.WeakSet()  # a stream never started leaves none behind
         self.draining = False
@@ -280,16 +288,25 @@ class _Service:
             flight.end(ApiError(503, SHUTTING_DOWN, kind="server_error", code="server_shutting_down"))
 
     def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], bool]:
-        """The conversation's token ids, and whether the template's generation prompt opened the thinking."""
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in body.messages]
+        """The conversation's token ids (with the request's tools rendered by the template), and whether the
+        template's generation prompt opened the thinking."""
+        messages, tools = body.template_messages(), body.template_tools()
         try:
-            return self.engine.chat_prompt(messages), self.engine.opens_thinking(messages)
+            return (self.engine.chat_prompt(messages, tools=tools),
+                    self.engine.opens_thinking(messages, tools=tools))
         except RequestError as error:  # bad messages, or the template's raise_exception refused them
             raise refused(error, body) from None
         except MoetrtError as error:
             raise ApiError(400, str(error), param="messages") from None
+
+    def echo(self, body: CompletionRequest, prompt: list[int]) -> str:
+        """What `echo` puts before each choice's text: the prompt as sent, token ids decoded."""
+        if not body.echo:
+            return ""
+        text = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+        if isinstance(text, str):
+            return text
+        return self.engine.tokenizer.decode(prompt) if self.engine.tokenizer is not None else ""
 
     def completion_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -305,18 +322,18 @@ class _Service:
         """The request's options. Without max_tokens, generation_config.json's max_new_tokens capped by the room the
         prompt leaves, else the whole room (OpenAI's and vLLM's convention); at least 1, so that a prompt that fills
         the context is refused as too long."""
-        if body.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
         if body.model != self.model_name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        if getattr(body, "reasoning_effort", None) is not None and (
+                self.engine.tokenizer is None or ThinkTags.of(self.engine.tokenizer) is None):
+            raise ApiError(400, "reasoning_effort needs a model that reasons (<think> and </think> tokens); this one "
+                           "does not: leave it out", param="reasoning_effort")
         requested = body.requested_tokens
         try:
-            options = self.engine.options(max_new_tokens=requested, temperature=body.temperature, top_p=body.top_p,
-                                          top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                                          seed=body.seed, stop=body.stop, stop_in_reasoning=body.stop_in_reasoning)
+            options = self.engine.options(**body.generation_overrides())
+        except RequestError as error:
+            raise refused(error, body) from None
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
         if requested is None:
@@ -325,16 +342,21 @@ class _Service:
         return options
 
     async def respond(self, request: Request, body: GenerationRequest, prompt: list[int], chat: bool,
-                      in_reasoning: bool = False) -> Response:
+                      in_reasoning: bool = False, echo: str = "") -> Response:
+        """Submit the request and answer it: a stream of chunks or one whole response (Reply builds both).
+        `echo`: the prompt text a completion's choices start with."""
         options = self.options(body, prompt)
         if self.draining:  # no await from here to registering the flight, so drain() sees every flight
             raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="server_shutting_down",
                            headers={"Connection": "close"})
         self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
-        flight = _Flight()
+        flight = _Flight(body.n)
         try:
+            reply = Reply(self.model_name, chat, len(prompt), body.n, speller=self.speller,
+                          top_logprobs=body.logprob_alternatives, echo=echo, reasoning_tokens=flight.reasoning_tokens,
+                          tool_parser=self._tool_parser if chat and body.uses_tools else None)
             flight.ticket = self.scheduler.submit(prompt, options, functools.partial(self.mailbox.post, flight),
-                                                  split_reasoning=chat, in_reasoning=in_reasoning)
+                                                  split_reasoning=chat, in_reasoning=in_reasoning, n=body.n)
         except QueueFull as error:
             raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -342,7 +364,6 @@ class _Service:
             raise refused(error, body) from None
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
-        reply = _Reply(self.model_name, chat, len(prompt), flight.ticket)
         request.state.reply = reply  # for the access log
         self.flights.add(flight)
         if body.stream:
@@ -350,32 +371,38 @@ class _Service:
             return StreamingResponse(self._stream(reply, flight, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            async for batch in _until_finished(flight.events, request):
+            async for batch in _until_finished(flight, request):
                 for event in batch:
                     reply.add(event)
         finally:
             self._land(flight)
         return JSONResponse(reply.whole())
 
-    async def _stream(self, reply: _Reply, flight: _Flight, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, reply: Reply, flight: _Flight, include_usage: bool) -> AsyncIterator[str]:
+        """The response's server-sent events: one chunk per choice per event with something to show (OpenAI
+        streams `n` choices interleaved, each chunk naming its choice's index), then the usage if asked for."""
+        usage = {"usage": None} if include_usage else {}
         try:
-            if reply.chat:
-                yield _sse(reply.chunk(None, role=True, usage=include_usage))
-            async for batch in _until_finished(flight.events, None, self.sse_keepalive):
+            for choice in reply.opening():
+                yield _sse({**reply.head(chunk=True), "choices": [choice], **usage})
+            async for batch in _until_finished(flight, None, self.sse_keepalive):
                 if not batch:  # nothing for a while (queued): an SSE comment keeps proxies from timing out
                     yield ": keep-alive\n\n"
                     continue
-                for event in batch:
-                    reply.add(event)
-                yield "".join(_sse(reply.chunk(event, usage=include_usage)) for event in batch
-                              if event.reasoning or event.text or event.finish_reason)
+                choices = [choice for choice in map(reply.add, batch) if choice is not None]
+                yield "".join(_sse({**reply.head(chunk=True), "choices": [choice], **usage}) for choice in choices)
             if include_usage:
-                yield _sse({**reply.chunk(None, usage=True), "choices": [], "usage": reply.usage()})
+                yield _sse({**reply.head(chunk=True), "choices": [], "usage": reply.usage()})
         except ApiError as error:  # the status line is already sent: report in the stream, as OpenAI does
             yield _sse(error_body(error.message, error.kind, code=error.code))
         finally:
             self._land(flight)  # also when the client disconnected (Starlette cancels this generator)
         yield "data: [DONE]\n\n"  # after an error too, as vLLM ends its streams, so clients stop reading
+
+    def _tool_parser(self):
+        """A new tool-call parser for one choice; RequestError (param "tools") when the model has no tool-call
+        tokens, before anything is submitted."""
+        return tool_parser(TOOL_PARSER, self.engine.tokenizer)
 
     def _land(self, flight: _Flight) -> None:
         """The request's response is over: cancel its ticket (a no-op once finished; frees the slot if the
@@ -390,19 +417,27 @@ def _sse(data: dict) -> str:
 
 
 class _Flight:
-    """One generation request in progress: its ticket, the queue its events arrive in (on the event loop),
-    and `over`, set once its last event or error arrived or its response ended."""
+    """One generation request in progress: its ticket (all `choices` of it), the queue its events arrive in (on
+    the event loop), and `over`, set once every choice's last event or an error arrived or its response ended."""
 
     ticket: Ticket  # set as soon as submit() returns it; the scheduler may deliver before that
 
-    def __init__(self):
+    def __init__(self, choices: int = 1):
+        self.choices = choices
         self.events: asyncio.Queue = asyncio.Queue()
         self.over = asyncio.Event()
+        self._running = choices
 
     def deliver(self, item: StreamEvent | BaseException) -> None:
         self.events.put_nowait(item)
-        if isinstance(item, BaseException) or item.finish_reason is not None:
+        if not isinstance(item, BaseException) and item.finish_reason is not None:
+            self._running -= 1
+        if isinstance(item, BaseException) or self._running == 0:
             self.over.set()
+
+    def reasoning_tokens(self) -> int:
+        """Thinking tokens of all its choices so far."""
+        return sum(row.reasoning_tokens for row in self.ticket.rows)
 
     def end(self, error: ApiError) -> None:
         """Stop generating and end the response with `error`."""
@@ -433,12 +468,13 @@ class _Mailbox:
             flight.deliver(item)
 
 
-async def _until_finished(events: asyncio.Queue, request: Request | None,
+async def _until_finished(flight: _Flight, request: Request | None,
                           keepalive: float | None = None) -> AsyncIterator[list[StreamEvent]]:
-    """A ticket's events, in lists of those that arrived together, until its last; with `request`, stops as
-    soon as the client disconnects. (Streamed responses leave that to Starlette, which cancels them.) With
-    `keepalive`, an empty list after each `keepalive` seconds without events. An ApiError among the events
+    """A flight's events, in lists of those that arrived together, until the last of its last choice; with
+    `request`, stops as soon as the client disconnects. (Streamed responses leave that to Starlette, which cancels
+    them.) With `keepalive`, an empty list after each `keepalive` seconds without events. An ApiError among the events
     (drain() ends a request with one) is raised as it is; an exception from the scheduler becomes a 500."""
+    events, running = flight.events, flight.choices
     getter: asyncio.Future | None = None
     gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
     try:
@@ -460,7 +496,8 @@ async def _until_finished(events: asyncio.Queue, request: Request | None,
                 if isinstance(item, BaseException):
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")
             yield batch
-            if batch[-1].finish_reason is not None:
+            running -= sum(event.finish_reason is not None for event in batch)
+            if running == 0:
                 return
     finally:
         for task in (getter, gone):
@@ -472,59 +509,3 @@ async def _disconnect(request: Request) -> None:
     """Returns when the client goes away (the body has been read, so receive() waits for that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class _Reply:
-    """Accumulates one request's events into OpenAI's chunk and whole-response objects. The whole response's
-    text is exactly the concatenation of the streamed deltas, so streamed and not streamed agree."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: int, ticket: Ticket):
-        self.model, self.chat, self.prompt_tokens, self.ticket = model, chat, prompt_tokens, ticket
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.reasoning: list[str] = []
-        self.text: list[str] = []
-        self.tokens = 0
-        self.finish_reason: str | None = None
-
-    def add(self, event: StreamEvent) -> None:
-        self.reasoning.append(event.reasoning)
-        self.text.append(event.text)
-        self.tokens += len(event.token_ids)
-        self.finish_reason = event.finish_reason or self.finish_reason
-
-    def usage(self) -> dict[str, Any]:
-        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
-                 "total_tokens": self.prompt_tokens + self.tokens}
-        if self.chat:
-            usage["completion_tokens_details"] = {"reasoning_tokens": self.ticket.row.reasoning_tokens}
-        return usage
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def chunk(self, event: StreamEvent | None, role: bool = False, usage: bool = False) -> dict[str, Any]:
-        finish = event.finish_reason if event else None
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if event and event.reasoning:
-                delta["reasoning_content"] = event.reasoning
-            if event and event.text:
-                delta["content"] = event.text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": event.text if event else "", "logprobs": None, "finish_reason": finish}
-            out = {**self._head("text_completion"), "choices": [choice]}
-        return {**out, "usage": None} if usage else out
-
-    def whole(self) -> dict[str, Any]:
-        text, reasoning = "".join(self.text), "".join(self.reasoning)
-        if self.chat:
-            message = {"role": "assistant", "content": text, "reasoning_content": reasoning or None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": self.usage()}
