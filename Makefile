@@ -11,7 +11,7 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench serve train-tiny build-engine demo
+.PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench bench-serve serve train-tiny build-engine demo
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,17 @@ gpu-check-quick:
 # the first run also writes the random 3.3 GB ds-mini checkpoint).
 bench: $(STAMP)
 	$(PY) -m moetrt.bench.run
+
+# The serving benchmark (moetrt bench serve; not part of `make test`): tiny-r1 behind `moetrt serve` at 8 and 32
+# streams in flight, 1 in 8 prompts long, chunked prefill against whole-prompt prefill in alternating rounds;
+# writes bench/results/serve.md. Its engine decodes 32 requests together. Options go in SERVE_BENCH_ARGS.
+SERVE_BENCH_ENGINE ?= engines/tiny-r1-b32
+$(SERVE_BENCH_ENGINE)/manifest.json: $(STAMP) $(wildcard $(CHECKPOINT)/*)
+	$(PY) -m moetrt.cli build-engine $(CHECKPOINT) -o $(SERVE_BENCH_ENGINE) --backend $(BACKEND) --max-batch 32
+
+bench-serve: $(SERVE_BENCH_ENGINE)/manifest.json
+	$(PY) -m moetrt.cli bench serve $(SERVE_BENCH_ENGINE) --max-concurrency 8 32 --num-prompts 64 \
+		--compare 'whole-prompt prefill=--max-prefill-tokens 0' 'chunked prefill=' $(SERVE_BENCH_ARGS)
 
 # An engine for $(CHECKPOINT) in $(ENGINE); BACKEND=auto picks TensorRT where it and a GPU are present, else
 # ONNX Runtime. `make build-engine` always rebuilds; the demo rebuilds only when the checkpoint changed.

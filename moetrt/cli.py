@@ -465,6 +465,11 @@ def serve(
                                            "running requests get to finish before they end with an error."),
     sse_keepalive: float = typer.Option(SERVER_LIMITS.sse_keepalive, help="Seconds without tokens after which "
                                         "a stream gets a `: keep-alive` comment (while queued, say)."),
+    max_prefill_tokens: Optional[int] = typer.Option(SERVER_LIMITS.max_prefill_tokens, help="Prompt tokens "
+                                                     "prefilled per decode step while requests run (chunked "
+                                                     "prefill; default: the scheduler's, measured on tiny-r1 on a "
+                                                     "CPU: raise it for large models on GPUs); 0 prefills whole "
+                                                     "prompts before the step."),
     log_level: Literal[SERVER_LOG_LEVELS] = typer.Option("info", help="Access lines are info; health checks "
                                                          "and metrics scrapes debug."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
@@ -474,7 +479,8 @@ def serve(
 
     limits = ServerLimits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_connections=max_connections,
                           header_timeout=header_timeout, body_timeout=body_timeout,
-                          shutdown_timeout=shutdown_timeout, sse_keepalive=sse_keepalive)
+                          shutdown_timeout=shutdown_timeout, sse_keepalive=sse_keepalive,
+                          max_prefill_tokens=max_prefill_tokens)
     try:
         from moetrt.runtime.server import serve as run_server
     except ImportError as error:
@@ -486,10 +492,17 @@ def serve(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Benchmarks against transformers and the memory-bandwidth roofline (options: --models, --repeats,
-    --new-tokens, --prefill-len, --threads, --out; see `moetrt bench --help-bench`)."""
+    --new-tokens, --prefill-len, --threads, --out; see `moetrt bench --help-bench`). `moetrt bench serve ...`:
+    the serving benchmark through `moetrt serve` (TTFT, inter-token latency; `moetrt bench serve --help-bench`)."""
+    args = ["--help" if arg == "--help-bench" else arg for arg in ctx.args]
+    if args[:1] == ["serve"]:
+        from moetrt.bench.serve import main as run_serve_bench
+
+        run_serve_bench(args[1:])
+        return
     from moetrt.bench.run import main as run_bench
 
-    run_bench(["--help"] if "--help-bench" in ctx.args else list(ctx.args))
+    run_bench(["--help"] if "--help" in args else args)
 
 
 def main() -> None:
