@@ -43,14 +43,14 @@ log = logging.getLogger("moetrt.scheduler")
 Sink = Callable[[StreamEvent | BaseException], None]
 
 # Prompt tokens prefilled per decode step while requests run (`Scheduler(prefill_budget=...)`, `moetrt serve
-# --max-prefill-tokens`): a part should cost about one decode step, so the gap between tokens at most doubles.
-# tiny-r1 on 2 busy shared CPU cores, 7 streams decoding while a 400-token prompt joins, two runs: median gap
-# between tokens 8.1 / 2.3 ms without it; while it prefills, 12.2 / 3.9 ms with 8 tokens per step (x1.5 /
-# x1.7, its first token after 270 ms in run 2), 15.2 / 5.1 ms with 16 (x1.9 / x2.3, 139 ms), 18.7 / 7.9 ms
-# with 32 (x2.3 / x3.5, 113 ms); whole prompts stall streams for 60-125 ms (p90). Per-call overhead dominates a
-# tiny model on a CPU; big models on GPUs, where a decode step costs as much as hundreds of prompt tokens,
-# want a larger budget.
-DEFAULT_PREFILL_BUDGET = 16
+# --max-prefill-tokens`). Small budgets keep streams smoother but delay every joiner's first token, since short
+# prompts queue behind the budget too. `moetrt bench serve` on tiny-r1 (2 CPU cores, 64 requests, 1 in 8 of ~320
+# tokens, budgets side by side in one run), p99 gap between tokens while a long prompt prefills / outside, and
+# median TTFT against whole-prompt prefill: at 8 concurrent, 16: 0.97 and 4.0x, 64: 1.61 and 2.0x, 128: 2.53 and
+# 1.4x (whole prompts 2.54); at 32 concurrent, 16: 1.29 and 4.9x, 64: 0.91 and 0.96x, 128: 1.21 and 1.04x (whole
+# prompts 2.84). 64 keeps the gap within 2x at both with little TTFT cost. Big models on GPUs, where a decode step
+# costs as much as hundreds of prompt tokens, want a larger budget.
+DEFAULT_PREFILL_BUDGET = 64
 
 
 class QueueFull(MoetrtError):
