@@ -9,6 +9,7 @@ import pytest
 from moetrt import MoetrtError
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.scheduler import QueueFull, Scheduler
+from tests.runtime.faulty_session import FailsOnThirdCall
 from tests.runtime.reference_cache import ReferenceCacheSession
 
 
@@ -118,22 +119,9 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(engine):
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(engine):
-    class FailsOnce:
-        def __init__(self, session):
-            self.session, self.calls = session, 0
-
-        def __getattr__(self, name):
-            return getattr(self.session, name)
-
-        def run(self, *args):
-            self.calls += 1
-            if self.calls == 3:
-                raise RuntimeError("device lost")
-            return self.session.run(*args)
-
     prompt = engine.chat_prompt([{"role": "user", "content": "7*8"}])
     options = dict(max_new_tokens=10, greedy=True)
-    with Scheduler(FailsOnce(engine.session), engine.tokenizer, max_context=engine.max_context) as batched:
+    with Scheduler(FailsOnThirdCall(engine.session), engine.tokenizer, max_context=engine.max_context) as batched:
         with pytest.raises(RuntimeError, match="device lost"):
             collect(batched.submit(prompt, engine.options(**options)).events())
         after_failure = batched.submit(prompt, engine.options(**options))

@@ -9,6 +9,7 @@ from moetrt.runtime import scheduler as scheduler_module
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.requests import RequestError
 from moetrt.runtime.scheduler import Scheduler
+from tests.runtime.faulty_session import FailsOnThirdCall
 from tests.runtime.test_scheduler import assert_same_as_single, collect
 
 SAMPLED = dict(max_new_tokens=30, temperature=0.9, top_p=0.9)
@@ -95,19 +96,6 @@ def test_n_outside_one_to_max_batch_is_refused_naming_n(engine, n):
 
 
 def test_a_failing_step_fails_all_choices_with_one_error_and_the_loop_goes_on(engine):
-    class FailsOnThirdCall:
-        def __init__(self, session):
-            self.session, self.calls = session, 0
-
-        def __getattr__(self, name):
-            return getattr(self.session, name)
-
-        def run(self, *args):
-            self.calls += 1
-            if self.calls == 3:
-                raise RuntimeError("device lost")
-            return self.session.run(*args)
-
     prompt = engine.chat_prompt([{"role": "user", "content": "6/3"}])
     greedy = dict(max_new_tokens=10, greedy=True)
     errors, events = [], []
