@@ -112,7 +112,7 @@ def test_eval_answers_equal_transformers_greedy_generation(chat):
     """`moetrt eval` on the checkpoint, problem by problem, against transformers' own greedy `generate`."""
     from transformers import AutoModelForCausalLM
 
-    result = _eval("--task", "arithmetic", "-n", "12", "--seed", "3", "--json")
+    result = _eval("--task", "arithmetic", "--num-problems", "12", "--seed", "3", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n"] == 12 and report["parsed"] == 12 and 0.5 <= report["accuracy"] <= 1
@@ -125,7 +125,8 @@ def test_eval_answers_equal_transformers_greedy_generation(chat):
         assert row["predicted"] == parse_answer(chat.decode(out[0, ids.shape[1] :].tolist())), problem.question
 
 
-def test_eval_rejects_an_unknown_task_in_one_line():
-    result = _eval("-n", "2", "--task", "poetry")
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and "poetry" in result.stderr
+def test_eval_rejects_an_unknown_task_naming_the_choices():
+    result = _eval("--num-problems", "2", "--task", "poetry")
+    assert result.returncode == 2  # click's usage error: usage, hint, then one line naming the value and the choices
+    error = result.stderr.strip().splitlines()[-1]
+    assert "poetry" in error and "arithmetic" in error
