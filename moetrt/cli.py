@@ -124,6 +124,10 @@ def info(
     from moetrt.config import load_config
     from moetrt.export.info import describe
 
+    if (source / "manifest.json").is_file():  # an engine: its manifest's checks come before reading any file it names
+        from moetrt.formats import read_manifest
+
+        read_manifest(source)
     summary = describe(load_config(source), context=context, batch=batch)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -100,6 +100,14 @@ def test_engine_rejects_symlink_leading_out_of_directory(engine, chat_engine_dir
                           f"{(chat_engine_dir / 'model.onnx').resolve()} through a symlink", "rebuild the engine")
 
 
+def test_info_checks_the_manifest_before_reading_the_engines_config(engine, tmp_path):
+    outside = tmp_path / "config.json"
+    outside.write_text("not a config")  # read first, this would be the error instead
+    (engine / "config.json").unlink()
+    (engine / "config.json").symlink_to(outside)
+    assert_one_line_error(moetrt_cli("info", engine), "'config.json' leads to", "through a symlink")
+
+
 def test_symlinks_that_stay_inside_load(engine, tmp_path):
     (engine / "kept").mkdir()
     (engine / "config.json").rename(engine / "kept" / "config.json")
