@@ -409,6 +409,7 @@ def chat(
     loaded = Engine.load(engine, threads=threads)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
                                   max_reasoning_tokens)
+    loaded.options(**options)  # out-of-range options (-n 0) are refused at once, not at each line
     console = Console(highlight=False)
     messages = [{"role": "system", "content": system}] if system else []
     if system:  # refused at once, not at each line

@@ -9,7 +9,9 @@ The kernel is C with no dependency beyond libc and pthreads. An engine build com
 TARGETS of its CPU architecture and carries the libraries (`kernels/`); loading takes the best one this CPU runs
 (`choose`). Without one that fits, or for tests and benchmarks, it is compiled for this machine
 (`-O3 -march=native`) and cached under `$MOETRT_CACHE_DIR` (default `~/.cache/moetrt`), keyed by its source, the
-compiler and the CPU's instruction sets.
+compiler and the CPU's instruction sets. A library is code the process runs: its sha256 (the engine manifest's
+record, or the one written beside a cached build) is checked before it is loaded, so damaged bytes give an error,
+not a crash.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moetrt.atomic import write_bytes
 from moetrt.errors import MoetrtError
-from moetrt.formats import CpuKernel
+from moetrt.formats import CpuKernel, file_sha256
 from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
@@ -197,25 +200,39 @@ def native_library() -> ctypes.CDLL:
                     " ".join(hardware.cpu_flags()).encode(), hardware.cpu_arch().encode()])
     ).hexdigest()[:16]
     path = cache_dir() / f"cpu_experts-{key}.so"
-    if not path.is_file():
+    record = path.with_name(f"{path.name}.sha256")  # written after the library: a build cut short has none
+    recorded = record.read_text().strip() if record.is_file() else None
+    if recorded is None or not path.is_file() or file_sha256(path) != recorded:  # missing, partial or damaged
         problem = cannot_compile_here()
         if problem:
             raise MoetrtError(f"cannot compile the moetrt CPU expert kernel here: {problem}; set MOETRT_CACHE_DIR to "
                               "a writable directory, or build the engine with --moe-kernel onnxruntime")
         compile_kernel(path, flags, compiler)
-    return load_library(path)
+        recorded = file_sha256(path)
+        write_bytes(record, f"{recorded}\n".encode())
+    return load_library(path, recorded, fix=f"delete {path} and retry")
 
 
 @functools.cache
-def load_library(path: Path) -> ctypes.CDLL:
-    """The compiled kernel at `path`, its ABI checked and its entry point typed. Raises MoetrtError when it
-    cannot be loaded or is another version of the kernel."""
+def load_library(path: Path, sha256: str | None = None, fix: str = "rebuild the engine") -> ctypes.CDLL:
+    """The compiled kernel at `path`, its ABI checked and its entry point typed. With `sha256` (hex), the file
+    is hashed first and refused unless it matches, before the dynamic loader maps it: damaged code would crash
+    the process. Raises MoetrtError (ending in `fix`) when it is damaged, cannot be loaded or is another version
+    of the kernel."""
+    if sha256 is not None:
+        try:
+            digest = file_sha256(path)
+        except OSError as error:
+            raise MoetrtError(f"cannot read the CPU expert kernel {path} ({error.strerror}); {fix}") from None
+        if digest != sha256:
+            raise MoetrtError(f"the CPU expert kernel {path} is damaged (sha256 {digest[:16]}..., recorded "
+                              f"{sha256[:16]}...); {fix}")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
-        raise MoetrtError(f"cannot load the CPU expert kernel {path} ({error}); rebuild the engine") from None
+        raise MoetrtError(f"cannot load the CPU expert kernel {path} ({error}); {fix}") from None
     if lib.moetrt_experts_abi() != ABI:
-        raise MoetrtError(f"{path} is not the kernel this moetrt expects; delete it (or rebuild its engine) and retry")
+        raise MoetrtError(f"{path} is not the kernel this moetrt expects; {fix}")
     pointer, size = ctypes.c_void_p, ctypes.c_long
     lib.moetrt_experts.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int]
     lib.moetrt_experts.restype = ctypes.c_int

@@ -176,9 +176,19 @@ def test_ctrl_c_in_chat_stops_the_reply_and_returns_to_the_prompt(monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C raises mid-reply
         yield SimpleNamespace(reasoning="", text=" reply", finish_reason="stop")
 
-    fake = SimpleNamespace(manifest=SimpleNamespace(backend="ort"), chat_stream=chat_stream)
+    fake = SimpleNamespace(manifest=SimpleNamespace(backend="ort"), chat_stream=chat_stream,
+                           options=lambda **options: options)
     monkeypatch.setattr(Engine, "load", lambda *args, **kwargs: fake)
     result = CliRunner().invoke(app, ["chat", "engine"], input="first\nsecond\n/exit\n")
     assert result.exit_code == 0, result.output
     assert seen == [["first"], ["second"]]  # the stopped exchange is not kept
     assert "(stopped" in result.output and "partial reply" in result.output
+
+
+@pytest.mark.parametrize("source", ["models/tiny-r1", "{engine}"])
+def test_eval_names_num_problems_when_it_is_below_one(tmp_path, source):
+    """eval takes no -n (that is max_new_tokens elsewhere): its refusal names the option it has, before loading."""
+    (tmp_path / "manifest.json").write_text("{}")  # an engine directory by its look; refused before it is read
+    result = subprocess.run([sys.executable, "-m", "moetrt.cli", "eval", source.format(engine=tmp_path),
+                             "--num-problems", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (result.returncode, result.stderr) == (1, "error: --num-problems must be at least 1, got 0\n")

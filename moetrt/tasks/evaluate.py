@@ -86,7 +86,7 @@ class EvalReport:
 def check_options(task_name: str, n: int, batch_size: int):
     """The task module, or MoetrtError for a bad task name or count (before any model is loaded)."""
     if n < 1:
-        raise MoetrtError(f"-n must be at least 1, got {n}")
+        raise MoetrtError(f"--num-problems must be at least 1, got {n}")
     if batch_size < 1:
         raise MoetrtError(f"--batch-size must be at least 1, got {batch_size}")
     return get_task(task_name)

@@ -182,7 +182,13 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
     from moetrt.plugins.cpu_experts import CpuExperts, expert_kernel, load_library, native_library
 
     choice = expert_kernel(section.kernels, manifest.directory)
-    library = load_library(choice.path) if choice.path is not None else native_library()
+    if choice.path is None:
+        library = native_library()
+    else:  # damaged code would crash the process when run: hash it before the loader maps it
+        record = manifest.artifacts[choice.path.relative_to(manifest.directory).as_posix()]
+        library = load_library(choice.path, record.sha256,
+                               fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` names every "
+                                   "changed file)")
     note(f"experts: moetrt's CPU kernel, {choice.description}")
     assert section.experts_file is not None
     with open(manifest.path(section.experts_file), "rb") as f:

@@ -139,3 +139,41 @@ def test_the_best_carried_build_this_cpu_runs_is_chosen():
     assert choose(carried, [flag for flag in X86_64_V3 if flag != "fma"]).target == "x86-64-v2"
     assert choose(carried, ("sse4_2", "popcnt")) is None
     assert choose((), X86_64_V4) is None
+
+
+RUN_CACHED_KERNEL = """
+import numpy as np
+from moetrt.plugins.cpu_experts import CpuExperts
+gate_up, down = np.zeros(8 * 2 * 8 * 8, np.float32), np.zeros(8 * 8 * 8, np.float32)  # 8 experts, H = I = 8
+kernel = CpuExperts(gate_up, down, 8, 8, 8, 1, threads=1)
+print(kernel(np.ones((2, 8)), np.zeros((2, 1)), np.ones((2, 1))).sum())
+"""
+
+
+def test_damaged_kernel_in_the_cache_is_compiled_again_not_run(tmp_path):
+    """The build compiled for this machine is cached with its sha256 beside it; a cached library whose bytes
+    changed (same size) is rebuilt before it is loaded, instead of crashing the process that runs it."""
+    import os
+    import subprocess
+    import sys
+
+    from moetrt.formats import file_sha256
+    from moetrt.plugins.cpu_experts import find_compiler
+
+    if find_compiler() is None:
+        pytest.skip("needs a C compiler")
+    env = {**os.environ, "MOETRT_CACHE_DIR": str(tmp_path)}
+    command = [sys.executable, "-c", RUN_CACHED_KERNEL]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and first.stdout.strip() == "0.0", first.stderr
+    (library,) = tmp_path.glob("cpu_experts-*.so")
+    record = library.with_name(f"{library.name}.sha256")
+    assert file_sha256(library) == record.read_text().strip()
+    data = bytearray(library.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2048] = bytes(byte ^ 0xFF for byte in data[middle:middle + 2048])
+    library.write_bytes(bytes(data))
+    damaged = file_sha256(library)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and second.stdout.strip() == "0.0", (second.returncode, second.stderr)
+    assert file_sha256(library) == record.read_text().strip() != damaged

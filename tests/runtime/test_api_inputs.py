@@ -199,6 +199,17 @@ def test_chat_refuses_a_system_message_that_is_not_utf8_before_the_first_line(ch
     assert one_line_error(result) == "the --system message " + NOT_UTF8.format(byte="fe", at=0)
 
 
+
+@pytest.mark.parametrize("options, message", [
+    (("-n", "0"), "max_new_tokens must be at least 1, got 0"),
+    (("--temperature", "-1"), "temperature must be >= 0, got -1.0"),
+])
+def test_chat_refuses_options_out_of_range_before_the_first_line(chat_engine_dir, options, message):
+    """As `generate` does: one line and exit 1 at start-up, not an error after every line typed and exit 0."""
+    result = subprocess.run([sys.executable, "-m", "moetrt.cli", "chat", chat_engine_dir, *options],
+                            capture_output=True, timeout=300, input=b"hi\n")
+    assert one_line_error(result) == message
+
 def test_chat_answers_a_typed_line_that_is_not_utf8_with_an_error_and_goes_on(chat_engine_dir):
     result = subprocess.run([sys.executable, "-m", "moetrt.cli", "chat", chat_engine_dir, "-n", "2"],
                             capture_output=True, timeout=300, input=b"caf\xe9\n", env=_strict_stdin())

@@ -207,3 +207,26 @@ def test_engine_refuses_a_kernel_it_does_not_hold(engine, tmp_path, name, reason
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MoetrtError, match=reason):
         read_manifest(copy)
+
+
+def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_path):
+    """A carried kernel with bytes flipped but its size kept would crash the process (SIGILL, SIGSEGV) once
+    called: its hash is checked against the manifest before the loader maps it."""
+    from moetrt import hardware
+    from moetrt.plugins.cpu_experts import choose
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    chosen = choose(read_manifest(copy).section.kernels, hardware.cpu_flags())
+    if chosen is None:
+        pytest.skip("no carried build fits this CPU")
+    library = copy / chosen.file
+    data = bytearray(library.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(byte ^ 0xFF for byte in data[middle:middle + 4096])
+    library.write_bytes(bytes(data))
+    result = moetrt_cli("generate", copy, "1+1", "-n", "3")
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and chosen.file in errors[0] and "is damaged" in errors[0], result.stderr
+    assert f"moetrt verify {copy} --integrity" in errors[0] and "Traceback" not in result.stderr
