@@ -213,7 +213,9 @@ class Scheduler:
             # Requests the next step will admit into free slots are not yet "waiting for a slot".
             if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._running):
                 self.metrics.count_request("rejected")
-                raise QueueFull(f"{self._running} requests are running and {len(self._waiting)} waiting "
+                running = {choice.ticket for choice in list(self._slots) if choice is not None}
+                running.update(part.ticket for part in list(self._prefilling))  # requests, not their n choices
+                raise QueueFull(f"{len(running)} requests are running and {len(self._waiting)} waiting "
                                 f"(--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry later")
             self._waiting.append(ticket)
             self._wake.notify()

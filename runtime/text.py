@@ -135,7 +135,7 @@ class ChatEncoder:
         ids: list[int] = []
         for index, part in enumerate(parts):
             if part and index % 2:
-                ids += self._plain_tokenizer().encode(part, add_special_tokens=False).ids
+                ids += self._plain_tokenizer().encode_batch([part], add_special_tokens=False)[0].ids  # GIL released
             elif part:
                 ids += self.tokenizer.encode(part)
         return ids

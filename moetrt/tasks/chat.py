@@ -88,14 +88,16 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; nothing added (the template already writes the BOS token)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it tokenizes (encode does not), so a server's other threads, its
+        # event loop among them, keep running during a huge prompt; same ids.
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw-text prompt with the special tokens transformers' tokenizer adds to it: the BOS that
         add_bos_token asks for. transformers 5 takes them from tokenizer.json's post-processor (it drops
         tokenizer_config.json's add_bos_token/add_eos_token when a tokenizer.json is there), and so does this.
         A rendered chat prompt takes `encode` instead: its template writes the BOS."""
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        return self.tokenizer.encode_batch([text], add_special_tokens=True)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -246,13 +246,13 @@ def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = parse(ChatCompletionRequest, await request.body())
-        prompt, in_reasoning = service.chat_prompt(body)
+        prompt, in_reasoning = await asyncio.to_thread(service.chat_prompt, body)  # a long prompt takes seconds
         return await service.respond(request, body, prompt, chat=True, in_reasoning=in_reasoning)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse(CompletionRequest, await request.body())
-        prompt = service.completion_prompt(body.prompt)
+        prompt = await asyncio.to_thread(service.completion_prompt, body.prompt)
         return await service.respond(request, body, prompt, chat=False, echo=service.echo(body, prompt))
 
     return _Gate(app, service, scheduler.metrics, api_key, limits)
@@ -346,17 +346,17 @@ class _Service:
         """Submit the request and answer it: a stream of chunks or one whole response (Reply builds both).
         `echo`: the prompt text a completion's choices start with."""
         options = self.options(body, prompt)
-        if self.draining:  # no await from here to registering the flight, so drain() sees every flight
-            raise ApiError(503, SHUTTING_DOWN, kind="server_error", code="server_shutting_down",
-                           headers={"Connection": "close"})
+        if self.draining:
+            raise _shutting_down()
         self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
         flight = _Flight(body.n)
         try:
             reply = Reply(self.model_name, chat, len(prompt), body.n, speller=self.speller,
                           top_logprobs=body.logprob_alternatives, echo=echo, reasoning_tokens=flight.reasoning_tokens,
                           tool_parser=self._tool_parser if chat and body.uses_tools else None)
-            flight.ticket = self.scheduler.submit(prompt, options, functools.partial(self.mailbox.post, flight),
-                                                  split_reasoning=chat, in_reasoning=in_reasoning, n=body.n)
+            flight.ticket = await _submitted(functools.partial(
+                self.scheduler.submit, prompt, options, functools.partial(self.mailbox.post, flight),
+                split_reasoning=chat, in_reasoning=in_reasoning, n=body.n))
         except QueueFull as error:
             raise ApiError(429, str(error), kind="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -364,8 +364,11 @@ class _Service:
             raise refused(error, body) from None
         except MoetrtError as error:
             raise ApiError(400, str(error)) from None
+        if self.draining:  # drain() began while submit ran, so it does not know this flight
+            flight.ticket.cancel()
+            raise _shutting_down()
         request.state.reply = reply  # for the access log
-        self.flights.add(flight)
+        self.flights.add(flight)  # no await since the check above, so drain() sees every flight
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._stream(reply, flight, include_usage), media_type="text/event-stream",
@@ -410,6 +413,29 @@ class _Service:
         flight.ticket.cancel()
         flight.over.set()
         self.flights.discard(flight)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, SHUTTING_DOWN, kind="server_error", code="server_shutting_down",
+                    headers={"Connection": "close"})
+
+
+async def _submitted(submit: Callable[[], Ticket]) -> Ticket:
+    """`submit()`'s ticket, submitted on a worker thread: the scheduler's submit (thread-safe) checks the request
+    and builds its grammar constraint, seconds for a large json_schema, which would stall every stream on the event
+    loop. If the caller is cancelled meanwhile, the ticket is cancelled once it exists, so nothing generates for
+    nobody."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(submit))
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_ticket)
+        raise
+
+
+def _cancel_ticket(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        submitting.result().cancel()
 
 
 def _sse(data: dict) -> str:

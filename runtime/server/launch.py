@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import functools
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -23,6 +25,7 @@ from moetrt.runtime.engine import Engine
 from moetrt.runtime.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler
 from moetrt.runtime.server.app import create_app
 from moetrt.runtime.server.limits import DEFAULT_LIMITS, LOG_LEVELS, ServerLimits
+from moetrt.runtime.server.protocol import error_body
 
 log = logging.getLogger("moetrt.server")
 
@@ -36,10 +39,17 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           limits: ServerLimits = DEFAULT_LIMITS, log_level: str = "info") -> None:
     """Load an engine and serve it until SIGTERM or SIGINT, then drain (ServerLimits.shutdown_timeout) and
     return. max_batch defaults to the engine's built max_batch; model_name to the engine directory's name.
-    Raises MoetrtError for a bad option, a port out of range or in use, or a server that did not start."""
+    Raises MoetrtError for a bad option (a blank model name or API key), a port out of range or in use, or a server
+    that did not start."""
     _configure_logging(log_level)
     if not 0 <= port <= 65535:
         raise MoetrtError(f"--port must lie in [0, 65535], got {port}")
+    if model_name is not None and not model_name.strip():
+        raise MoetrtError("--served-model-name is blank: give the model's id, or leave the option out to use the "
+                          "engine directory's name")
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise MoetrtError("--api-key (or MOETRT_API_KEY) is blank or has spaces around it, so no client could send "
+                          "it: give the key itself, or leave the option out to serve without one")
     listener = bind(host, port)  # before loading: a busy port fails at once, not after minutes of loading
     try:
         engine = Engine.load(engine_dir, threads=threads)
@@ -56,11 +66,12 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         app = create_app(engine, scheduler, model_name=name, api_key=api_key, limits=limits)
         log.info("serving %s (%s, batch %d, queue %d, prefill %s tokens per step) from %s", name,
                  engine.manifest.backend, max_batch, limits.max_queue, budget or "all", engine_dir)
-        config = _Config(app, header_timeout=limits.header_timeout, http=HeaderTimeoutH11Protocol,
-                         log_config=None, log_level=log_level, access_log=False, lifespan="on",
-                         limit_concurrency=limits.max_connections, timeout_graceful_shutdown=WRITE_GRACE_SECONDS)
+        config = _Config(app, header_timeout=limits.header_timeout, max_connections=limits.max_connections,
+                         http=HeaderTimeoutH11Protocol, log_config=None, log_level=log_level, access_log=False,
+                         lifespan="on", timeout_graceful_shutdown=WRITE_GRACE_SECONDS)
         server = _Server(config, drain=app.drain, shutdown_timeout=limits.shutdown_timeout,
-                         warning=exposure_warning(listener.getsockname()[0], api_key))
+                         warning=exposure_warning(listener.getsockname()[0], api_key),
+                         listening_level=logging.WARNING if port == 0 else logging.INFO)
         server.run(sockets=[listener])
     finally:
         listener.close()
@@ -114,10 +125,32 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for the request head: a connection that has not sent a whole head
     `config.header_timeout` seconds after it opened (or after the first byte of a later request on a kept-alive
     connection) is closed. uvicorn times out only idle kept-alive connections, so a client sending half a head,
-    or nothing, would hold its connection forever."""
+    or nothing, would hold its connection forever.
+
+    It also holds `config.max_connections` in place of uvicorn's `limit_concurrency`, whose check counts the
+    connection asking (N admits N-1, 1 refuses everything) and answers in plain text: a request on a connection
+    beyond the limit gets a 503 in OpenAI's error shape with Retry-After, and the connection is closed."""
 
     config: _Config
     _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, config: _Config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.app = functools.partial(self._within_limit, self.app)
+
+    async def _within_limit(self, app, scope, receive, send) -> None:
+        # Both sets include this connection and this request's task by the time the task runs.
+        limit = self.config.max_connections
+        if scope["type"] != "http" or (len(self.connections) <= limit and len(self.tasks) <= limit):
+            return await app(scope, receive, send)
+        log.warning("refusing a request from %s: %d connections open (--max-connections %d)",
+                    "%s:%d" % tuple(self.client) if self.client else "-", len(self.connections), limit)
+        body = json.dumps(error_body(f"the server has {limit} connections open (--max-connections); retry later",
+                                     kind="server_error", code="too_many_connections")).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -152,28 +185,32 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
 
 class _Config(uvicorn.Config):
-    """uvicorn's config and the head deadline HeaderTimeoutH11Protocol reads."""
+    """uvicorn's config and the head deadline and connection limit HeaderTimeoutH11Protocol reads."""
 
-    def __init__(self, app, *, header_timeout: float, **options):
+    def __init__(self, app, *, header_timeout: float, max_connections: int, **options):
         super().__init__(app, **options)
-        self.header_timeout = header_timeout
+        self.header_timeout, self.max_connections = header_timeout, max_connections
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server that says where it listens once it does, stops listening and drains the app on the
-    first SIGTERM or SIGINT (a second SIGINT cuts the drain), and exits normally: uvicorn re-raises the signal
-    once it has stopped, which SIGTERM's default action turns into death by signal."""
+    """uvicorn's server that says where it listens once it does (at `listening_level`: WARNING for a port the
+    system chose, so that --log-level warning still tells it), stops listening and drains the app on the first
+    SIGTERM or SIGINT (a second SIGINT cuts the drain), and exits normally: uvicorn re-raises the signal once it
+    has stopped, which SIGTERM's default action turns into death by signal."""
 
-    def __init__(self, config: _Config, *, drain, shutdown_timeout: float, warning: str | None):
+    def __init__(self, config: _Config, *, drain, shutdown_timeout: float, warning: str | None,
+                 listening_level: int = logging.INFO):
         super().__init__(config)
         self.drain, self.shutdown_timeout, self.warning = drain, shutdown_timeout, warning
+        self.listening_level = listening_level
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
             for listener in sockets or []:
                 host, port = listener.getsockname()[:2]
-                log.info("listening on http://%s:%d/v1", f"[{host}]" if ":" in host else host, port)
+                log.log(self.listening_level, "listening on http://%s:%d/v1", f"[{host}]" if ":" in host else host,
+                        port)
             if self.warning:
                 log.warning(self.warning)
 
@@ -183,6 +220,11 @@ class _Server(uvicorn.Server):
             server.close()
         await self.drain(self.shutdown_timeout, lambda: self.force_exit)
         await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown after a second SIGINT; the lifespan task would then be cancelled
+            # at exit (a CancelledError traceback in the log) and the scheduler never closed. Closing it takes
+            # one decode step at most, since drain() has ended every request.
+            await self.lifespan.shutdown()
 
     @contextlib.contextmanager
     def capture_signals(self):

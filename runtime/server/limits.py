@@ -16,8 +16,8 @@ class ServerLimits:
 
     max_queue: requests waiting for a batch slot; beyond that, 429 with Retry-After.
     max_body_bytes: largest request body; beyond that, 413.
-    max_connections: open connections (and running requests) beyond which a new request gets 503 (uvicorn's
-        `limit_concurrency`).
+    max_connections: open connections (and running requests) beyond which a new request gets 503 with
+        Retry-After (launch.py's HeaderTimeoutH11Protocol holds it).
     header_timeout: time a connection has to send a whole request head, from its opening (or from the first
         byte of a later request on a kept-alive connection); then it is closed.
     body_timeout: time a client has to send the whole body once the head arrived; then 408 and the connection

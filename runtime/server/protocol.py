@@ -61,6 +61,16 @@ REASONING_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 256, "low": 10
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's schema makes every optional field nullable, null meaning the default (`"n": null` is n 1):
+        drop the nulls of optional fields. A required field or an unknown one stays, to be refused."""
+        if not isinstance(data, dict):
+            return data
+        optional = {field.alias or name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
+
 
 class StreamOptions(Strict):
     include_usage: bool = False

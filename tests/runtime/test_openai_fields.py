@@ -373,3 +373,33 @@ def test_logprob_bytes_of_byte_level_tokens_join_into_the_characters_they_split(
     assert b"".join(bytes(raw) for _, raw in spelled) == text.encode()
     assert any(piece == "\ufffd" for piece, _ in spelled)  # half a character reads as U+FFFD, its bytes stay exact
     assert [piece for piece, _ in spelled][-3:] == [" ", "o", "k"]  # whole characters read as themselves
+
+
+# -- null optional fields -----------------------------------------------------------------------------------
+
+
+def null_optional_fields(request_model) -> dict:
+    """Every optional field of a request body as null (OpenAI's schema makes them nullable)."""
+    return {field.alias or name: None for name, field in request_model.model_fields.items()
+            if not field.is_required()}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_null_optional_fields_mean_their_defaults(server, path):
+    from moetrt.runtime.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = path.endswith("chat/completions")
+    nulls = null_optional_fields(ChatCompletionRequest if chat else CompletionRequest)
+    assert {"n", "stream", "logprobs", "stop_in_reasoning"} <= set(nulls)
+    base = {"model": server.model, **({"messages": [{"role": "user", "content": "hi", "name": None}]} if chat
+                                      else {"prompt": "1+1="})}
+    response = server.post(path, {**base, **nulls})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"  # stream null: not streamed
+    choices = response.json()["choices"]
+    assert len(choices) == 1 and choices[0]["logprobs"] is None  # n null: 1; logprobs null: none
+    with_options = server.post(path, {**base, "max_tokens": 2, "stream_options": {"include_usage": None}})
+    assert with_options.status_code == 200, with_options.text
+    for refused in ({"model": None}, {"frobnicate": None}):  # a required field or an unknown one stays refused
+        answer = server.post(path, {**base, **refused})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == next(iter(refused)), answer.text

@@ -236,6 +236,24 @@ def test_sigterm_lets_running_requests_finish_and_refuses_new_ones_with_503(chat
     assert "Traceback" not in server.log_path.read_text()
 
 
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_sigint_during_the_drain_cuts_it_and_exits_0_without_a_traceback(chat_engine_dir, tmp_path, first):
+    server = start_server(chat_engine_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "8",
+                          "--shutdown-timeout", "120")
+    pool, streams = start_streams(server, 3)  # three times 1000 tokens, one at a time: the drain takes a while
+    server.process.send_signal(first)
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=60) == 0
+    for stream in streams:
+        assert stream.result()[-1] == "data: [DONE]"
+    pool.shutdown()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert "still running at shutdown" in log  # the second signal came during the drain and cut it
+    assert "Application shutdown complete" in log  # and the scheduler was still closed
+
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moetrt.cli", "serve", *args], capture_output=True, text=True,
                           timeout=120)
