@@ -175,11 +175,16 @@ def read_stream_ending(lines: list[str]) -> tuple[str | None, dict | None]:
 
 
 def start_streams(server, count: int) -> tuple[concurrent.futures.ThreadPoolExecutor, list]:
-    """`count` long streams on a one-slot server; returns once one of them is generating."""
+    """`count` long streams on a one-slot server; returns once one of them is generating and the others wait in
+    the queue (a request still being prepared when a shutdown begins is refused with 503, not admitted)."""
     pool = concurrent.futures.ThreadPoolExecutor(count)
     generating = threading.Event()
     streams = [pool.submit(stream_lines, server, LONG, generating) for _ in range(count)]
     assert generating.wait(30)
+    deadline = time.monotonic() + 30
+    while server.metrics().get("moetrt_queue_depth") != count - 1:
+        assert time.monotonic() < deadline, "the other streams never reached the queue"
+        time.sleep(0.01)
     return pool, streams
 
 
