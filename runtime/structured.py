@@ -237,9 +237,14 @@ def constraint_for(response_format: Any, tokenizer, eos_ids: Sequence[int]) -> C
     if not eos_ids:
         raise RequestError("response_format needs an end-of-sequence token to end the JSON; this engine names none",
                            param=PARAM)
-    # llguidance reads its end-of-sequence ids as the end of the text, never as text: the tokenizer's own (a
-    # ChatTokenizer's eos_ids) are used for that when known, so a request's extra stop ids neither rebuild the
-    # cached tokenizer side nor leave the grammar; the ids passed end the answer once the JSON is complete.
-    own = tuple(int(t) for t in getattr(tokenizer, "eos_ids", ()) or eos_ids)
-    info = grammar_info(getattr(tokenizer, "tokenizer", tokenizer), own)
+    info = tokenizer_grammar_info(tokenizer, eos_ids)
     return Constraint(info.matcher(schema_text), info, eos_ids)
+
+
+def tokenizer_grammar_info(tokenizer, eos_ids: Sequence[int]) -> TokenizerGrammarInfo:
+    """The cached grammar view of a ChatTokenizer or `tokenizers.Tokenizer` (a server builds it at start-up).
+    llguidance reads its end-of-sequence ids as the end of the text, never as text: the tokenizer's own (a
+    ChatTokenizer's eos_ids) are used for that when known, so a request's extra stop ids neither rebuild the cached
+    tokenizer side nor leave the grammar; the ids a Constraint is given end the answer once the JSON is complete."""
+    own = tuple(int(t) for t in getattr(tokenizer, "eos_ids", ()) or eos_ids)
+    return grammar_info(getattr(tokenizer, "tokenizer", tokenizer), own)

@@ -88,7 +88,7 @@ def _prepare_structured_output(engine: Engine) -> None:
         return
     from moetrt.runtime import structured
 
-    structured.grammar_info(getattr(tokenizer, "tokenizer", tokenizer), tuple(int(t) for t in engine.eos_ids))
+    structured.tokenizer_grammar_info(tokenizer, engine.eos_ids)
 
 
 def bind(host: str, port: int) -> socket.socket:
