@@ -24,6 +24,7 @@ from moetrt.config import ModelConfig, load_config
 from moetrt.export.model import DeepseekForCausalLM, rope_inv_freq
 from moetrt.plugins.routed_experts import dequantize_blocks
 from moetrt.progress import note, track
+from moetrt.quantization import QuantScheme
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -162,7 +163,7 @@ def _pickle_refusal(checkpoint_dir: Path, files: list[str]) -> MoetrtError:
 
 def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM, tied: bool) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts); no
-    lm_head.weight when `tied` (the head is the embedding)."""
+    lm_head.weight when `tied` (the head is the embedding). `model`: unquantized (on any device, meta too)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
@@ -249,15 +250,23 @@ def _group_by_layer(names: list[str]) -> list[tuple[str, list[str]]]:
     return [(group, groups[group]) for group in order]
 
 
-def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> DeepseekForCausalLM:
+def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
+                   quantize: QuantScheme | None = None) -> DeepseekForCausalLM:
     """Load a safetensors checkpoint into `DeepseekForCausalLM` (eval mode, on the CPU).
 
-    dtype: "float32", "float16" or "bfloat16" for the model; the router stays fp32. Raises MoetrtError for
-    a bad config, pickle weights, or missing / unexpected / wrongly shaped tensors (listed together).
+    dtype: "float32", "float16" or "bfloat16" for the model; the router stays fp32. quantize: hold the weights
+    export/quantized.py chooses block-quantized (float32 models only), each quantized as it is read (FP8 ones from
+    their own dequantization, one tensor at a time), so the model never exists in float32; the description is
+    left on `model.quantization`. Raises MoetrtError for a bad config, pickle weights, missing / unexpected /
+    wrongly shaped tensors (listed together), or quantization with another dtype.
     """
+    from moetrt.export.quantized import check_quantizable, quantize_model
+
     checkpoint_dir = Path(checkpoint_dir)
     if dtype not in DTYPES:
         raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize is not None:
+        check_quantizable(dtype)
     config = load_config(checkpoint_dir)
     weight_files = find_weight_files(checkpoint_dir)
 
@@ -267,6 +276,8 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> Deepse
     for module in model.modules():
         if module.__class__.__name__ == "Router":
             module.float()
+    plain = {name: tensor for name, tensor in model.state_dict().items()}  # meta: shapes of the unquantized model
+    model.quantization = quantize_model(model, quantize) if quantize is not None else None
     model.to_empty(device="cpu")
     model.inv_freq = rope_inv_freq(config.rope, config.qk_rope_head_dim)[0]  # fp32 whatever the dtype
 
@@ -279,7 +290,7 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> Deepse
             found[name] = shards[path].tensors[name]
         # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
         tied = config.tie_word_embeddings and "lm_head.weight" not in found
-        expected = expected_shapes(config, model, tied)
+        expected = expected_shapes(config, _Shapes(plain), tied)
         mtp = _check_tensors(config, expected, found)
         if mtp:
             note(f"skipping {len(mtp)} tensors of the multi-token-prediction layer (model.layers.{config.num_hidden_layers})")
@@ -288,14 +299,44 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32") -> Deepse
             for _, names in track(_group_by_layer(sorted(expected)), "loading weights"):
                 for name in names:
                     shard = shards[weight_files[name]]
-                    _target(model, name, params).copy_(_read(shard, shards, weight_files, name, config))
+                    _fill(model, name, params, _read(shard, shards, weight_files, name, config), tied)
                     shard.release(name)
     finally:
         for shard in shards.values():
             shard.close()
-    if tied:
+    if tied and not hasattr(model.lm_head, "load_weight"):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+class _Shapes:
+    """Stands in for a model in `expected_shapes`: its state dict as recorded before quantization."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _fill(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tensor], tensor: torch.Tensor,
+          tied: bool) -> None:
+    """Put checkpoint tensor `name` into the model: copied into its parameter, or quantized into a quantized
+    module (export/quantized.py) that owns it; a tied embedding also fills a quantized lm_head."""
+    expert = EXPERT_KEY.match(name)
+    if expert:
+        experts = model.model.layers[int(expert.group(1))].mlp.experts
+        if hasattr(experts, "load_expert"):
+            experts.load_expert(int(expert.group(2)), expert.group(3), tensor)
+            return
+    elif name.endswith(".weight"):
+        owner = model.get_submodule(name[: -len(".weight")])
+        if hasattr(owner, "load_weight"):
+            owner.load_weight(tensor)
+            if tied and name == "model.embed_tokens.weight" and hasattr(model.lm_head, "load_weight"):
+                model.lm_head.load_weight(tensor)
+            return
+    _target(model, name, params).copy_(tensor)
 
 
 def _read(

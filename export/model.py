@@ -229,6 +229,10 @@ class StackedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.zeros(e, h, i))
 
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden `[T, H]`, topk_ids/topk_weights `[T, k]` -> `[T, H]` (the plugin node under export)."""
+        return routed_experts(hidden, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
+
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -246,7 +250,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [T, H]
         topk_ids, topk_weights = self.gate(flat)
         topk_weights = _divided(topk_weights, scale)  # fp32: the experts' sum is formed already divided
-        routed = routed_experts(flat, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj)
+        routed = self.experts(flat, topk_ids, topk_weights)
         out = routed.view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, scale)
@@ -296,8 +300,13 @@ class DeepseekForCausalLM(nn.Module):
         """input_ids `LongTensor[B, S]` -> logits `[B, S, vocab]` (no cache, positions 0..S-1)."""
         return self.step(input_ids)[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its norms' weights are in it, quantized or not)."""
+        return self.model.norm.weight.dtype
+
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        dtype, device = self.dtype, self.model.norm.weight.device
         return [torch.zeros(0, batch, self.config.latent_dim, dtype=dtype, device=device) for _ in self.model.layers]
 
     def step(

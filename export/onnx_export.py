@@ -39,12 +39,15 @@ from moetrt.formats import (
     TOKENIZER_FILES,
     ExportInfo,
     NodeRef,
+    Quantization,
     graph_input_names,
     graph_io,
     graph_output_names,
     write_export_info,
 )
+from moetrt.export.quantized import finish_export
 from moetrt.progress import note, stage
+from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
 
 OPSET = 21
@@ -69,7 +72,7 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
     config = model.config
     layers = config.num_hidden_layers
     batch, seq, past = 2, 3, 5  # distinct sizes, so no dimension gets specialised to another
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     example = (
         torch.randint(0, config.vocab_size, (batch, seq)),
         torch.arange(past, past + seq).expand(batch, seq).contiguous(),
@@ -142,13 +145,16 @@ def export_onnx(
     target: str | LoweringPlan = "ort",
     dtype: str = "float32",
     ort: OrtOptions | None = None,
+    quantize: QuantScheme | None = None,
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
     target: a LoweringPlan, or a target name: "ort" (ONNX Runtime's com.microsoft::MoE or moetrt's CPU expert
     kernel, as the ONNX Runtime backend plans it from `ort`: export/ort/plan.py), "trt" (the TensorRT plugin
     nodes) or "onnx" (standard ops only). The directory is written under a temporary name and renamed when
-    complete; returns it. Raises MoetrtError for an unknown target or dtype, or a checkpoint it cannot read.
+    complete; returns it. quantize: hold the weights block-quantized (export/quantized.py says which and how they
+    export). Raises MoetrtError for an unknown target or dtype, a checkpoint it cannot read, or quantization of a
+    model that does not compute in float32.
     """
     from moetrt.export.backends import plan_target
 
@@ -162,10 +168,12 @@ def export_onnx(
     with staging_dir(out_dir) as work:
         with stage("exporting", total=4) as advance:
             advance(0, "loading checkpoint")
-            model = load_reference(checkpoint_dir, dtype=dtype)
-            config = model.config
+            model = load_reference(checkpoint_dir, dtype=dtype, quantize=quantize)
+            config, quantization = model.config, model.quantization
             advance(1, "tracing to ONNX")
             graph = trace(model)
+            if quantization is not None:
+                finish_export(graph)
             del model  # the graph holds the weights now; lowering can then free what it replaces
             gc.collect()
             advance(1, f"lowering for {plan.target}")
@@ -174,7 +182,7 @@ def export_onnx(
             save_model(graph, work / MODEL_FILE)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
-        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work))
+        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization))
     return out_dir
 
 
@@ -194,7 +202,8 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_dir: Path, work: Path) -> ExportInfo:
+def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_dir: Path, work: Path,
+                quantization: Quantization | None = None) -> ExportInfo:
     from moetrt.plugins.spec import ROUTED_EXPERTS
     from moetrt.versions import tool_versions
 
@@ -203,4 +212,5 @@ def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_
         tokenizer=(work / "tokenizer.json").is_file(), io=graph_io(config, dtype),
         node=NodeRef(ROUTED_EXPERTS.op_type, ROUTED_EXPERTS.domain, ROUTED_EXPERTS.version), model_config=config,
         versions=tool_versions(), expert_slices=plan.expert_slices, moe_kernel=plan.moe_kernel,
+        quantization=quantization,
     )

@@ -33,7 +33,7 @@ class ReferenceSession:
         self.num_layers = model.config.num_hidden_layers
         self.latent_dim = model.config.latent_dim
         self.vocab_size = model.config.vocab_size
-        self._dtype = model.lm_head.weight.dtype
+        self._dtype = model.dtype
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, np.float32)

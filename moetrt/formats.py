@@ -126,11 +126,29 @@ class NodeRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How an export's (and its engine's) weights are quantized, in the field's terms (moetrt/quantization.py has
+    the rules): weight-only, symmetric (no zero points), `bits` 8 or 4, one `scale_dtype` scale per `group_size`
+    input channels of a row. `tensors`: the tensor kinds quantized at `bits`; `int8_tensors`: kinds held in int8
+    whatever `bits` (the token embedding); `kept`: kinds left in the engine's dtype."""
+
+    scheme: str
+    bits: int
+    group_size: int
+    symmetric: bool = True
+    scale_dtype: str = "float16"
+    tensors: tuple[str, ...] = ()
+    int8_tensors: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportInfo:
     """An export directory's description: what was traced and how it was lowered.
 
     target: "ort", "trt" or "onnx" (standard ops). moe_kernel (ort only): "onnxruntime" or "moetrt", else "none".
-    expert_slices: sub-experts per expert the ort lowering cut (1 elsewhere)."""
+    expert_slices: sub-experts per expert the ort lowering cut (1 elsewhere). quantization: None for weights in
+    `dtype`, else how they are quantized."""
 
     target: str
     dtype: str
@@ -145,6 +163,7 @@ class ExportInfo:
     moe_kernel: str = "none"
     model_file: FileName = MODEL_FILE
     external_data: FileName = DATA_FILE
+    quantization: Quantization | None = None
 
 
 # -- manifest.json ------------------------------------------------------------------------------------------------
@@ -158,7 +177,8 @@ class Artifact:
 
 @dataclasses.dataclass(frozen=True)
 class Span:
-    """`count` float32 values from byte `offset` of a file."""
+    """`count` elements from byte `offset` of a file: float32 values for a float32 layer, bytes for a quantized one
+    (ExpertLayer.bits)."""
 
     offset: int
     count: int
@@ -168,7 +188,8 @@ class Span:
 class ExpertLayer:
     """One MoE layer's routed experts in experts.bin, packed for moetrt's CPU kernel (plugins/cpu_experts.py).
     inputs: the segment outputs it reads (hidden [T, H] float32, topk_ids [T, k] int32, topk_weights [T, k]
-    float32); output: the value name the next segment reads ([T, H])."""
+    float32); output: the value name the next segment reads ([T, H]). bits: 32 for float32 weights, 8 or 4 for
+    quantized ones with one float16 scale per `group_size` input channels (packed by cpu_experts.pack_quantized)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -178,6 +199,8 @@ class ExpertLayer:
     slices: int
     gate_up: Span
     down: Span
+    bits: int = 32
+    group_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +306,7 @@ class EngineManifest:
     section: Section
     artifacts: dict[FileName, Artifact]
     versions: dict[str, str | None]
+    quantization: Quantization | None = None
     directory: Path = dataclasses.field(default=Path("."), compare=False)
 
     def path(self, name: str) -> Path:
@@ -373,9 +397,10 @@ def _check_section_files(manifest: EngineManifest, path: Path, named: list[tuple
         return
     size = manifest.artifacts[section.experts_file].bytes
     for index, layer in enumerate(section.expert_layers):
+        itemsize = 4 if layer.bits == 32 else 1  # float32 values, or a quantized layer's packed bytes
         for span in (layer.gate_up, layer.down):
-            end = span.offset + 4 * span.count
-            if span.offset < 0 or span.count < 0 or span.offset % 4 or end > size:
+            end = span.offset + itemsize * span.count
+            if span.offset < 0 or span.count < 0 or span.offset % itemsize or end > size:
                 raise MoetrtError(f"{path}: expert layer {index} reads bytes {span.offset} to {end} of "
                                   f"{section.experts_file}, which holds {size}; rebuild the engine")
 

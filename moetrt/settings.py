@@ -125,8 +125,9 @@ class TrtOptions:
 class BuildConfig:
     """Everything `build_engine` takes besides its source and output: the backend ("auto" picks TensorRT where it
     and a GPU are present, else ONNX Runtime), the dtype (None: float32, or an export's own), the shape profile,
-    whether a max_context beyond the model's may be built (`fit_profile`) and each backend's options (only the
-    chosen backend's are read)."""
+    whether a max_context beyond the model's may be built (`fit_profile`), each backend's options (only the
+    chosen backend's are read), and the weight quantization: `quantize` "none", "int8" or "int4" with one scale per
+    `group_size` input channels (moetrt/quantization.py)."""
 
     backend: str = "auto"
     dtype: str | None = None
@@ -134,8 +135,13 @@ class BuildConfig:
     allow_long_context: bool = False
     ort: OrtOptions = OrtOptions()
     trt: TrtOptions = TrtOptions()
+    quantize: str = "none"
+    group_size: int = 32
 
     def __post_init__(self) -> None:
+        from moetrt.quantization import scheme_for
+
+        scheme_for(self.quantize, self.group_size)  # refuses an unknown scheme or group size
         if self.backend not in BACKEND_CHOICES:
             raise MoetrtError(f"backend {self.backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moetrt.plugins.spec import ROUTED_EXPERTS
+from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE, ROUTED_EXPERTS
 
 
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=(128, 128)) -> torch.Tensor:
@@ -29,20 +29,23 @@ def routed_experts_reference(
     w_down: torch.Tensor,
     w_gate_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))` with e = topk_ids[t, k].
 
     hidden `[T, H]`, topk_ids `[T, k]` (int32/int64), topk_weights `[T, k]` (fp32), w_gate_up `[E, 2I, H]`
-    (gate rows then up rows), w_down `[E, H, I]`; fp8 weights come with their block scales. Returns `[T, H]`
-    in hidden's dtype; the combine accumulates in fp32.
+    (gate rows then up rows), w_down `[E, H, I]`. Block-scaled weights (fp8, or int8/int4 values in int8) come
+    with their scales `[E, rows / block_size[0], in / block_size[1]]` (default the fp8 128x128 blocks) and are
+    dequantized one expert at a time. Returns `[T, H]` in hidden's dtype; the combine accumulates in fp32.
     """
-    if w_gate_up_scale is not None:
-        w_gate_up = dequantize_blocks(w_gate_up, w_gate_up_scale, ROUTED_EXPERTS.attributes["block_size"])
-    if w_down_scale is not None:
-        w_down = dequantize_blocks(w_down, w_down_scale, ROUTED_EXPERTS.attributes["block_size"])
+    block = tuple(block_size or ROUTED_EXPERTS.attributes["block_size"])
+
+    def expert_weight(weight: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
+        return weight[expert] if scale is None else dequantize_blocks(weight[expert], scale[expert], block)
+
     num_tokens, top_k = topk_ids.shape
     intermediate = w_down.shape[-1]
-    compute_dtype = hidden.dtype if w_gate_up.dtype == hidden.dtype else torch.float32
+    compute_dtype = hidden.dtype if w_gate_up.dtype == hidden.dtype and w_gate_up_scale is None else torch.float32
 
     flat_ids = topk_ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
@@ -57,9 +60,9 @@ def routed_experts_reference(
             continue
         tokens = token_of_slot[start : start + count]
         x = hidden[tokens].to(compute_dtype)  # [n, H]
-        gate_up = x @ w_gate_up[expert].to(compute_dtype).t()  # [n, 2I]
+        gate_up = x @ expert_weight(w_gate_up, w_gate_up_scale, expert).to(compute_dtype).t()  # [n, 2I]
         act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-        y = act @ w_down[expert].to(compute_dtype).t()  # [n, H]
+        y = act @ expert_weight(w_down, w_down_scale, expert).to(compute_dtype).t()  # [n, H]
         output.index_add_(0, tokens, y.float() * weight_of_slot[start : start + count, None])
         start += count
     return output.to(hidden.dtype)
@@ -73,14 +76,20 @@ def routed_experts(
     w_down: torch.Tensor,
     w_gate_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
+    block_size: tuple[int, int] | None = None,
+    bits: int = 0,
 ) -> torch.Tensor:
-    """The model's call site: the reference in eager mode, ONE `moetrt::RoutedExperts` node under ONNX export."""
+    """The model's call site: the reference in eager mode, ONE `moetrt::RoutedExperts` node under ONNX export.
+    Quantized experts (export/quantized.py) pass int8 weights, float16 scales, `block_size=(1, group_size)` and
+    `bits` 8 or 4; the node records both as attributes."""
     if torch.onnx.is_in_onnx_export():
         inputs = [hidden, topk_ids.to(torch.int32), topk_weights.float(), w_gate_up, w_down]
         if w_gate_up_scale is not None:
             inputs += [w_gate_up_scale, w_down_scale]
         attrs = dict(ROUTED_EXPERTS.attributes)
-        attrs["block_size"] = list(attrs["block_size"])
+        attrs["block_size"] = list(block_size or attrs["block_size"])
+        if bits:
+            attrs[QUANTIZED_BITS_ATTRIBUTE] = bits
         return torch.onnx.ops.symbolic(
             ROUTED_EXPERTS.qualified_name,
             inputs,
@@ -89,7 +98,8 @@ def routed_experts(
             shape=hidden.shape,
             version=ROUTED_EXPERTS.version,
         )
-    return routed_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
+    return routed_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_gate_up_scale, w_down_scale,
+                                    block_size)
 
 
 def moe_stage_reference(stage: str, dims, block_m: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -45,7 +45,7 @@ class PluginSpec:
 
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
-WEIGHT_DTYPES = (*ACTIVATION_DTYPES, "float8e4m3fn")
+WEIGHT_DTYPES = (*ACTIVATION_DTYPES, "float8e4m3fn", "int8")
 
 ROUTED_EXPERTS = PluginSpec(
     op_type="RoutedExperts",
@@ -62,18 +62,24 @@ ROUTED_EXPERTS = PluginSpec(
         TensorSpec(
             "w_gate_up_scale",
             ("E", "ceil(2*I/128)", "ceil(H/128)"),
-            ("float32",),
+            ("float32", "float16"),
             optional=True,
-            doc="fp8 only: dequantise a 128x128 block as block * scale",
+            doc="fp8: a 128x128 block's scale; int8/int4: float16 [E, 2I, H/g] (block_size [1, g]); w = q * scale",
         ),
         TensorSpec(
-            "w_down_scale", ("E", "ceil(H/128)", "ceil(I/128)"), ("float32",), optional=True, doc="fp8 only"
+            "w_down_scale", ("E", "ceil(H/128)", "ceil(I/128)"), ("float32", "float16"), optional=True,
+            doc="as w_gate_up_scale",
         ),
     ),
     outputs=(TensorSpec("output", ("T", "H"), ACTIVATION_DTYPES, doc="sum_k w[t,k] * expert_k(hidden[t])"),),
-    # activation: silu(gate) * up. block_size: the fp8 scale blocks ([out, in]), unused for other dtypes.
+    # activation: silu(gate) * up. block_size: the scale blocks ([out, in]): fp8's (128, 128), or (1, g) for
+    # int8/int4 weights (moetrt/quantization.py), whose nodes also carry `bits` (QUANTIZED_BITS_ATTRIBUTE: 8 or 4,
+    # int4 values held one per int8 byte). Backends without quantized experts refuse nodes that carry it.
     attributes={"activation": "silu", "block_size": (128, 128)},
 )
+
+
+QUANTIZED_BITS_ATTRIBUTE = "bits"
 
 
 def scale_shape(out_features: int, in_features: int, block_size: tuple[int, int] = (128, 128)) -> tuple[int, int]:

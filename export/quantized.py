@@ -1,0 +1,240 @@
+"""Quantized weights in the reference model: modules that hold int8/int4 blocks, and what they export to.
+
+`quantize_model` swaps a freshly built (meta) model's weight-bearing modules for ones that hold block-quantized
+weights (moetrt/quantization.py gives the numbers); the checkpoint loader then fills them tensor by tensor
+(`load_weight`), so the model never exists in float32. Eager, they dequantize on the fly (the torch reference of a
+quantized engine); under `torch.onnx.export` they emit:
+
+- dense weights: `DequantizeLinear(q [K, N], scale [K/g, N], axis=0, block_size=g)` -> `MatMul(x, .)`, the pattern
+  ONNX Runtime fuses into MatMulNBits and TensorRT's parser reads (ONNX opset 21 block-wise DequantizeLinear);
+- the token embedding: `Gather` of the int8 rows and of their scales -> `DequantizeLinear(axis=-1, block_size=g)`;
+- routed experts: the plugin node with int8 weights, float16 `[E, rows, in/g]` scales, `block_size=[1, g]` and
+  `bits` (plugins/spec.py ROUTED_EXPERTS), which each backend's lowering packs its own way.
+
+Torch has no int4 tensor type, so int4 values travel in int8 until `finish_export` turns the DequantizeLinear inputs
+into ONNX INT4 initializers. Which tensors are quantized, and which kept, is decided here (KINDS).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetrt.errors import MoetrtError
+from moetrt.formats import Quantization
+from moetrt.plugins.routed_experts import routed_experts
+from moetrt.progress import note
+from moetrt.quantization import QuantScheme, quantize_blocks
+
+PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "moetrt", "DequantizeBlocks"
+# Tensor kinds, as the manifest names them: quantized at the scheme's bits, held in int8 whatever the scheme, kept.
+QUANTIZED_KINDS = ("routed experts", "shared experts", "dense MLPs", "attention projections", "lm_head")
+INT8_KINDS = ("token embedding",)
+KEPT_KINDS = ("norms", "router", "kv_b_proj (absorbed per head)")
+# Rows quantized per step when loading a weight: bounds the float32 transient to ~64 MB whatever the tensor.
+ROWS_PER_STEP_ELEMENTS = 1 << 24
+
+
+def _dequantize_rows(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """q int8 `[..., R, K]` with scale `[..., R, K/g]` -> float32, groups along the last axis."""
+    return (q.float().unflatten(-1, (-1, group)) * scale.float()[..., None]).flatten(-2)
+
+
+def _quantize_into(weight: torch.Tensor, scheme: QuantScheme, write) -> None:
+    """Quantize a float `[R, K]` weight in row chunks: `write(rows: slice, q int8 [r, K], d float16 [r, K/g])`."""
+    rows, columns = weight.shape
+    step = max(1, ROWS_PER_STEP_ELEMENTS // max(columns, 1))
+    for start in range(0, rows, step):
+        chunk = weight[start : start + step].float().numpy()
+        q, d = quantize_blocks(chunk, scheme)
+        write(slice(start, start + chunk.shape[0]), torch.from_numpy(q), torch.from_numpy(d))
+
+
+def _placeholder(q: torch.Tensor, scale: torch.Tensor, axis: int, scheme: QuantScheme, shape) -> torch.Tensor:
+    """The node `finish_export` rewrites to DequantizeLinear (torch.onnx.ops.symbolic emits custom domains)."""
+    return torch.onnx.ops.symbolic(
+        f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", [q, scale],
+        {"axis": axis, "block_size": scheme.group_size, "bits": scheme.bits},
+        dtype=torch.float32, shape=shape, version=1,
+    )
+
+
+class QuantizedLinear(nn.Module):
+    """`y = x @ W^T (+ b)` with W `[out, in]` held block-quantized: `weight_q` int8 `[in, out]` and `weight_scale`
+    float32 `[in / g, out]` (transposed, as DequantizeLinear + MatMul want them). Fill with `load_weight`."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False):
+        super().__init__()
+        self.scheme = scheme
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(in_features // scheme.group_size, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize checkpoint weight `[out, in]` (any float dtype) into the buffers."""
+
+        def write(rows: slice, q: torch.Tensor, d: torch.Tensor) -> None:
+            self.weight_q[:, rows] = q.t()
+            self.weight_scale[:, rows] = d.float().t()
+
+        _quantize_into(weight, self.scheme, write)
+
+    def dequantized(self) -> torch.Tensor:
+        """W^T as float32 `[in, out]`."""
+        return _dequantize_rows(self.weight_q.t(), self.weight_scale.t(), self.scheme.group_size).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            w = _placeholder(self.weight_q, self.weight_scale, 0, self.scheme, self.weight_q.shape)
+        else:
+            w = self.dequantized()
+        y = torch.matmul(x, w)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding `[V, H]` held in int8 blocks (`weight_q` int8 `[V, H]`, `weight_scale` float32 `[V, H/g]`)."""
+
+    def __init__(self, num_embeddings: int, dim: int, scheme: QuantScheme):
+        super().__init__()
+        self.scheme = scheme
+        self.register_buffer("weight_q", torch.zeros(num_embeddings, dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(num_embeddings, dim // scheme.group_size))
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        def write(rows: slice, q: torch.Tensor, d: torch.Tensor) -> None:
+            self.weight_q[rows] = q
+            self.weight_scale[rows] = d.float()
+
+        _quantize_into(weight, self.scheme, write)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        q, scale = self.weight_q[input_ids], self.weight_scale[input_ids]  # [B, S, H], [B, S, H/g]
+        if torch.onnx.is_in_onnx_export():
+            return _placeholder(q, scale, -1, self.scheme, q.shape)
+        return _dequantize_rows(q, scale, self.scheme.group_size)
+
+
+class QuantizedExperts(nn.Module):
+    """A layer's routed experts in blocks: `gate_up_q` int8 `[E, 2I, H]` (gate rows then up rows), `down_q` int8
+    `[E, H, I]`, float16 scales `[E, 2I, H/g]` and `[E, H, I/g]`. Fill with `load_expert`."""
+
+    def __init__(self, experts: int, hidden: int, inter: int, scheme: QuantScheme):
+        super().__init__()
+        self.scheme = scheme
+        g = scheme.group_size
+        self.register_buffer("gate_up_q", torch.zeros(experts, 2 * inter, hidden, dtype=torch.int8))
+        self.register_buffer("gate_up_scale", torch.zeros(experts, 2 * inter, hidden // g, dtype=torch.float16))
+        self.register_buffer("down_q", torch.zeros(experts, hidden, inter, dtype=torch.int8))
+        self.register_buffer("down_scale", torch.zeros(experts, hidden, inter // g, dtype=torch.float16))
+
+    def load_expert(self, index: int, kind: str, weight: torch.Tensor) -> None:
+        """Quantize expert `index`'s checkpoint `kind` ("gate_proj", "up_proj", "down_proj") weight into place."""
+        if kind == "down_proj":
+            q_rows, d_rows = self.down_q[index], self.down_scale[index]
+        else:
+            rows = self.gate_up_q.shape[1] // 2
+            half = slice(0, rows) if kind == "gate_proj" else slice(rows, 2 * rows)
+            q_rows, d_rows = self.gate_up_q[index, half], self.gate_up_scale[index, half]
+
+        def write(rows: slice, q: torch.Tensor, d: torch.Tensor) -> None:
+            q_rows[rows] = q
+            d_rows[rows] = d
+
+        _quantize_into(weight, self.scheme, write)
+
+    def forward(self, hidden, topk_ids, topk_weights):
+        return routed_experts(hidden, topk_ids, topk_weights, self.gate_up_q, self.down_q, self.gate_up_scale,
+                              self.down_scale, block_size=(1, self.scheme.group_size), bits=self.scheme.bits)
+
+
+def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
+    """Swap `model`'s (a DeepseekForCausalLM, built on the meta device) weight modules for quantized ones, in place,
+    as KINDS says; returns the manifest's description. A weight whose input size is not a multiple of the group
+    size stays unquantized (noted). Call before `to_empty`; fill with the loader (export/checkpoint.py)."""
+    config = model.config
+    skipped: list[str] = []
+
+    def swap_linear(parent: nn.Module, name: str, qualified: str) -> None:
+        linear = getattr(parent, name)
+        if not scheme.fits(linear.in_features):
+            skipped.append(qualified)
+            return
+        setattr(parent, name, QuantizedLinear(linear.in_features, linear.out_features, scheme,
+                                              bias=linear.bias is not None))
+
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
+            if hasattr(attention, name):
+                swap_linear(attention, name, f"layers.{index}.self_attn.{name}")
+        mlp = layer.mlp
+        dense = [mlp] if not hasattr(mlp, "experts") else [mlp.shared_experts] if mlp.shared_experts else []
+        for block in dense:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                swap_linear(block, name, f"layers.{index}.mlp.{name}")
+        if hasattr(mlp, "experts"):
+            h, i = config.hidden_size, config.moe_intermediate_size
+            if scheme.fits(h) and scheme.fits(i):
+                mlp.experts = QuantizedExperts(config.n_routed_experts, h, i, scheme)
+            else:
+                skipped.append(f"layers.{index}.mlp.experts")
+    swap_linear(model, "lm_head", "lm_head")
+    int8 = QuantScheme(8, scheme.group_size)
+    if int8.fits(config.hidden_size):
+        model.model.embed_tokens = QuantizedEmbedding(config.vocab_size, config.hidden_size, int8)
+    else:
+        skipped.append("embed_tokens")
+    if skipped:
+        note(f"quantization: {len(skipped)} weights stay float32, their input size not a multiple of the group size "
+             f"{scheme.group_size}: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
+    return Quantization(scheme=scheme.name, bits=scheme.bits, group_size=scheme.group_size, tensors=QUANTIZED_KINDS,
+                        int8_tensors=INT8_KINDS, kept=KEPT_KINDS)
+
+
+def finish_export(model) -> int:
+    """Rewrite the traced graph's `moetrt::DequantizeBlocks` placeholders (an onnx_ir model, in place) as standard
+    `DequantizeLinear` (opset 21, block-wise), int4 weights as ONNX INT4 initializers; returns how many."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in [n for n in model.graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]:
+        q, scale = node.inputs
+        bits = node.attributes["bits"].value
+        if bits == 4:
+            if q.const_value is None:
+                raise MoetrtError(f"{node.name}: int4 weights must be initializers")
+            name = q.name
+            int4 = ir.Tensor(q.const_value.numpy(), dtype=ir.DataType.INT4, name=f"{name}.int4")
+            packed = ir.Value(name=int4.name, shape=int4.shape, type=ir.TensorType(ir.DataType.INT4),
+                              const_value=int4)
+            model.graph.register_initializer(packed)
+            q_input = packed
+        else:
+            q_input = q
+        rank = len(q.shape) if q.shape is not None else None
+        axis = node.attributes["axis"].value
+        if axis < 0 and rank is not None:
+            axis += rank
+        dequantize = ir.node("DequantizeLinear", [q_input, scale],
+                             {"axis": axis, "block_size": node.attributes["block_size"].value})
+        out = dequantize.outputs[0]
+        old = node.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        node.graph.insert_before(node, dequantize)
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        node.graph.remove(node, safe=True)
+        if bits == 4 and q.name in model.graph.initializers and not q.uses():
+            model.graph.initializers.pop(q.name)
+        count += 1
+    if PLACEHOLDER_DOMAIN in model.opset_imports and not any(n.domain == PLACEHOLDER_DOMAIN for n in model.graph):
+        model.opset_imports.pop(PLACEHOLDER_DOMAIN)
+    return count
+
+
+def check_quantizable(dtype: str) -> None:
+    """Quantized engines compute in float32 (moetrt's CPU kernel and MatMulNBits take float32 activations)."""
+    if dtype != "float32":
+        raise MoetrtError(f"quantized engines compute in float32, not {dtype}; drop --dtype or pass --dtype float32")
+
