@@ -15,7 +15,7 @@ X86_ISA_FLAGS = (
     "pni", "ssse3", "cx16", "popcnt", "lahf_lm", "sse4_1", "sse4_2",  # x86-64-v2 (pni: SSE3)
     "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave",  # x86-64-v3 (abm: LZCNT)
     "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",  # x86-64-v4
-    "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+    "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
 )
 
 

@@ -8,14 +8,39 @@
  * (bench/NOTES.md). Here the engine stores the experts pre-packed so that each thread reads one contiguous
  * block per expert, and all the rows routed to an expert are computed from registers in that one pass.
  *
- * Packed layout (plugins/cpu_experts.py writes it), per expert e and slice s of S (slice s owns the
- * intermediate channels [s*W, (s+1)*W), W = I / S):
+ * Packed layout, float32 (bits 32; plugins/cpu_experts.py writes it), per expert e and slice s of S (slice s
+ * owns the intermediate channels [s*W, (s+1)*W), W = I / S):
  *   gate_up[e, s]: the 2W rows gate_c, up_c (c in the slice, interleaved), in groups of NW = 4 rows, each
  *                  group stored as [H / 8][4][8] (eight columns of each of the four rows in turn);
  *   down[e, s]:    the H rows down_proj[e, h, sW:(s+1)W], in groups of 4 rows stored as [W / 8][4][8].
- * Requires H % 8 == 0 and W % 8 == 0 (the lowering checks). A slice is a unit of work: thread t of n runs
- * slices t, t + n, ... of every chosen expert, accumulating into its own [T, H] buffer; the buffers are summed
- * at the end. Sums run in a fixed order, so results do not depend on timing (only on S and the thread count).
+ * Requires H % 8 == 0 and W % 8 == 0 (the lowering checks).
+ *
+ * Packed layout, quantized (bits 8 or 4, group size g; plugins/cpu_experts.py pack_quantized): the same rows,
+ * slices and groups of NW = 4 rows, each row group of K inputs (K = H for gate_up, W for down) stored as K / g
+ * blocks, one after the other, each block holding the four rows' g inputs and their scales:
+ *   [4 x float16 scale d, rows a b c d] [g / 32 chunks of 32 inputs, 32 (int4) or 64 (int8) bytes per row pair]
+ * int8: one signed byte per value (q in [-127, 127]; 8 + 4g bytes per block), a chunk stored as
+ * [a 0-15, b 0-15] [a 16-31, b 16-31] [c 0-15, d 0-15] [c 16-31, d 16-31] (16 values each), so one 32-byte load
+ * holds the same inputs of two rows. int4: a chunk's 32 values of one row in 16 bytes, rows a b c d in turn,
+ * value j (j < 16) in the low nibble of byte j and value 16 + j in its high nibble, stored as q + 8 (q in
+ * [-8, 7]; 8 + 2g bytes per block): masking 32 bytes gives the same split as int8's loads. The weight is q * d
+ * (moetrt/quantization.py). Requires g a power of two >= 32, H % g == 0 and W % g == 0. A thread reads each
+ * expert slice as one sequential stream.
+ *
+ * Quantized compute (llama.cpp's Q8_0 x Q8_0 and Q4_0 x Q8_0 scheme): each token row entering a matrix (x, and
+ * SwiGLU's output before down) is quantized to int8 per block of g inputs, d_x = max|x| / 127; a block's dot
+ * product is summed in int32 (AVX2: _mm256_maddubs_epi16 on |w| and x signed by w for int8, on the unsigned
+ * nibbles for int4, then _mm256_madd_epi16; AVX-VNNI and AVX-512 VNNI with VL: _mm256_dpbusd_epi32) and added
+ * in float as int_sum * d_w * d_x. int4 nibbles hold q + 8, so 8 * sum(x_q) is taken off each block's sum. Without AVX2
+ * (x86-64-v2, aarch64) the same arithmetic runs as plain C loops. Chosen over dequantizing the weights to float
+ * in registers and multiplying float x (exact, no activation rounding) because it measured faster on AVX2
+ * (Zen 3, ds-mini's experts; the variant, not kept, through bench/quant_kernel.py --library): one expert cached, one
+ * row, 1.3x (int8) and 2.7x (int4) the rate; seven layers from memory, median ms per call, 1.3x and 3.6x at
+ * batch 1, 1.5x and 2.0x at batch 8. At eight rows per expert (prefill) int8 ties and int4 stays 2x.
+ *
+ * A slice is a unit of work: thread t of n runs slices t, t + n, ... of every chosen expert, accumulating into
+ * its own [T, H] buffer; the buffers are summed at the end. Sums run in a fixed order, so results do not depend
+ * on timing (only on S and the thread count).
  *
  * y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j]
  */
@@ -102,48 +127,314 @@ static void packed_dot(const float *packed, long n_out, long len, const float *x
     }
 }
 
+/* ---- quantized weights (bits 8 and 4) ---- */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QUANT_AVX2 1
+#endif
+/* token rows per pass over a quantized row group: 4 x R int32 and R float accumulators (a test builds the AVX2
+ * path with -DQROW_BLOCK=4 to run the AVX-512 build's row blocking on CPUs without AVX-512) */
+#ifndef QROW_BLOCK
+#ifdef __AVX512F__
+#define QROW_BLOCK 4
+#else
+#define QROW_BLOCK 2
+#endif
+#endif
+
+/* Token rows quantized per block of g inputs: q [rows, K] int8 (row stride ld_q), d [rows, K / g] float scales,
+ * sum [rows, K / g] int32 sums of each block's q (int4 weights subtract 8 * sum). */
 typedef struct {
-    const float *x, *gate_up, *down;
-    long tokens, hidden, inter, slices;
+    const int8_t *q;
+    const float *d;
+    const int32_t *sum;
+    long ld_q, ld_d;
+} qrows_t;
+
+/* q = rint(x / d), d = max|x| / 127 per block of g (a zero block gets d = 0, q = 0). */
+static void quantize_rows(const float *x, long rows, long ld_x, long K, long g, int8_t *q, float *d, int32_t *sum,
+                          long ld_q, long ld_d) {
+    for (long r = 0; r < rows; r++)
+        for (long b = 0; b < K / g; b++) {
+            const float *xb = x + r * ld_x + b * g;
+            int8_t *qb = q + r * ld_q + b * g;
+            float amax = 0.0f;
+            for (long j = 0; j < g; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
+            const float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t total = 0;
+            for (long j = 0; j < g; j++) {
+                const int v = (int)rintf(xb[j] * inverse);
+                qb[j] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+                total += qb[j];
+            }
+            d[r * ld_d + b] = scale;
+            sum[r * ld_d + b] = total;
+        }
+}
+
+static inline long qblock_bytes(long g, int bits) { return 8 + NW * g * bits / 8; }
+
+#ifdef QUANT_AVX2
+/* acc + the sums of four adjacent u8 * s8 products per int32 lane (u unsigned, s signed); without VNNI, for
+ * operands whose adjacent pair sums fit int16 (|w| <= 128 and |x| <= 127: 2 * 128 * 127 < 2^15). */
+static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* acc + one chunk of a pair of rows (lo = inputs 0-15 of rows a | b, hi = inputs 16-31) against a token row's
+ * chunk (x_lo = its inputs 0-15 in both halves, x_hi = 16-31): int32 lanes [a a a a | b b b b]. */
+static inline __m256i pair_dot(__m256i acc, __m256i lo, __m256i hi, __m256i x_lo, __m256i x_hi, const int bits) {
+    if (bits == 8) /* maddubs takes one unsigned operand: |w| against x carrying w's sign (llama.cpp's trick) */
+        return dot_u8s8(dot_u8s8(acc, _mm256_sign_epi8(lo, lo), _mm256_sign_epi8(x_lo, lo)),
+                        _mm256_sign_epi8(hi, hi), _mm256_sign_epi8(x_hi, hi));
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return dot_u8s8(dot_u8s8(acc, lo, x_lo), hi, x_hi);
+#else /* nibbles <= 15: both halves' pair sums add up in int16 before widening (4 * 15 * 127 < 2^15) */
+    const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
+#endif
+}
+
+/* One quantized row group (NW rows, K inputs, layout above) against R token rows: out[r * ld_out + a] =
+ * dot(row a, x[r]). Each pair of rows is summed in int32 lanes over a block, the two pairs folded into
+ * [a a c c | b b d d] and added in float with d_w * d_x; the lane pairs are added at the end. */
+static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const int bits,
+                                                             const qrows_t *x, float *out, long ld_out,
+                                                             const int R) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), lane_scales = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
+    const __m256i first_of_pair = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+    __m256 acc[QROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long b = 0; b < K / g; b++) {
+        const __m256 dw = _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p))), lane_scales);
+        p += 8;
+        __m256i sums[2][QROW_BLOCK];
+        for (int r = 0; r < R; r++) sums[0][r] = sums[1][r] = _mm256_setzero_si256();
+        for (long c = 0; c < g; c += 32, p += 16 * bits) {
+            _mm_prefetch((const char *)p + 768, _MM_HINT_T0);
+            if (bits == 8) _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
+            __m256i lo[2], hi[2];
+            for (int pair = 0; pair < 2; pair++) {
+                if (bits == 8) {
+                    lo[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair));
+                    hi[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair + 32));
+                } else {
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(p + 32 * pair));
+                    lo[pair] = _mm256_and_si256(packed, low4);
+                    hi[pair] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const int8_t *xc = x->q + r * x->ld_q + b * g + c;
+                const __m256i x_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xc));
+                const __m256i x_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xc + 16)));
+                for (int pair = 0; pair < 2; pair++)
+                    sums[pair][r] = pair_dot(sums[pair][r], lo[pair], hi[pair], x_lo, x_hi, bits);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m256i v = _mm256_hadd_epi32(sums[0][r], sums[1][r]); /* [a a c c | b b d d] */
+            if (bits == 4) /* nibbles hold q + 8: take 8 * sum(x_q) off each row, in one lane of its two */
+                v = _mm256_sub_epi32(v, _mm256_and_si256(_mm256_set1_epi32(8 * x->sum[r * x->ld_d + b]),
+                                                         first_of_pair));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, _mm256_set1_ps(x->d[r * x->ld_d + b])),
+                                     acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) { /* [a a c c] + [b b d d] pairwise: [a c b d] */
+        const __m128 acbd = _mm_hadd_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        _mm_storeu_ps(out + r * ld_out, _mm_shuffle_ps(acbd, acbd, _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+}
+#else
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0) { /* zero and subnormals */
+        const float v = ldexpf((float)mantissa, -24);
+        return sign ? -v : v;
+    }
+    const uint32_t bits = sign | ((exponent == 31 ? 255 : exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* The portable version of qgroup_dot above: the same integer sums, as plain loops the compiler vectorizes. */
+static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const int bits,
+                                                             const qrows_t *x, float *out, long ld_out,
+                                                             const int R) {
+    const long chunk = bits == 8 ? 32 : 16;
+    float acc[NW][QROW_BLOCK] = {{0}};
+    for (long b = 0; b < K / g; b++) {
+        float dw[NW];
+        for (int a = 0; a < NW; a++) dw[a] = half_to_float(p + 2 * a);
+        p += 8;
+        for (int r = 0; r < R; r++) {
+            const int8_t *xb = x->q + r * x->ld_q + b * g;
+            int32_t sums[NW] = {0};
+            for (long c = 0; c < g; c += 32) {
+                const uint8_t *w = p + (c / 32) * NW * chunk;
+                for (int a = 0; a < NW; a++) {
+                    int32_t s = 0;
+                    if (bits == 8) { /* rows a and a ^ 1 share 32-byte halves: [a 0-15, b 0-15] [a 16-31, b 16-31] */
+                        const int8_t *lo = (const int8_t *)w + 64 * (a / 2) + 16 * (a % 2), *hi = lo + 32;
+                        for (int j = 0; j < 16; j++) s += lo[j] * xb[c + j] + hi[j] * xb[c + 16 + j];
+                    } else {
+                        const uint8_t *row = w + 16 * a;
+                        for (int j = 0; j < 16; j++)
+                            s += ((row[j] & 15) - 8) * xb[c + j] + ((row[j] >> 4) - 8) * xb[c + 16 + j];
+                    }
+                    sums[a] += s;
+                }
+            }
+            const float dx = x->d[r * x->ld_d + b];
+            for (int a = 0; a < NW; a++) acc[a][r] += (float)sums[a] * (dw[a] * dx);
+        }
+        p += NW * g * bits / 8;
+    }
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < NW; a++) out[r * ld_out + a] = acc[a][r];
+}
+#endif
+
+/* out[r, j] = dot(row j, x[r]) for the n_out rows of a quantized packed block, r < rows. */
+static void packed_qdot(const uint8_t *packed, long n_out, long K, long g, int bits, const qrows_t *x, int rows,
+                        float *out, long ld_out) {
+    const long group_bytes = K / g * qblock_bytes(g, bits);
+    for (long group = 0; group < n_out / NW; group++) {
+        const uint8_t *p = packed + group * group_bytes;
+        for (int r0 = 0; r0 < rows; r0 += QROW_BLOCK) { /* later row blocks re-read the group from cache */
+            const qrows_t xr = {x->q + r0 * x->ld_q, x->d + r0 * x->ld_d, x->sum + r0 * x->ld_d, x->ld_q, x->ld_d};
+            float *o = out + r0 * ld_out + group * NW;
+            const int R = rows - r0 < QROW_BLOCK ? rows - r0 : QROW_BLOCK;
+#define QDOT(B, N) qgroup_dot(p, K, g, B, &xr, o, ld_out, N)
+#if QROW_BLOCK == 4
+#define QDOT_ROWS(B) (R == 1 ? QDOT(B, 1) : R == 2 ? QDOT(B, 2) : R == 3 ? QDOT(B, 3) : QDOT(B, 4))
+#else
+#define QDOT_ROWS(B) (R == 1 ? QDOT(B, 1) : QDOT(B, 2))
+#endif
+            if (bits == 8)
+                QDOT_ROWS(8);
+            else
+                QDOT_ROWS(4);
+#undef QDOT_ROWS
+#undef QDOT
+        }
+    }
+}
+
+typedef struct {
+    const float *x;
+    const void *gate_up, *down;
+    long tokens, hidden, inter, slices, bits, group;
     int threads;
     /* routing grouped by expert: experts[i] owns pairs [start[i], start[i+1]) */
     int n_active;
     const int32_t *experts, *start, *pair_token;
     const float *pair_weight;
+    qrows_t xq;     /* bits 8/4: every token row of x quantized, [T, H] */
     float *partial; /* [threads, tokens, hidden] */
-    float *scratch; /* per thread: gathered rows, gate/up, activations, expert output */
+    char *scratch;  /* per thread: gathered rows, gate/up, activations, expert output */
     long scratch_per_thread, max_rows;
 } job_t;
 
-static void run_slices(const job_t *job, int thread) {
+static inline float swiglu(float g, float u, float w) { return w * (g / (1.0f + expf(-g))) * u; }
+
+static void add_rows(float *out, const int32_t *tokens, const float *y, int rows, long H) {
+    for (int r = 0; r < rows; r++) {
+        float *dst = out + (long)tokens[r] * H;
+        for (long h = 0; h < H; h++) dst[h] += y[r * H + h];
+    }
+}
+
+static void run_slices_float(const job_t *job, int thread) {
     const long H = job->hidden, S = job->slices, W = job->inter / S;
     float *out = job->partial + (long)thread * job->tokens * H;
-    memset(out, 0, sizeof(float) * job->tokens * H);
-    float *xs = job->scratch + thread * job->scratch_per_thread; /* [R, H] */
-    float *gu = xs + job->max_rows * H;                          /* [R, 2W] */
-    float *act = gu + job->max_rows * 2 * W;                     /* [R, W] */
-    float *y = act + job->max_rows * W;                          /* [R, H] */
+    float *xs = (float *)(job->scratch + thread * job->scratch_per_thread); /* [R, H] */
+    float *gu = xs + job->max_rows * H;                                     /* [R, 2W] */
+    float *act = gu + job->max_rows * 2 * W;                                /* [R, W] */
+    float *y = act + job->max_rows * W;                                     /* [R, H] */
+    const float *gate_up = job->gate_up, *down = job->down;
     for (int i = 0; i < job->n_active; i++) {
         const long e = job->experts[i];
         const int p0 = job->start[i], rows = job->start[i + 1] - p0;
         for (int r = 0; r < rows; r++)
             memcpy(xs + r * H, job->x + (long)job->pair_token[p0 + r] * H, sizeof(float) * H);
         for (long s = thread; s < S; s += job->threads) {
-            packed_dot(job->gate_up + (e * S + s) * 2 * W * H, 2 * W, H, xs, H, rows, gu, 2 * W);
-            for (int r = 0; r < rows; r++) {
-                const float w = job->pair_weight[p0 + r];
-                for (long c = 0; c < W; c++) {
-                    const float g = gu[r * 2 * W + 2 * c], u = gu[r * 2 * W + 2 * c + 1];
-                    act[r * W + c] = w * (g / (1.0f + expf(-g))) * u;
-                }
-            }
-            packed_dot(job->down + (e * S + s) * H * W, H, W, act, W, rows, y, H);
-            for (int r = 0; r < rows; r++) {
-                float *dst = out + (long)job->pair_token[p0 + r] * H;
-                for (long h = 0; h < H; h++) dst[h] += y[r * H + h];
-            }
+            packed_dot(gate_up + (e * S + s) * 2 * W * H, 2 * W, H, xs, H, rows, gu, 2 * W);
+            for (int r = 0; r < rows; r++)
+                for (long c = 0; c < W; c++)
+                    act[r * W + c] = swiglu(gu[r * 2 * W + 2 * c], gu[r * 2 * W + 2 * c + 1], job->pair_weight[p0 + r]);
+            packed_dot(down + (e * S + s) * H * W, H, W, act, W, rows, y, H);
+            add_rows(out, job->pair_token + p0, y, rows, H);
         }
     }
+}
+
+/* Bytes of scratch per row: 64-byte aligned pieces, as run_slices_quantized cuts them. */
+static long align64(long n) { return (n + 63) & ~63L; }
+
+static void run_slices_quantized(const job_t *job, int thread) {
+    const long H = job->hidden, S = job->slices, W = job->inter / S, g = job->group, R = job->max_rows;
+    const int bits = (int)job->bits;
+    const long gate_up_bytes = 2 * W / NW * (H / g) * qblock_bytes(g, bits);
+    const long down_bytes = H / NW * (W / g) * qblock_bytes(g, bits);
+    float *out = job->partial + (long)thread * job->tokens * H;
+    char *at = job->scratch + thread * job->scratch_per_thread;
+    int8_t *xq = (int8_t *)at;                    /* [R, H] */
+    float *xd = (float *)(at += align64(R * H));  /* [R, H / g] */
+    int32_t *xs = (int32_t *)(at += align64(4 * R * (H / g)));
+    float *gu = (float *)(at += align64(4 * R * (H / g))); /* [R, 2W] */
+    float *act = (float *)(at += align64(4 * R * 2 * W));  /* [R, W] */
+    int8_t *aq = (int8_t *)(at += align64(4 * R * W));    /* [R, W] */
+    float *ad = (float *)(at += align64(R * W));          /* [R, W / g] */
+    int32_t *as = (int32_t *)(at += align64(4 * R * (W / g)));
+    float *y = (float *)(at += align64(4 * R * (W / g))); /* [R, H] */
+    const qrows_t x_rows = {xq, xd, xs, H, H / g}, act_rows = {aq, ad, as, W, W / g};
+    for (int i = 0; i < job->n_active; i++) {
+        const long e = job->experts[i];
+        const int p0 = job->start[i], rows = job->start[i + 1] - p0;
+        for (int r = 0; r < rows; r++) {
+            const long t = job->pair_token[p0 + r];
+            memcpy(xq + r * H, job->xq.q + t * H, H);
+            memcpy(xd + r * (H / g), job->xq.d + t * (H / g), sizeof(float) * (H / g));
+            memcpy(xs + r * (H / g), job->xq.sum + t * (H / g), sizeof(int32_t) * (H / g));
+        }
+        for (long s = thread; s < S; s += job->threads) {
+            packed_qdot((const uint8_t *)job->gate_up + (e * S + s) * gate_up_bytes, 2 * W, H, g, bits, &x_rows, rows,
+                        gu, 2 * W);
+            for (int r = 0; r < rows; r++)
+                for (long c = 0; c < W; c++)
+                    act[r * W + c] = swiglu(gu[r * 2 * W + 2 * c], gu[r * 2 * W + 2 * c + 1], job->pair_weight[p0 + r]);
+            quantize_rows(act, rows, W, W, g, aq, ad, as, W, W / g);
+            packed_qdot((const uint8_t *)job->down + (e * S + s) * down_bytes, H, W, g, bits, &act_rows, rows, y, H);
+            add_rows(out, job->pair_token + p0, y, rows, H);
+        }
+    }
+}
+
+static long scratch_bytes(long rows, long H, long W, long bits, long g) {
+    if (bits == 32) return sizeof(float) * (rows * (2 * H + 3 * W) + 16);
+    return align64(rows * H) + 2 * align64(4 * rows * (H / g)) + align64(4 * rows * 2 * W) + align64(4 * rows * W) +
+           align64(rows * W) + 2 * align64(4 * rows * (W / g)) + align64(4 * rows * H);
+}
+
+static void run_slices(const job_t *job, int thread) {
+    memset(job->partial + (long)thread * job->tokens * job->hidden, 0, sizeof(float) * job->tokens * job->hidden);
+    if (job->bits == 32)
+        run_slices_float(job, thread);
+    else
+        run_slices_quantized(job, thread);
 }
 
 /* ---- a small persistent thread pool. Workers sleep between calls, so they do not compete with the
@@ -207,16 +498,24 @@ static void run_parallel(const job_t *job) {
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) __builtin_ia32_pause();
 }
 
-int moetrt_experts_abi(void) { return 2; }
+int moetrt_experts_abi(void) { return 3; }
 
-/* y[T, H] = the routed experts of x[T, H] (ids/weights [T, k]; packed weights as above).
- * Returns 0, or -1 for bad arguments (an id out of range, sizes the layout cannot hold), -2 out of memory,
- * -3 when the worker threads could not start. */
-int moetrt_experts(const float *x, const int32_t *ids, const float *weights, const float *gate_up,
-                   const float *down, float *y, long tokens, long top_k, long num_experts, long hidden, long inter,
-                   long slices, int threads) {
-    if (tokens < 0 || top_k < 1 || num_experts < 1 || hidden < 8 || hidden % 8 || slices < 1 || inter % slices ||
-        (inter / slices) % 8 || threads < 1 || threads > MAX_THREADS)
+static int layout_holds(long hidden, long inter, long slices, long bits, long group) {
+    if (hidden < 8 || slices < 1 || inter % slices) return 0;
+    const long width = inter / slices;
+    if (bits == 32) return hidden % 8 == 0 && width % 8 == 0;
+    if (bits != 8 && bits != 4) return 0;
+    return group >= 32 && (group & (group - 1)) == 0 && hidden % group == 0 && width % group == 0;
+}
+
+/* y[T, H] = the routed experts of x[T, H] (ids/weights [T, k]; packed weights as above: float32 for bits 32,
+ * bytes for bits 8 and 4 with group size `group`). Returns 0, or -1 for bad arguments (an id out of range,
+ * sizes the layout cannot hold), -2 out of memory, -3 when the worker threads could not start. */
+int moetrt_experts(const float *x, const int32_t *ids, const float *weights, const void *gate_up, const void *down,
+                   float *y, long tokens, long top_k, long num_experts, long hidden, long inter, long slices,
+                   long bits, long group, int threads) {
+    if (tokens < 0 || top_k < 1 || num_experts < 1 || !layout_holds(hidden, inter, slices, bits, group) ||
+        threads < 1 || threads > MAX_THREADS)
         return -1;
     if (tokens == 0) return 0;
     if (threads > slices) threads = (int)slices;
@@ -228,7 +527,11 @@ int moetrt_experts(const float *x, const int32_t *ids, const float *weights, con
     int32_t *start = malloc(sizeof(int32_t) * (num_experts + 1));
     int32_t *pair_token = malloc(sizeof(int32_t) * pairs);
     float *pair_weight = malloc(sizeof(float) * pairs);
-    float *partial = NULL, *scratch = NULL;
+    float *partial = NULL;
+    char *scratch = NULL;
+    int8_t *x_q = NULL;
+    float *x_d = NULL;
+    int32_t *x_sum = NULL;
     if (!count || !slot || !experts || !start || !pair_token || !pair_weight) {
         status = -2;
         goto done;
@@ -257,16 +560,28 @@ int moetrt_experts(const float *x, const int32_t *ids, const float *weights, con
         pair_token[at] = (int32_t)(p / top_k);
         pair_weight[at] = weights[p];
     }
-    const long width = inter / slices;
-    const long per_thread = max_rows * (2 * hidden + 3 * width) + 16;
+    const long per_thread = align64(scratch_bytes(max_rows, hidden, inter / slices, bits, group));
     partial = malloc(sizeof(float) * threads * tokens * hidden);
-    scratch = malloc(sizeof(float) * threads * per_thread);
+    scratch = malloc(threads * per_thread);
     if (!partial || !scratch) {
         status = -2;
         goto done;
     }
-    job_t job = {x, gate_up, down, tokens, hidden, inter, slices, threads, n_active, experts, start, pair_token,
-                 pair_weight, partial, scratch, per_thread, max_rows};
+    qrows_t xq = {NULL, NULL, NULL, hidden, 0};
+    if (bits != 32) { /* each token row quantized once, whichever experts it goes to */
+        const long blocks = hidden / group;
+        x_q = malloc(tokens * hidden);
+        x_d = malloc(sizeof(float) * tokens * blocks);
+        x_sum = malloc(sizeof(int32_t) * tokens * blocks);
+        if (!x_q || !x_d || !x_sum) {
+            status = -2;
+            goto done;
+        }
+        quantize_rows(x, tokens, hidden, hidden, group, x_q, x_d, x_sum, hidden, blocks);
+        xq = (qrows_t){x_q, x_d, x_sum, hidden, blocks};
+    }
+    job_t job = {x, gate_up, down, tokens, hidden, inter, slices, bits, group, threads, n_active, experts, start,
+                 pair_token, pair_weight, xq, partial, scratch, per_thread, max_rows};
     pthread_mutex_lock(&call_lock); /* one call at a time through the pool */
     if (ensure_workers(threads - 1) != 0) {
         pthread_mutex_unlock(&call_lock);
@@ -288,5 +603,8 @@ done:
     free(pair_weight);
     free(partial);
     free(scratch);
+    free(x_q);
+    free(x_d);
+    free(x_sum);
     return status;
 }

@@ -2,8 +2,9 @@
 
 ONNX Runtime engines built with `moe_kernel="moetrt"` run each MoE layer's routed experts here instead of in
 ONNX Runtime's `com.microsoft::MoE`: the engine's graph is cut at the expert nodes (export/ort/split.py) and the
-runtime calls this kernel between the pieces. Why, and the measurements: the header of `cpu_experts.c` and
-bench/NOTES.md.
+runtime calls this kernel between the pieces. The experts are float32 (`pack_gate_up`, `pack_down`) or int8/int4
+with float16 scales per group of inputs (`pack_quantized`). Why, the layouts and the measurements: the header of
+`cpu_experts.c`, bench/NOTES.md and bench/quant_kernel.py.
 
 The kernel is C with no dependency beyond libc and pthreads. An engine build compiles it for every level in
 TARGETS of its CPU architecture and carries the libraries (`kernels/`); loading takes the best one this CPU runs
@@ -35,9 +36,11 @@ from moetrt.formats import CpuKernel, file_sha256
 from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
-ABI = 2
+ABI = 3
 GROUP = 4  # weight rows per packed group (NW in the C source)
 LANES = 8  # floats per vector
+CHUNK = 32  # quantized inputs per row per packed chunk
+QUANTIZED_BITS = (8, 4)
 
 
 def supported(hidden: int, inter: int, slices: int) -> str | None:
@@ -66,6 +69,73 @@ def pack_down(down: np.ndarray, slices: int) -> np.ndarray:
     return np.ascontiguousarray(grouped.transpose(0, 1, 2, 4, 3, 5))
 
 
+def supported_quantized(hidden: int, inter: int, slices: int, bits: int, group_size: int) -> str | None:
+    """None when the kernel can run `bits` (8 or 4) experts of this shape with scales per `group_size` inputs,
+    cut into `slices`, else why not."""
+    if bits not in QUANTIZED_BITS:
+        return f"{bits}-bit weights are not one of the kernel's {', '.join(map(str, QUANTIZED_BITS))}"
+    if group_size < CHUNK or group_size & (group_size - 1):
+        return f"group size {group_size} is not a power of two >= {CHUNK}"
+    if hidden % group_size:
+        return f"hidden size {hidden} is not a multiple of the group size {group_size}"
+    if slices < 1 or inter % slices or (inter // slices) % group_size:
+        return f"expert width {inter} / {slices} slices is not a multiple of the group size {group_size}"
+    return None
+
+
+def quantized_bytes(rows: int, inputs: int, bits: int, group_size: int) -> int:
+    """Bytes of `rows` packed rows of `inputs` quantized inputs: the values and a float16 scale per group."""
+    return rows * inputs * bits // 8 + rows * (inputs // group_size) * 2
+
+
+def _pack_rows(q: np.ndarray, d: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """Rows `q [..., N, K]` (int8 values) with scales `d [..., N, K/g]` -> bytes `[..., N/4, K/g, 8 + 4g*bits/8]`:
+    per group of four rows and block of g inputs, the four float16 scales, then per chunk of 32 inputs the rows'
+    values (int8: two rows' inputs 0-15, then their inputs 16-31; int4: 16 bytes per row, value j in the low
+    nibble of byte j, value 16 + j in its high nibble, as q + 8). The layout of cpu_experts.c's header."""
+    *lead, rows, inputs = q.shape
+    blocks = inputs // group_size
+    values = q.reshape(*lead, rows // GROUP, GROUP, blocks, group_size // CHUNK, CHUNK)
+    values = np.moveaxis(values, -4, -2)  # [..., N/4, K/g, g/32, 4, 32]
+    if bits == 4:
+        if values.min(initial=0) < -8 or values.max(initial=0) > 7:
+            raise MoetrtError("int4 expert values must lie in [-8, 7]; quantize with moetrt.quantization")
+        nibbles = (values.astype(np.int16) + 8).astype(np.uint8).reshape(*values.shape[:-1], 2, CHUNK // 2)
+        data = nibbles[..., 0, :] | (nibbles[..., 1, :] << np.uint8(4))
+    else:  # per chunk: [a 0-15, b 0-15] [a 16-31, b 16-31] [c 0-15, d 0-15] [c 16-31, d 16-31]
+        pairs = values.reshape(*values.shape[:-2], 2, 2, 2, CHUNK // 2)  # [..., pair, row, half, 16]
+        data = np.swapaxes(pairs, -3, -2).view(np.uint8)
+    data = np.ascontiguousarray(data).reshape(*lead, rows // GROUP, blocks, -1)
+    scales = np.ascontiguousarray(np.moveaxis(
+        d.astype(np.float16).reshape(*lead, rows // GROUP, GROUP, blocks), -2, -1)).view(np.uint8)
+    return np.concatenate([scales, data], axis=-1)
+
+
+def pack_quantized(fc1_q: np.ndarray, fc1_d: np.ndarray, down_q: np.ndarray, down_d: np.ndarray, bits: int,
+                   group_size: int, slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quantized experts in the kernel's packed layout (cpu_experts.c header), as two 1-D uint8 arrays
+    (gate_up, down). `fc1_q` int8 `[E, 2I, H]` interleaved rows gate_0, up_0, gate_1, ... (export/ort/lower.py
+    interleave_gate_up, applied to the values and to `fc1_d` float16 `[E, 2I, H/g]`); `down_q` int8 `[E, H, I]`
+    with `down_d` float16 `[E, H, I/g]`; int4 values one per byte in [-8, 7]. Weights are q * d (moetrt/
+    quantization.py). Raises MoetrtError for shapes the layout cannot hold (`supported_quantized`)."""
+    experts, rows, hidden = fc1_q.shape
+    inter = rows // 2
+    reason = supported_quantized(hidden, inter, slices, bits, group_size)
+    if reason:
+        raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
+    if (fc1_d.shape != (experts, rows, hidden // group_size) or down_q.shape != (experts, hidden, inter)
+            or down_d.shape != (experts, hidden, inter // group_size)):
+        raise MoetrtError(f"quantized experts do not fit together: {fc1_q.shape}, {fc1_d.shape}, {down_q.shape}, "
+                          f"{down_d.shape} for group size {group_size}")
+    width = inter // slices
+    gate_up = _pack_rows(fc1_q.reshape(experts, slices, 2 * width, hidden),
+                         fc1_d.reshape(experts, slices, 2 * width, hidden // group_size), bits, group_size)
+    per_slice = down_q.reshape(experts, hidden, slices, width).transpose(0, 2, 1, 3)
+    scales = down_d.reshape(experts, hidden, slices, width // group_size).transpose(0, 2, 1, 3)
+    down = _pack_rows(np.ascontiguousarray(per_slice), np.ascontiguousarray(scales), bits, group_size)
+    return np.ascontiguousarray(gate_up).reshape(-1), np.ascontiguousarray(down).reshape(-1)
+
+
 COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-Wno-psabi")
 
 
@@ -87,10 +157,16 @@ X86_64_V4 = (*X86_64_V3, "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512v
 # Per architecture, best first. x86: the psABI levels (GCC 11+, clang 12+), tuned generically so the library does
 # not depend on the CPU that built it. The kernel's speed comes from its vector width and register count, not from
 # tuning: on an AVX2 CPU x86-64-v3 gives what -march=native gives (256-bit FMA, 16 registers, ROW_BLOCK 3); on
-# AVX-512, x86-64-v4 defines __AVX512F__ as native does (32 registers, ROW_BLOCK 4). aarch64: the building CPU's
-# own features, and the armv8-a baseline (NEON) that every aarch64 CPU runs.
+# AVX-512, x86-64-v4 defines __AVX512F__ as native does (32 registers, ROW_BLOCK 4). The "-vnni" levels add the
+# integer dot product int8/int4 experts use (_mm256_dpbusd_epi32: AVX-512 VNNI with VL, or the VEX AVX-VNNI of
+# AVX2-only CPUs); x86-64-v2's quantized path is plain C. aarch64: the building CPU's own features, and the
+# armv8-a baseline (NEON) that every aarch64 CPU runs.
 TARGETS = (
+    KernelTarget("x86-64-v4-vnni", "x86_64", ("-march=x86-64-v4", "-mavx512vnni", "-mtune=generic"),
+                 (*X86_64_V4, "avx512_vnni")),
     KernelTarget("x86-64-v4", "x86_64", ("-march=x86-64-v4", "-mtune=generic"), X86_64_V4),
+    KernelTarget("x86-64-v3-vnni", "x86_64", ("-march=x86-64-v3", "-mavxvnni", "-mtune=generic"),
+                 (*X86_64_V3, "avx_vnni")),
     KernelTarget("x86-64-v3", "x86_64", ("-march=x86-64-v3", "-mtune=generic"), X86_64_V3),
     KernelTarget("x86-64-v2", "x86_64", ("-march=x86-64-v2", "-mtune=generic"), X86_64_V2),
     KernelTarget("native", "aarch64", ("-mcpu=native",), None),
@@ -234,7 +310,7 @@ def load_library(path: Path, sha256: str | None = None, fix: str = "rebuild the 
     if lib.moetrt_experts_abi() != ABI:
         raise MoetrtError(f"{path} is not the kernel this moetrt expects; {fix}")
     pointer, size = ctypes.c_void_p, ctypes.c_long
-    lib.moetrt_experts.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int]
+    lib.moetrt_experts.argtypes = [pointer] * 6 + [size] * 8 + [ctypes.c_int]
     lib.moetrt_experts.restype = ctypes.c_int
     return lib
 
@@ -244,28 +320,40 @@ ERRORS = {-1: "bad arguments (an expert id out of range, or a shape the packed l
 
 
 class CpuExperts:
-    """One MoE layer's routed experts, packed; `__call__` runs them on raw float32/int32 buffers. `library`: a
-    loaded build of the kernel (`load_library`), by default the one compiled for this machine."""
+    """One MoE layer's routed experts, packed; `__call__` runs them on raw float32/int32 buffers. `bits` 32: the
+    float32 layout (`pack_gate_up`, `pack_down`); 8 or 4: the uint8 arrays of `pack_quantized` with scales per
+    `group_size` inputs. `library`: a loaded build of the kernel (`load_library`), by default the one compiled
+    for this machine. Raises MoetrtError for a shape the kernel cannot run or arrays that do not match it."""
 
     def __init__(self, gate_up: np.ndarray, down: np.ndarray, num_experts: int, hidden: int, inter: int,
-                 slices: int, threads: int | None = None, library: ctypes.CDLL | None = None):
-        reason = supported(hidden, inter, slices)
+                 slices: int, threads: int | None = None, library: ctypes.CDLL | None = None, bits: int = 32,
+                 group_size: int = 0):
+        if bits == 32:
+            reason = supported(hidden, inter, slices)
+            sizes, dtype = (num_experts * 2 * inter * hidden, num_experts * hidden * inter), np.float32
+        else:
+            reason = supported_quantized(hidden, inter, slices, bits, group_size)
+            sizes = (num_experts * quantized_bytes(2 * inter, hidden, bits, group_size),
+                     num_experts * quantized_bytes(hidden, inter, bits, group_size))
+            dtype = np.uint8
         if reason:
             raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
-        if gate_up.size != num_experts * 2 * inter * hidden or down.size != num_experts * hidden * inter:
+        if (gate_up.size, down.size) != sizes:
             raise MoetrtError("packed expert weights do not match the recorded expert shape; rebuild the engine")
         for array in (gate_up, down):
-            if array.dtype != np.float32 or not array.flags.c_contiguous:
-                raise MoetrtError("packed expert weights must be contiguous float32")
+            if array.dtype != dtype or not array.flags.c_contiguous:
+                raise MoetrtError(f"packed {bits}-bit expert weights must be contiguous {np.dtype(dtype).name}")
         self.gate_up, self.down = gate_up, down
         self.num_experts, self.hidden, self.inter, self.slices = num_experts, hidden, inter, slices
+        self.bits, self.group_size = bits, group_size if bits != 32 else 0
         self.threads = max(1, min(threads or os.cpu_count() or 1, slices, 64))
         self._run = (library if library is not None else native_library()).moetrt_experts
 
     def run_pointers(self, x: int, ids: int, weights: int, out: int, tokens: int, top_k: int) -> None:
         """x/out `[T, H]` float32, ids `[T, k]` int32, weights `[T, k]` float32, all C-contiguous, by address."""
         status = self._run(x, ids, weights, self.gate_up.ctypes.data, self.down.ctypes.data, out, tokens, top_k,
-                           self.num_experts, self.hidden, self.inter, self.slices, self.threads)
+                           self.num_experts, self.hidden, self.inter, self.slices, self.bits, self.group_size,
+                           self.threads)
         if status:
             raise MoetrtError(f"the moetrt CPU expert kernel failed: {ERRORS.get(status, status)}")
 
