@@ -15,6 +15,7 @@ from moetrt.config import ModelConfig
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan
 from moetrt.formats import ExportInfo, Section
+from moetrt.quantization import QuantScheme
 from moetrt.settings import BuildConfig, OrtOptions
 
 # name -> the module whose BACKEND implements it (imported when used: TensorRT's only where asked for)
@@ -60,10 +61,16 @@ def choose_backend(requested: str) -> tuple[str, str]:
     return "ort", f"{reason}, so ONNX Runtime"
 
 
-def plan_target(target: str, model: ModelConfig, dtype: str, ort: OrtOptions) -> LoweringPlan:
+def plan_target(target: str, model: ModelConfig, dtype: str, ort: OrtOptions,
+                quantize: QuantScheme | None = None) -> LoweringPlan:
     """The lowering for export target `target`: a backend's own target ("ort", "trt") as that backend plans it with
-    default options (but `ort`), the standard-ops target "onnx" as it is."""
+    default options (but `ort` and the quantization), the standard-ops target "onnx" as it is (it has no quantized
+    experts: refused)."""
+    quantized = {} if quantize is None else {"quantize": quantize.name, "group_size": quantize.group_size}
     if target in REGISTRY:
-        return get_backend(target).plan(BuildConfig(ort=ort), model, dtype)
+        return get_backend(target).plan(BuildConfig(ort=ort, **quantized), model, dtype)
+    if quantize is not None:
+        raise MoetrtError("the standard-ops (onnx) target has no quantized experts yet; export the quantized model "
+                          "with --target ort")
     return LoweringPlan(target)
 

@@ -22,11 +22,13 @@ from moetrt.formats import (
     EXPORT_JSON,
     TOKENIZER_FILES,
     EngineManifest,
+    ExportInfo,
     artifact_records,
     read_export_info,
     write_manifest,
 )
 from moetrt.progress import note
+from moetrt.quantization import scheme_for
 from moetrt.settings import BuildConfig, fit_profile
 from moetrt.versions import tool_versions
 
@@ -67,6 +69,7 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
             tokenizer=(work / "tokenizer.json").is_file(), io=info.io, profile=config.profile, section=section,
             artifacts=artifact_records(work),
             versions={**tool_versions(), "cuda_driver": hardware.cuda_driver_version()},
+            quantization=info.quantization,
         )
         write_manifest(work, manifest)
         if info.dtype != "float32":  # half precision can overflow: refuse an engine that computes NaN
@@ -105,10 +108,23 @@ def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConf
             )
         if config.dtype and config.dtype != info.dtype:
             raise MoetrtError(f"{source} was exported in {info.dtype}; --dtype {config.dtype} needs a re-export")
+        check_quantization(info, config, source)
         backend.check_export(info, config, str(source))
         return source
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
     dtype = config.dtype or "float32"
     plan = backend.plan(config, load_config(source), dtype)
-    return export_onnx(source, scratch, plan, dtype=dtype)
+    return export_onnx(source, scratch, plan, dtype=dtype, quantize=scheme_for(config.quantize, config.group_size))
+
+
+def check_quantization(info: ExportInfo, config: BuildConfig, source: Path) -> None:
+    """Refuse an export whose weight quantization is not the one `config` asks for (one line, both fixes)."""
+    exported = info.quantization
+    has = ("none", 0) if exported is None else (exported.scheme, exported.group_size)
+    wanted = (config.quantize, config.group_size if config.quantize != "none" else 0)
+    if has != wanted:
+        held = "float weights" if exported is None else f"{exported.scheme} weights in groups of {exported.group_size}"
+        options = "--quantize none" if exported is None else f"--quantize {has[0]} --group-size {has[1]}"
+        raise MoetrtError(f"{source} was exported with {held}; build it with {options}, or re-export the "
+                          f"checkpoint with --quantize {config.quantize}")

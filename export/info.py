@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from moetrt.config import ModelConfig
+from moetrt.formats import Quantization
 
 GPU_BYTES = 141e9  # one H200
 BF16, FP8, FP32 = 2, 1, 4
@@ -177,4 +178,74 @@ def describe(c: ModelConfig, context: int = 32768, batch: int = 1) -> dict:
         "gpus_141gb": {
             dtype: gpus_needed(weights[dtype], kv["latent"], context, batch) for dtype in ("bf16", "fp8")
         },
+    }
+
+
+# -- an engine's weights: how they are stored, and what a decode step reads ------------------------------------------
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def quantization_summary(quantization: Quantization | None, dtype: str) -> str:
+    """One line in the field's terms: "int4, symmetric, group size 32, float16 scales: routed experts, ...;
+    token embedding int8; kept float32: norms, ...", or "float32 (not quantized)"."""
+    if quantization is None:
+        return f"{dtype} (not quantized)"
+    q = quantization
+    line = (f"{q.scheme}, {'symmetric' if q.symmetric else 'asymmetric'}, group size {q.group_size}, "
+            f"{q.scale_dtype} scales: {', '.join(q.tensors)}")
+    if q.int8_tensors:
+        line += f"; {', '.join(q.int8_tensors)} int8"
+    if q.kept:
+        line += f"; kept {dtype}: {', '.join(q.kept)}"
+    return line
+
+
+def _matrix_bytes(out_features: int, in_features: int, bits: int | None, group: int, scale_bytes: int,
+                  dtype_bytes: int) -> int:
+    """One `[out, in]` weight: `bits`-bit values plus one scale per `group` inputs of a row, or unquantized
+    (`bits` None, or `in` not a whole number of groups: such weights stay in the engine's dtype)."""
+    if bits is None or in_features % group:
+        return out_features * in_features * dtype_bytes
+    return out_features * in_features * bits // 8 + out_features * (in_features // group) * scale_bytes
+
+
+def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization | None) -> dict[str, int]:
+    """Weight bytes an engine reads per decode token at batch 1, by part: every dense weight (attention, dense and
+    shared MLPs, routers, norms, lm_head) once, the k chosen routed experts of each MoE layer (k/E of their bytes),
+    and one embedding row. Quantized as moetrt/quantization.py says: values at `bits`, float16 scales for the
+    routed experts, float32 scales for the dense weights (MatMulNBits takes its activations' type) and the int8
+    embedding; kv_b_proj, norms and routers in `dtype`. Padding and the packed layouts' alignment are ignored."""
+    size = DTYPE_BYTES[dtype]
+    bits = quantization.bits if quantization else None
+    group = quantization.group_size if quantization else 1
+
+    def dense(out_features: int, in_features: int, count: int = 1) -> int:
+        return count * _matrix_bytes(out_features, in_features, bits, group, 4, size)
+
+    moe = len(c.moe_layers)
+    layers = c.num_hidden_layers
+    heads = c.num_attention_heads
+    if c.q_lora_rank is None:
+        attention = dense(heads * c.qk_head_dim, c.hidden_size, layers)
+    else:
+        attention = dense(c.q_lora_rank, c.hidden_size, layers) + dense(heads * c.qk_head_dim, c.q_lora_rank, layers)
+    attention += dense(c.latent_dim, c.hidden_size, layers) + dense(c.hidden_size, heads * c.v_head_dim, layers)
+    kept = layers * heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank  # kv_b_proj
+    kept += (c.kv_lora_rank + (c.q_lora_rank or 0)) * layers + (2 * layers + 1) * c.hidden_size  # norms
+    kept += moe * c.n_routed_experts * (c.hidden_size + (1 if c.uses_correction_bias else 0))  # routers
+    shared = c.moe_intermediate_size * c.n_shared_experts
+    mlp = (dense(c.intermediate_size, c.hidden_size, 2 * (layers - moe))
+           + dense(c.hidden_size, c.intermediate_size, layers - moe))
+    if shared:
+        mlp += dense(shared, c.hidden_size, 2 * moe) + dense(c.hidden_size, shared, moe)
+    experts_quantized = bits is not None and c.hidden_size % group == 0 and c.moe_intermediate_size % group == 0
+    expert_bits = bits if experts_quantized else None
+    one_expert = (_matrix_bytes(2 * c.moe_intermediate_size, c.hidden_size, expert_bits, group, 2, size)
+                  + _matrix_bytes(c.hidden_size, c.moe_intermediate_size, expert_bits, group, 2, size))
+    embedding_row = _matrix_bytes(1, c.hidden_size, 8 if quantization else None, group, 4, size)
+    return {
+        "dense": attention + mlp + kept * size + dense(c.vocab_size, c.hidden_size),
+        "routed_experts": moe * c.num_experts_per_tok * one_expert,
+        "embedding_row": embedding_row,
     }

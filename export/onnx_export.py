@@ -45,7 +45,7 @@ from moetrt.formats import (
     graph_output_names,
     write_export_info,
 )
-from moetrt.export.quantized import finish_export
+from moetrt.export.quantized import check_quantizable, finish_export
 from moetrt.progress import note, stage
 from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
@@ -161,8 +161,10 @@ def export_onnx(
     if dtype not in DTYPES:
         raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if quantize is not None:
+        check_quantizable(dtype)
     plan = target if isinstance(target, LoweringPlan) else plan_target(target, load_config(checkpoint_dir), dtype,
-                                                                        ort or OrtOptions())
+                                                                        ort or OrtOptions(), quantize)
     if plan.target == "ort":
         note(f"experts: {plan.moe_kernel} ({plan.why})")
     with staging_dir(out_dir) as work:

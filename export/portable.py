@@ -15,6 +15,7 @@ from onnx_ir.tape import Tape
 
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan, constant, replace_node, routed_experts_nodes
+from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE
 
 OPSET = 21
 
@@ -61,6 +62,9 @@ def _expert_body(node: ir.Node, index: int) -> ir.Graph:
 def lower(model: ir.Model, plan: LoweringPlan) -> None:
     """Each routed-experts node as standard ONNX ops (a Loop over the experts): any runtime can run it."""
     for index, node in enumerate(routed_experts_nodes(model)):
+        if QUANTIZED_BITS_ATTRIBUTE in node.attributes:
+            raise MoetrtError("the standard-ops (onnx) target has no quantized experts yet; export the quantized "
+                              "model with --target ort")
         if len(node.inputs) > 5 and node.inputs[5] is not None:
             raise MoetrtError("the onnx lowering takes dequantised experts; export fp8 checkpoints dequantised")
         hidden, w_gate_up = node.inputs[0], node.inputs[3]

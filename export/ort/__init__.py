@@ -19,8 +19,9 @@ class OrtBackend:
 
     def plan(self, config: BuildConfig, model: ModelConfig, dtype: str) -> LoweringPlan:
         from moetrt.export.ort.plan import plan_ort
+        from moetrt.quantization import scheme_for
 
-        return plan_ort(config.ort, model, dtype)
+        return plan_ort(config.ort, model, dtype, scheme_for(config.quantize, config.group_size))
 
     def check_export(self, info: ExportInfo, config: BuildConfig, source: str) -> None:
         from moetrt.export.ort.plan import check_export

@@ -18,6 +18,17 @@ expert. The weights are only rearranged, not copied.
 (plugins/cpu_experts.c), which reads each chosen expert once for all its rows from a packed layout. ONNX
 Runtime cannot run that node; the engine build cuts the graph at these nodes (export/ort/split.py) and the runtime
 calls the kernel between the pieces.
+
+Quantized experts (nodes with `bits`: int8/int4 values, float16 scales per `group_size` input channels,
+moetrt/quantization.py) lower to `com.microsoft::QMoE` or to the kernel's packed integer layout
+(plugins/cpu_experts.py `pack_quantized`). QMoE stores each value unsigned with the implicit zero point
+2^(bits-1) (its schema: 8 for int4, 128 for int8), so `q + 2^(bits-1)`, int4 two per byte, low nibble first.
+It picks its experts from `router_probs` and mixes with `router_weights` (onnxruntime >= 1.32), so it gets 1 at
+the chosen experts for the one and topk_weights for the other, with normalize_routing_weights=0: DeepSeek's
+routing, exactly. Slices work as above; each slice is weighted by the full routing weight, the slices sum. Every
+attribute is set but swiglu_limit (as for MoE) and the per-projection bit widths (they inherit expert_weight_bits).
+Both quantize the activations to int8 per group in their integer GEMMs (QMOE_ACCURACY_LEVEL, and the kernel's
+llama.cpp Q8_0 scheme).
 """
 
 from __future__ import annotations
@@ -35,10 +46,16 @@ from moetrt.export.lowering import (
     replace_node,
     routed_experts_nodes,
 )
+from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE
 
 MS_DOMAIN = "com.microsoft"
 EXPERTS_DOMAIN, EXPERTS_OP = "moetrt.cpu", "Experts"
 MOE_KERNELS = ("onnxruntime", "moetrt")
+# QMoE's accuracy_level (MatMulNBits' meaning): 4 lets its int4 GEMMs quantize activations to int8 per block, as
+# llama.cpp's Q8_0 activations; its int8 experts do so at every level (no fp32 kernel). ds-mini's shape (64
+# experts of 1024x512, 6 active, g 32), 2 busy shared cores here: int4 3.2 ms at 4 vs 12.3 ms at 0 (batch 1), 18 vs
+# 57 ms (batch 8).
+QMOE_ACCURACY_LEVEL = 4
 
 def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
     """`[E, 2I, H]` gate rows then up rows -> rows g0, u0, g1, u1, ... (MoE's swiglu_fusion=1 layout)."""
@@ -47,12 +64,13 @@ def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
 
 
 def slice_experts(fc1: np.ndarray, fc2: np.ndarray, slices: int) -> tuple[np.ndarray, np.ndarray]:
-    """Interleaved fc1 `[E, 2I, H]` and down `[E, H, I]` -> `[S*E, 2I/S, H]` and `[S*E, H, I/S]`, slice-major."""
-    experts, rows, hidden = fc1.shape
-    inter = fc2.shape[2]
-    fc1 = fc1.reshape(experts, slices, rows // slices, hidden).transpose(1, 0, 2, 3)
+    """Interleaved fc1 `[E, 2I, H]` and down `[E, H, I]` -> `[S*E, 2I/S, H]` and `[S*E, H, I/S]`, slice-major.
+    Their block scales (`[E, 2I, H/g]`, `[E, H, I/g]`) slice the same way when (I/S) % g == 0."""
+    experts, rows, columns = fc1.shape
+    hidden, inter = fc2.shape[1], fc2.shape[2]
+    fc1 = fc1.reshape(experts, slices, rows // slices, columns).transpose(1, 0, 2, 3)
     fc2 = fc2.reshape(experts, hidden, slices, inter // slices).transpose(2, 0, 1, 3)
-    return (np.ascontiguousarray(fc1).reshape(slices * experts, rows // slices, hidden),
+    return (np.ascontiguousarray(fc1).reshape(slices * experts, rows // slices, columns),
             np.ascontiguousarray(fc2).reshape(slices * experts, hidden, inter // slices))
 
 
@@ -62,7 +80,8 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
     if moe_kernel not in MOE_KERNELS:
         raise MoetrtError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {moe_kernel!r}")
     for node in routed_experts_nodes(model):
-        if len(node.inputs) > 5 and node.inputs[5] is not None:
+        quantized = expert_quantization(node)
+        if quantized is None and len(node.inputs) > 5 and node.inputs[5] is not None:
             raise MoetrtError("the ort lowering takes dequantised experts; export fp8 checkpoints dequantised")
         hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
         if w_gate_up.const_value is None:
@@ -73,6 +92,17 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
         num_experts, inter = w_gate_up.shape[0], w_down.shape[2]
         if expert_slices < 1 or inter % expert_slices:
             raise MoetrtError(f"expert_slices must divide moe_intermediate_size {inter}, got {expert_slices}")
+        if quantized is not None:
+            bits, group = quantized
+            if (inter // expert_slices) % group:
+                raise MoetrtError(f"{node.name}: {expert_slices} expert slices of {inter} channels are not whole "
+                                  f"groups of {group}; build with OrtOptions(expert_slices=S), S dividing "
+                                  f"{inter // group}")
+            if moe_kernel == "moetrt":
+                _lower_quantized_to_kernel(model, node, expert_slices, bits, group)
+            else:
+                _lower_to_qmoe(model, node, expert_slices, top_k, bits, group)
+            continue
         fc1_array = interleave_gate_up(w_gate_up.const_value.numpy())
         if moe_kernel == "moetrt":
             _lower_to_kernel(model, node, fc1_array, expert_slices)
@@ -84,12 +114,8 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
         fc1 = add_initializer(model, fc1_array, w_gate_up.name + ".interleaved")
         tape = Tape()
         dtype = hidden.dtype.value  # ONNX TensorProto enum for Cast
-        tokens = tape.op("Shape", [hidden], {"start": 0, "end": 1})
-        width = tape.op("Concat", [tokens, constant(tape, [num_experts], np.int64)], {"axis": 0})
-        minus_inf = tape.op("Expand", [constant(tape, [[-np.inf]], np.float32), width])
-        ids = tape.op("Cast", [topk_ids], {"to": ir.DataType.INT64.value})
-        log_weights = tape.op("Log", [topk_weights])
-        router_probs = tape.op("ScatterElements", [minus_inf, ids, log_weights], {"axis": 1})  # [T, E]
+        router_probs = _expert_columns(tape, hidden, topk_ids, tape.op("Log", [topk_weights]), num_experts,
+                                       -np.inf)  # [T, E]
         if expert_slices > 1:  # every slice of an expert gets its column
             router_probs = tape.op("Concat", [router_probs] * expert_slices, {"axis": 1})
         router_probs = tape.op("Cast", [router_probs], {"to": dtype})
@@ -130,12 +156,127 @@ def _lower_to_kernel(model: ir.Model, node: ir.Node, fc1: np.ndarray, slices: in
     reason = supported(hidden_size, inter, slices)
     if reason:
         raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
-    gate_up = add_initializer(model, pack_gate_up(fc1, slices), f"{w_gate_up.name}.packed{slices}")
-    down = add_initializer(model, pack_down(w_down.const_value.numpy(), slices), f"{w_down.name}.packed{slices}")
+    packed = pack_gate_up(fc1, slices), pack_down(w_down.const_value.numpy(), slices)
+    _emit_kernel_node(model, node, packed, {"num_experts": num_experts, "hidden_size": hidden_size,
+                                            "intermediate_size": inter, "slices": slices})
+
+
+def _emit_kernel_node(model: ir.Model, node: ir.Node, packed: tuple[np.ndarray, np.ndarray],
+                      attributes: dict[str, int]) -> None:
+    """Replace `node` by `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)` over `packed`."""
+    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+    replaced = [value for value in node.inputs[3:] if value is not None]
+    slices = attributes["slices"]
+    gate_up = add_initializer(model, packed[0], f"{w_gate_up.name}.packed{slices}")
+    down = add_initializer(model, packed[1], f"{w_down.name}.packed{slices}")
     tape = Tape()
-    out = tape.op(EXPERTS_OP, [hidden, topk_ids, topk_weights, gate_up, down],
-                  {"num_experts": num_experts, "hidden_size": hidden_size, "intermediate_size": inter,
-                   "slices": slices}, domain=EXPERTS_DOMAIN)
+    out = tape.op(EXPERTS_OP, [hidden, topk_ids, topk_weights, gate_up, down], attributes, domain=EXPERTS_DOMAIN)
     replace_node(node, tape.nodes, out)
-    drop_unused_initializer(model, w_gate_up)
-    drop_unused_initializer(model, w_down)
+    for value in replaced:
+        drop_unused_initializer(model, value)
+
+
+def expert_quantization(node: ir.Node) -> tuple[int, int] | None:
+    """(bits, group_size) of a routed-experts node holding int8/int4 experts (plugins/spec.py), else None."""
+    bits = node.attributes.get(QUANTIZED_BITS_ATTRIBUTE)
+    if bits is None:
+        return None
+    block = node.attributes["block_size"].as_ints()
+    if bits.as_int() not in (8, 4) or len(block) != 2 or block[0] != 1 or len(node.inputs) < 7:
+        raise MoetrtError(f"{node.name}: quantized experts need bits 8 or 4, block_size [1, g] and both scales; "
+                          "re-export the checkpoint")
+    return bits.as_int(), block[1]
+
+
+def _quantized_arrays(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The node's (fc1 q interleaved [E, 2I, H] int8, its scales [E, 2I, H/g] float16, down q [E, H, I], its
+    scales [E, H, I/g])."""
+    w_gate_up, w_down, gate_up_scale, down_scale = node.inputs[3:7]
+    values = [value.const_value for value in (w_gate_up, w_down, gate_up_scale, down_scale)]
+    if any(value is None for value in values):
+        raise MoetrtError(f"{node.name}: expert weights and scales must be initializers for the ort lowering")
+    fc1_q, down_q, fc1_d, down_d = (value.numpy() for value in values)
+    return interleave_gate_up(fc1_q), interleave_gate_up(fc1_d), down_q, down_d
+
+
+def _lower_quantized_to_kernel(model: ir.Model, node: ir.Node, slices: int, bits: int, group: int) -> None:
+    """A quantized routed-experts node -> moetrt.cpu::Experts over the kernel's packed integer blocks."""
+    from moetrt.plugins.cpu_experts import pack_quantized, supported_quantized
+
+    num_experts, hidden_size, inter = node.inputs[4].shape[0], node.inputs[4].shape[1], node.inputs[4].shape[2]
+    reason = supported_quantized(hidden_size, inter, slices, bits, group)
+    if reason:
+        raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
+    packed = pack_quantized(*_quantized_arrays(node), bits, group, slices)
+    _emit_kernel_node(model, node, packed, {"num_experts": num_experts, "hidden_size": hidden_size,
+                                            "intermediate_size": inter, "slices": slices, "bits": bits,
+                                            "group_size": group})
+
+
+def qmoe_weights(q: np.ndarray, bits: int) -> np.ndarray:
+    """int8 values `[..., K]` in [-2^(bits-1), 2^(bits-1)) -> QMoE's unsigned storage: `q + 2^(bits-1)` as uint8
+    (its implicit zero point), int4 two per byte, low nibble first: `[..., K * bits / 8]`."""
+    unsigned = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        unsigned = (unsigned[..., 0::2] & 0xF) | (unsigned[..., 1::2] << 4)
+    return np.ascontiguousarray(unsigned)
+
+
+def _lower_to_qmoe(model: ir.Model, node: ir.Node, slices: int, top_k: int, bits: int, group: int) -> None:
+    """A quantized routed-experts node -> com.microsoft::QMoE, selection and mixing weights apart (module doc)."""
+    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+    num_experts = w_down.shape[0]
+    fc1_q, fc1_d, down_q, down_d = _quantized_arrays(node)
+    if slices > 1:
+        fc1_q, down_q = slice_experts(fc1_q, down_q, slices)
+        fc1_d, down_d = slice_experts(fc1_d, down_d, slices)
+    fc1 = add_initializer(model, qmoe_weights(fc1_q, bits), f"{w_gate_up.name}.qmoe{slices}")
+    fc2 = add_initializer(model, qmoe_weights(down_q, bits), f"{w_down.name}.qmoe{slices}")
+    # Scales in the activations' dtype (the float16-rounded values, exactly): with float16 scales for float32
+    # activations ONNX Runtime inserts a Cast, and QMoE, its scales no longer an initializer, falls back to
+    # dequantizing the experts and a float GEMM on every call (its PrePackQNBitExperts warning).
+    scale_dtype = np.float16 if hidden.dtype == ir.DataType.FLOAT16 else np.float32
+    fc1_scales, fc2_scales = (
+        add_initializer(model, np.ascontiguousarray(scales, scale_dtype), f"{value.name}.qmoe{slices}")
+        for scales, value in ((fc1_d, node.inputs[5]), (down_d, node.inputs[6])))
+    tape = Tape()
+    dtype = hidden.dtype.value
+    ones = tape.op("Expand", [constant(tape, [[1.0]], np.float32), tape.op("Shape", [topk_weights])])
+    selected = _expert_columns(tape, hidden, topk_ids, ones, num_experts, 0.0)  # [T, E]: 1 where chosen
+    mixing = _expert_columns(tape, hidden, topk_ids, topk_weights, num_experts, 0.0)  # [T, E]: topk_weights
+    if slices > 1:  # every slice of an expert gets its column, and the expert's whole weight
+        selected, mixing = (tape.op("Concat", [columns] * slices, {"axis": 1}) for columns in (selected, mixing))
+    selected, mixing = (tape.op("Cast", [columns], {"to": dtype}) for columns in (selected, mixing))
+    out = tape.op(
+        "QMoE",
+        [hidden, selected, fc1, fc1_scales, None, fc2, fc2_scales, *([None] * 7), mixing],
+        {
+            "k": top_k * slices,
+            "activation_type": "swiglu",
+            "swiglu_fusion": 1,
+            "activation_alpha": 1.0,
+            "activation_beta": 0.0,
+            "normalize_routing_weights": 0,
+            "use_sparse_mixer": 0,
+            "quant_type": "int",
+            "expert_weight_bits": bits,
+            "block_size": group,
+            "weights_prepacked": 0,
+            "accuracy_level": QMOE_ACCURACY_LEVEL,
+        },
+        domain=MS_DOMAIN,
+    )
+    replaced = [value for value in node.inputs[3:] if value is not None]
+    replace_node(node, tape.nodes, out)
+    for value in replaced:
+        drop_unused_initializer(model, value)
+
+
+def _expert_columns(tape: Tape, hidden: ir.Value, topk_ids: ir.Value, values: ir.Value, num_experts: int,
+                    fill: float) -> ir.Value:
+    """`[T, E]` float32: `values [T, k]` at each token's chosen experts, `fill` elsewhere."""
+    tokens = tape.op("Shape", [hidden], {"start": 0, "end": 1})
+    width = tape.op("Concat", [tokens, constant(tape, [num_experts], np.int64)], {"axis": 0})
+    background = tape.op("Expand", [constant(tape, [[fill]], np.float32), width])
+    ids = tape.op("Cast", [topk_ids], {"to": ir.DataType.INT64.value})
+    return tape.op("ScatterElements", [background, ids, values], {"axis": 1})

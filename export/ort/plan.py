@@ -16,6 +16,7 @@ from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan
 from moetrt.export.ort.lower import MOE_KERNELS
 from moetrt.formats import ExportInfo
+from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
 
 # Below this many bytes per expert the kernel's extra calls (one more ONNX Runtime run and kernel call per MoE
@@ -38,19 +39,39 @@ def ort_provider() -> str:
     return "CPUExecutionProvider"
 
 
-def default_expert_slices(intermediate: int, threads: int | None = None) -> int:
-    """One slice per CPU thread ONNX Runtime will use (at most 16), a divisor of the expert width."""
+def default_expert_slices(intermediate: int, threads: int | None = None, unit: int = 1) -> int:
+    """One slice per CPU thread ONNX Runtime will use (at most 16), a divisor of the expert width that leaves each
+    slice a whole number of `unit` channels (quantized experts: the group size)."""
     threads = min(threads or os.cpu_count() or 1, 16)
-    return max(s for s in range(1, threads + 1) if intermediate % s == 0)
+    return max(s for s in range(1, threads + 1) if intermediate % (s * unit) == 0) if intermediate % unit == 0 else 1
 
 
-def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool) -> tuple[str, str]:
-    """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime"."""
+def quantized_experts(hidden: int, inter: int, scheme: QuantScheme | None) -> QuantScheme | None:
+    """The scheme the routed experts are held in: `scheme` when both their input widths (hidden for gate/up, the
+    expert width for down) split into whole groups, else None (the export keeps them float32)."""
+    return scheme if scheme is not None and scheme.fits(hidden) and scheme.fits(inter) else None
+
+
+def expert_bytes(hidden: int, inter: int, scheme: QuantScheme | None) -> int:
+    """Bytes one routed expert's three matrices take: float32, or quantized values plus float16 scales."""
+    from moetrt.plugins.cpu_experts import quantized_bytes
+
+    if scheme is None:
+        return 3 * hidden * inter * 4
+    bits, group = scheme.bits, scheme.group_size
+    return quantized_bytes(2 * inter, hidden, bits, group) + quantized_bytes(hidden, inter, bits, group)
+
+
+def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool,
+                      scheme: QuantScheme | None = None) -> tuple[str, str]:
+    """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime". `scheme`: the experts'
+    quantization (quantized_experts), None for float experts; the 1 MiB threshold counts their stored bytes."""
     from moetrt.plugins.cpu_experts import find_compiler, supported
 
     if requested not in ("auto", *MOE_KERNELS):
         raise MoetrtError(f"--moe-kernel must be auto, {' or '.join(MOE_KERNELS)}, got {requested!r}")
     unfit = ("it runs on the CPU only" if not cpu else "it computes in float32" if dtype != "float32"
+             else _kernel_unfit(hidden, inter, slices, scheme) if scheme is not None
              else supported(hidden, inter, slices))
     if requested == "moetrt":
         if unfit:
@@ -62,22 +83,29 @@ def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtyp
         return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
     if find_compiler() is None:  # the build compiles the kernel for each ISA level it ships
         return "onnxruntime", "no C compiler here to build moetrt's kernel"
-    if 3 * hidden * inter * 4 < KERNEL_MIN_EXPERT_BYTES:
+    if expert_bytes(hidden, inter, scheme) < KERNEL_MIN_EXPERT_BYTES:
         return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
     return "moetrt", "experts stream once per batch from a packed layout"
 
 
-def plan_ort(options: OrtOptions, config: ModelConfig, dtype: str) -> LoweringPlan:
-    """The `ort` lowering for `config` at `dtype` on this machine. Raises MoetrtError when an explicit choice
-    cannot work here (e.g. --moe-kernel moetrt for float16 experts)."""
+def _kernel_unfit(hidden: int, inter: int, slices: int, scheme: QuantScheme) -> str | None:
+    from moetrt.plugins.cpu_experts import supported_quantized
+
+    return supported_quantized(hidden, inter, slices, scheme.bits, scheme.group_size)
+
+
+def plan_ort(options: OrtOptions, config: ModelConfig, dtype: str, scheme: QuantScheme | None = None) -> LoweringPlan:
+    """The `ort` lowering for `config` at `dtype` on this machine, its weights quantized by `scheme` (None: not).
+    Raises MoetrtError when an explicit choice cannot work here (e.g. --moe-kernel moetrt for float16 experts)."""
     provider = ort_provider()
     check_dtype(dtype, provider)
     cpu = provider == "CPUExecutionProvider"
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    experts = quantized_experts(hidden, inter, scheme)
     slices = options.expert_slices
     if slices is None:  # the CUDA kernel has no static thread split to balance
-        slices = default_expert_slices(config.moe_intermediate_size) if cpu else 1
-    kernel, why = choose_moe_kernel(options.moe_kernel, config.hidden_size, config.moe_intermediate_size, slices,
-                                    dtype, cpu)
+        slices = default_expert_slices(inter, unit=experts.group_size if experts else 1) if cpu else 1
+    kernel, why = choose_moe_kernel(options.moe_kernel, hidden, inter, slices, dtype, cpu, experts)
     return LoweringPlan("ort", expert_slices=slices, moe_kernel=kernel, why=why)
 
 

@@ -4,9 +4,11 @@ ONNX Runtime cannot run `moetrt.cpu::Experts` (moetrt's CPU expert kernel). The 
 segment 0 runs from the graph inputs to the first expert node's inputs, segment k from the (k-1)-th expert
 node's output to the k-th's inputs, the last one on to the logits. Every node goes to the earliest segment
 whose values it needs, so a value computed once (rotary tables, the attention mask) is passed on to the
-segments that use it rather than recomputed. Input-less nodes (constants) are copied into each segment that
-uses them. The expert weights, already packed by the lowering, move to one aligned file, `experts.bin`, that
-the runtime maps read-only.
+segments that use it rather than recomputed. Nodes that read only initializers and constants (constants, and a
+quantized export's DequantizeLinear of a weight) are copied into each segment that uses them: a dequantized
+weight must stay beside its MatMul for ONNX Runtime to fuse the pair into MatMulNBits, and not cross a segment
+boundary as a float tensor computed on every call. The expert weights, already packed by the lowering, move to one aligned file, `experts.bin`, that
+the runtime maps read-only: float32 values, or for quantized experts the kernel's packed bytes (uint8).
 
 The segments are kept in memory and reference the export's external data file, which ONNX Runtime reads
 from the export directory while it optimises each segment into the engine with its own data file, as the
@@ -43,7 +45,7 @@ def split(export_dir: Path, model_file: str, work: Path):
             raise MoetrtError(f"node {node.name} ({node.op_type}) has a subgraph; the segment split cannot cut it")
 
     stage: dict[str, int] = {graph_input.name: 0 for graph_input in graph.input}
-    free: dict[str, onnx.NodeProto] = {}  # outputs of input-less nodes
+    free: dict[str, onnx.NodeProto] = {}  # outputs of nodes that read only initializers and other such nodes
     experts: list[onnx.NodeProto] = []
     placed: list[tuple[int, onnx.NodeProto]] = []
     for node in graph.node:
@@ -52,7 +54,7 @@ def split(export_dir: Path, model_file: str, work: Path):
             experts.append(node)
             continue
         inputs = [name for name in node.input if name]
-        if not inputs:
+        if all(name in initializers or name in free for name in inputs):
             free.update({output: node for output in node.output})
             continue
         at = max((stage[name] for name in inputs if name not in initializers and name not in free), default=0)
@@ -82,15 +84,15 @@ def split(export_dir: Path, model_file: str, work: Path):
                     continue
                 seen.add(name)
                 if name in free:
-                    if free[name] not in needed_free:
-                        needed_free.append(free[name])
+                    _add_free(free[name], free, needed_free)
                 else:
                     inputs.append(name)
         outputs = [name for name in produced if name in graph_outputs
                    or any(later > k for later in consumers.get(name, ()))
                    or (k < len(experts) and name in experts[k].input[:3])]
         outputs = list(dict.fromkeys(outputs))
-        used_initializers = sorted({name for node in nodes[k] for name in node.input if name in initializers})
+        used_initializers = sorted({name for node in [*needed_free, *nodes[k]] for name in node.input
+                                    if name in initializers})
         segment_graph = onnx.helper.make_graph(
             [*needed_free, *nodes[k]], f"{graph.name}.segment{k}",
             [_info(value_info, name) for name in inputs], [_info(value_info, name) for name in outputs],
@@ -104,6 +106,16 @@ def split(export_dir: Path, model_file: str, work: Path):
 
     layers = _write_experts(experts, initializers, export_dir, work / EXPERTS_FILE)
     return serialized, described, layers
+
+
+def _add_free(node, free: dict, needed: list) -> None:
+    """Append `node` to `needed` after the free nodes it reads (each once): a segment's copy in dependency order."""
+    if node in needed:
+        return
+    for name in node.input:
+        if name in free:
+            _add_free(free[name], free, needed)
+    needed.append(node)
 
 
 def _info(value_info: dict, name: str):
@@ -120,11 +132,14 @@ def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[
     with open(path, "wb") as out:
         for node in experts:
             attributes = {attr.name: attr.i for attr in node.attribute}
+            bits = attributes.get("bits", 32)
+            wanted = np.float32 if bits == 32 else np.uint8
             spans = {}
             for key, name in zip(("gate_up", "down"), node.input[3:5]):
                 array = numpy_helper.to_array(initializers[name], base_dir=str(export_dir))
-                if array.dtype != np.float32:
-                    raise MoetrtError(f"{name}: the moetrt expert kernel takes float32 weights, not {array.dtype}")
+                if array.dtype != wanted:
+                    raise MoetrtError(f"{name}: the moetrt expert kernel takes {np.dtype(wanted)} weights at {bits} "
+                                      f"bits, not {array.dtype}; re-export the checkpoint")
                 pad = -offset % ALIGN
                 out.write(b"\0" * pad)
                 offset += pad
@@ -134,5 +149,6 @@ def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[
                 del array
             layers.append(ExpertLayer(tuple(node.input[:3]), node.output[0], attributes["num_experts"],
                                       attributes["hidden_size"], attributes["intermediate_size"], attributes["slices"],
-                                      spans["gate_up"], spans["down"]))
+                                      spans["gate_up"], spans["down"], bits=bits,
+                                      group_size=attributes.get("group_size", 0)))
     return layers

@@ -9,7 +9,7 @@ from moetrt import hardware
 from moetrt.config import ModelConfig
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan
-from moetrt.export.trt.plan import TARGETS
+from moetrt.export.trt.plan import QUANTIZED_REFUSAL, TARGETS
 from moetrt.formats import ExportInfo, TrtSection
 from moetrt.settings import BuildConfig
 
@@ -30,6 +30,8 @@ class TrtBackend:
         return None
 
     def plan(self, config: BuildConfig, model: ModelConfig, dtype: str) -> LoweringPlan:
+        if config.quantize != "none":
+            raise MoetrtError(QUANTIZED_REFUSAL)
         return LoweringPlan("onnx" if config.trt.portable else "trt")
 
     def check_export(self, info: ExportInfo, config: BuildConfig, source: str) -> None:

@@ -16,7 +16,8 @@ from onnx_ir.tape import Tape
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import LoweringPlan, replace_node, routed_experts_nodes
 from moetrt.plugins.moe_launch import ExpertDims
-from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES, ROUTED_EXPERTS
+from moetrt.export.trt.plan import QUANTIZED_REFUSAL
+from moetrt.plugins.spec import LAUNCH_ATTRIBUTE, MOE_STAGES, QUANTIZED_BITS_ATTRIBUTE, ROUTED_EXPERTS
 from moetrt.plugins.trt_stages import StageAttribute
 
 DTYPE_NAMES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
@@ -39,6 +40,8 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
 
 def stage_attribute(node: ir.Node) -> StageAttribute:
     """The `launch` attribute for one routed-experts node, from its weights' shapes and dtypes."""
+    if QUANTIZED_BITS_ATTRIBUTE in node.attributes:
+        raise MoetrtError(QUANTIZED_REFUSAL)
     if len(node.inputs) > 5 and node.inputs[5] is not None:
         raise MoetrtError("the trt lowering takes dequantised experts; export fp8 checkpoints dequantised")
     hidden, topk_ids, _, w_gate_up, w_down = node.inputs[:5]

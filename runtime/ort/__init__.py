@@ -64,8 +64,13 @@ def describe(manifest: EngineManifest) -> list[str]:
     build of moetrt's kernel on this machine."""
     section = manifest.section
     assert isinstance(section, OrtSection)
-    experts = (f"moetrt's CPU kernel, {len(section.segments)} graph segments" if section.segmented
-               else "onnxruntime's MoE op")
+    quantized = manifest.quantization
+    if section.segmented:
+        bits = {layer.bits for layer in section.expert_layers}
+        held = f" on {quantized.scheme} blocks" if quantized and bits != {32} else ""
+        experts = f"moetrt's CPU kernel{held}, {len(section.segments)} graph segments"
+    else:
+        experts = "onnxruntime's MoE op" if quantized is None else f"onnxruntime's QMoE op ({quantized.scheme})"
     lines = [f"runs on          {section.provider} ({section.cpu_arch})",
              f"routed experts   {experts}, {section.expert_slices} slices per expert"]
     if section.segmented:

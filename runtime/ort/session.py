@@ -174,6 +174,16 @@ def _open_graph(manifest: EngineManifest, name: str | None, options: ort.Session
                           "every changed file)") from None
 
 
+def _span(data: np.ndarray, span, bits: int) -> np.ndarray:
+    """`span.count` elements from byte `span.offset` of experts.bin: float32 values (bits 32) or packed bytes.
+    Raises MoetrtError for a span past the file's end (a truncated file the size check missed)."""
+    itemsize = 4 if bits == 32 else 1
+    if span.offset % itemsize or span.offset + span.count * itemsize > data.size:
+        raise MoetrtError("experts.bin is shorter than the manifest's expert layers say; rebuild the engine")
+    view = data[span.offset: span.offset + span.count * itemsize]
+    return view.view(np.float32) if bits == 32 else view
+
+
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
                   threads: int | None) -> list[KernelLayer]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
@@ -195,8 +205,8 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_WILLNEED)
-    floats = np.frombuffer(mapped, dtype=np.float32)
-    floats[:: mmap.PAGESIZE // 4].sum()  # touch every page
+    data = np.frombuffer(mapped, dtype=np.uint8)
+    data[:: mmap.PAGESIZE].sum()  # touch every page
     layers = []
     for index, layer in enumerate(section.expert_layers):
         produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}
@@ -204,8 +214,8 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
             if produced.get(name) != wanted:
                 raise MoetrtError(f"engine segment {index} gives {name} as {produced.get(name)}, the expert kernel "
                                   f"takes {wanted}; rebuild the engine")
-        gate_up, down = (floats[span.offset // 4:][: span.count] for span in (layer.gate_up, layer.down))
+        gate_up, down = (_span(data, span, layer.bits) for span in (layer.gate_up, layer.down))
         kernel = CpuExperts(gate_up, down, layer.num_experts, layer.hidden_size, layer.intermediate_size,
-                            layer.slices, threads, library)
+                            layer.slices, threads, library, bits=layer.bits, group_size=layer.group_size)
         layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
     return layers
