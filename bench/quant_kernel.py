@@ -8,6 +8,9 @@ round also samples the 2-thread copy bandwidth (bench/bandwidth.py). Printed per
 call and GB/s of weight bytes read (the distinct experts' packed bytes, scales included), medians over rounds
 with their ranges, and the best single call's GB/s.
 `--library NAME=PATH` adds the quantized runs of another build of the kernel (a variant being compared).
+`--cached` times the compute instead: one expert (one slice, one thread) called over and over from the caches,
+1 and 8 rows, in CPU time of the calling thread, which other processes on a shared machine sway far less;
+printed per system: the best of the rounds' mean µs per call (Python's call included) and GB/s of weights.
 """
 
 from __future__ import annotations
@@ -48,22 +51,51 @@ def layers(rng: np.random.Generator, bits: int, group: int, library: ctypes.CDLL
 
 
 def time_calls(kernels: list, rng: np.random.Generator, tokens: int, calls: int,
-               per_expert: int) -> tuple[float, float, float]:
+               per_expert: int) -> tuple[float, float, float, float]:
     """Over `calls` calls, layers in turn: median seconds per call, median and best GB/s of weights read (the
-    best call shows what the kernel reaches when no other process takes its cores or bandwidth)."""
-    seconds, rates = [], []
+    best call shows what the kernel reaches when no other process takes its cores or bandwidth), and the median
+    CPU seconds per call over all the process's threads (less swayed by other processes than the wall time)."""
+    seconds, rates, cpu = [], [], []
     for index in range(calls + 2):
         x = rng.standard_normal((tokens, H)).astype(np.float32)
         ids = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)]).astype(np.int32)
         weights = rng.random((tokens, K)).astype(np.float32)
         kernel = kernels[index % LAYERS]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         kernel(x, ids, weights)
-        elapsed = time.perf_counter() - start
+        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         if index >= 2:
             seconds.append(elapsed)
+            cpu.append(elapsed_cpu)
             rates.append(len(np.unique(ids)) * per_expert / elapsed / 1e9)
-    return statistics.median(seconds), statistics.median(rates), max(rates)
+    return statistics.median(seconds), statistics.median(rates), max(rates), statistics.median(cpu)
+
+
+def cached(systems: dict[str, tuple[int, ctypes.CDLL | None]], group: int, rounds: int, calls: int) -> None:
+    """The `--cached` runs: each system's kernel on one expert of ds-mini's shape, from the caches."""
+    from moetrt.plugins.cpu_experts import CpuExperts, pack_quantized, quantized_bytes
+
+    rng = np.random.default_rng(1)
+    kernels = {}
+    for name, (bits, library) in systems.items():
+        fc1_q, fc1_d, down_q, down_d = (array[:2] for array in random_quantized(rng, bits, group))
+        packed = pack_quantized(fc1_q, fc1_d, down_q, down_d, bits, group, 1)
+        kernels[name] = (bits, CpuExperts(*packed, 2, H, I, 1, 1, library, bits, group))
+    for tokens in (1, 8):
+        x = rng.standard_normal((tokens, H)).astype(np.float32)
+        ids, weights = np.zeros((tokens, 1), np.int32), np.ones((tokens, 1), np.float32)
+        best = dict.fromkeys(kernels, float("inf"))
+        for round_ in range(rounds):
+            for name in list(kernels) if round_ % 2 == 0 else list(reversed(kernels)):
+                kernel = kernels[name][1]
+                kernel(x, ids, weights)
+                start = time.thread_time()
+                for _ in range(calls):
+                    kernel(x, ids, weights)
+                best[name] = min(best[name], (time.thread_time() - start) / calls)
+        for name, seconds in best.items():
+            per_expert = 3 * quantized_bytes(H, I, kernels[name][0], group)
+            print(f"{name} {tokens} row(s): {seconds * 1e6:.1f} µs per call, {per_expert / seconds / 1e9:.1f} GB/s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,18 +107,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--bits", type=int, nargs="+", default=[32, 8, 4])
     parser.add_argument("--library", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--cached", action="store_true", help="one expert from the caches, CPU time (see above)")
     options = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     group = options.group_size
-    per_expert = {32: 3 * H * I * 4, **{bits: 3 * quantized_bytes(H, I, bits, group) for bits in (8, 4)}}
-    systems = {"fp32": (32, layers(rng, 32, group, None))} if 32 in options.bits else {}
     libraries = [("", None)] + [(name, load_library(path)) for name, _, path in
                                 (entry.partition("=") for entry in options.library)]
+    if options.cached:
+        cached({f"int{bits}{'-' + name if name else ''}": (bits, library) for name, library in libraries
+                for bits in (8, 4) if bits in options.bits}, group, options.rounds * 2, options.calls * 5)
+        return
+    per_expert = {32: 3 * H * I * 4, **{bits: 3 * quantized_bytes(H, I, bits, group) for bits in (8, 4)}}
+    systems = {"fp32": (32, layers(rng, 32, group, None))} if 32 in options.bits else {}
     for name, library in libraries:
         for bits in (8, 4):
             if bits in options.bits:
                 systems[f"int{bits}{'-' + name if name else ''}"] = (bits, layers(rng, bits, group, library))
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     bandwidth = []
     for round_ in range(options.rounds):
         order = list(systems) if round_ % 2 == 0 else list(reversed(systems))
@@ -101,13 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {round_ + 1} (copy {bandwidth[-1] / 1e9:.1f} GB/s): {line}", flush=True)
     print(f"\ncopy bandwidth, 2 threads: median {statistics.median(bandwidth) / 1e9:.1f} GB/s "
           f"({min(bandwidth) / 1e9:.1f}-{max(bandwidth) / 1e9:.1f}); group size {group}")
-    print("| system | batch | ms per layer call | GB/s of weights read | best call GB/s |\n|---|---|---|---|---|")
+    print("| system | batch | ms per layer call | CPU ms per call | GB/s of weights read | best call GB/s |\n"
+          "|---|---|---|---|---|---|")
     for (name, tokens), values in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        ms = [seconds * 1e3 for seconds, _, _ in values]
-        rates = [rate for _, rate, _ in values]
+        ms = [value[0] * 1e3 for value in values]
+        cpu = [value[3] * 1e3 for value in values]
+        rates = [value[1] for value in values]
         print(f"| {name} | {tokens} | {statistics.median(ms):.3f} ({min(ms):.3f}-{max(ms):.3f}) | "
+              f"{statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f}) | "
               f"{statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
-              f"{max(best for _, _, best in values):.1f} |")
+              f"{max(value[2] for value in values):.1f} |")
 
 
 if __name__ == "__main__":

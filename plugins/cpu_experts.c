@@ -15,28 +15,32 @@
  *   down[e, s]:    the H rows down_proj[e, h, sW:(s+1)W], in groups of 4 rows stored as [W / 8][4][8].
  * Requires H % 8 == 0 and W % 8 == 0 (the lowering checks).
  *
- * Packed layout, quantized (bits 8 or 4, group size g; plugins/cpu_experts.py pack_quantized): the same rows,
- * slices and groups of NW = 4 rows, each row group of K inputs (K = H for gate_up, W for down) stored as K / g
- * blocks, one after the other, each block holding the four rows' g inputs and their scales:
- *   [4 x float16 scale d, rows a b c d] [g / 32 chunks of 32 inputs, 32 (int4) or 64 (int8) bytes per row pair]
+ * Packed layout, quantized (bits 8 or 4, group size g; plugins/cpu_experts.py pack_quantized): the same rows
+ * and slices, in groups of G rows (int8: G = NW = 4; int4: G = NW4 = 8), each row group of K inputs (K = H for
+ * gate_up, W for down) stored as K / g blocks, one after the other, each block holding the G rows' g inputs and
+ * their scales:
+ *   [G x float16 scale d, rows in order] [g / 32 chunks of 32 inputs of the G rows]
  * int8: one signed byte per value (q in [-127, 127]; 8 + 4g bytes per block), a chunk stored as
  * [a 0-15, b 0-15] [a 16-31, b 16-31] [c 0-15, d 0-15] [c 16-31, d 16-31] (16 values each), so one 32-byte load
- * holds the same inputs of two rows. int4: a chunk's 32 values of one row in 16 bytes, rows a b c d in turn,
- * value j (j < 16) in the low nibble of byte j and value 16 + j in its high nibble, stored as q + 8 (q in
- * [-8, 7]; 8 + 2g bytes per block): masking 32 bytes gives the same split as int8's loads. The weight is q * d
- * (moetrt/quantization.py). Requires g a power of two >= 32, H % g == 0 and W % g == 0. A thread reads each
- * expert slice as one sequential stream.
+ * holds the same inputs of two rows. int4: values stored as q + 8 (q in [-8, 7]; 16 + 4g bytes per block), a
+ * chunk as four 32-byte pieces j = 0..3, byte 4a + i of piece j holding row a's input 4j + i in its low nibble
+ * and input 16 + 4j + i in its high nibble: masking one piece gives four inputs of each of the eight rows, which
+ * one broadcast of four x values meets. The weight is q * d (moetrt/quantization.py). Requires g a power of two
+ * >= 32, H % g == 0 and W % g == 0. A thread reads each expert slice as one sequential stream.
  *
  * Quantized compute (llama.cpp's Q8_0 x Q8_0 and Q4_0 x Q8_0 scheme): each token row entering a matrix (x, and
- * SwiGLU's output before down) is quantized to int8 per block of g inputs, d_x = max|x| / 127; a block's dot
- * product is summed in int32 (AVX2: _mm256_maddubs_epi16 on |w| and x signed by w for int8, on the unsigned
- * nibbles for int4, then _mm256_madd_epi16; AVX-VNNI and AVX-512 VNNI with VL: _mm256_dpbusd_epi32) and added
- * in float as int_sum * d_w * d_x. int4 nibbles hold q + 8, so 8 * sum(x_q) is taken off each block's sum. Without AVX2
- * (x86-64-v2, aarch64) the same arithmetic runs as plain C loops. Chosen over dequantizing the weights to float
- * in registers and multiplying float x (exact, no activation rounding) because it measured faster on AVX2
- * (Zen 3, ds-mini's experts; the variant, not kept, through bench/quant_kernel.py --library): one expert cached, one
- * row, 1.3x (int8) and 2.7x (int4) the rate; seven layers from memory, median ms per call, 1.3x and 3.6x at
- * batch 1, 1.5x and 2.0x at batch 8. At eight rows per expert (prefill) int8 ties and int4 stays 2x.
+ * SwiGLU's output before down) is quantized to int8 per block of g inputs, d_x = max|x| / 127 (with the block's
+ * sum of x_q); a block's dot product is summed in int32 (AVX2: _mm256_maddubs_epi16 on |w| and x signed by w for
+ * int8, on the unsigned nibbles as they are for int4, then _mm256_madd_epi16; AVX-VNNI and AVX-512 VNNI with VL:
+ * _mm256_dpbusd_epi32) and added in float as int_sum * d_w * d_x. int4 nibbles hold q + 8, so 8 * sum(x_q) is
+ * taken off each block's sum. Without AVX2 (x86-64-v2, aarch64) the same arithmetic runs as plain C loops.
+ * Chosen over dequantizing the weights to float in registers and multiplying float x (exact, no activation
+ * rounding) because it measured faster on AVX2 (Zen 3, ds-mini's experts; the variant, not kept, through
+ * bench/quant_kernel.py --library): one expert cached, one row, 1.3x (int8) and 2.7x (int4) the rate; seven
+ * layers from memory, median ms per call, 1.3x and 3.6x at batch 1, 1.5x and 2.0x at batch 8. At eight rows per
+ * expert (prefill) int8 ties and int4 stays 2x. int4's eight-row groups replaced groups of four whose two row
+ * pairs shared each 32-byte load and needed horizontal adds per block: one cached expert, one row, 1.35x the
+ * rate (bench/NOTES.md "Quantized experts").
  *
  * A slice is a unit of work: thread t of n runs slices t, t + n, ... of every chosen expert, accumulating into
  * its own [T, H] buffer; the buffers are summed at the end. Sums run in a fixed order, so results do not depend
@@ -173,7 +177,12 @@ static void quantize_rows(const float *x, long rows, long ld_x, long K, long g, 
         }
 }
 
-static inline long qblock_bytes(long g, int bits) { return 8 + NW * g * bits / 8; }
+/* Weight rows per packed group: int8 NW, int4 NW4. */
+#define NW4 8
+static inline long qgroup_rows(int bits) { return bits == 4 ? NW4 : NW; }
+
+/* Bytes of `rows` packed rows of K inputs: per row and block of g, a float16 scale and g * bits / 8 bytes. */
+static inline long qmatrix_bytes(long rows, long K, long g, int bits) { return rows * (K / g) * (2 + g * bits / 8); }
 
 #ifdef QUANT_AVX2
 /* acc + the sums of four adjacent u8 * s8 products per int32 lane (u unsigned, s signed); without VNNI, for
@@ -188,28 +197,21 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-/* acc + one chunk of a pair of rows (lo = inputs 0-15 of rows a | b, hi = inputs 16-31) against a token row's
- * chunk (x_lo = its inputs 0-15 in both halves, x_hi = 16-31): int32 lanes [a a a a | b b b b]. */
-static inline __m256i pair_dot(__m256i acc, __m256i lo, __m256i hi, __m256i x_lo, __m256i x_hi, const int bits) {
-    if (bits == 8) /* maddubs takes one unsigned operand: |w| against x carrying w's sign (llama.cpp's trick) */
-        return dot_u8s8(dot_u8s8(acc, _mm256_sign_epi8(lo, lo), _mm256_sign_epi8(x_lo, lo)),
-                        _mm256_sign_epi8(hi, hi), _mm256_sign_epi8(x_hi, hi));
-#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
-    return dot_u8s8(dot_u8s8(acc, lo, x_lo), hi, x_hi);
-#else /* nibbles <= 15: both halves' pair sums add up in int16 before widening (4 * 15 * 127 < 2^15) */
-    const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)));
-#endif
+/* acc + one chunk of a pair of int8 rows (lo = inputs 0-15 of rows a | b, hi = inputs 16-31) against a token
+ * row's chunk (x_lo = its inputs 0-15 in both halves, x_hi = 16-31): int32 lanes [a a a a | b b b b]. maddubs
+ * takes one unsigned operand: |w| against x carrying w's sign (llama.cpp's trick). */
+static inline __m256i pair_dot(__m256i acc, __m256i lo, __m256i hi, __m256i x_lo, __m256i x_hi) {
+    return dot_u8s8(dot_u8s8(acc, _mm256_sign_epi8(lo, lo), _mm256_sign_epi8(x_lo, lo)), _mm256_sign_epi8(hi, hi),
+                    _mm256_sign_epi8(x_hi, hi));
 }
 
-/* One quantized row group (NW rows, K inputs, layout above) against R token rows: out[r * ld_out + a] =
+/* One int8 row group (NW rows, K inputs, layout above) against R token rows: out[r * ld_out + a] =
  * dot(row a, x[r]). Each pair of rows is summed in int32 lanes over a block, the two pairs folded into
  * [a a c c | b b d d] and added in float with d_w * d_x; the lane pairs are added at the end. */
-static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const int bits,
-                                                             const qrows_t *x, float *out, long ld_out,
-                                                             const int R) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), lane_scales = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
-    const __m256i first_of_pair = _mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const qrows_t *x,
+                                                             float *out, long ld_out, const int R) {
+    const int bits = 8;
+    const __m256i lane_scales = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);
     __m256 acc[QROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (long b = 0; b < K / g; b++) {
@@ -220,31 +222,22 @@ static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, l
         for (int r = 0; r < R; r++) sums[0][r] = sums[1][r] = _mm256_setzero_si256();
         for (long c = 0; c < g; c += 32, p += 16 * bits) {
             _mm_prefetch((const char *)p + 768, _MM_HINT_T0);
-            if (bits == 8) _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
             __m256i lo[2], hi[2];
             for (int pair = 0; pair < 2; pair++) {
-                if (bits == 8) {
-                    lo[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair));
-                    hi[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair + 32));
-                } else {
-                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(p + 32 * pair));
-                    lo[pair] = _mm256_and_si256(packed, low4);
-                    hi[pair] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-                }
+                lo[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair));
+                hi[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair + 32));
             }
             for (int r = 0; r < R; r++) {
                 const int8_t *xc = x->q + r * x->ld_q + b * g + c;
                 const __m256i x_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)xc));
                 const __m256i x_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xc + 16)));
                 for (int pair = 0; pair < 2; pair++)
-                    sums[pair][r] = pair_dot(sums[pair][r], lo[pair], hi[pair], x_lo, x_hi, bits);
+                    sums[pair][r] = pair_dot(sums[pair][r], lo[pair], hi[pair], x_lo, x_hi);
             }
         }
         for (int r = 0; r < R; r++) {
-            __m256i v = _mm256_hadd_epi32(sums[0][r], sums[1][r]); /* [a a c c | b b d d] */
-            if (bits == 4) /* nibbles hold q + 8: take 8 * sum(x_q) off each row, in one lane of its two */
-                v = _mm256_sub_epi32(v, _mm256_and_si256(_mm256_set1_epi32(8 * x->sum[r * x->ld_d + b]),
-                                                         first_of_pair));
+            const __m256i v = _mm256_hadd_epi32(sums[0][r], sums[1][r]); /* [a a c c | b b d d] */
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, _mm256_set1_ps(x->d[r * x->ld_d + b])),
                                      acc[r]);
         }
@@ -253,6 +246,61 @@ static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, l
         const __m128 acbd = _mm_hadd_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
         _mm_storeu_ps(out + r * ld_out, _mm_shuffle_ps(acbd, acbd, _MM_SHUFFLE(3, 1, 2, 0)));
     }
+}
+
+/* One int4 row group (NW4 rows, K inputs, layout above) against R token rows: out[r * ld_out + a] =
+ * dot(row a, x[r]). Each 32-byte load holds four inputs of each of the eight rows, its nibbles maddubs's
+ * unsigned operand as they are, against those four inputs of x broadcast: the products land in each row's own
+ * lanes, so a chunk's eight loads add up lane by lane (in int16 without VNNI: 8 * 2 * 15 * 127 < 2^15) and one
+ * madd widens them to int32 [a b c d e f g h]; no horizontal sums. A block's sum loses 8 * sum(x_q) (the nibbles
+ * hold q + 8) and is added in float with d_w * d_x. */
+static inline __attribute__((always_inline)) void qgroup_dot4(const uint8_t *p, long K, long g, const qrows_t *x,
+                                                              float *out, long ld_out, const int R) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[QROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long b = 0; b < K / g; b++) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        p += 2 * NW4;
+        __m256i sums[QROW_BLOCK];
+        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
+        for (long c = 0; c < g; c += 32, p += 16 * NW4) {
+            _mm_prefetch((const char *)p + 768, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
+#if !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
+            __m256i sum16[QROW_BLOCK];
+            for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
+#endif
+            for (int j = 0; j < 4; j++) { /* inputs 4j..4j+3 in the low nibbles, 16+4j..16+4j+3 in the high */
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(p + 32 * j));
+                const __m256i lo = _mm256_and_si256(packed, low4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xc = x->q + r * x->ld_q + b * g + c + 4 * j;
+                    int32_t x_lo, x_hi;
+                    memcpy(&x_lo, xc, 4);
+                    memcpy(&x_hi, xc + 16, 4);
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+                    sums[r] = dot_u8s8(dot_u8s8(sums[r], lo, _mm256_set1_epi32(x_lo)), hi, _mm256_set1_epi32(x_hi));
+#else
+                    sum16[r] = _mm256_add_epi16(sum16[r],
+                                                _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_lo)),
+                                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_hi))));
+#endif
+                }
+            }
+#if !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
+            for (int r = 0; r < R; r++)
+                sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(sum16[r], _mm256_set1_epi16(1)));
+#endif
+        }
+        for (int r = 0; r < R; r++) {
+            const long at = r * x->ld_d + b;
+            const __m256i v = _mm256_sub_epi32(sums[r], _mm256_set1_epi32(8 * x->sum[at]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, _mm256_set1_ps(x->d[at])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * ld_out, acc[r]);
 }
 #else
 static inline float half_to_float(const uint8_t *p) {
@@ -269,11 +317,12 @@ static inline float half_to_float(const uint8_t *p) {
     return f;
 }
 
-/* The portable version of qgroup_dot above: the same integer sums, as plain loops the compiler vectorizes. */
-static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const int bits,
-                                                             const qrows_t *x, float *out, long ld_out,
-                                                             const int R) {
-    const long chunk = bits == 8 ? 32 : 16;
+/* The portable versions of qgroup_dot and qgroup_dot4 above: the same integer sums, as plain loops the
+ * compiler vectorizes. */
+static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, long K, long g, const qrows_t *x,
+                                                             float *out, long ld_out, const int R) {
+    const int bits = 8;
+    const long chunk = 32;
     float acc[NW][QROW_BLOCK] = {{0}};
     for (long b = 0; b < K / g; b++) {
         float dw[NW];
@@ -284,16 +333,10 @@ static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, l
             int32_t sums[NW] = {0};
             for (long c = 0; c < g; c += 32) {
                 const uint8_t *w = p + (c / 32) * NW * chunk;
-                for (int a = 0; a < NW; a++) {
+                for (int a = 0; a < NW; a++) { /* rows a, a ^ 1 share 32 bytes: [a 0-15, b 0-15] [a 16-31, b 16-31] */
+                    const int8_t *lo = (const int8_t *)w + 64 * (a / 2) + 16 * (a % 2), *hi = lo + 32;
                     int32_t s = 0;
-                    if (bits == 8) { /* rows a and a ^ 1 share 32-byte halves: [a 0-15, b 0-15] [a 16-31, b 16-31] */
-                        const int8_t *lo = (const int8_t *)w + 64 * (a / 2) + 16 * (a % 2), *hi = lo + 32;
-                        for (int j = 0; j < 16; j++) s += lo[j] * xb[c + j] + hi[j] * xb[c + 16 + j];
-                    } else {
-                        const uint8_t *row = w + 16 * a;
-                        for (int j = 0; j < 16; j++)
-                            s += ((row[j] & 15) - 8) * xb[c + j] + ((row[j] >> 4) - 8) * xb[c + 16 + j];
-                    }
+                    for (int j = 0; j < 16; j++) s += lo[j] * xb[c + j] + hi[j] * xb[c + 16 + j];
                     sums[a] += s;
                 }
             }
@@ -305,29 +348,62 @@ static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, l
     for (int r = 0; r < R; r++)
         for (int a = 0; a < NW; a++) out[r * ld_out + a] = acc[a][r];
 }
+
+static inline __attribute__((always_inline)) void qgroup_dot4(const uint8_t *p, long K, long g, const qrows_t *x,
+                                                              float *out, long ld_out, const int R) {
+    float acc[NW4][QROW_BLOCK] = {{0}};
+    for (long b = 0; b < K / g; b++) {
+        float dw[NW4];
+        for (int a = 0; a < NW4; a++) dw[a] = half_to_float(p + 2 * a);
+        p += 2 * NW4;
+        for (int r = 0; r < R; r++) {
+            const int8_t *xb = x->q + r * x->ld_q + b * g;
+            int32_t sums[NW4] = {0};
+            for (long c = 0; c < g; c += 32) {
+                const uint8_t *w = p + (c / 32) * 16 * NW4;
+                for (int j = 0; j < 4; j++) /* bytes [j][row a][i]: inputs 4j + i (low nibble), 16 + 4j + i (high) */
+                    for (int a = 0; a < NW4; a++)
+                        for (int i = 0; i < 4; i++) {
+                            const uint8_t v = w[32 * j + 4 * a + i];
+                            sums[a] += ((v & 15) - 8) * xb[c + 4 * j + i] + ((v >> 4) - 8) * xb[c + 16 + 4 * j + i];
+                        }
+            }
+            const float dx = x->d[r * x->ld_d + b];
+            for (int a = 0; a < NW4; a++) acc[a][r] += (float)sums[a] * (dw[a] * dx);
+        }
+        p += NW4 * g / 2;
+    }
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < NW4; a++) out[r * ld_out + a] = acc[a][r];
+}
 #endif
 
 /* out[r, j] = dot(row j, x[r]) for the n_out rows of a quantized packed block, r < rows. */
 static void packed_qdot(const uint8_t *packed, long n_out, long K, long g, int bits, const qrows_t *x, int rows,
                         float *out, long ld_out) {
-    const long group_bytes = K / g * qblock_bytes(g, bits);
-    for (long group = 0; group < n_out / NW; group++) {
+    const long rows_per_group = qgroup_rows(bits), group_bytes = qmatrix_bytes(rows_per_group, K, g, bits);
+    for (long group = 0; group < n_out / rows_per_group; group++) {
         const uint8_t *p = packed + group * group_bytes;
         for (int r0 = 0; r0 < rows; r0 += QROW_BLOCK) { /* later row blocks re-read the group from cache */
             const qrows_t xr = {x->q + r0 * x->ld_q, x->d + r0 * x->ld_d, x->sum + r0 * x->ld_d, x->ld_q, x->ld_d};
-            float *o = out + r0 * ld_out + group * NW;
+            float *o = out + r0 * ld_out + group * rows_per_group;
             const int R = rows - r0 < QROW_BLOCK ? rows - r0 : QROW_BLOCK;
-#define QDOT(B, N) qgroup_dot(p, K, g, B, &xr, o, ld_out, N)
+#define QDOT(N) qgroup_dot(p, K, g, &xr, o, ld_out, N)
+#define QDOT4(N) qgroup_dot4(p, K, g, &xr, o, ld_out, N)
 #if QROW_BLOCK == 4
-#define QDOT_ROWS(B) (R == 1 ? QDOT(B, 1) : R == 2 ? QDOT(B, 2) : R == 3 ? QDOT(B, 3) : QDOT(B, 4))
+#define QDOT_ROWS (R == 1 ? QDOT(1) : R == 2 ? QDOT(2) : R == 3 ? QDOT(3) : QDOT(4))
+#define QDOT4_ROWS (R == 1 ? QDOT4(1) : R == 2 ? QDOT4(2) : R == 3 ? QDOT4(3) : QDOT4(4))
 #else
-#define QDOT_ROWS(B) (R == 1 ? QDOT(B, 1) : QDOT(B, 2))
+#define QDOT_ROWS (R == 1 ? QDOT(1) : QDOT(2))
+#define QDOT4_ROWS (R == 1 ? QDOT4(1) : QDOT4(2))
 #endif
             if (bits == 8)
-                QDOT_ROWS(8);
+                QDOT_ROWS;
             else
-                QDOT_ROWS(4);
+                QDOT4_ROWS;
+#undef QDOT4_ROWS
 #undef QDOT_ROWS
+#undef QDOT4
 #undef QDOT
         }
     }
@@ -387,8 +463,7 @@ static long align64(long n) { return (n + 63) & ~63L; }
 static void run_slices_quantized(const job_t *job, int thread) {
     const long H = job->hidden, S = job->slices, W = job->inter / S, g = job->group, R = job->max_rows;
     const int bits = (int)job->bits;
-    const long gate_up_bytes = 2 * W / NW * (H / g) * qblock_bytes(g, bits);
-    const long down_bytes = H / NW * (W / g) * qblock_bytes(g, bits);
+    const long gate_up_bytes = qmatrix_bytes(2 * W, H, g, bits), down_bytes = qmatrix_bytes(H, W, g, bits);
     float *out = job->partial + (long)thread * job->tokens * H;
     char *at = job->scratch + thread * job->scratch_per_thread;
     int8_t *xq = (int8_t *)at;                    /* [R, H] */
@@ -498,7 +573,7 @@ static void run_parallel(const job_t *job) {
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) __builtin_ia32_pause();
 }
 
-int moetrt_experts_abi(void) { return 3; }
+int moetrt_experts_abi(void) { return 4; }
 
 static int layout_holds(long hidden, long inter, long slices, long bits, long group) {
     if (hidden < 8 || slices < 1 || inter % slices) return 0;

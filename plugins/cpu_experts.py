@@ -36,8 +36,9 @@ from moetrt.formats import CpuKernel, file_sha256
 from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
-ABI = 3
+ABI = 4  # 4: int4 packed in eight-row groups (3 had four)
 GROUP = 4  # weight rows per packed group (NW in the C source)
+INT4_GROUP = 8  # int4 weight rows per packed group (NW4)
 LANES = 8  # floats per vector
 CHUNK = 32  # quantized inputs per row per packed chunk
 QUANTIZED_BITS = (8, 4)
@@ -89,25 +90,26 @@ def quantized_bytes(rows: int, inputs: int, bits: int, group_size: int) -> int:
 
 
 def _pack_rows(q: np.ndarray, d: np.ndarray, bits: int, group_size: int) -> np.ndarray:
-    """Rows `q [..., N, K]` (int8 values) with scales `d [..., N, K/g]` -> bytes `[..., N/4, K/g, 8 + 4g*bits/8]`:
-    per group of four rows and block of g inputs, the four float16 scales, then per chunk of 32 inputs the rows'
-    values (int8: two rows' inputs 0-15, then their inputs 16-31; int4: 16 bytes per row, value j in the low
-    nibble of byte j, value 16 + j in its high nibble, as q + 8). The layout of cpu_experts.c's header."""
+    """Rows `q [..., N, K]` (int8 values) with scales `d [..., N, K/g]` -> bytes `[..., N/G, K/g, G(2 + g*bits/8)]`
+    (G = 4 rows per group for int8, 8 for int4): per group of G rows and block of g inputs, the G float16 scales,
+    then per chunk of 32 inputs the rows' values (int8: two rows' inputs 0-15, then their inputs 16-31; int4: four
+    32-byte pieces j, byte 4a + i of piece j holding row a's input 4j + i in its low nibble and 16 + 4j + i in its
+    high nibble, as q + 8). The layout of cpu_experts.c's header."""
     *lead, rows, inputs = q.shape
-    blocks = inputs // group_size
-    values = q.reshape(*lead, rows // GROUP, GROUP, blocks, group_size // CHUNK, CHUNK)
-    values = np.moveaxis(values, -4, -2)  # [..., N/4, K/g, g/32, 4, 32]
+    blocks, group = inputs // group_size, INT4_GROUP if bits == 4 else GROUP
+    values = q.reshape(*lead, rows // group, group, blocks, group_size // CHUNK, CHUNK)
+    values = np.moveaxis(values, -4, -2)  # [..., N/G, K/g, g/32, G, 32]
     if bits == 4:
         if values.min(initial=0) < -8 or values.max(initial=0) > 7:
             raise MoetrtError("int4 expert values must lie in [-8, 7]; quantize with moetrt.quantization")
-        nibbles = (values.astype(np.int16) + 8).astype(np.uint8).reshape(*values.shape[:-1], 2, CHUNK // 2)
-        data = nibbles[..., 0, :] | (nibbles[..., 1, :] << np.uint8(4))
+        nibbles = (values.astype(np.int16) + 8).astype(np.uint8).reshape(*values.shape[:-1], 2, 4, 4)  # half, j, i
+        data = np.swapaxes(nibbles[..., 0, :, :] | (nibbles[..., 1, :, :] << np.uint8(4)), -3, -2)  # [j, row, i]
     else:  # per chunk: [a 0-15, b 0-15] [a 16-31, b 16-31] [c 0-15, d 0-15] [c 16-31, d 16-31]
         pairs = values.reshape(*values.shape[:-2], 2, 2, 2, CHUNK // 2)  # [..., pair, row, half, 16]
         data = np.swapaxes(pairs, -3, -2).view(np.uint8)
-    data = np.ascontiguousarray(data).reshape(*lead, rows // GROUP, blocks, -1)
+    data = np.ascontiguousarray(data).reshape(*lead, rows // group, blocks, -1)
     scales = np.ascontiguousarray(np.moveaxis(
-        d.astype(np.float16).reshape(*lead, rows // GROUP, GROUP, blocks), -2, -1)).view(np.uint8)
+        d.astype(np.float16).reshape(*lead, rows // group, group, blocks), -2, -1)).view(np.uint8)
     return np.concatenate([scales, data], axis=-1)
 
 

@@ -113,8 +113,9 @@ def test_a_token_gives_the_same_bits_alone_or_batched(bits):
 
 
 def test_extreme_values_do_not_overflow_the_integer_sums():
-    """Every int8 weight at -127/127 (and int4 at -8, whose nibble is 0) against inputs at the block maximum:
-    the largest pair sums maddubs forms (2 * 127 * 127 < 2^15) stay exact."""
+    """Every int8 weight at -127/127 (and int4 at -8, whose nibble is 0, or 7, whose nibble is 15) against inputs
+    at the block maximum, of mixed signs and of one sign: the largest pair sums maddubs forms (2 * 127 * 127 <
+    2^15) and the int16 sums of a chunk's eight int4 products (8 * 2 * 15 * 127 = 30480 < 2^15) stay exact."""
     rng = np.random.default_rng(13)
     for bits, value in ((8, 127), (8, -127), (4, -8), (4, 7)):
         hidden, inter, group = 64, 32, 32
@@ -126,6 +127,7 @@ def test_extreme_values_do_not_overflow_the_integer_sums():
                                 group, 1)
         kernel = CpuExperts(*packed, 2, hidden, inter, 1, 1, bits=bits, group_size=group)
         x = np.where(rng.random((3, hidden)) < 0.5, -50.0, 50.0).astype(np.float32)
+        x[1], x[2] = 50.0, -50.0
         ids, weights = np.array([[0, 1]] * 3, np.int32), np.ones((3, 2), np.float32)
         w_gate_up, w_down = dequantize_blocks(gate_up_q, gate_up_d, group), dequantize_blocks(down_q, down_d, group)
         got = kernel(x, ids, weights)
@@ -134,28 +136,30 @@ def test_extreme_values_do_not_overflow_the_integer_sums():
 
 
 def test_packed_bytes_hold_values_and_float16_scales_in_the_documented_order():
-    """Per group of four rows and block of g inputs: the four float16 scales, then per chunk of 32 inputs the four
-    rows' values (int8: rows a, b's inputs 0-15, then their 16-31, then rows c, d; int4: 16 bytes per row, inputs
-    j and 16 + j sharing byte j, as q + 8); blocks follow each other along the row."""
-    hidden, inter, group = 64, 32, 32
+    """Per group of G rows (int8: 4, int4: 8) and block of g inputs: the G float16 scales, then per chunk of 32
+    inputs the rows' values (int8: rows a, b's inputs 0-15, then their 16-31, then rows c, d; int4: four 32-byte
+    pieces j, byte 4a + i of piece j holding row a's input 4j + i in its low nibble and 16 + 4j + i in its high
+    one, as q + 8); blocks follow each other along the row."""
+    hidden, inter, group = 96, 32, 32
     rng = np.random.default_rng(17)
     down_q, down_d = np.zeros((1, hidden, inter), np.int8), np.zeros((1, hidden, 1), np.float16)
-    fc1_d = rng.random((1, 2 * inter, 2)).astype(np.float16)
-    for bits, low, high in ((8, -127, 128), (4, -8, 8)):
+    fc1_d = rng.random((1, 2 * inter, 3)).astype(np.float16)
+    for bits, low, high, rows in ((8, -127, 128, 4), (4, -8, 8, 8)):
         fc1_q = rng.integers(low, high, (1, 2 * inter, hidden), dtype=np.int8)
         gate_up, _ = pack_quantized(fc1_q, fc1_d, down_q, down_d, bits, group, 1)
-        block = 8 + 4 * group * bits // 8
-        for rows in range(2):  # the first two groups of four rows
-            for b in range(2):
-                at = (rows * 2 + b) * block
-                assert gate_up[at:at + 8].view(np.float16).tolist() == fc1_d[0, 4 * rows:4 * rows + 4, b].tolist()
-                for a in range(4):
-                    q = fc1_q[0, 4 * rows + a, b * group:(b + 1) * group]
+        block = rows * (2 + group * bits // 8)
+        for first in range(0, 2 * inter, rows):  # every group of rows
+            for b in range(3):
+                at = (first // rows * 3 + b) * block
+                assert gate_up[at:at + 2 * rows].view(np.float16).tolist() == fc1_d[0, first:first + rows, b].tolist()
+                values = at + 2 * rows
+                for a in range(rows):
+                    q = fc1_q[0, first + a, b * group:(b + 1) * group]
                     if bits == 8:
-                        lo = at + 8 + 64 * (a // 2) + 16 * (a % 2)
+                        lo = values + 64 * (a // 2) + 16 * (a % 2)
                         data, want = np.concatenate([gate_up[lo:lo + 16], gate_up[lo + 32:lo + 48]]), q.view(np.uint8)
                     else:
-                        data = gate_up[at + 8 + 16 * a:][:16]
+                        data = np.concatenate([gate_up[values + 32 * j + 4 * a:][:4] for j in range(4)])
                         want = ((q[:16] + 8) | ((q[16:] + 8) << 4)).view(np.uint8)
                     assert data.tolist() == want.tolist()
         assert gate_up.size == 2 * inter * (hidden * bits // 8 + hidden // group * 2)
