@@ -1,30 +1,247 @@
-"""`moetrt verify ENGINE CHECKPOINT`: does compilation leave the model's answers unchanged?
+"""`moetrt verify ENGINE CHECKPOINT`: does compilation (or quantization) leave the model's answers unchanged?
 
-Runs the engine and the fp32 torch reference on the same prompts: max |Δlogit| over whole sequences,
-greedy continuations (equal, or diverging only where the reference's top-2 margin is a near-tie), and for
-a checkpoint trained on a moetrt task (config.json `moetrt_task`) the task accuracy of both.
+Runs the engine and the fp32 torch reference on the same inputs and reports:
+- the next-token distributions on a fixed prompt set (`fidelity_sequences`): mean and 99th-percentile
+  KL(P_reference || P_engine), top-1 agreement and the perplexity ratio, the quantities llama.cpp's
+  `llama-perplexity --kl-divergence` prints (`next_token_stats`);
+- max |Δlogit| over whole random sequences and greedy continuations (equal, or diverging only where the
+  reference's top-2 margin is a near-tie);
+- for a checkpoint trained on a moetrt task (config.json `moetrt_task`), the task accuracy of both.
+
+PASS/FAIL: an unquantized engine must keep its logits within TOLERANCES, its greedy continuations and (for a
+task checkpoint) every task answer. A quantized engine (manifest `quantization` set) changes logits by design;
+it passes when its KL figures are within its scheme's QUANTIZED_THRESHOLDS, and the other checks are
+reported as information.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from moetrt.errors import MoetrtError
-from moetrt.export.reference_session import ReferenceSession, load_reference_session
-from moetrt.runtime.engine import Engine
-from moetrt.runtime.generate import GenerationOptions, continuation_logits, generate
+
+if TYPE_CHECKING:
+    from moetrt.export.reference_session import ReferenceSession
+    from moetrt.runtime.engine import Engine
+
+# torch, the reference and the engine are imported where they run: the CLI reads QUANTIZED_THRESHOLDS for
+# `moetrt verify --help` at start-up, which must stay cheap.
 
 # (atol, rtol against the reference's largest |logit|, near-tie margin) per engine dtype.
 TOLERANCES = {"float32": (1e-4, 1e-5, 1e-3), "float16": (2e-2, 1e-2, 5e-2), "bfloat16": (1e-1, 5e-2, 2e-1)}
 
 
+@dataclasses.dataclass(frozen=True)
+class KLThresholds:
+    """Upper bounds (nats) on the mean and the 99th percentile of per-position KL(P_reference || P_engine)."""
+
+    kl_mean: float
+    kl_p99: float
+
+    def describe(self) -> str:
+        return f"mean KL <= {self.kl_mean:g}, p99 KL <= {self.kl_p99:g}"
+
+
+# Starting points: llama.cpp's published LLaMA-3-8B figures (tools/perplexity/README.md, Wikitext-2, against
+# FP16): Q8_0 mean KLD 0.00136 (LLaMA-2-7B: 0.00037), Q4_0 mean KLD 0.0719; its 99.0% KLD runs at 9-13x
+# the mean (Q4_K_M: mean 0.0313, p99 0.413). Our int8/int4 are Q8_0/Q4_0's block rules at group size 32.
+# The bounds sit a few times above those figures, so an engine as faithful as llama.cpp's passes and a broken
+# one (a wrong scale, a swapped block) fails by orders of magnitude. Measured on tiny-r1's task set (group 32):
+# int8 mean 1.2e-5, p99 2.6e-4; int4 mean 2.9e-3, p99 9.5e-3 (tests/export/test_verify_kl.py pins int4).
+QUANTIZED_THRESHOLDS: dict[str, KLThresholds] = {
+    "int8": KLThresholds(kl_mean=0.005, kl_p99=0.05),
+    "int4": KLThresholds(kl_mean=0.1, kl_p99=1.0),
+}
+
+
+def thresholds_help() -> str:
+    """One line per scheme, for `moetrt verify --help` and the report."""
+    return "; ".join(f"{name}: {limits.describe()}" for name, limits in QUANTIZED_THRESHOLDS.items())
+
+
+# ---- next-token statistics (llama.cpp's --kl-divergence quantities)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of logits `[..., vocab]` along the last axis."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def kl_divergences(reference_logits: np.ndarray, engine_logits: np.ndarray) -> np.ndarray:
+    """KL(P_reference || P_engine) in nats, float64 `[N]`, of logits `[N, vocab]`: sum_v p_ref (ln p_ref - ln
+    p_eng), llama.cpp's per-token KLD (natural log). Zero for equal distributions, never negative except by
+    rounding (~1e-16)."""
+    ref, eng = log_softmax(reference_logits), log_softmax(engine_logits)
+    return (np.exp(ref) * (ref - eng)).sum(axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenStats:
+    """The engine's next-token distributions against the reference's over `positions` scored positions.
+
+    llama.cpp's `llama-perplexity --kl-divergence` names: kl_mean "Mean KLD", kl_p99 "99.0% KLD", kl_p999
+    "99.9% KLD" (numpy's linear-interpolation percentiles), kl_max "Maximum KLD", top1_agreement "Same top p"
+    (a fraction here, not a percentage), ppl_reference "Mean PPL(base)", ppl_engine "Mean PPL(Q)", ppl_ratio
+    "Mean PPL(Q)/PPL(base)" (= exp of the mean per-token log-ratio, its "Mean ln(PPL(Q)/PPL(base))")."""
+
+    positions: int
+    kl_mean: float
+    kl_p99: float
+    kl_p999: float
+    kl_max: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_engine: float
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.ppl_engine / self.ppl_reference
+
+
+def next_token_stats(reference_logits: np.ndarray, engine_logits: np.ndarray, targets: np.ndarray) -> NextTokenStats:
+    """Statistics of logits `[N, vocab]` (any float dtype) predicting `targets` int `[N]` (the token that
+    actually follows each position, for the perplexities). Raises MoetrtError for no positions or shapes that
+    disagree."""
+    if reference_logits.shape != engine_logits.shape or reference_logits.ndim != 2:
+        raise MoetrtError(f"logits must be two equal [positions, vocab] arrays, got {reference_logits.shape} and "
+                          f"{engine_logits.shape}")
+    if len(targets) != len(reference_logits) or len(targets) == 0:
+        raise MoetrtError(f"need one target per position and at least one position, got {len(targets)} targets "
+                          f"for {len(reference_logits)} positions")
+    kl = kl_divergences(reference_logits, engine_logits)
+    rows = np.arange(len(targets))
+    nll_reference = -log_softmax(reference_logits)[rows, targets]
+    nll_engine = -log_softmax(engine_logits)[rows, targets]
+    same_top = reference_logits.argmax(-1) == engine_logits.argmax(-1)
+    return NextTokenStats(
+        positions=len(targets), kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
+        kl_p999=float(np.percentile(kl, 99.9)), kl_max=float(kl.max()), top1_agreement=float(same_top.mean()),
+        ppl_reference=math.exp(nll_reference.mean()), ppl_engine=math.exp(nll_engine.mean()),
+    )
+
+
+# ---- the fixed prompt set
+
+# For a checkpoint with a tokenizer and no moetrt task: prose, code, numbers and lists, written for moetrt.
+FIXED_TEXTS = (
+    "The river had frozen early that year, and the ferry stayed tied to the jetty until March. People crossed on "
+    "foot instead, keeping to the line of poles the harbour master had set into the ice, and the children raced "
+    "each other to the far bank before school.",
+    "def moving_average(values, window):\n    total = sum(values[:window])\n    yield total / window\n"
+    "    for old, new in zip(values, values[window:]):\n        total += new - old\n        yield total / window\n",
+    "Inventory, 14 May: 32 boxes of nails (3 cm), 7 rolls of copper wire, 120 m of hose, 4 ladders, 2 wheelbarrows "
+    "with flat tyres. Ordered: 10 bags of cement at 8.40 each, total 84.00; delivery expected Thursday before noon.",
+    "A mixture-of-experts layer sends each token to a few of its many feed-forward networks. A small router "
+    "scores the experts, the best k are run, and their outputs are added with the router's weights, so the model "
+    "holds far more parameters than any one token uses.",
+    "Q: Why does bread go stale?\nA: Mostly not because it dries out. The starch in the crumb slowly crystallises "
+    "again after baking, which makes it firm; warming the loaf melts those crystals for a while.",
+    "1. Preheat the oven to 200 degrees.\n2. Slice the onions thinly and soften them in butter for twenty "
+    "minutes.\n3. Add the stock, simmer, then season.\n4. Toast the bread, cover it with cheese and grill until "
+    "brown.",
+    "She counted the steps out loud: one hundred and twelve to the first landing, eighty-seven to the second, and "
+    "then a narrow spiral that nobody had ever bothered to count, because by then everyone was out of breath.",
+    "SELECT city, COUNT(*) AS orders, ROUND(AVG(total), 2) AS mean_total FROM orders WHERE placed >= "
+    "'2024-01-01' GROUP BY city HAVING COUNT(*) > 50 ORDER BY orders DESC LIMIT 10;",
+    "Light from the Sun takes a little over eight minutes to reach the Earth, about one and a quarter seconds to "
+    "cross from the Moon, and more than four years to arrive from the nearest star beyond the solar system.",
+    "Dear Ms. Okafor, thank you for your letter of 3 June. The replacement parts were sent this morning by "
+    "courier; the tracking number is 7741-2290-18. Please let us know if anything arrives damaged. Kind regards, "
+    "the service team.",
+)
+TASK_PROBLEMS = 32  # held-out problems for a task checkpoint: ~2,300 scored positions on tiny-r1
+TEXT_CHUNK = 128  # tokens per chunk of the fixed texts (or of random ids); the engine's max_context if shorter
+RANDOM_POSITIONS = 2048  # scored positions of random ids, for an engine without tokenizer
+SCORING_BATCH = 8  # reference rows per scoring call
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSequence:
+    """Token ids; the positions predicting tokens[first_target:] are scored (the rest is context)."""
+
+    tokens: list[int]
+    first_target: int
+
+
+def fidelity_sequences(engine: Engine, checkpoint_dir: str | Path, task: str | None, seed: int = 0
+                       ) -> tuple[list[ScoredSequence], str]:
+    """The fixed prompt set and a line describing it.
+
+    - A task checkpoint: TASK_PROBLEMS held-out problems of the task (seed `seed`), each as training wrote it,
+      chat prompt + the task's worked completion + EOS; the prompt is context, the completion and EOS scored.
+    - Otherwise, with a tokenizer: FIXED_TEXTS tokenized with the engine's tokenizer, joined, cut into chunks of
+      TEXT_CHUNK tokens; the second half of each chunk is scored (llama-perplexity's rule: every scored token
+      sees at least half a chunk of context).
+    - Without a tokenizer: random token ids (seed `seed`), chunked and scored the same way.
+    Sequences are cut to the engine's max_context."""
+    limit = engine.max_context
+    if task:
+        from moetrt.tasks import get_task
+        from moetrt.tasks.chat import ChatTokenizer
+
+        tokenizer, module = ChatTokenizer.load(checkpoint_dir), get_task(task)
+        sequences = []
+        for problem in module.draw_problems(TASK_PROBLEMS, seed, "eval"):
+            prompt = tokenizer.prompt_ids(problem.question)
+            tokens = prompt + tokenizer.encode(module.completion(problem)) + list(tokenizer.eos_ids[:1])
+            sequences.append(ScoredSequence(tokens[:limit], min(len(prompt), limit - 1)))
+        return sequences, f"{task}: {len(sequences)} held-out problems (seed {seed}), completions scored"
+    chunk = max(2, min(TEXT_CHUNK, limit))
+    if engine.tokenizer is not None:
+        stream = [t for text in FIXED_TEXTS for t in engine.tokenizer.encode_prompt(text)]
+        what = f"{len(FIXED_TEXTS)} fixed texts"
+    else:
+        count = math.ceil(RANDOM_POSITIONS / (chunk - chunk // 2)) * chunk
+        stream = np.random.default_rng(seed).integers(0, engine.config.vocab_size, count).tolist()
+        what = f"random token ids (seed {seed}; no tokenizer)"
+    sequences = [ScoredSequence(stream[i : i + chunk], chunk // 2) for i in range(0, len(stream) - chunk + 1, chunk)]
+    if not sequences:  # texts shorter than one chunk: one sequence, its second half scored
+        sequences = [ScoredSequence(stream, max(1, len(stream) // 2))]
+    return sequences, f"{what} in chunks of {chunk} tokens, second halves scored"
+
+
+def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: list[ScoredSequence]) -> NextTokenStats:
+    """NextTokenStats of the engine against the reference over the scored positions of `sequences`.
+
+    The reference scores left-padded batches of SCORING_BATCH rows in one call each (continuation_logits); the
+    engine takes sequences of one length together, unpadded, through `engine.logits` (up to its max_batch)."""
+    from moetrt.runtime.generate import continuation_logits
+
+    reference_logits = []
+    for start in range(0, len(sequences), SCORING_BATCH):
+        rows = sequences[start : start + SCORING_BATCH]
+        prompts = [row.tokens[: row.first_target] for row in rows]
+        reference_logits += continuation_logits(reference, prompts, [row.tokens[row.first_target :] for row in rows])
+    engine_logits: list[np.ndarray | None] = [None] * len(sequences)
+    by_length: dict[int, list[int]] = {}
+    for index, sequence in enumerate(sequences):
+        by_length.setdefault(len(sequence.tokens), []).append(index)
+    batch = engine.manifest.profile.max_batch
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch):
+            rows = indices[start : start + batch]
+            got = engine.logits(np.array([sequences[i].tokens for i in rows], dtype=np.int64))  # [B, S, vocab]
+            for row, index in enumerate(rows):
+                first = sequences[index].first_target
+                engine_logits[index] = got[row, first - 1 : -1]  # position t predicts token t + 1
+    targets = np.concatenate([sequence.tokens[sequence.first_target :] for sequence in sequences])
+    return next_token_stats(np.concatenate(reference_logits), np.concatenate(engine_logits), targets)
+
+
+# ---- the report
+
+
 @dataclasses.dataclass
 class VerifyReport:
+    """What `moetrt verify` found; `passed` applies the module docstring's PASS/FAIL rule."""
+
     dtype: str
     prompts: int
     max_abs_logit_diff: float
@@ -32,31 +249,50 @@ class VerifyReport:
     greedy_rows_agreeing: int
     greedy_tokens_compared: int
     greedy_failures: list[str]
-    task: str | None = None
+    next_token: NextTokenStats
+    prompt_set: str
+    quantization: str | None = None  # the scheme's name ("int8", "int4"), None for an unquantized engine
+    kl_thresholds: KLThresholds | None = None  # the scheme's QUANTIZED_THRESHOLDS entry
+    task: str | None = None  # set when the task accuracy was compared
     engine_accuracy: float | None = None
     reference_accuracy: float | None = None
     answers_differing: int | None = None
 
     @property
     def passed(self) -> bool:
+        if self.kl_thresholds is not None:
+            stats, limits = self.next_token, self.kl_thresholds
+            return stats.kl_mean <= limits.kl_mean and stats.kl_p99 <= limits.kl_p99
         same_task = self.task is None or self.answers_differing == 0
         return self.max_abs_logit_diff <= self.logit_tolerance and not self.greedy_failures and same_task
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "passed": self.passed}
+        """Flat JSON: the next-token statistics and the thresholds as top-level `kl_*`, `top1_agreement`,
+        `ppl_*` and `kl_thresholds` keys."""
+        fields = dataclasses.asdict(self)
+        fields.update(fields.pop("next_token"), ppl_ratio=self.next_token.ppl_ratio)
+        return {**fields, "passed": self.passed}
 
     def describe(self) -> str:
+        stats = self.next_token
+        judged = "checked" if self.kl_thresholds is None else "information"
+        criteria = self.kl_thresholds.describe() if self.kl_thresholds else "logits, greedy tokens, task answers kept"
         lines = [
+            f"scheme      {self.quantization or 'none'} ({self.dtype}): PASS needs {criteria}",
+            f"KL          mean {stats.kl_mean:.3g}, p99 {stats.kl_p99:.3g}, p99.9 {stats.kl_p999:.3g}, max "
+            f"{stats.kl_max:.3g} nats over {stats.positions} positions ({self.prompt_set})",
+            f"top-1       {stats.top1_agreement:.2%} agree; PPL ratio {stats.ppl_ratio:.6f} (engine "
+            f"{stats.ppl_engine:.4g}, reference {stats.ppl_reference:.4g})",
             f"logits      max |Δ| {self.max_abs_logit_diff:.3g} over {self.prompts} prompts "
-            f"(tolerance {self.logit_tolerance:.3g} for {self.dtype})",
+            f"(tolerance {self.logit_tolerance:.3g} for {self.dtype}; {judged})",
             f"greedy      {self.greedy_rows_agreeing}/{self.prompts} continuations agree "
-            f"({self.greedy_tokens_compared} tokens compared; near-ties allowed)",
+            f"({self.greedy_tokens_compared} tokens compared; near-ties allowed; {judged})",
             *(f"            {failure}" for failure in self.greedy_failures),
         ]
         if self.task:
             lines.append(
                 f"{self.task:<11} engine {self.engine_accuracy:.1%}, reference {self.reference_accuracy:.1%}, "
-                f"{self.answers_differing} answers differ"
+                f"{self.answers_differing} answers differ ({judged})"
             )
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
@@ -84,32 +320,70 @@ def verify_engine(
     engine_dir: str | Path, checkpoint_dir: str | Path, prompts: int = 8, new_tokens: int = 32, seed: int = 0,
     task: str | None = "auto", task_problems: int = 200,
 ) -> VerifyReport:
-    """Compare an engine with the fp32 torch reference of `checkpoint_dir`."""
+    """Compare an engine with the fp32 torch reference of `checkpoint_dir` (see the module docstring).
+
+    `task` "auto" reads config.json's moetrt_task (None: no task); `task_problems` 0 skips the task accuracy
+    (the prompt set stays the task's). Raises MoetrtError for bad counts, a checkpoint of another config, or a
+    quantization scheme without QUANTIZED_THRESHOLDS."""
+    from moetrt.export.reference_session import load_reference_session
+    from moetrt.runtime.engine import Engine
+
     if prompts < 1:
         raise MoetrtError(f"--prompts must be at least 1, got {prompts}")
-    if task_problems < 1:
-        raise MoetrtError(f"--task-problems must be at least 1, got {task_problems}")
+    if task_problems < 0:
+        raise MoetrtError(f"--task-problems must be at least 0 (0 skips the task accuracy), got {task_problems}")
     engine = Engine.load(engine_dir)
+    quantization = engine.manifest.quantization
+    scheme = quantization.scheme if quantization else None
+    if scheme is not None and scheme not in QUANTIZED_THRESHOLDS:
+        raise MoetrtError(f"no KL thresholds for quantization {scheme!r} (known: {', '.join(QUANTIZED_THRESHOLDS)});"
+                          " add them to moetrt.export.verify.QUANTIZED_THRESHOLDS")
     reference = load_reference_session(checkpoint_dir, dtype="float32")
     if reference.config != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
+    task = _detect_task(checkpoint_dir) if task == "auto" else task
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
+
+    sequences, prompt_set = fidelity_sequences(engine, checkpoint_dir, task, seed)
+    stats = compare_next_tokens(engine, reference, sequences)
     token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed)
+    max_diff, scale = _max_logit_diff(engine, reference, token_prompts)
+    agreeing, compared, failures = _greedy_check(engine, reference, token_prompts, new_tokens, margin)
+    report = VerifyReport(
+        engine.manifest.dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
+        prompt_set, scheme, QUANTIZED_THRESHOLDS.get(scheme) if scheme else None,
+    )
+    if task and task_problems:
+        _compare_task(report, task, engine, reference, checkpoint_dir, task_problems, seed)
+    return report
+
+
+def _max_logit_diff(engine: Engine, reference: ReferenceSession, prompts: list[list[int]]) -> tuple[float, float]:
+    """max |engine - reference| over every position's logits of `prompts`, and the reference's max |logit|
+    (at least 1), the scale of the relative tolerance."""
+    import torch
 
     max_diff, scale = 0.0, 1.0
-    for prompt in token_prompts:
+    for prompt in prompts:
         with torch.no_grad():
             want = reference.model(torch.tensor([prompt])).numpy()
         got = engine.logits(np.array([prompt]))
         max_diff = max(max_diff, float(np.abs(got - want).max()))
         scale = max(scale, float(np.abs(want).max()))
+    return max_diff, scale
 
-    eos = tuple(engine.eos_ids)
-    engine_runs = engine.generate(token_prompts, max_new_tokens=new_tokens, greedy=True)
-    greedy = GenerationOptions(max_new_tokens=new_tokens, stop_token_ids=eos)
-    reference_tokens = [run.token_ids for run in generate(reference, token_prompts, greedy)]
+
+def _greedy_check(engine: Engine, reference: ReferenceSession, prompts: list[list[int]], new_tokens: int,
+                  margin: float) -> tuple[int, int, list[str]]:
+    """Greedy continuations of both: rows agreeing, tokens compared, and a message per row that diverged where
+    the reference's top-2 margin is at least `margin`."""
+    from moetrt.runtime.generate import GenerationOptions, continuation_logits, generate
+
+    engine_runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
+    greedy = GenerationOptions(max_new_tokens=new_tokens, stop_token_ids=tuple(engine.eos_ids))
+    reference_tokens = [run.token_ids for run in generate(reference, prompts, greedy)]
     # the margins come from one scoring call over prompt + greedy tokens: the logits each greedy step chose from
-    reference_logits = continuation_logits(reference, token_prompts, reference_tokens)
+    reference_logits = continuation_logits(reference, prompts, reference_tokens)
     agreeing, compared, failures = 0, 0, []
     for row, result in enumerate(engine_runs):
         steps, failure = _greedy_agreement(result.token_ids, reference_tokens[row], reference_logits[row], margin)
@@ -117,12 +391,7 @@ def verify_engine(
         agreeing += failure is None
         if failure:
             failures.append(f"prompt {row}: {failure}")
-
-    report = VerifyReport(engine.manifest.dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures)
-    task = _detect_task(checkpoint_dir) if task == "auto" else task
-    if task:
-        _compare_task(report, task, engine, reference, checkpoint_dir, task_problems, seed)
-    return report
+    return agreeing, compared, failures
 
 
 def _detect_task(checkpoint_dir) -> str | None:

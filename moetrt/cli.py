@@ -28,6 +28,8 @@ from moetrt.settings import (
     OrtOptions,
     TrtOptions,
 )
+from moetrt.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
+from moetrt.export.verify import thresholds_help
 from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
 from moetrt.tasks import TASKS
 from moetrt.runtime.server.limits import DEFAULT_LIMITS as SERVER_LIMITS, LOG_LEVELS as SERVER_LOG_LEVELS
@@ -65,6 +67,10 @@ EXTRA_FOR_MODULE = {
 Target = Literal[TARGET_CHOICES]
 Dtype = Literal[DTYPE_CHOICES]
 MoeKernel = Literal[MOE_KERNEL_CHOICES]
+Quantize = Literal[QUANTIZE_CHOICES]
+QUANTIZE_HELP = ("Weight-only quantization: symmetric int8 or int4 blocks with one float16 scale per --group-size "
+                 "input channels (experts, dense MLPs, attention, lm_head; embedding int8); none keeps the dtype.")
+GROUP_SIZE_HELP = "Input channels per quantization scale (a power of two >= 16)."
 Task = Literal[tuple(TASKS)]
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
                    "CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB on the CPU).")
@@ -162,11 +168,19 @@ def _engine_lines(engine_dir: Path) -> list[str]:
     from moetrt.runtime.backends import get_backend
     from moetrt.runtime.manifest import load_manifest
 
+    from moetrt.export.info import decode_weight_bytes, quantization_summary
+
     manifest = load_manifest(engine_dir)
     profile = manifest.profile
     size = sum(record.bytes for record in manifest.artifacts.values())
+    config = manifest.model_config
+    read = decode_weight_bytes(config, manifest.dtype, manifest.quantization)
     return [
         f"engine           {manifest.backend}, {manifest.dtype}, {_human_bytes(size)} on disk",
+        f"engine weights   {quantization_summary(manifest.quantization, manifest.dtype)}",
+        f"bytes / token    {_human_bytes(sum(read.values()))} of weights read per decode token at batch 1 (dense "
+        f"{_human_bytes(read['dense'])}, routed experts {config.num_experts_per_tok} of {config.n_routed_experts} "
+        f"{_human_bytes(read['routed_experts'])}, embedding row {_human_bytes(read['embedding_row'])})",
         f"limits           batch {profile.max_batch}, {profile.seq} tokens per call, "
         f"{profile.max_context} cached positions per sequence",
         *get_backend(manifest.backend).describe(manifest),
@@ -180,6 +194,8 @@ def export(
     target: Target = typer.Option("ort", help="Lowering of the routed experts: trt (plugin), ort, onnx (portable)."),
     dtype: Dtype = typer.Option("float32", help="Precision of the export."),
     moe_kernel: MoeKernel = typer.Option("auto", help=MOE_KERNEL_HELP),
+    quantize: Quantize = typer.Option("none", help=QUANTIZE_HELP),
+    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help=GROUP_SIZE_HELP),
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
@@ -188,7 +204,11 @@ def export(
 
     from moetrt.settings import OrtOptions
 
-    out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel))
+    from moetrt.quantization import scheme_for
+
+    scheme = scheme_for(quantize, group_size)
+    out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel),
+                      quantize=scheme)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
     if check_trt:
         from moetrt.export.trt.check import check_trt_export
@@ -244,6 +264,8 @@ def build_engine_command(
     trt_plugin: Literal[TRT_PLUGIN_CHOICES] = typer.Option(TrtOptions.plugin, help="TensorRT routed-experts "
                                                            "plugin: aot (no Python at run time) or jit."),
     moe_kernel: MoeKernel = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
+    quantize: Quantize = typer.Option(BuildConfig.quantize, help=QUANTIZE_HELP),
+    group_size: int = typer.Option(BuildConfig.group_size, help=GROUP_SIZE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
@@ -253,7 +275,8 @@ def build_engine_command(
     from moetrt.export.engine import build_engine
 
     limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
-    config = BuildConfig(backend=backend, dtype=dtype, allow_long_context=allow_long_context,
+    config = BuildConfig(backend=backend, dtype=dtype, allow_long_context=allow_long_context, quantize=quantize,
+                         group_size=group_size,
                          profile=BuildProfile(**{k: v for k, v in limits.items() if v is not None}),
                          ort=OrtOptions(moe_kernel=moe_kernel), trt=TrtOptions(plugin=trt_plugin, portable=portable))
     if dry_run:
@@ -276,14 +299,23 @@ def _dry_run_trt(source: Path, config: BuildConfig) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
+VERIFY_HELP = (
+    "Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference: mean "
+    "and p99 KL divergence of the next-token distributions, top-1 agreement and the perplexity ratio (as "
+    "llama.cpp's llama-perplexity --kl-divergence), max |Δlogit|, greedy continuations, task accuracy. An "
+    "unquantized engine must match logits, greedy tokens and task answers; a quantized one passes on KL: "
+    f"{thresholds_help()}."
+)
+
+
+@app.command(help=VERIFY_HELP)
 def verify(
     engine: Path = typer.Argument(..., help="Engine directory."),
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to compare against (fidelity check)."),
     integrity: bool = typer.Option(False, "--integrity", help="Hash every artifact against the manifest."),
     prompts: int = typer.Option(8, help="Prompts for the fidelity check."),
     task_problems: int = typer.Option(200, help="Held-out problems for the task accuracy of a checkpoint "
-                                      "trained on a moetrt task (config.json moetrt_task)."),
+                                      "trained on a moetrt task (config.json moetrt_task); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference."""

@@ -1,0 +1,170 @@
+"""`moetrt verify`'s next-token statistics (llama.cpp's --kl-divergence quantities) against independent torch
+computations, and the PASS/FAIL they decide: unquantized engines show KL ~0, quantized ones pass on their
+scheme's KL thresholds."""
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from moetrt.errors import MoetrtError
+from moetrt.export.verify import (
+    QUANTIZED_THRESHOLDS,
+    RANDOM_POSITIONS,
+    NextTokenStats,
+    VerifyReport,
+    fidelity_sequences,
+    kl_divergences,
+    next_token_stats,
+    verify_engine,
+)
+
+TINY_R1 = Path(__file__).parents[2] / "models" / "tiny-r1"
+
+
+def random_logits(seed: int, positions: int = 400, vocab: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference logits, engine logits near them (some positions far off), and targets."""
+    rng = np.random.default_rng(seed)
+    reference = rng.normal(0, 3, (positions, vocab)).astype(np.float32)
+    noise = rng.normal(0, 0.3, (positions, vocab)) * rng.choice([0.1, 1.0, 10.0], (positions, 1))
+    return reference, (reference + noise).astype(np.float32), rng.integers(0, vocab, positions)
+
+
+def test_kl_divergences_match_torch():
+    reference, engine, _ = random_logits(0)
+    ref, eng = torch.from_numpy(reference).double(), torch.from_numpy(engine).double()
+    by_kl_div = torch.nn.functional.kl_div(eng.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                           reduction="none").sum(-1)
+    by_distributions = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=ref),
+                                                         torch.distributions.Categorical(logits=eng))
+    ours = kl_divergences(reference, engine)
+    np.testing.assert_allclose(ours, by_kl_div.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours, by_distributions.numpy(), rtol=1e-9, atol=1e-12)
+    assert ours.min() > 0 and ours.max() > 1e4 * ours.min()  # positions near and far: the spread a p99 is about
+    # KL(P||Q) is not symmetric: the reference is the first argument
+    assert not np.allclose(ours, kl_divergences(engine, reference), rtol=1e-3)
+
+
+def test_next_token_stats_match_torch():
+    reference, engine, targets = random_logits(1)
+    ref, eng, tgt = torch.from_numpy(reference).double(), torch.from_numpy(engine).double(), torch.from_numpy(targets)
+    kl = torch.nn.functional.kl_div(eng.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    stats = next_token_stats(reference, engine, targets)
+    assert stats.positions == len(targets)
+    assert stats.kl_mean == pytest.approx(kl.mean().item(), rel=1e-9)
+    assert stats.kl_p99 == pytest.approx(torch.quantile(kl, 0.99).item(), rel=1e-9)  # linear interpolation
+    assert stats.kl_p999 == pytest.approx(torch.quantile(kl, 0.999).item(), rel=1e-9)
+    assert stats.kl_max == pytest.approx(kl.max().item(), rel=1e-9)
+    assert stats.top1_agreement == pytest.approx((ref.argmax(-1) == eng.argmax(-1)).double().mean().item())
+    assert 0.3 < stats.top1_agreement < 1  # the noise flips some argmaxes, not all
+    ppl_ref = torch.nn.functional.cross_entropy(ref, tgt).exp().item()
+    ppl_eng = torch.nn.functional.cross_entropy(eng, tgt).exp().item()
+    assert (stats.ppl_reference, stats.ppl_engine) == pytest.approx((ppl_ref, ppl_eng), rel=1e-9)
+    assert stats.ppl_ratio == pytest.approx(ppl_eng / ppl_ref, rel=1e-9) and stats.ppl_ratio != pytest.approx(1)
+
+
+def test_equal_logits_give_zero_kl_full_agreement_and_ratio_one():
+    reference, _, targets = random_logits(2)
+    stats = next_token_stats(reference, reference.copy(), targets)
+    assert stats.kl_max < 1e-12 and stats.top1_agreement == 1.0 and stats.ppl_ratio == pytest.approx(1, abs=1e-12)
+
+
+def test_next_token_stats_refuse_mismatched_inputs():
+    reference, engine, targets = random_logits(3)
+    with pytest.raises(MoetrtError, match="two equal"):
+        next_token_stats(reference, engine[:, :-1], targets)
+    with pytest.raises(MoetrtError, match="one target per position"):
+        next_token_stats(reference, engine, targets[:-1])
+
+
+def test_engine_without_tokenizer_scores_enough_random_positions():
+    engine = SimpleNamespace(max_context=100, tokenizer=None, config=SimpleNamespace(vocab_size=77))
+    sequences, described = fidelity_sequences(engine, TINY_R1, task=None, seed=0)
+    assert all(len(s.tokens) == 100 and s.first_target == 50 for s in sequences)
+    assert sum(len(s.tokens) - s.first_target for s in sequences) >= RANDOM_POSITIONS
+    assert "random token ids" in described
+    again, _ = fidelity_sequences(engine, TINY_R1, task=None, seed=0)
+    assert again == sequences  # a fixed set
+
+
+def report_with(stats: NextTokenStats, scheme: str | None) -> VerifyReport:
+    """A report whose every non-KL check fails: logits far off, a greedy divergence, task answers differing."""
+    return VerifyReport("float32", 2, max_abs_logit_diff=1.0, logit_tolerance=1e-4, greedy_rows_agreeing=1,
+                        greedy_tokens_compared=3, greedy_failures=["prompt 1: diverged"], next_token=stats,
+                        prompt_set="test", quantization=scheme,
+                        kl_thresholds=QUANTIZED_THRESHOLDS[scheme] if scheme else None, task="arithmetic",
+                        engine_accuracy=0.9, reference_accuracy=1.0, answers_differing=3)
+
+
+@pytest.mark.parametrize("scheme", sorted(QUANTIZED_THRESHOLDS))
+def test_quantized_report_passes_on_its_schemes_kl_thresholds_only(scheme):
+    limits = QUANTIZED_THRESHOLDS[scheme]
+    within = NextTokenStats(100, limits.kl_mean * 0.9, limits.kl_p99 * 0.9, 4.0, 5.0, 0.9, 1.0, 1.1)
+    assert report_with(within, scheme).passed  # logits, greedy and task are information for a quantized engine
+    assert not report_with(within, None).passed  # an unquantized engine still needs them
+    assert not report_with(dataclasses.replace(within, kl_mean=limits.kl_mean * 1.1), scheme).passed
+    assert not report_with(dataclasses.replace(within, kl_p99=limits.kl_p99 * 1.1), scheme).passed
+    described = report_with(within, scheme).describe()
+    assert f"PASS needs {limits.describe()}" in described and described.endswith("PASS")
+    assert "logits, greedy tokens, task answers kept" in report_with(within, None).describe()
+    fields = report_with(within, scheme).to_dict()
+    assert fields["kl_thresholds"] == dataclasses.asdict(limits) and fields["quantization"] == scheme
+    stat_keys = {"kl_mean", "kl_p99", "kl_p999", "kl_max", "top1_agreement", "ppl_reference", "ppl_engine", "ppl_ratio"}
+    assert stat_keys <= set(fields)
+
+
+def test_thresholds_are_ordered_by_precision():
+    assert QUANTIZED_THRESHOLDS["int8"].kl_mean < QUANTIZED_THRESHOLDS["int4"].kl_mean
+    assert QUANTIZED_THRESHOLDS["int8"].kl_p99 < QUANTIZED_THRESHOLDS["int4"].kl_p99
+
+
+def test_float32_engine_shows_no_kl_on_the_fixed_texts(chat_engine_dir, tmp_path):
+    from tests.chat_checkpoint import make_chat_checkpoint
+
+    checkpoint = make_chat_checkpoint(tmp_path / "ckpt")  # seeded: the weights chat_engine_dir was built from
+    report = verify_engine(chat_engine_dir, checkpoint, prompts=2, new_tokens=4)
+    stats = report.next_token
+    assert report.passed and report.quantization is None and report.kl_thresholds is None
+    assert "fixed texts" in report.prompt_set and stats.positions >= 1000
+    assert stats.kl_max < 1e-6 and stats.top1_agreement == 1.0 and stats.ppl_ratio == pytest.approx(1, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_r1_int4(tmp_path_factory):
+    from moetrt.export.engine import build_engine
+
+    return build_engine(TINY_R1, tmp_path_factory.mktemp("verify-kl") / "tiny-r1-int4", backend="ort",
+                        quantize="int4")
+
+
+def test_quantized_engine_is_judged_on_its_schemes_kl_thresholds(tiny_r1_int4):
+    report = verify_engine(tiny_r1_int4, TINY_R1, prompts=1, new_tokens=8, task_problems=0)
+    fields = json.loads(json.dumps(report.to_dict()))  # what `moetrt verify --json` prints after its checks
+    limits = QUANTIZED_THRESHOLDS["int4"]
+    assert fields["quantization"] == "int4" and fields["kl_thresholds"] == dataclasses.asdict(limits)
+    assert fields["prompt_set"].startswith("arithmetic: 32 held-out problems") and fields["positions"] > 2000
+    # quantization shows (this is not the float32 graph) and stays within int4's bounds with room to spare
+    assert 1e-5 < fields["kl_mean"] < limits.kl_mean / 10 and fields["kl_p99"] < limits.kl_p99 / 10
+    assert fields["top1_agreement"] > 0.99 and fields["ppl_ratio"] == pytest.approx(1, abs=0.05)
+    assert fields["passed"] and fields["max_abs_logit_diff"] > fields["logit_tolerance"]  # logits: information
+
+
+def test_verify_refuses_a_negative_task_problem_count_before_loading_anything(tmp_path):
+    with pytest.raises(MoetrtError, match="--task-problems must be at least 0"):
+        verify_engine(tmp_path / "no-engine", TINY_R1, task_problems=-1)
+
+
+def test_verify_help_states_the_thresholds():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "moetrt.cli", "verify", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "400"}, timeout=60)  # wide: one line per sentence
+    assert result.returncode == 0, result.stderr
+    for name, limits in QUANTIZED_THRESHOLDS.items():
+        assert f"{name}: {limits.describe()}" in result.stdout
