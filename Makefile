@@ -11,7 +11,8 @@ CHECKPOINT ?= models/tiny-r1
 ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
-.PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench bench-serve serve train-tiny build-engine demo
+.PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench bench-serve serve train-tiny build-engine \
+	demo llamacpp bench-quantized
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +66,19 @@ gpu-check-quick:
 # the first run also writes the random 3.3 GB ds-mini checkpoint).
 bench: $(STAMP)
 	$(PY) -m moetrt.bench.run
+
+# llama.cpp beside moetrt (optional, never in CI): downloads the llama-cpp-python sdist (which vendors llama.cpp;
+# version pinned in bench/llamacpp.py) and builds llama-bench, llama-batched-bench, llama-quantize and llama-completion
+# (Release, CPU only, native ISA; 10-15 minutes on 2 cores at nice 10) under $$MOETRT_CACHE_DIR/llama.cpp (default
+# ~/.cache/moetrt/llama.cpp), never in the repository.
+llamacpp: $(STAMP)
+	$(PY) -m moetrt.bench.llamacpp build
+
+# moetrt's fp32/int8/int4 engines beside llama.cpp's f32/Q8_0/Q4_0 on ds-mini in one run of alternating rounds
+# (2 threads each; llama.cpp's rows after `make llamacpp`, and only once its greedy continuation equals
+# transformers'); writes bench/results/quantized.md. Options in QUANT_BENCH_ARGS, e.g. "--extra-gguf q4_k_m".
+bench-quantized: $(STAMP)
+	$(PY) -m moetrt.bench.quantized $(QUANT_BENCH_ARGS)
 
 # The serving benchmark (moetrt bench serve; not part of `make test`): tiny-r1 behind `moetrt serve` at 8 and 32
 # streams in flight, 1 in 8 prompts long, chunked prefill against whole-prompt prefill in alternating rounds;

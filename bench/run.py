@@ -34,7 +34,7 @@ BUILD_SCRIPT = """
 import sys, time
 from moetrt.export.engine import build_engine
 start = time.perf_counter()
-build_engine(sys.argv[1], sys.argv[2], backend="ort")  # the model's own context
+build_engine(sys.argv[1], sys.argv[2], backend="ort", quantize=sys.argv[3])  # the model's own context
 seconds = time.perf_counter() - start
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(seconds, peak)
@@ -63,10 +63,11 @@ def model_dirs(names: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def build(model_dir: Path, engine_dir: Path) -> dict[str, float]:
-    """Engine build time and the build's (export included) peak RSS, in a fresh process."""
+def build(model_dir: Path, engine_dir: Path, quantize: str = "none") -> dict[str, float]:
+    """Engine build time and the build's (export included) peak RSS, in a fresh process; `quantize` as
+    build_engine takes it ("none", "int8", "int4")."""
     env = {**os.environ, "MOETRT_QUIET": "1"}
-    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(model_dir), str(engine_dir)],
+    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(model_dir), str(engine_dir), quantize],
                          capture_output=True, text=True, env=env, check=True)
     seconds, peak = out.stdout.split()
     return {"build_seconds": float(seconds), "export_peak_rss_bytes": int(peak)}

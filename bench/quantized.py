@@ -1,0 +1,315 @@
+"""`make bench-quantized`: moetrt's fp32, int8 and int4 engines beside llama.cpp's f32, Q8_0 and Q4_0 on ds-mini.
+
+One run, alternating rounds: each round measures every system once, moetrt and llama.cpp of the same type next
+to each other, and the next round runs the whole order reversed (A B, then B A), so slow drifts of memory
+bandwidth fall on both sides of each ratio. Both sides use 2 threads with their weights in memory (llama.cpp
+`-lm none`; moetrt's engines load theirs, and both run a warm-up first). Measured per system and round: decode
+tokens/s at batch 1 (64 tokens), at batch 8 (16-token prompts, then 64 tokens each), prefill tokens/s of a
+64-token prompt, and the size of its weights (engine directory, GGUF file). moetrt's numbers come from the same
+process `make bench` runs (moetrt.bench.systems); llama.cpp's from llama-bench and llama-batched-bench.
+
+Before any timing, llama.cpp's greedy continuation on the f32 GGUF must equal transformers' on the checkpoint.
+Without a llama.cpp build (`make llamacpp`) only the moetrt rows are measured. Writes
+bench/results/quantized.md (the table, per-round ratios moetrt/llama.cpp per type, size ratios) and
+bench/results/quantized.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moetrt.bench import llamacpp
+from moetrt.errors import MoetrtError
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One weight type on both sides: moetrt's `quantize` and llama.cpp's GGUF type."""
+
+    label: str
+    quantize: str
+    gguf: str
+
+
+PAIRS = (Pair("fp32", "none", "f32"), Pair("int8", "int8", "q8_0"), Pair("int4", "int4", "q4_0"))
+GGUF_NAMES = {"f32": "f32", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+METRICS = ("decode_b1", "decode_b8", "prefill")
+# issue 19's targets, moetrt over llama.cpp at the same type (ratios, one run)
+TARGETS = {"fp32": {"decode_b1": 1.0}, "int8": {"decode_b1": 1.0, "decode_b8": 1.5, "prefill": 1.0},
+           "int4": {"decode_b1": 1.0, "decode_b8": 1.5, "prefill": 1.0}}
+SIZE_TARGET = 1.05
+
+
+def system_name(side: str, key: str) -> str:
+    """The table's name of one system: side "moetrt" with a pair label, or "llama.cpp" with a GGUF type."""
+    return f"moetrt {key}" if side == "moetrt" else f"llama.cpp {GGUF_NAMES.get(key, key)}"
+
+
+def round_order(systems: list[tuple[str, str]], round_index: int) -> list[tuple[str, str]]:
+    """The order of one round: `systems` as given (each moetrt type beside its llama.cpp type) in even rounds,
+    reversed in odd ones, so each pair runs A B, then B A."""
+    return list(systems) if round_index % 2 == 0 else list(reversed(systems))
+
+
+def cell(values: list[float], digits: int = 0) -> str:
+    """"median (min–max)" of per-round values; "—" for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def per_round_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """moetrt / llama.cpp for each round in which both were measured (lists aligned by round)."""
+    return [a / b for a, b in zip(ours, theirs) if b > 0]
+
+
+def ratio_cell(ratios: list[float], target: float | None = None) -> str:
+    """"0.83× (0.80, 0.86, 0.83)": the median ratio, then each round's, and PASS/MISS against `target`."""
+    if not ratios:
+        return "—"
+    median = statistics.median(ratios)
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    verdict = "" if target is None else (f" ≥{target:g}× PASS" if median >= target else f" ≥{target:g}× MISS")
+    return f"{median:.2f}× ({rounds}){verdict}"
+
+
+def render(results: dict) -> str:
+    """The markdown report from `results` ({"systems": {name: {metric: [per-round values], "bytes": int,
+    "note": str}}, "pairs": [...], "header": [lines], "notes": [lines]})."""
+    systems = results["systems"]
+    lines = [*results.get("header", []), "",
+             "| system | decode tok/s batch 1 | batch 8 | prefill tok/s (64) | weights |", "|---|---|---|---|---|"]
+    # llama.cpp's rows first, then moetrt's, each side in the order measured
+    for name in sorted(systems, key=lambda n: not n.startswith("llama.cpp")):
+        data = systems[name]
+        size = f"{data['bytes'] / 1e6:.0f} MB" if data.get("bytes") else "—"
+        lines.append(f"| {name} | {cell(data.get('decode_b1', []))} | {cell(data.get('decode_b8', []))} | "
+                     f"{cell(data.get('prefill', []))} | {size} |")
+    lines += ["", "Per round, moetrt / llama.cpp at the same type (median, then each round's ratio; targets from "
+              "issue 19):", "", "| moetrt / llama.cpp | decode batch 1 | batch 8 | prefill | weights |",
+              "|---|---|---|---|---|"]
+    for pair in results["pairs"]:
+        ours = systems.get(system_name("moetrt", pair["label"]), {})
+        theirs = systems.get(system_name("llama.cpp", pair["gguf"]), {})
+        if not ours.get("decode_b1") or not theirs.get("decode_b1"):
+            continue
+        cells = [ratio_cell(per_round_ratios(ours[m], theirs[m]), TARGETS.get(pair["label"], {}).get(m))
+                 for m in METRICS]
+        size = "—"
+        if ours.get("bytes") and theirs.get("bytes"):
+            ratio = ours["bytes"] / theirs["bytes"]
+            size = f"{ratio:.2f}× {'PASS' if ratio <= SIZE_TARGET else 'MISS'} (≤{SIZE_TARGET}×)"
+        lines.append(f"| {pair['label']} / {GGUF_NAMES[pair['gguf']]} | " + " | ".join(cells) + f" | {size} |")
+    if results.get("notes"):
+        lines += ["", *[f"- {note}" for note in results["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def busy_warning(load: float, threads: int, cores: int) -> str:
+    """A warning for the report when the 1-minute load average (the benchmark's own `threads` included) shows
+    other work on this machine's `cores`: llama.cpp's threads spin at barriers, so a shared core costs it far more
+    than it costs moetrt, and the ratios mean little. Empty when the machine was quiet."""
+    if load <= threads + 0.75 or load < cores * 0.5:
+        return ""
+    return (f"**Not quiet-machine figures**: the load average reached {load:.1f} on {cores} cores while "
+            f"{threads} benchmark threads ran; rerun on an idle machine before quoting a ratio.")
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def moetrt_engine(checkpoint: Path, pair: Pair, engines: Path, rebuild: bool) -> tuple[Path | None, str]:
+    """The engine for `pair` (built with `build_engine(..., backend="ort", quantize=...)` when missing or older
+    than the checkpoint); (None, why) when this moetrt cannot build it or built it unquantized."""
+    from moetrt.bench.run import build
+    from moetrt.formats import read_manifest
+
+    engine = engines / f"{checkpoint.name}-{pair.label}"
+    wanted = {"none": 32, "int8": 8, "int4": 4}[pair.quantize]
+
+    def bits() -> int:
+        try:
+            return getattr(getattr(read_manifest(engine), "quantization", None), "bits", 32)
+        except MoetrtError:
+            return 0
+
+    manifest = engine / "manifest.json"
+    stale = not manifest.is_file() or manifest.stat().st_mtime < (checkpoint / "config.json").stat().st_mtime
+    if rebuild or stale or bits() != wanted:
+        print(f"[{pair.label}] building the moetrt engine...", file=sys.stderr)
+        try:
+            build(checkpoint, engine, pair.quantize)
+        except subprocess.CalledProcessError as error:
+            last = (error.stderr or "").strip().splitlines()[-1:] or ["no message"]
+            return None, f"build_engine(quantize={pair.quantize!r}) failed: {last[0]}"
+    if bits() != wanted:
+        got = bits()
+        shutil.rmtree(engine, ignore_errors=True)  # not the engine asked for: do not keep gigabytes of it
+        return None, f"build_engine(quantize={pair.quantize!r}) built a {got}-bit engine: not supported yet"
+    return engine, ""
+
+
+def measure_moetrt(checkpoint: Path, engine: Path, options) -> dict[str, float]:
+    """One round of one engine, through moetrt.bench.systems (make bench's own measurement): medians over
+    `options.repeats` of prefill and decode tokens/s."""
+    from moetrt.bench.run import run_system
+    from moetrt.config import load_config
+
+    args = {"repeats": options.repeats, "new_tokens": options.new_tokens, "prefill_len": options.prefill,
+            "decode_prompt_len": options.decode_prompt, "batches": [1, options.batch],
+            "threads": options.threads, "vocab": load_config(checkpoint).vocab_size}
+    got = run_system("moetrt-ort", checkpoint, engine, args)
+    return {"decode_b1": statistics.median(got["decode_tps"]["1"]),
+            "decode_b8": statistics.median(got["decode_tps"][str(options.batch)]),
+            "prefill": statistics.median(got["prefill_tps"])}
+
+
+def measure_llamacpp(llama: llamacpp.LlamaCpp, gguf: Path, options) -> dict[str, float]:
+    """One round of one GGUF: llama-bench (prefill, decode batch 1; medians over repetitions) and
+    llama-batched-bench (decode at options.batch)."""
+    bench = llamacpp.run_llama_bench(llama, gguf, options.threads, options.prefill, options.new_tokens,
+                                     options.repeats)
+    batched = llamacpp.run_batched_bench(llama, gguf, options.batch, options.threads, options.decode_prompt,
+                                         options.new_tokens)
+    return {"decode_b1": statistics.median(bench[f"tg{options.new_tokens}"]),
+            "decode_b8": batched["speed_tg"],
+            "prefill": statistics.median(bench[f"pp{options.prefill}"])}
+
+
+def run(options) -> dict:
+    """Everything but writing the report: engines, GGUFs, the greedy check, then the alternating rounds."""
+    from moetrt.bench.run import model_dirs
+
+    checkpoint = model_dirs([options.model])[options.model].resolve()
+    pairs = [p for p in PAIRS if p.label in options.types.split(",")]
+    notes: list[str] = []
+    systems: dict[str, dict] = {}
+    runners: list[tuple[str, str]] = []  # (side, key), each moetrt type beside its llama.cpp type
+    targets: dict[tuple[str, str], Path] = {}
+
+    llama = llamacpp.LlamaCpp(Path(options.llamacpp_dir or llamacpp.default_dir()))
+    have_llama = not options.without_llamacpp and (llama.build_dir / "bin" / "llama-bench").is_file()
+    if not have_llama and not options.without_llamacpp:
+        notes.append(f"llama.cpp is not built under {llama.root}: moetrt rows only (`make llamacpp` builds it)")
+    extra = [t for t in options.extra_gguf.split(",") if t] if have_llama else []
+    ggufs: dict[str, Path] = {}
+    greedy = None
+    if have_llama:
+        gguf_types = tuple(dict.fromkeys([p.gguf for p in pairs] + extra))
+        print("converting the checkpoint to GGUF...", file=sys.stderr)
+        ggufs = llamacpp.convert(checkpoint, llama, gguf_types)
+        if not options.skip_greedy_check:
+            print("greedy check: llama.cpp f32 against transformers...", file=sys.stderr)
+            greedy = llamacpp.greedy_check(checkpoint, llama, llamacpp.convert(checkpoint, llama, ("f32",))["f32"])
+            print(f"greedy check: {llamacpp.describe_greedy(greedy)}", file=sys.stderr)
+            if not (greedy["match"] or greedy["near_tie"]):
+                raise MoetrtError(f"llama.cpp's greedy continuation differs from transformers' "
+                                  f"({llamacpp.describe_greedy(greedy)}): the GGUF is not the same model, so "
+                                  "nothing is timed")
+
+    engines = Path(options.engines)
+    for pair in pairs:
+        engine, why = moetrt_engine(checkpoint, pair, engines, options.rebuild)
+        name = system_name("moetrt", pair.label)
+        systems[name] = {"bytes": directory_bytes(engine) if engine else 0, "note": why}
+        if engine:
+            from moetrt.formats import read_manifest
+
+            notes.append(f"{name}: routed experts in {read_manifest(engine).section.moe_kernel}")
+            runners.append(("moetrt", pair.label))
+            targets[("moetrt", pair.label)] = engine
+        if have_llama:
+            gname = system_name("llama.cpp", pair.gguf)
+            systems[gname] = {"bytes": ggufs[pair.gguf].stat().st_size}
+            runners.append(("llama.cpp", pair.gguf))
+            targets[("llama.cpp", pair.gguf)] = ggufs[pair.gguf]
+    for gguf_type in extra:
+        if ("llama.cpp", gguf_type) not in targets:
+            systems[system_name("llama.cpp", gguf_type)] = {"bytes": ggufs[gguf_type].stat().st_size}
+            runners.append(("llama.cpp", gguf_type))
+            targets[("llama.cpp", gguf_type)] = ggufs[gguf_type]
+
+    load = [os.getloadavg()[0]]
+    started = time.perf_counter()
+    for round_index in range(options.rounds):
+        for side, key in round_order(runners, round_index):
+            name = system_name(side, key)
+            print(f"round {round_index + 1}/{options.rounds}: {name}", file=sys.stderr)
+            got = measure_moetrt(checkpoint, targets[(side, key)], options) if side == "moetrt" \
+                else measure_llamacpp(llama, targets[(side, key)], options)
+            for metric, value in got.items():
+                systems[name].setdefault(metric, []).append(value)
+        load.append(os.getloadavg()[0])
+    header = [
+        f"{options.model}, {options.threads} threads both sides, {options.rounds} alternating rounds "
+        f"(A B, then B A), {options.repeats} repeats per round; cells: median over rounds (min–max) of each round's "
+        f"median. Decode b1: {options.new_tokens} tokens; b{options.batch}: {options.decode_prompt}-token prompts "
+        f"then {options.new_tokens} tokens each; prefill: one {options.prefill}-token prompt. Weights: the engine "
+        f"directory / the GGUF file. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{time.perf_counter() - started:.0f} s of timing, 1-min load average {min(load):.1f}–{max(load):.1f}.",
+    ]
+    busy = busy_warning(max(load), options.threads, os.cpu_count() or 1)
+    if busy:
+        header.append(busy)
+    if have_llama:
+        header.append(f"llama.cpp {llama.commit()} (from {llamacpp.SDIST} {llamacpp.SDIST_VERSION}, Release, "
+                      f"GGML_NATIVE), weights in memory (-lm none), its defaults otherwise (float16 KV cache, "
+                      f"flash attention auto, weights repacked for the CPU).")
+    if greedy is not None:
+        header.append(f"Greedy check, llama.cpp f32 GGUF against transformers on the checkpoint: "
+                      f"{llamacpp.describe_greedy(greedy)}.")
+    return {"systems": systems, "pairs": [dataclasses.asdict(p) for p in pairs], "header": header,
+            "notes": [*notes, *(f"{n}: {d['note']}" for n, d in systems.items() if d.get("note"))],
+            "greedy": None if greedy is None else {k: v for k, v in greedy.items() if not isinstance(v, bytes)},
+            "options": vars(options)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ds-mini")
+    parser.add_argument("--types", default="fp32,int8,int4", help="moetrt types (and their llama.cpp pairs)")
+    parser.add_argument("--extra-gguf", default="", help="llama.cpp-only rows, e.g. q4_k_m")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill", type=int, default=64)
+    parser.add_argument("--decode-prompt", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--engines", default=str(ROOT / "engines"))
+    parser.add_argument("--llamacpp-dir", default=None, help="default $MOETRT_CACHE_DIR/llama.cpp")
+    parser.add_argument("--without-llamacpp", action="store_true")
+    parser.add_argument("--skip-greedy-check", action="store_true")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the moetrt engines")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    options = parser.parse_args(argv)
+    try:
+        results = run(options)
+    except MoetrtError as error:
+        raise SystemExit(f"error: {error}") from None
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = render(results)
+    (out / "quantized.md").write_text(report)
+    (out / "quantized.json").write_text(json.dumps(results, indent=2, default=str))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
