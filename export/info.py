@@ -188,14 +188,12 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 def quantization_summary(quantization: Quantization | None, dtype: str) -> str:
     """One line in the field's terms: "int4, symmetric, group size 32, float16 scales: routed experts, ...;
-    token embedding int8; kept float32: norms, ...", or "float32 (not quantized)"."""
+    kept float32: norms, ...", or "float32 (not quantized)"."""
     if quantization is None:
         return f"{dtype} (not quantized)"
     q = quantization
     line = (f"{q.scheme}, {'symmetric' if q.symmetric else 'asymmetric'}, group size {q.group_size}, "
             f"{q.scale_dtype} scales: {', '.join(q.tensors)}")
-    if q.int8_tensors:
-        line += f"; {', '.join(q.int8_tensors)} int8"
     if q.kept:
         line += f"; kept {dtype}: {', '.join(q.kept)}"
     return line
@@ -214,7 +212,7 @@ def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
     """Weight bytes an engine reads per decode token at batch 1, by part: every dense weight (attention, dense and
     shared MLPs, routers, norms, lm_head) once, the k chosen routed experts of each MoE layer (k/E of their bytes),
     and one embedding row. Quantized as moetrt/quantization.py says: values at `bits`, float16 scales for the
-    routed experts, float32 scales for the dense weights (MatMulNBits takes its activations' type) and the int8
+    routed experts, float32 scales for the dense weights (MatMulNBits takes its activations' type) and the
     embedding; kv_b_proj, norms and routers in `dtype`. Padding and the packed layouts' alignment are ignored."""
     size = DTYPE_BYTES[dtype]
     bits = quantization.bits if quantization else None
@@ -243,7 +241,7 @@ def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
     expert_bits = bits if experts_quantized else None
     one_expert = (_matrix_bytes(2 * c.moe_intermediate_size, c.hidden_size, expert_bits, group, 2, size)
                   + _matrix_bytes(c.hidden_size, c.moe_intermediate_size, expert_bits, group, 2, size))
-    embedding_row = _matrix_bytes(1, c.hidden_size, 8 if quantization else None, group, 4, size)
+    embedding_row = _matrix_bytes(1, c.hidden_size, bits, group, 4, size)
     return {
         "dense": attention + mlp + kept * size + dense(c.vocab_size, c.hidden_size),
         "routed_experts": moe * c.num_experts_per_tok * one_expert,

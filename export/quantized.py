@@ -7,7 +7,8 @@ quantized engine); under `torch.onnx.export` they emit:
 
 - dense weights: `DequantizeLinear(q [K, N], scale [K/g, N], axis=0, block_size=g)` -> `MatMul(x, .)`, the pattern
   ONNX Runtime fuses into MatMulNBits and TensorRT's parser reads (ONNX opset 21 block-wise DequantizeLinear);
-- the token embedding: `Gather` of the int8 rows and of their scales -> `DequantizeLinear(axis=-1, block_size=g)`;
+- the token embedding: `Gather` of the quantized rows and of their scales -> `DequantizeLinear(axis=-1, block_size=g)`
+  (marked with the scheme's bits: the ort lowering fuses the three into ONNX Runtime's GatherBlockQuantized);
 - routed experts: the plugin node with int8 weights, float16 `[E, rows, in/g]` scales, `block_size=[1, g]` and
   `bits` (plugins/spec.py ROUTED_EXPERTS), which each backend's lowering packs its own way.
 
@@ -18,6 +19,7 @@ into ONNX INT4 initializers. Which tensors are quantized, and which kept, is dec
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetrt.errors import MoetrtError
@@ -27,9 +29,11 @@ from moetrt.progress import note
 from moetrt.quantization import QuantScheme, quantize_blocks
 
 PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "moetrt", "DequantizeBlocks"
-# Tensor kinds, as the manifest names them: quantized at the scheme's bits, held in int8 whatever the scheme, kept.
-QUANTIZED_KINDS = ("routed experts", "shared experts", "dense MLPs", "attention projections", "lm_head")
-INT8_KINDS = ("token embedding",)
+# Metadata on the embedding's DequantizeLinear: the bits of the gathered values (export/ort/lower.py reads it).
+GATHERED_BITS = "moetrt.gathered_bits"
+# Tensor kinds, as the manifest names them: quantized at the scheme's bits, and kept in the model's dtype.
+QUANTIZED_KINDS = ("routed experts", "shared experts", "dense MLPs", "attention projections", "lm_head",
+                   "token embedding")
 KEPT_KINDS = ("norms", "router", "kv_b_proj (absorbed per head)")
 # Rows quantized per step when loading a weight: bounds the float32 transient to ~64 MB whatever the tensor.
 ROWS_PER_STEP_ELEMENTS = 1 << 24
@@ -94,7 +98,8 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Token embedding `[V, H]` held in int8 blocks (`weight_q` int8 `[V, H]`, `weight_scale` float32 `[V, H/g]`)."""
+    """Token embedding `[V, H]` held in blocks (`weight_q` int8 `[V, H]`, int4 values one per byte, `weight_scale`
+    float32 `[V, H/g]`)."""
 
     def __init__(self, num_embeddings: int, dim: int, scheme: QuantScheme):
         super().__init__()
@@ -110,7 +115,8 @@ class QuantizedEmbedding(nn.Module):
         _quantize_into(weight, self.scheme, write)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        q, scale = self.weight_q[input_ids], self.weight_scale[input_ids]  # [B, S, H], [B, S, H/g]
+        # F.embedding exports to Gather (indexing would give GatherND), the pattern the ort lowering fuses
+        q, scale = F.embedding(input_ids, self.weight_q), F.embedding(input_ids, self.weight_scale)  # [B, S, H], [B, S, H/g]
         if torch.onnx.is_in_onnx_export():
             return _placeholder(q, scale, -1, self.scheme, q.shape)
         return _dequantize_rows(q, scale, self.scheme.group_size)
@@ -155,10 +161,13 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
     size stays unquantized (noted). Call before `to_empty`; fill with the loader (export/checkpoint.py)."""
     config = model.config
     skipped: list[str] = []
+    counts = {kind: [0, 0] for kind in QUANTIZED_KINDS}  # kind -> [quantized, kept] weights
 
-    def swap_linear(parent: nn.Module, name: str, qualified: str) -> None:
+    def swap_linear(parent: nn.Module, name: str, qualified: str, kind: str) -> None:
         linear = getattr(parent, name)
-        if not scheme.fits(linear.in_features):
+        fits = scheme.fits(linear.in_features)
+        counts[kind][0 if fits else 1] += 1
+        if not fits:
             skipped.append(qualified)
             return
         setattr(parent, name, QuantizedLinear(linear.in_features, linear.out_features, scheme,
@@ -168,43 +177,65 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
         attention = layer.self_attn
         for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
             if hasattr(attention, name):
-                swap_linear(attention, name, f"layers.{index}.self_attn.{name}")
+                swap_linear(attention, name, f"layers.{index}.self_attn.{name}", "attention projections")
         mlp = layer.mlp
-        dense = [mlp] if not hasattr(mlp, "experts") else [mlp.shared_experts] if mlp.shared_experts else []
-        for block in dense:
+        if hasattr(mlp, "experts"):
+            blocks = [("shared_experts.", mlp.shared_experts, "shared experts")] if mlp.shared_experts else []
+        else:
+            blocks = [("", mlp, "dense MLPs")]
+        for prefix, block, kind in blocks:
             for name in ("gate_proj", "up_proj", "down_proj"):
-                swap_linear(block, name, f"layers.{index}.mlp.{name}")
+                swap_linear(block, name, f"layers.{index}.mlp.{prefix}{name}", kind)
         if hasattr(mlp, "experts"):
             h, i = config.hidden_size, config.moe_intermediate_size
-            if scheme.fits(h) and scheme.fits(i):
+            fits = scheme.fits(h) and scheme.fits(i)
+            counts["routed experts"][0 if fits else 1] += 1
+            if fits:
                 mlp.experts = QuantizedExperts(config.n_routed_experts, h, i, scheme)
             else:
                 skipped.append(f"layers.{index}.mlp.experts")
-    swap_linear(model, "lm_head", "lm_head")
-    int8 = QuantScheme(8, scheme.group_size)
-    if int8.fits(config.hidden_size):
-        model.model.embed_tokens = QuantizedEmbedding(config.vocab_size, config.hidden_size, int8)
+    swap_linear(model, "lm_head", "lm_head", "lm_head")
+    fits = scheme.fits(config.hidden_size)
+    counts["token embedding"][0 if fits else 1] += 1
+    if fits:
+        model.model.embed_tokens = QuantizedEmbedding(config.vocab_size, config.hidden_size, scheme)
     else:
         skipped.append("embed_tokens")
     if skipped:
         note(f"quantization: {len(skipped)} weights stay float32, their input size not a multiple of the group size "
              f"{scheme.group_size}: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
-    return Quantization(scheme=scheme.name, bits=scheme.bits, group_size=scheme.group_size, tensors=QUANTIZED_KINDS,
-                        int8_tensors=INT8_KINDS, kept=KEPT_KINDS)
+    return Quantization(scheme=scheme.name, bits=scheme.bits, group_size=scheme.group_size,
+                        **described_kinds(counts, scheme.group_size))
+
+
+def described_kinds(counts: dict[str, list[int]], group_size: int) -> dict[str, tuple[str, ...]]:
+    """The manifest's `tensors` and `kept` from per-kind counts `[quantized, kept]` of weights: a kind none of whose
+    weights fit the groups is kept (said why), one only some fit is listed in both with the counts, absent kinds
+    (a model without shared experts or dense layers) are left out."""
+    why = f"input size not a multiple of {group_size}"
+    tensors, kept = [], list(KEPT_KINDS)
+    for kind, (quantized, unfit) in counts.items():
+        if quantized and unfit:
+            tensors.append(f"{kind} ({quantized} of {quantized + unfit})")
+            kept.append(f"{kind} ({unfit} of {quantized + unfit}, {why})")
+        elif quantized:
+            tensors.append(kind)
+        elif unfit:
+            kept.append(f"{kind} ({why})")
+    return {"tensors": tuple(tensors), "kept": tuple(kept)}
 
 
 def finish_export(model) -> int:
     """Rewrite the traced graph's `moetrt::DequantizeBlocks` placeholders (an onnx_ir model, in place) as standard
-    `DequantizeLinear` (opset 21, block-wise), int4 weights as ONNX INT4 initializers; returns how many."""
+    `DequantizeLinear` (opset 21, block-wise), int4 weights as ONNX INT4 initializers; returns how many. Gathered
+    embedding rows stay in int8 (ONNX's Gather takes no int4) with their bits in the node's metadata."""
     import onnx_ir as ir
 
     count = 0
     for node in [n for n in model.graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]:
         q, scale = node.inputs
         bits = node.attributes["bits"].value
-        if bits == 4:
-            if q.const_value is None:
-                raise MoetrtError(f"{node.name}: int4 weights must be initializers")
+        if bits == 4 and q.const_value is not None:  # gathered embedding rows stay int8-held (GATHERED_BITS)
             name = q.name
             int4 = ir.Tensor(q.const_value.numpy(), dtype=ir.DataType.INT4, name=f"{name}.int4")
             packed = ir.Value(name=int4.name, shape=int4.shape, type=ir.TensorType(ir.DataType.INT4),
@@ -219,6 +250,8 @@ def finish_export(model) -> int:
             axis += rank
         dequantize = ir.node("DequantizeLinear", [q_input, scale],
                              {"axis": axis, "block_size": node.attributes["block_size"].value})
+        if q.const_value is None:  # gathered rows: say what they hold (int4 values travel in int8 here)
+            dequantize.metadata_props[GATHERED_BITS] = str(bits)
         out = dequantize.outputs[0]
         old = node.outputs[0]
         out.shape, out.type = old.shape, old.type

@@ -69,11 +69,12 @@ Dtype = Literal[DTYPE_CHOICES]
 MoeKernel = Literal[MOE_KERNEL_CHOICES]
 Quantize = Literal[QUANTIZE_CHOICES]
 QUANTIZE_HELP = ("Weight-only quantization: symmetric int8 or int4 blocks with one float16 scale per --group-size "
-                 "input channels (experts, dense MLPs, attention, lm_head; embedding int8); none keeps the dtype.")
+                 "input channels (experts, dense MLPs, attention, lm_head, embedding); none keeps the dtype.")
 GROUP_SIZE_HELP = "Input channels per quantization scale (a power of two >= 16)."
 Task = Literal[tuple(TASKS)]
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
-                   "CPU kernel (moetrt), or auto (moetrt's for float32 experts >= 1 MiB on the CPU).")
+                   "CPU kernel (moetrt), or auto (moetrt's for float32 or int8/int4 experts of 262,144 weights and up, "
+                   "1 MiB in float32, on the CPU).")
 
 
 def _show_version(value: bool) -> None:

@@ -129,8 +129,8 @@ class NodeRef:
 class Quantization:
     """How an export's (and its engine's) weights are quantized, in the field's terms (moetrt/quantization.py has
     the rules): weight-only, symmetric (no zero points), `bits` 8 or 4, one `scale_dtype` scale per `group_size`
-    input channels of a row. `tensors`: the tensor kinds quantized at `bits`; `int8_tensors`: kinds held in int8
-    whatever `bits` (the token embedding); `kept`: kinds left in the engine's dtype."""
+    input channels of a row. `tensors`: the tensor kinds quantized at `bits`; `kept`: kinds left in the engine's
+    dtype."""
 
     scheme: str
     bits: int
@@ -138,7 +138,6 @@ class Quantization:
     symmetric: bool = True
     scale_dtype: str = "float16"
     tensors: tuple[str, ...] = ()
-    int8_tensors: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
 
 

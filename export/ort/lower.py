@@ -29,6 +29,10 @@ routing, exactly. Slices work as above; each slice is weighted by the full routi
 attribute is set but swiglu_limit (as for MoE) and the per-projection bit widths (they inherit expert_weight_bits).
 Both quantize the activations to int8 per group in their integer GEMMs (QMOE_ACCURACY_LEVEL, and the kernel's
 llama.cpp Q8_0 scheme).
+
+A quantized token embedding (two Gathers and a DequantizeLinear in the export, export/quantized.py) becomes one
+`com.microsoft::GatherBlockQuantized` over int4 values (int8: uint8 offset by its implicit zero point 128), so
+an int4 table is stored in 4 bits as llama.cpp's Q4_0 token_embd is.
 """
 
 from __future__ import annotations
@@ -143,8 +147,41 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
     model.opset_imports.pop("moetrt", None)
     if moe_kernel == "moetrt":
         model.opset_imports[EXPERTS_DOMAIN] = 1
-    else:
+    embeddings = _lower_quantized_embedding(model)
+    if moe_kernel != "moetrt" or embeddings:
         model.opset_imports[MS_DOMAIN] = 1
+
+
+def _lower_quantized_embedding(model: ir.Model) -> int:
+    """Gather(q) + Gather(scale) + DequantizeLinear (marked with the values' bits) -> GatherBlockQuantized; returns
+    how many were rewritten (a graph has one embedding)."""
+    from moetrt.export.quantized import GATHERED_BITS
+
+    count = 0
+    for node in [n for n in model.graph if n.op_type == "DequantizeLinear" and GATHERED_BITS in n.metadata_props]:
+        bits = int(node.metadata_props[GATHERED_BITS])
+        gather_q, gather_scale = (value.producer() for value in node.inputs[:2])
+        if any(g is None or g.op_type != "Gather" or g.inputs[0].const_value is None
+               for g in (gather_q, gather_scale)):
+            raise MoetrtError(f"{node.name}: a quantized embedding must gather from initializers; re-export")
+        table, scales = gather_q.inputs[0], gather_scale.inputs[0]
+        values = table.const_value.numpy()
+        if bits == 4:
+            packed = ir.Tensor(values, dtype=ir.DataType.INT4, name=f"{table.name}.int4")
+        else:  # uint8 with the implicit zero point 128
+            packed = ir.Tensor((values.astype(np.int16) + 128).astype(np.uint8), name=f"{table.name}.uint8")
+        data = ir.Value(name=packed.name, shape=packed.shape, type=ir.TensorType(packed.dtype), const_value=packed)
+        model.graph.register_initializer(data)
+        tape = Tape()
+        out = tape.op("GatherBlockQuantized", [data, gather_q.inputs[1], scales],
+                      {"gather_axis": 0, "quantize_axis": 1, "bits": bits,
+                       "block_size": node.attributes["block_size"].as_int()}, domain=MS_DOMAIN)
+        replace_node(node, tape.nodes, out)
+        for gather in (gather_q, gather_scale):
+            model.graph.remove(gather, safe=True)
+        drop_unused_initializer(model, table)
+        count += 1
+    return count
 
 
 def _lower_to_kernel(model: ir.Model, node: ir.Node, fc1: np.ndarray, slices: int) -> None:

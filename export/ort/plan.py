@@ -19,11 +19,12 @@ from moetrt.formats import ExportInfo
 from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
 
-# Below this many bytes per expert the kernel's extra calls (one more ONNX Runtime run and kernel call per MoE
-# layer) cost more than its streaming gains. tiny-r1 (74 KB experts) built with the kernel stepped in 0.53 ms
-# against 0.28-0.30 ms without it at batch 1, 0.67 against 0.44-0.46 ms at batch 8; ds-mini (6 MB) gains
-# (bench/NOTES.md). DeepSeek-V3's experts are 176 MB in fp32.
-KERNEL_MIN_EXPERT_BYTES = 1 << 20
+# Below this many weights per expert (1 MiB in float32) the kernel's extra calls (one more ONNX Runtime run and
+# kernel call per MoE layer) cost more than its streaming gains. tiny-r1 (18k weights, 74 KB) built with the kernel
+# stepped in 0.53 ms against 0.28-0.30 ms without it at batch 1, 0.67 against 0.44-0.46 ms at batch 8; ds-mini (1.6M
+# weights) gains (bench/NOTES.md). Counted in weights, not stored bytes: quantized experts cost ONNX Runtime's QMoE
+# more per weight than float ones cost its MoE (ds-mini's int4 layer: QMoE 3.2 ms, the kernel 0.6 ms at batch 1).
+KERNEL_MIN_EXPERT_WEIGHTS = 1 << 18
 
 # What moetrt's ONNX Runtime engines compute in: the CPU provider has no bfloat16 kernels, and the runtime binds
 # numpy arrays (runtime/ort/session.py), which have no bfloat16 either.
@@ -52,20 +53,10 @@ def quantized_experts(hidden: int, inter: int, scheme: QuantScheme | None) -> Qu
     return scheme if scheme is not None and scheme.fits(hidden) and scheme.fits(inter) else None
 
 
-def expert_bytes(hidden: int, inter: int, scheme: QuantScheme | None) -> int:
-    """Bytes one routed expert's three matrices take: float32, or quantized values plus float16 scales."""
-    from moetrt.plugins.cpu_experts import quantized_bytes
-
-    if scheme is None:
-        return 3 * hidden * inter * 4
-    bits, group = scheme.bits, scheme.group_size
-    return quantized_bytes(2 * inter, hidden, bits, group) + quantized_bytes(hidden, inter, bits, group)
-
-
 def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtype: str, cpu: bool,
                       scheme: QuantScheme | None = None) -> tuple[str, str]:
     """The expert kernel for an ONNX Runtime engine and why: "moetrt" or "onnxruntime". `scheme`: the experts'
-    quantization (quantized_experts), None for float experts; the 1 MiB threshold counts their stored bytes."""
+    quantization (quantized_experts), None for float experts."""
     from moetrt.plugins.cpu_experts import find_compiler, supported
 
     if requested not in ("auto", *MOE_KERNELS):
@@ -83,8 +74,8 @@ def choose_moe_kernel(requested: str, hidden: int, inter: int, slices: int, dtyp
         return "onnxruntime", f"moetrt's kernel does not apply: {unfit}"
     if find_compiler() is None:  # the build compiles the kernel for each ISA level it ships
         return "onnxruntime", "no C compiler here to build moetrt's kernel"
-    if expert_bytes(hidden, inter, scheme) < KERNEL_MIN_EXPERT_BYTES:
-        return "onnxruntime", "experts under 1 MiB: the kernel's extra calls would cost more than it saves"
+    if 3 * hidden * inter < KERNEL_MIN_EXPERT_WEIGHTS:
+        return "onnxruntime", "experts under 262,144 weights: the kernel's extra calls would cost more than it saves"
     return "moetrt", "experts stream once per batch from a packed layout"
 
 

@@ -70,7 +70,11 @@ def describe(manifest: EngineManifest) -> list[str]:
         held = f" on {quantized.scheme} blocks" if quantized and bits != {32} else ""
         experts = f"moetrt's CPU kernel{held}, {len(section.segments)} graph segments"
     else:
-        experts = "onnxruntime's MoE op" if quantized is None else f"onnxruntime's QMoE op ({quantized.scheme})"
+        # experts whose widths are not whole groups stay float32 (export/ort/plan.py quantized_experts)
+        model = manifest.model_config
+        held = quantized is not None and not (model.hidden_size % quantized.group_size
+                                              or model.moe_intermediate_size % quantized.group_size)
+        experts = f"onnxruntime's QMoE op ({quantized.scheme})" if held else "onnxruntime's MoE op"
     lines = [f"runs on          {section.provider} ({section.cpu_arch})",
              f"routed experts   {experts}, {section.expert_slices} slices per expert"]
     if section.segmented:
