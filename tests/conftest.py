@@ -1,5 +1,6 @@
 """Session fixtures: the chat engine (tokenizer, R1-style template, generation_config.json) shared by the
-scheduler, server and serving-benchmark tests."""
+scheduler, server and serving-benchmark tests; tiny-r1's quantized engines shared by the quantization and verify
+tests."""
 
 import os
 
@@ -23,3 +24,25 @@ def chat_engine_dir(tmp_path_factory):
     checkpoint = make_chat_checkpoint(tmp_path_factory.mktemp("chat-ckpt"))
     return build_engine(checkpoint, tmp_path_factory.mktemp("chat") / "tiny-chat", backend="ort",
                         profile=BuildProfile(**CHAT_ENGINE_PROFILE))
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_quantized(tmp_path_factory):
+    """`get(quantize, moe_kernel)` -> models/tiny-r1 built with that quantization and expert kernel, once per
+    session (each build traces the model)."""
+    from pathlib import Path
+
+    from moetrt.export.engine import build_engine
+    from moetrt.settings import OrtOptions
+
+    checkpoint = Path(__file__).parents[1] / "models" / "tiny-r1"
+    built = {}
+
+    def get(quantize: str, moe_kernel: str = "auto"):
+        if (quantize, moe_kernel) not in built:
+            out = tmp_path_factory.mktemp("quantized") / f"tiny-r1-{quantize}-{moe_kernel}"
+            built[quantize, moe_kernel] = build_engine(checkpoint, out, backend="ort", quantize=quantize,
+                                                       ort=OrtOptions(moe_kernel=moe_kernel))
+        return built[quantize, moe_kernel]
+
+    return get

@@ -28,21 +28,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """`get(quantize, kernel)` -> an engine built from tiny-r1, once per module (each build traces the model)."""
-    from moetrt.export.engine import build_engine
-    from moetrt.settings import OrtOptions
-
-    built: dict[tuple[str, str], Path] = {}
-
-    def get(quantize: str, kernel: str) -> Path:
-        if (quantize, kernel) not in built:
-            out = tmp_path_factory.mktemp("quantized") / f"tiny-r1-{quantize}-{kernel}"
-            built[quantize, kernel] = build_engine(TINY_R1, out, backend="ort", quantize=quantize,
-                                                   ort=OrtOptions(moe_kernel=kernel))
-        return built[quantize, kernel]
-
-    return get
+def engines(tiny_r1_quantized):
+    """`get(quantize, kernel)` -> tiny-r1 built so (tests/conftest.py: once per session)."""
+    return tiny_r1_quantized
 
 
 @pytest.fixture(scope="module")

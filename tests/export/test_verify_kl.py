@@ -134,11 +134,8 @@ def test_float32_engine_shows_no_kl_on_the_fixed_texts(chat_engine_dir, tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_r1_int4(tmp_path_factory):
-    from moetrt.export.engine import build_engine
-
-    return build_engine(TINY_R1, tmp_path_factory.mktemp("verify-kl") / "tiny-r1-int4", backend="ort",
-                        quantize="int4")
+def tiny_r1_int4(tiny_r1_quantized):
+    return tiny_r1_quantized("int4", "onnxruntime")  # what auto picks for tiny-r1's small experts
 
 
 def test_quantized_engine_is_judged_on_its_schemes_kl_thresholds(tiny_r1_int4):
