@@ -48,6 +48,10 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
     except TypeError as error:
         raise MoetrtError(f"build_engine: {error}; options are {', '.join(f.name for f in dataclasses.fields(BuildConfig))}") from None
     source, engine_dir = Path(source), Path(engine_dir)
+    if config.quantize != "none" and config.dtype is not None:  # first: every other fix would still meet this
+        from moetrt.export.quantized import check_quantizable
+
+        check_quantizable(config.dtype)
     chosen, why = choose_backend(config.backend)
     backend = get_backend(chosen)
     reason = backend.unavailable_reason()
@@ -126,5 +130,6 @@ def check_quantization(info: ExportInfo, config: BuildConfig, source: Path) -> N
     if has != wanted:
         held = "float weights" if exported is None else f"{exported.scheme} weights in groups of {exported.group_size}"
         options = "--quantize none" if exported is None else f"--quantize {has[0]} --group-size {has[1]}"
+        again = "" if config.quantize == "none" else f" --group-size {config.group_size}"
         raise MoetrtError(f"{source} was exported with {held}; build it with {options}, or re-export the "
-                          f"checkpoint with --quantize {config.quantize}")
+                          f"checkpoint with --quantize {config.quantize}{again}")

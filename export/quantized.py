@@ -202,7 +202,8 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
     else:
         skipped.append("embed_tokens")
     if skipped:
-        note(f"quantization: {len(skipped)} weights stay float32, their input size not a multiple of the group size "
+        stay = "weights stay" if len(skipped) != 1 else "weight stays"
+        note(f"quantization: {len(skipped)} {stay} float32, their input size not a multiple of the group size "
              f"{scheme.group_size}: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
     return Quantization(scheme=scheme.name, bits=scheme.bits, group_size=scheme.group_size,
                         **described_kinds(counts, scheme.group_size))

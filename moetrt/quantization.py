@@ -40,8 +40,8 @@ class QuantScheme:
         if self.bits not in QMAX:
             raise MoetrtError(f"quantization bits must be 8 or 4, got {self.bits}")
         size = self.group_size
-        if size < 16 or size & (size - 1):
-            raise MoetrtError(f"--group-size must be a power of two of at least 16, got {size}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 16 or size & (size - 1):
+            raise MoetrtError(f"--group-size must be a power of two of at least 16, got {size!r}")
 
     @property
     def name(self) -> str:
@@ -56,7 +56,8 @@ def scheme_for(quantize: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantSche
     """The scheme `--quantize` names ("none" -> None). Raises MoetrtError for an unknown name or group size."""
     if quantize not in QUANTIZE_CHOICES:
         raise MoetrtError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    return None if quantize == "none" else QuantScheme(BITS[quantize], group_size)
+    scheme = QuantScheme(BITS.get(quantize, 8), group_size)  # the group size is checked even for "none"
+    return None if quantize == "none" else scheme
 
 
 def quantize_blocks(weight: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray]:

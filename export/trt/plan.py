@@ -26,7 +26,8 @@ Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, 
 TARGETS = ("trt", "onnx")  # export targets a TensorRT engine builds from
 # TensorRT's default level, stated: 0-2 build faster with fewer tactics, 4-5 search longer.
 OPTIMIZATION_LEVEL = 3
-QUANTIZED_REFUSAL = "TensorRT engines are not quantized yet; build the quantized engine with --backend ort"
+QUANTIZED_REFUSAL = ("TensorRT engines are not quantized yet; quantize for ONNX Runtime (build-engine --backend ort, "
+                     "export --target ort)")
 
 
 @dataclasses.dataclass(frozen=True)

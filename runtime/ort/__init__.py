@@ -76,7 +76,8 @@ def describe(manifest: EngineManifest) -> list[str]:
                                               or model.moe_intermediate_size % quantized.group_size)
         experts = f"onnxruntime's QMoE op ({quantized.scheme})" if held else "onnxruntime's MoE op"
     lines = [f"runs on          {section.provider} ({section.cpu_arch})",
-             f"routed experts   {experts}, {section.expert_slices} slices per expert"]
+             f"routed experts   {experts}, {section.expert_slices} slice{'s' if section.expert_slices != 1 else ''} "
+             "per expert"]
     if section.segmented:
         from moetrt.plugins.cpu_experts import expert_kernel
 
