@@ -208,11 +208,13 @@ def _matrix_bytes(out_features: int, in_features: int, bits: int | None, group: 
     return out_features * in_features * bits // 8 + out_features * (in_features // group) * scale_bytes
 
 
-def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization | None) -> dict[str, int]:
+def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization | None,
+                        expert_scale_bytes: int = 2) -> dict[str, int]:
     """Weight bytes an engine reads per decode token at batch 1, by part: every dense weight (attention, dense and
     shared MLPs, routers, norms, lm_head) once, the k chosen routed experts of each MoE layer (k/E of their bytes),
     and one embedding row. Quantized as moetrt/quantization.py says: values at `bits`, float16 scales for the
-    routed experts, float32 scales for the dense weights (MatMulNBits takes its activations' type) and the
+    routed experts (`expert_scale_bytes`: 4 where ONNX Runtime's QMoE holds them, in float32), float32 scales for
+    the dense weights (MatMulNBits takes its activations' type) and the
     embedding; kv_b_proj, norms and routers in `dtype`. Padding and the packed layouts' alignment are ignored."""
     size = DTYPE_BYTES[dtype]
     bits = quantization.bits if quantization else None
@@ -239,8 +241,9 @@ def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
         mlp += dense(shared, c.hidden_size, 2 * moe) + dense(c.hidden_size, shared, moe)
     experts_quantized = bits is not None and c.hidden_size % group == 0 and c.moe_intermediate_size % group == 0
     expert_bits = bits if experts_quantized else None
-    one_expert = (_matrix_bytes(2 * c.moe_intermediate_size, c.hidden_size, expert_bits, group, 2, size)
-                  + _matrix_bytes(c.hidden_size, c.moe_intermediate_size, expert_bits, group, 2, size))
+    inter, scale = c.moe_intermediate_size, expert_scale_bytes
+    one_expert = (_matrix_bytes(2 * inter, c.hidden_size, expert_bits, group, scale, size)
+                  + _matrix_bytes(c.hidden_size, inter, expert_bits, group, scale, size))
     embedding_row = _matrix_bytes(1, c.hidden_size, bits, group, 4, size)
     return {
         "dense": attention + mlp + kept * size + dense(c.vocab_size, c.hidden_size),

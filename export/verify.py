@@ -292,7 +292,8 @@ class VerifyReport:
         if self.task:
             lines.append(
                 f"{self.task:<11} engine {self.engine_accuracy:.1%}, reference {self.reference_accuracy:.1%}, "
-                f"{self.answers_differing} answers differ ({judged})"
+                f"{self.answers_differing} answer{'' if self.answers_differing == 1 else 's'} differ"
+                f"{'s' if self.answers_differing == 1 else ''} ({judged})"
             )
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)

@@ -175,7 +175,8 @@ def _engine_lines(engine_dir: Path) -> list[str]:
     profile = manifest.profile
     size = sum(record.bytes for record in manifest.artifacts.values())
     config = manifest.model_config
-    read = decode_weight_bytes(config, manifest.dtype, manifest.quantization)
+    qmoe = getattr(manifest.section, "moe_kernel", None) == "onnxruntime"  # QMoE keeps its scales in float32
+    read = decode_weight_bytes(config, manifest.dtype, manifest.quantization, expert_scale_bytes=4 if qmoe else 2)
     return [
         f"engine           {manifest.backend}, {manifest.dtype}, {_human_bytes(size)} on disk",
         f"engine weights   {quantization_summary(manifest.quantization, manifest.dtype)}",

@@ -264,14 +264,13 @@ def cannot_compile_here() -> str | None:
     return None if os.access(folder, os.W_OK) else f"the kernel cache {folder} is not writable"
 
 
-@functools.cache
-def native_library() -> ctypes.CDLL:
-    """The kernel compiled for this machine (`-march=native`), once, into the cache; used where no carried build
-    fits, and by tests and benchmarks. Raises MoetrtError without a compiler or a writable cache."""
+def cached_build(flags: Sequence[str], compiler: str | None = None) -> tuple[Path, str]:
+    """The kernel compiled with `flags` in the cache (`$MOETRT_CACHE_DIR`), keyed by its source, the flags, the
+    compiler's version and this CPU: compiled once, then reused (engine builds carry the same libraries every time).
+    Returns (path, sha256). Raises MoetrtError without a compiler or a writable cache, or when compiling fails."""
     from moetrt import hardware
 
-    compiler = _compiler()
-    flags = ["-march=native"]
+    compiler = compiler or _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         b"\0".join([SOURCE.read_bytes(), " ".join([*COMMON_FLAGS, *flags]).encode(), version.encode(),
@@ -288,6 +287,14 @@ def native_library() -> ctypes.CDLL:
         compile_kernel(path, flags, compiler)
         recorded = file_sha256(path)
         write_bytes(record, f"{recorded}\n".encode())
+    return path, recorded
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL:
+    """The kernel compiled for this machine (`-march=native`), once, into the cache; used where no carried build
+    fits, and by tests and benchmarks. Raises MoetrtError without a compiler or a writable cache."""
+    path, recorded = cached_build(["-march=native"])
     return load_library(path, recorded, fix=f"delete {path} and retry")
 
 

@@ -10,6 +10,8 @@ instruction-set level of the architecture (plugins/cpu_experts.py TARGETS), so s
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from moetrt import hardware
@@ -64,9 +66,11 @@ def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
 
 def build_kernels(work: Path) -> tuple[CpuKernel, ...]:
     """moetrt's CPU expert kernel compiled into `work/kernels/` for each level of this CPU architecture
-    (plugins/cpu_experts.py TARGETS), best first, with the CPU flags each needs. A level this compiler cannot
-    build is left out with a note. Raises MoetrtError without a C compiler, or when no level builds."""
-    from moetrt.plugins.cpu_experts import compile_kernel, find_compiler, targets
+    (plugins/cpu_experts.py TARGETS), best first, with the CPU flags each needs: copied from the kernel cache when
+    an identical build is there (`cached_build`), else compiled (into the cache when it is writable). A level this
+    compiler cannot build is left out with a note. Raises MoetrtError without a C compiler, or when no level
+    builds."""
+    from moetrt.plugins.cpu_experts import cached_build, cannot_compile_here, compile_kernel, find_compiler, targets
 
     arch = hardware.cpu_arch()
     compiler = find_compiler()
@@ -80,7 +84,11 @@ def build_kernels(work: Path) -> tuple[CpuKernel, ...]:
     for target in targets(arch):
         file = f"{KERNELS_DIR}/cpu_experts-{target.name}.so"
         try:
-            compile_kernel(work / file, target.compiler_flags, compiler)
+            if cannot_compile_here() is None:
+                shutil.copyfile(cached_build(target.compiler_flags, compiler)[0], work / file)
+                os.chmod(work / file, 0o755)
+            else:
+                compile_kernel(work / file, target.compiler_flags, compiler)
         except MoetrtError as error:
             note(f"experts: no {target.name} build of the kernel: {error}")
             continue

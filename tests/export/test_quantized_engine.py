@@ -176,5 +176,7 @@ def test_unquantized_and_quantized_bytes_per_decode_token():
     int4 = decode_weight_bytes(config, "float32", Quantization("int4", 4, 32))
     assert int4["routed_experts"] == 7 * 6 * (3 * 1024 * 512 // 2 + 3 * 1024 * 512 // 32 * 2)
     assert int4["embedding_row"] == 1024 // 2 + 1024 // 32 * 4  # int4 row and its float32 scales
+    qmoe = decode_weight_bytes(config, "float32", Quantization("int4", 4, 32), expert_scale_bytes=4)
+    assert qmoe["routed_experts"] == 7 * 6 * (3 * 1024 * 512 // 2 + 3 * 1024 * 512 // 32 * 4)  # QMoE: float32 scales
     assert 0.15 < sum(int4.values()) / sum(fp32.values()) < 0.2
     assert quantization_summary(None, "float32") == "float32 (not quantized)"
