@@ -116,7 +116,8 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # F.embedding exports to Gather (indexing would give GatherND), the pattern the ort lowering fuses
-        q, scale = F.embedding(input_ids, self.weight_q), F.embedding(input_ids, self.weight_scale)  # [B, S, H], [B, S, H/g]
+        q = F.embedding(input_ids, self.weight_q)  # [B, S, H]
+        scale = F.embedding(input_ids, self.weight_scale)  # [B, S, H/g]
         if torch.onnx.is_in_onnx_export():
             return _placeholder(q, scale, -1, self.scheme, q.shape)
         return _dequantize_rows(q, scale, self.scheme.group_size)

@@ -7,8 +7,9 @@ whose values it needs, so a value computed once (rotary tables, the attention ma
 segments that use it rather than recomputed. Nodes that read only initializers and constants (constants, and a
 quantized export's DequantizeLinear of a weight) are copied into each segment that uses them: a dequantized
 weight must stay beside its MatMul for ONNX Runtime to fuse the pair into MatMulNBits, and not cross a segment
-boundary as a float tensor computed on every call. The expert weights, already packed by the lowering, move to one aligned file, `experts.bin`, that
-the runtime maps read-only: float32 values, or for quantized experts the kernel's packed bytes (uint8).
+boundary as a float tensor computed on every call. The expert weights, already packed by the lowering, move to
+one aligned file, `experts.bin`, that the runtime maps read-only: float32 values, or for quantized experts the
+kernel's packed bytes (uint8).
 
 The segments are kept in memory and reference the export's external data file, which ONNX Runtime reads
 from the export directory while it optimises each segment into the engine with its own data file, as the
