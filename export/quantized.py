@@ -24,7 +24,7 @@ from torch import nn
 
 from moetrt.errors import MoetrtError
 from moetrt.formats import Quantization
-from moetrt.plugins.routed_experts import routed_experts
+from moetrt.plugins.routed_experts import dequantize_blocks, routed_experts
 from moetrt.progress import note
 from moetrt.quantization import QuantScheme, quantize_blocks
 
@@ -37,11 +37,6 @@ QUANTIZED_KINDS = ("routed experts", "shared experts", "dense MLPs", "attention 
 KEPT_KINDS = ("norms", "router", "kv_b_proj (absorbed per head)")
 # Rows quantized per step when loading a weight: bounds the float32 transient to ~64 MB whatever the tensor.
 ROWS_PER_STEP_ELEMENTS = 1 << 24
-
-
-def _dequantize_rows(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """q int8 `[..., R, K]` with scale `[..., R, K/g]` -> float32, groups along the last axis."""
-    return (q.float().unflatten(-1, (-1, group)) * scale.float()[..., None]).flatten(-2)
 
 
 def _quantize_into(weight: torch.Tensor, scheme: QuantScheme, write) -> None:
@@ -86,7 +81,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """W^T as float32 `[in, out]`."""
-        return _dequantize_rows(self.weight_q.t(), self.weight_scale.t(), self.scheme.group_size).t()
+        return dequantize_blocks(self.weight_q.t(), self.weight_scale.t(), (1, self.scheme.group_size)).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
@@ -120,7 +115,7 @@ class QuantizedEmbedding(nn.Module):
         scale = F.embedding(input_ids, self.weight_scale)  # [B, S, H/g]
         if torch.onnx.is_in_onnx_export():
             return _placeholder(q, scale, -1, self.scheme, q.shape)
-        return _dequantize_rows(q, scale, self.scheme.group_size)
+        return dequantize_blocks(q, scale, (1, self.scheme.group_size))
 
 
 class QuantizedExperts(nn.Module):

@@ -91,7 +91,8 @@ def dequantize_blocks(q: np.ndarray, d: np.ndarray, group_size: int) -> np.ndarr
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """int4 values in int8 `[..., K]` (K even) -> uint8 `[..., K / 2]`, two per byte, low nibble first, each as
-    its two's-complement nibble (ONNX's INT4 packing: onnx.numpy_helper / the ONNX spec's 4-bit types)."""
+    its two's-complement nibble (ONNX's INT4 packing: onnx.numpy_helper / the ONNX spec's 4-bit types); values
+    already unsigned (0-15, any integer dtype) pack as themselves."""
     if q.shape[-1] % 2:
         raise MoetrtError("int4 packing needs an even number of values per row")
     nibbles = (q.astype(np.int16) & 0xF).astype(np.uint8)

@@ -51,6 +51,7 @@ from moetrt.export.lowering import (
     routed_experts_nodes,
 )
 from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE
+from moetrt.quantization import pack_int4
 
 MS_DOMAIN = "com.microsoft"
 EXPERTS_DOMAIN, EXPERTS_OP = "moetrt.cpu", "Experts"
@@ -254,9 +255,7 @@ def qmoe_weights(q: np.ndarray, bits: int) -> np.ndarray:
     """int8 values `[..., K]` in [-2^(bits-1), 2^(bits-1)) -> QMoE's unsigned storage: `q + 2^(bits-1)` as uint8
     (its implicit zero point), int4 two per byte, low nibble first: `[..., K * bits / 8]`."""
     unsigned = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    if bits == 4:
-        unsigned = (unsigned[..., 0::2] & 0xF) | (unsigned[..., 1::2] << 4)
-    return np.ascontiguousarray(unsigned)
+    return np.ascontiguousarray(pack_int4(unsigned) if bits == 4 else unsigned)
 
 
 def _lower_to_qmoe(model: ir.Model, node: ir.Node, slices: int, top_k: int, bits: int, group: int) -> None:
