@@ -319,12 +319,13 @@ def _greedy_agreement(engine_tokens, reference_tokens, reference_logits, margin:
 
 def verify_engine(
     engine_dir: str | Path, checkpoint_dir: str | Path, prompts: int = 8, new_tokens: int = 32, seed: int = 0,
-    task: str | None = "auto", task_problems: int = 200,
+    task: str | None = "auto", task_problems: int = 200, expert_parallel=None,
 ) -> VerifyReport:
     """Compare an engine with the fp32 torch reference of `checkpoint_dir` (see the module docstring).
 
     `task` "auto" reads config.json's moetrt_task (None: no task); `task_problems` 0 skips the task accuracy
-    (the prompt set stays the task's). Raises MoetrtError for bad counts, a checkpoint of another config, or a
+    (the prompt set stays the task's). `expert_parallel`: Engine.load's (the engine's experts split over the MPI
+    job's ranks; the reference runs on rank 0 only). Raises MoetrtError for bad counts, a checkpoint of another config, or a
     quantization scheme without QUANTIZED_THRESHOLDS."""
     from moetrt.export.reference_session import load_reference_session
     from moetrt.runtime.engine import Engine
@@ -333,7 +334,7 @@ def verify_engine(
         raise MoetrtError(f"--prompts must be at least 1, got {prompts}")
     if task_problems < 0:
         raise MoetrtError(f"--task-problems must be at least 0 (0 skips the task accuracy), got {task_problems}")
-    engine = Engine.load(engine_dir)
+    engine = Engine.load(engine_dir, expert_parallel=expert_parallel)
     quantization = engine.manifest.quantization
     scheme = quantization.scheme if quantization else None
     if scheme is not None and scheme not in QUANTIZED_THRESHOLDS:

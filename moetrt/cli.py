@@ -31,6 +31,7 @@ from moetrt.settings import (
 from moetrt.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
 from moetrt.export.verify import thresholds_help
 from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
+from moetrt.runtime.parallel.options import COMBINE_CHOICES, DEFAULT_TIMEOUT as EP_DEFAULT_TIMEOUT
 from moetrt.tasks import TASKS
 from moetrt.runtime.server.limits import DEFAULT_LIMITS as SERVER_LIMITS, LOG_LEVELS as SERVER_LOG_LEVELS
 
@@ -118,6 +119,44 @@ def _human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+# Expert parallelism (runtime/parallel, docs/expert-parallel.md): the same options on every command that loads an
+# engine.
+_EP = typer.Option(False, "--expert-parallel", help="Run under `mpiexec -n N`: the routed experts split over "
+                   "the N processes, rank 0 does the command (needs the mpi extra).")
+_EP_PLACEMENT = typer.Option(None, "--expert-placement", help="Routing counts from --record-routing: balance "
+                             "the busiest experts over the ranks (default: round-robin).")
+_EP_COMBINE = typer.Option("allreduce", "--ep-combine", help="How ranks sum their experts' outputs: an MPI "
+                           "Allreduce, or an Alltoallv of the rows each computed.")
+_EP_TIMEOUT = typer.Option(EP_DEFAULT_TIMEOUT, "--ep-timeout", help="Seconds a rank waits for the others before "
+                           "it exits with an error naming the ranks that did not arrive.")
+_RECORD_ROUTING = typer.Option(None, "--record-routing", help="With --expert-parallel: write each MoE layer's "
+                               "routed tokens per expert to this file at exit (for --expert-placement).")
+EpCombine = Literal[COMBINE_CHOICES]
+
+
+def _expert_parallel(engine: Path, enabled: bool, placement: Optional[Path], combine: str, timeout: float,
+                     record_routing: Optional[Path], threads: Optional[int]):
+    """The command's ExpertParallelOptions (None without --expert-parallel). On ranks other than 0 this loads the
+    engine and serves rank 0's steps until rank 0 ends, then exits: the rest of the command runs on rank 0 only."""
+    from moetrt.runtime.parallel.options import ExpertParallelOptions
+
+    if not enabled:
+        given = [name for name, value in (("--expert-placement", placement), ("--record-routing", record_routing),
+                                          ("--ep-combine", combine != "allreduce"),
+                                          ("--ep-timeout", timeout != EP_DEFAULT_TIMEOUT)) if value]
+        if given:
+            raise MoetrtError(f"{', '.join(given)} only apply{'s' if len(given) == 1 else ''} with --expert-parallel")
+        return None
+    options = ExpertParallelOptions(placement=placement, combine=combine, timeout=timeout,  # type: ignore[arg-type]
+                                    record_routing=record_routing)
+    from moetrt.runtime.engine import Engine
+    from moetrt.runtime.parallel.job import join
+
+    if join(options).rank != 0:
+        Engine.load(engine, threads=threads, expert_parallel=options)  # returns only on rank 0
+    return options
 
 
 @app.command()
@@ -229,6 +268,11 @@ def eval_(
     seed: int = typer.Option(0, help="Seed that draws the problems."),
     batch_size: int = typer.Option(64, help="Prompts decoded together."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, with per-problem details."),
+    expert_parallel: bool = _EP,
+    expert_placement: Optional[Path] = _EP_PLACEMENT,
+    ep_combine: EpCombine = _EP_COMBINE,
+    ep_timeout: float = _EP_TIMEOUT,
+    record_routing: Optional[Path] = _RECORD_ROUTING,
 ) -> None:
     """Greedy accuracy on held-out problems: accuracy, answers parsed, average thinking length."""
     from moetrt.tasks.evaluate import format_report
@@ -236,10 +280,17 @@ def eval_(
     # Before torch loads: spinning OpenMP threads slow decoding many times over when the cores are shared.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if (source / "manifest.json").is_file():
-        from moetrt.runtime.evaluate import evaluate_engine as run
+        from moetrt.runtime.evaluate import evaluate_engine
+
+        parallel = _expert_parallel(source, expert_parallel, expert_placement, ep_combine, ep_timeout,
+                                    record_routing, None)
+        report = evaluate_engine(source, task, n=n, seed=seed, batch_size=batch_size, expert_parallel=parallel)
     else:
-        from moetrt.export.reference_session import evaluate_checkpoint as run
-    report = run(source, task, n=n, seed=seed, batch_size=batch_size)
+        from moetrt.export.reference_session import evaluate_checkpoint
+
+        if expert_parallel:
+            raise MoetrtError("--expert-parallel runs engines; build one from the checkpoint first")
+        report = evaluate_checkpoint(source, task, n=n, seed=seed, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({"source": str(source), **report.to_dict()}, indent=2))
         return
@@ -319,9 +370,17 @@ def verify(
     task_problems: int = typer.Option(200, help="Held-out problems for the task accuracy of a checkpoint "
                                       "trained on a moetrt task (config.json moetrt_task); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    expert_parallel: bool = _EP,
+    expert_placement: Optional[Path] = _EP_PLACEMENT,
+    ep_combine: EpCombine = _EP_COMBINE,
+    ep_timeout: float = _EP_TIMEOUT,
+    record_routing: Optional[Path] = _RECORD_ROUTING,
 ) -> None:
     """Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference."""
     from moetrt.runtime.manifest import load_manifest
+
+    parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
+                                None)
 
     manifest = load_manifest(engine, integrity=integrity)
     checks = {"manifest": "ok", "integrity": "ok" if integrity else "not checked"}
@@ -330,7 +389,8 @@ def verify(
         return
     from moetrt.export.verify import verify_engine
 
-    report = verify_engine(manifest.directory, checkpoint, prompts=prompts, task_problems=task_problems)
+    report = verify_engine(manifest.directory, checkpoint, prompts=prompts, task_problems=task_problems,
+                           expert_parallel=parallel)
     typer.echo(json.dumps({**checks, **report.to_dict()}, indent=2) if as_json else report.describe())
     if not report.passed:
         raise typer.Exit(1)
@@ -398,11 +458,18 @@ def generate(
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, reasoning, tokens, usage)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    expert_parallel: bool = _EP,
+    expert_placement: Optional[Path] = _EP_PLACEMENT,
+    ep_combine: EpCombine = _EP_COMBINE,
+    ep_timeout: float = _EP_TIMEOUT,
+    record_routing: Optional[Path] = _RECORD_ROUTING,
 ) -> None:
     """Generate a reply: R1's thinking shown dimmed, then the answer."""
     from moetrt.runtime.engine import Engine
 
-    loaded = Engine.load(engine, threads=threads)
+    parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
+                                threads)
+    loaded = Engine.load(engine, threads=threads, expert_parallel=parallel)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
                                   max_reasoning_tokens, stop_in_reasoning)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -433,6 +500,11 @@ def chat(
     greedy: bool = _GREEDY,
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    expert_parallel: bool = _EP,
+    expert_placement: Optional[Path] = _EP_PLACEMENT,
+    ep_combine: EpCombine = _EP_COMBINE,
+    ep_timeout: float = _EP_TIMEOUT,
+    record_routing: Optional[Path] = _RECORD_ROUTING,
 ) -> None:
     """Interactive chat (streaming; thinking dimmed). /reset starts over, /exit or Ctrl-D quits."""
     from rich.console import Console
@@ -440,7 +512,9 @@ def chat(
     from moetrt.runtime.engine import Engine
     from moetrt.runtime.requests import check_text
 
-    loaded = Engine.load(engine, threads=threads)
+    parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
+                                threads)
+    loaded = Engine.load(engine, threads=threads, expert_parallel=parallel)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
                                   max_reasoning_tokens)
     loaded.options(**options)  # out-of-range options (-n 0) are refused at once, not at each line
@@ -512,9 +586,17 @@ def serve(
     log_level: Literal[SERVER_LOG_LEVELS] = typer.Option("info", help="Access lines are info; health checks "
                                                          "and metrics scrapes debug."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    expert_parallel: bool = _EP,
+    expert_placement: Optional[Path] = _EP_PLACEMENT,
+    ep_combine: EpCombine = _EP_COMBINE,
+    ep_timeout: float = _EP_TIMEOUT,
+    record_routing: Optional[Path] = _RECORD_ROUTING,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (/v1/chat/completions, /v1/completions)."""
     from moetrt.runtime.server.limits import ServerLimits
+
+    parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
+                                threads)
 
     limits = ServerLimits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_connections=max_connections,
                           header_timeout=header_timeout, body_timeout=body_timeout,
@@ -525,7 +607,7 @@ def serve(
     except ImportError as error:
         raise MoetrtError(f"moetrt serve needs the serve extra ({error}): pip install 'moetrt[serve]'") from None
     run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, threads=threads,
-               model_name=served_model_name, limits=limits, log_level=log_level)
+               model_name=served_model_name, limits=limits, log_level=log_level, expert_parallel=parallel)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

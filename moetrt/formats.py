@@ -41,6 +41,8 @@ ENGINE_FORMAT = "moetrt-engine"
 ENGINE_FORMAT_VERSION = 3
 EXPORT_FORMAT = "moetrt-export"
 EXPORT_FORMAT_VERSION = 2
+ROUTING_FORMAT = "moetrt-routing-counts"
+ROUTING_FORMAT_VERSION = 1
 
 # -- the decoder graph's inputs and outputs (export/onnx_export.py documents the interface) ------------------------
 
@@ -365,6 +367,37 @@ def write_manifest(engine_dir: Path, manifest: EngineManifest) -> None:
     data.pop("directory")
     write_json(engine_dir / MANIFEST, {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
                                        **data, manifest.backend: section})
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingCounts:
+    """Tokens routed to each expert, per MoE layer, as measured on a workload (`--record-routing FILE` under
+    `--expert-parallel`): `counts[l][e]` for the l-th MoE layer of the engine (in layer order) and expert e.
+    `engine_experts` is the engine's routed experts per layer, which a placement checks against."""
+
+    engine_experts: int
+    counts: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        if any(len(layer) != self.engine_experts for layer in self.counts):
+            raise MoetrtError(f"every layer's counts must list {self.engine_experts} experts")
+        if any(count < 0 for layer in self.counts for count in layer):
+            raise MoetrtError("routing counts must not be negative")
+
+
+def read_routing_counts(path: str | Path) -> RoutingCounts:
+    """Read a routing-counts file; MoetrtError naming the problem and the fix (record it again) otherwise."""
+    path = Path(path)
+    fix = "record it again with `--expert-parallel --record-routing FILE`"
+    if not path.is_file():
+        raise MoetrtError(f"routing-counts file {path} does not exist; {fix}")
+    data = read_json_object(path, fix)
+    _check_header(data, path, ROUTING_FORMAT, (ROUTING_FORMAT_VERSION,), fix)
+    return _load(RoutingCounts, data, path, fix)
+
+
+def write_routing_counts(path: Path, counts: RoutingCounts) -> None:
+    write_json(path, {"format": ROUTING_FORMAT, "format_version": ROUTING_FORMAT_VERSION, **_dump(counts)})
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

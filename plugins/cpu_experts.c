@@ -47,6 +47,9 @@
  * on timing (only on S and the thread count).
  *
  * y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j]
+ *
+ * An id of -1 is a pair another process computes (expert parallelism, runtime/parallel): it is skipped, so a rank
+ * reads only its own experts' weights and a token none of whose experts are local gets a zero row.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -573,7 +576,7 @@ static void run_parallel(const job_t *job) {
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) __builtin_ia32_pause();
 }
 
-int moetrt_experts_abi(void) { return 4; }
+int moetrt_experts_abi(void) { return 5; }
 
 static int layout_holds(long hidden, long inter, long slices, long bits, long group) {
     if (hidden < 8 || slices < 1 || inter % slices) return 0;
@@ -584,7 +587,7 @@ static int layout_holds(long hidden, long inter, long slices, long bits, long gr
 }
 
 /* y[T, H] = the routed experts of x[T, H] (ids/weights [T, k]; packed weights as above: float32 for bits 32,
- * bytes for bits 8 and 4 with group size `group`). Returns 0, or -1 for bad arguments (an id out of range,
+ * bytes for bits 8 and 4 with group size `group`). Returns 0, or -1 for bad arguments (an id out of range other than -1, which skips the pair,
  * sizes the layout cannot hold), -2 out of memory, -3 when the worker threads could not start. */
 int moetrt_experts(const float *x, const int32_t *ids, const float *weights, const void *gate_up, const void *down,
                    float *y, long tokens, long top_k, long num_experts, long hidden, long inter, long slices,
@@ -612,6 +615,7 @@ int moetrt_experts(const float *x, const int32_t *ids, const float *weights, con
         goto done;
     }
     for (long p = 0; p < pairs; p++) {
+        if (ids[p] == -1) continue;
         if (ids[p] < 0 || ids[p] >= num_experts) {
             status = -1;
             goto done;
@@ -631,6 +635,7 @@ int moetrt_experts(const float *x, const int32_t *ids, const float *weights, con
     }
     start[n_active] = (int32_t)offset;
     for (long p = 0; p < pairs; p++) {
+        if (ids[p] == -1) continue;
         const int32_t at = slot[ids[p]]++;
         pair_token[at] = (int32_t)(p / top_k);
         pair_weight[at] = weights[p];

@@ -36,7 +36,7 @@ from moetrt.formats import CpuKernel, file_sha256
 from moetrt.settings import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
-ABI = 4  # 4: int4 packed in eight-row groups (3 had four)
+ABI = 5  # 5: an expert id of -1 skips the pair (expert parallelism); 4: int4 packed in eight-row groups
 GROUP = 4  # weight rows per packed group (NW in the C source)
 INT4_GROUP = 8  # int4 weight rows per packed group (NW4)
 LANES = 8  # floats per vector

@@ -22,8 +22,9 @@ class RuntimeBackend(Protocol):
         """Raise MoetrtError naming what differs between the engine's build machine and this one."""
         ...
 
-    def open_session(self, manifest: EngineManifest, threads: int | None = None) -> Session:
-        """A session over the engine (threads: CPU threads, where the backend uses them)."""
+    def open_session(self, manifest: EngineManifest, threads: int | None = None, expert_group=None) -> Session:
+        """A session over the engine (threads: CPU threads, where the backend uses them; expert_group: this
+        rank's place in an expert-parallel job, runtime/parallel, or MoetrtError where the backend cannot)."""
         ...
 
     def describe(self, manifest: EngineManifest) -> list[str]:

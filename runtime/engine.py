@@ -26,6 +26,7 @@ from moetrt.runtime.generate import (
 from moetrt.formats import EngineManifest
 from moetrt.runtime.backends import get_backend
 from moetrt.runtime.manifest import load_manifest
+from moetrt.runtime.parallel.options import ExpertParallelOptions
 from moetrt.runtime.reasoning import chat_opens_thinking
 from moetrt.runtime.requests import (
     DEFAULT_PREFILL_CHUNK,
@@ -45,13 +46,28 @@ Prompt = str | list[int]
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed")
 
 
-def open_session(manifest: EngineManifest, threads: int | None = None):
+def open_session(manifest: EngineManifest, threads: int | None = None,
+                 expert_parallel: ExpertParallelOptions | bool | None = None):
     """The session for an engine, from the backend that built it (runtime/backends.py); `threads` CPU threads
-    (None: the backend's choice)."""
+    (None: the backend's choice; under expert parallelism this host's cores divided among its ranks).
+
+    With `expert_parallel` (True for the defaults) the process joins the MPI job it was launched in
+    (runtime/parallel): rank 0 gets a session whose calls every rank runs; on any other rank this call serves
+    rank 0's calls until rank 0 ends and then ends the process (it never returns)."""
     if threads is not None and not (is_integer(threads) and threads >= 1):
         raise MoetrtError(f"threads must be a positive integer, got {threads!r}; leave it out for the backend's "
                           "default")
-    return get_backend(manifest.backend).open_session(manifest, threads)
+    backend = get_backend(manifest.backend)
+    if not expert_parallel:
+        return backend.open_session(manifest, threads)
+    from moetrt.runtime.parallel.job import join
+    from moetrt.runtime.parallel.mirror import MirroredSession, follow
+
+    group = join(expert_parallel if isinstance(expert_parallel, ExpertParallelOptions) else ExpertParallelOptions())
+    session = backend.open_session(manifest, threads or group.default_threads, expert_group=group)
+    if group.rank != 0:
+        follow(session, group)
+    return MirroredSession(session, group)
 
 
 def _generation_defaults(directory: Path) -> dict[str, Any]:
@@ -130,13 +146,18 @@ class Engine:
         self._chat_encoder = ChatEncoder(tokenizer) if tokenizer is not None else None
 
     @classmethod
-    def load(cls, engine_dir: str | Path, threads: int | None = None, integrity: bool = False) -> Engine:
+    def load(cls, engine_dir: str | Path, threads: int | None = None, integrity: bool = False,
+             expert_parallel: ExpertParallelOptions | bool | None = None) -> Engine:
         """Load an engine directory: cheap manifest checks (hashes too with `integrity`), generation_config.json,
-        tokenizer and chat template, session. Raises MoetrtError for any of them malformed."""
+        tokenizer and chat template, session. Raises MoetrtError for any of them malformed.
+
+        `expert_parallel` (True, or ExpertParallelOptions): run under `mpiexec -n N`, the routed experts split
+        over the N processes (`open_session`); only rank 0 returns, the other ranks serve its calls and end with
+        it."""
         manifest = load_manifest(engine_dir, integrity=integrity)
         defaults = _generation_defaults(manifest.directory)
         tokenizer = _load_tokenizer(manifest.directory) if manifest.tokenizer else None
-        return cls(manifest, open_session(manifest, threads), tokenizer, defaults)
+        return cls(manifest, open_session(manifest, threads, expert_parallel), tokenizer, defaults)
 
     # -- scoring ---------------------------------------------------------------------------------------
 

@@ -41,11 +41,12 @@ def evaluate_session(
 
 
 def evaluate_engine(
-    engine_dir: str | Path, task: str = "arithmetic", n: int = 500, seed: int = 0, batch_size: int = 64
+    engine_dir: str | Path, task: str = "arithmetic", n: int = 500, seed: int = 0, batch_size: int = 64,
+    expert_parallel=None,
 ) -> EvalReport:
-    """Held-out accuracy of an engine directory."""
+    """Held-out accuracy of an engine directory (`expert_parallel`: Engine.load's)."""
     check_options(task, n, batch_size)
-    engine = Engine.load(engine_dir)
+    engine = Engine.load(engine_dir, expert_parallel=expert_parallel)
     if engine.tokenizer is None:
         raise MoetrtError(f"{engine_dir} has no tokenizer; task evaluation needs one")
     return evaluate(task, engine.tokenizer, engine_continuer(engine), n, seed, batch_size)

@@ -53,10 +53,11 @@ def check_onnxruntime_version(package: str, recorded: str | None, installed: str
                       f"an offline-optimised model is tied to its onnxruntime version; {fix}")
 
 
-def open_session(manifest: EngineManifest, threads: int | None = None):
+def open_session(manifest: EngineManifest, threads: int | None = None, expert_group=None):
+    """An OrtSession; with an expert-parallel group (runtime/parallel), one holding this rank's experts."""
     from moetrt.runtime.ort.session import OrtSession
 
-    return OrtSession(manifest, threads=threads)
+    return OrtSession(manifest, threads=threads, expert_group=expert_group)
 
 
 def describe(manifest: EngineManifest) -> list[str]:

@@ -6,7 +6,9 @@ written by ONNX Runtime straight into caller-provided arrays (slices of the prea
 Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manifest) are a chain of segments
 cut at the MoE layers' routed experts (export/ort/split.py): each call runs segment 0, the kernel on its outputs,
 segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
-address, so nothing is copied. The segments' sessions stop their threads spinning when a run returns
+address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
+faults in only this rank's experts, gives the kernel -1 for the other ranks' pairs and sums the ranks' outputs
+after each MoE layer. The segments' sessions stop their threads spinning when a run returns
 (`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need.
 """
 
@@ -44,7 +46,7 @@ class KernelLayer:
 class OrtSession:
     backend = "ort"
 
-    def __init__(self, manifest: EngineManifest, threads: int | None = None):
+    def __init__(self, manifest: EngineManifest, threads: int | None = None, expert_group=None):
         if manifest.dtype not in NUMPY_DTYPES:
             raise MoetrtError(f"ONNX Runtime sessions run float32 or float16 engines, not {manifest.dtype}")
         config = manifest.model_config
@@ -64,12 +66,16 @@ class OrtSession:
         self._device = "cuda" if section.provider == "CUDAExecutionProvider" else "cpu"
         self._segments: list[Segment] = []
         self._experts: list[KernelLayer] = []
+        self.group = expert_group
+        if expert_group is not None and not section.segmented:
+            raise MoetrtError("--expert-parallel runs engines whose routed experts are moetrt's CPU kernel; this one "
+                              "runs them inside onnxruntime: rebuild it with `--moe-kernel moetrt`")
         if section.segmented:
             options.add_session_config_entry("session.force_spinning_stop", "1")
             for segment in section.segments:
                 session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
-            self._experts = _load_experts(manifest, section, self._segments, threads)
+            self._experts = _load_experts(manifest, section, self._segments, threads, expert_group)
         else:
             self._session = _open_graph(manifest, section.model, options, providers)
 
@@ -137,8 +143,15 @@ class OrtSession:
                 hidden, ids, weights = (values[name] for name in layer.inputs)
                 tokens, top_k = ids.shape()
                 out = np.empty(hidden.shape(), np.float32)
-                layer.kernel.run_pointers(hidden.data_ptr(), ids.data_ptr(), weights.data_ptr(), out.ctypes.data,
-                                          tokens, top_k)
+                if self.group is None:
+                    layer.kernel.run_pointers(hidden.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+                                              out.ctypes.data, tokens, top_k)
+                else:
+                    routed = ids.numpy()
+                    local = self.group.local_ids(index, routed)
+                    layer.kernel.run_pointers(hidden.data_ptr(), local.ctypes.data, weights.data_ptr(),
+                                              out.ctypes.data, tokens, top_k)
+                    self.group.combine(index, out, routed)
                 values[layer.output] = out
         logits = values[LOGITS].numpy()
         if new_rows is not None:
@@ -184,11 +197,26 @@ def _span(data: np.ndarray, span, bits: int) -> np.ndarray:
     return view.view(np.float32) if bits == 32 else view
 
 
+def _fault_in_experts(mapped: mmap.mmap, data: np.ndarray, span, layer, experts: np.ndarray) -> None:
+    """Read the pages of `experts` (ids) within `span` of experts.bin (each expert's packed weights are
+    contiguous, span bytes / num_experts long) and nothing else."""
+    itemsize = 4 if layer.bits == 32 else 1
+    per_expert = span.count * itemsize // layer.num_experts
+    for expert in experts:
+        start = span.offset + int(expert) * per_expert
+        aligned = start - start % mmap.PAGESIZE
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_WILLNEED, aligned, start + per_expert - aligned)
+        data[start: start + per_expert: mmap.PAGESIZE].sum()
+
+
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
-                  threads: int | None) -> list[KernelLayer]:
+                  threads: int | None, group=None) -> list[KernelLayer]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
     it in now, so the first calls do not pay for it; one kernel per MoE layer. (Reading it into private,
-    huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.)"""
+    huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.) With an
+    expert-parallel `group`, only this rank's experts are faulted in: the others' pages are never touched, so
+    they take no memory here."""
     from moetrt.plugins.cpu_experts import CpuExperts, expert_kernel, load_library, native_library
 
     choice = expert_kernel(section.kernels, manifest.directory)
@@ -203,10 +231,16 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
     assert section.experts_file is not None
     with open(manifest.path(section.experts_file), "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_WILLNEED)
     data = np.frombuffer(mapped, dtype=np.uint8)
-    data[:: mmap.PAGESIZE].sum()  # touch every page
+    if group is None:
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_WILLNEED)
+        data[:: mmap.PAGESIZE].sum()  # touch every page
+    else:
+        group.place([layer.num_experts for layer in section.expert_layers])
+        for index, layer in enumerate(section.expert_layers):
+            for span in (layer.gate_up, layer.down):
+                _fault_in_experts(mapped, data, span, layer, group.local_experts(index))
     layers = []
     for index, layer in enumerate(section.expert_layers):
         produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}

@@ -222,7 +222,8 @@ def create_app(engine: Engine, scheduler: Scheduler, *, model_name: str, api_key
 
     @app.get("/health")
     async def health():
-        status = "draining" if service.draining else "ok" if scheduler.running else "scheduler stopped"
+        status = ("draining" if service.draining else service.unavailable() or
+                  ("ok" if scheduler.running else "scheduler stopped"))
         return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
@@ -269,6 +270,12 @@ class _Service:
         self.mailbox: _Mailbox | None = None
         self.flights: weakref.WeakSet[_Flight] = weakref.WeakSet()  # a stream never started leaves none behind
         self.draining = False
+
+    def unavailable(self) -> str | None:
+        """Why the engine cannot take requests now (under expert parallelism: ranks that stopped answering,
+        runtime/parallel), or None."""
+        problem = getattr(self.engine.session, "problem", None)
+        return problem() if problem is not None else None
 
     async def drain(self, timeout: float, force: Callable[[], bool]) -> None:
         """_Gate.drain. New generation requests get 503 from here on; `respond` checks before it submits."""
@@ -348,6 +355,9 @@ class _Service:
         options = self.options(body, prompt)
         if self.draining:
             raise _shutting_down()
+        trouble = self.unavailable()
+        if trouble:
+            raise ApiError(503, trouble, kind="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
         self.mailbox = self.mailbox or _Mailbox(asyncio.get_running_loop())
         flight = _Flight(body.n)
         try:

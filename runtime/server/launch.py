@@ -36,11 +36,12 @@ WRITE_GRACE_SECONDS = 5
 
 def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int | None = None, threads: int | None = None, model_name: str | None = None,
-          limits: ServerLimits = DEFAULT_LIMITS, log_level: str = "info") -> None:
+          limits: ServerLimits = DEFAULT_LIMITS, log_level: str = "info", expert_parallel=None) -> None:
     """Load an engine and serve it until SIGTERM or SIGINT, then drain (ServerLimits.shutdown_timeout) and
     return. max_batch defaults to the engine's built max_batch; model_name to the engine directory's name.
-    Raises MoetrtError for a bad option (a blank model name or API key), a port out of range or in use, or a server
-    that did not start."""
+    `expert_parallel`: Engine.load's (call it on rank 0: the CLI's `--expert-parallel` has the other ranks serve
+    rank 0's steps before this). Raises MoetrtError for a bad option (a blank model name or API key), a port out of
+    range or in use, or a server that did not start."""
     _configure_logging(log_level)
     if not 0 <= port <= 65535:
         raise MoetrtError(f"--port must lie in [0, 65535], got {port}")
@@ -52,7 +53,7 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
                           "it: give the key itself, or leave the option out to serve without one")
     listener = bind(host, port)  # before loading: a busy port fails at once, not after minutes of loading
     try:
-        engine = Engine.load(engine_dir, threads=threads)
+        engine = Engine.load(engine_dir, threads=threads, expert_parallel=expert_parallel)
         built = engine.manifest.profile.max_batch
         max_batch = built if max_batch is None else max_batch
         if not 1 <= max_batch <= built:

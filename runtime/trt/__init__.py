@@ -29,10 +29,14 @@ def check_environment(manifest: EngineManifest) -> None:
         )
 
 
-def open_session(manifest: EngineManifest, threads: int | None = None):
-    """A TrtSession (threads is unused: the GPU runs the graph)."""
+def open_session(manifest: EngineManifest, threads: int | None = None, expert_group=None):
+    """A TrtSession (threads is unused: the GPU runs the graph). TensorRT engines do not split their experts
+    over processes: MoetrtError with an expert-parallel group."""
     from moetrt.runtime.trt.session import TrtSession
 
+    if expert_group is not None:
+        raise MoetrtError("--expert-parallel runs ONNX Runtime engines built with `--moe-kernel moetrt`; this is a "
+                          "TensorRT engine")
     return TrtSession(manifest)
 
 

@@ -1,0 +1,293 @@
+"""Rank 0's session and caches under expert parallelism, and the loop the other ranks run.
+
+Rank 0 runs the command as in one process, through `MirroredSession` and its `MirroredCache`s, which keep the
+Session and LatentCache protocols (runtime/session.py): the generation loop and the scheduler do not know. Each
+cache move is applied on rank 0 and queued; each graph call broadcasts the queued moves and the call's host inputs
+(ids, positions, mask, logit positions) to the other ranks, which replay them on their own copies of the caches
+and run the same call. Inside the call every MoE layer combines the ranks' expert outputs (group.py), so all ranks
+hold the same hidden states and latent rows.
+
+The messages are raw bytes (no pickle): per record an int64 header (op, cache id, int count, array count), the
+ints, then per array an int64 dtype code, its dimensions, and its bytes padded to 8.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+from moetrt.runtime.parallel.group import ExpertGroup
+
+OP_NEW, OP_DROP, OP_MASK, OP_ADVANCE, OP_RESIZE, OP_EXTEND, OP_PLACE, OP_FREE, OP_RESET, OP_COMPACT, OP_RUN, \
+    OP_HEARTBEAT, OP_STOP = range(1, 14)
+DTYPES = (np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32))
+STARTUP_TIMEOUT = 600.0  # seconds the ranks wait for each other to load the engine
+Record = tuple[int, int, list[int], list[np.ndarray]]
+
+
+def encode(records: list[Record]) -> np.ndarray:
+    """Records (op, cache id, ints, arrays) as one uint8 buffer."""
+    parts: list[bytes] = []
+    for op, cache, ints, arrays in records:
+        parts.append(np.array([op, cache, len(ints), len(arrays), *ints], dtype=np.int64).tobytes())
+        for array in arrays:
+            array = np.ascontiguousarray(array)
+            parts.append(np.array([DTYPES.index(array.dtype), array.ndim, *array.shape], dtype=np.int64).tobytes())
+            data = array.tobytes()
+            parts.append(data + b"\0" * (-len(data) % 8))
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def decode(buffer: np.ndarray) -> list[Record]:
+    """The records `encode` wrote (the arrays are copies)."""
+    data, at, records = buffer.tobytes(), 0, []
+
+    def ints(count: int) -> list[int]:
+        nonlocal at
+        values = np.frombuffer(data, dtype=np.int64, count=count, offset=at).tolist()
+        at += 8 * count
+        return values
+
+    while at < len(data):
+        op, cache, n_ints, n_arrays = ints(4)
+        values = ints(n_ints)
+        arrays = []
+        for _ in range(n_arrays):
+            code, ndim = ints(2)
+            shape = ints(ndim)
+            dtype = DTYPES[code]
+            count = int(np.prod(shape, dtype=np.int64))
+            arrays.append(np.frombuffer(data, dtype=dtype, count=count, offset=at).reshape(shape).copy())
+            at += -(-count * dtype.itemsize // 8) * 8
+        records.append((op, cache, values, arrays))
+    return records
+
+
+class _Views(list):
+    """A cache's per-layer views, tagged with the cache and the columns they cover (rank 0 tells the other ranks
+    which cache a call reads and writes)."""
+
+    cache_id: int
+    start: int
+    steps: int
+
+
+class MirroredCache:
+    """A LatentCache on rank 0 whose every move is replayed on the other ranks' copies (runtime/session.py)."""
+
+    def __init__(self, inner, session: MirroredSession, cache_id: int):
+        self.inner, self._session, self.cache_id = inner, session, cache_id
+        weakref.finalize(self, session.queue, OP_DROP, cache_id)
+
+    slots = property(lambda self: self.inner.slots)
+    length = property(lambda self: self.inner.length)
+    max_context = property(lambda self: self.inner.max_context)
+    mask = property(lambda self: self.inner.mask)
+
+    def _views(self, views: list, start: int) -> _Views:
+        tagged = _Views(views)
+        tagged.cache_id, tagged.start, tagged.steps = self.cache_id, start, len(views[0]) if views else 0
+        return tagged
+
+    def past(self) -> _Views:
+        return self._views(self.inner.past(), 0)
+
+    def reserve(self, steps: int) -> _Views:
+        views = self._views(self.inner.reserve(steps), self.inner.length)
+        views.steps = steps
+        return views
+
+    def attention_mask(self, steps: int, valid):
+        mask = self.inner.attention_mask(steps, valid)
+        self._session.queue(OP_MASK, self.cache_id, [steps], [np.asarray(valid, dtype=np.int64)])
+        return mask
+
+    def advance(self, steps: int) -> None:
+        self.inner.advance(steps)
+        self._session.queue(OP_ADVANCE, self.cache_id, [steps])
+
+    def resize(self, slots: int) -> None:
+        self.inner.resize(slots)
+        self._session.queue(OP_RESIZE, self.cache_id, [slots])
+
+    def extend_to(self, length: int) -> None:
+        self.inner.extend_to(length)
+        self._session.queue(OP_EXTEND, self.cache_id, [length])
+
+    def place(self, slot: int, prefilled: MirroredCache) -> None:
+        self.inner.place(slot, prefilled.inner)
+        self._session.queue(OP_PLACE, self.cache_id, [slot, prefilled.cache_id])
+
+    def free(self, slot: int) -> None:
+        self.inner.free(slot)
+        self._session.queue(OP_FREE, self.cache_id, [slot])
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self._session.queue(OP_RESET, self.cache_id)
+
+    def compact(self, slots: list[int]) -> None:
+        self.inner.compact(slots)
+        self._session.queue(OP_COMPACT, self.cache_id, list(slots))
+
+
+class MirroredSession:
+    """Rank 0's Session: `inner` (the ONNX Runtime session holding rank 0's experts) plus the broadcasts that make
+    the other ranks run every call with it. A daemon thread checks the ranks every timeout / 4 seconds while no
+    call runs, and `close` (at exit) releases them."""
+
+    def __init__(self, inner, group: ExpertGroup):
+        self.inner, self.group = inner, group
+        self.backend, self.num_layers = inner.backend, inner.num_layers
+        self.latent_dim, self.vocab_size = inner.latent_dim, inner.vocab_size
+        self._pending: list[Record] = []
+        self._pending_lock = threading.Lock()
+        self._next_id = 0
+        self._last_sent = time.monotonic()
+        self._closed = False
+        group.mirrored = True
+        ready(group)
+        atexit.register(self.close)
+        threading.Thread(target=self._heartbeat, name="moetrt-ep-heartbeat", daemon=True).start()
+
+    def problem(self) -> str | None:
+        """Why the ranks cannot serve now (group.problem), or None."""
+        return self.group.problem()
+
+    def queue(self, op: int, cache_id: int, ints: list[int] | None = None, arrays: list[np.ndarray] | None = None):
+        with self._pending_lock:
+            self._pending.append((op, cache_id, ints or [], arrays or []))
+
+    def new_cache(self, slots: int, max_context: int) -> MirroredCache:
+        self._next_id += 1
+        self.queue(OP_NEW, self._next_id, [slots, max_context])
+        return MirroredCache(self.inner.new_cache(slots, max_context), self, self._next_id)
+
+    def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
+        if not isinstance(past, _Views) or not isinstance(new_rows, _Views) or past.cache_id != new_rows.cache_id:
+            raise MoetrtError("under expert parallelism a call must read and write one cache's past() and "
+                              "reserve() views")
+        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, position_ids, attention_mask,
+                                                                    logit_positions)]
+        with self.group.lock:
+            self.queue(OP_RUN, past.cache_id, [new_rows.steps], arrays)
+            self._send()
+            return self.inner.run(*arrays, list(past), list(new_rows))
+
+    def _send(self) -> None:
+        """Broadcast the queued records (the caller holds group.lock)."""
+        with self._pending_lock:
+            records, self._pending = self._pending, []
+        payload = encode(records)
+        header = np.array([payload.size], dtype=np.int64)
+        self.group.wait(self.group.comm.Ibcast(header, root=0), "rank 0's next step")
+        self.group.wait(self.group.comm.Ibcast(payload, root=0), "rank 0's next step")
+        self._last_sent = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        period = self.group.timeout / 4
+        while not self._closed:
+            time.sleep(period / 4)
+            if time.monotonic() - self._last_sent < period or not self.group.lock.acquire(blocking=False):
+                continue
+            try:
+                if self._closed:
+                    return
+                self.queue(OP_HEARTBEAT, 0)
+                self._send()
+                check_in(self.group, "a heartbeat")
+            finally:
+                self.group.lock.release()
+
+    def close(self) -> None:
+        """Release the other ranks (they exit); idempotent."""
+        with self.group.lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.queue(OP_STOP, 0)
+            self._send()
+
+
+def release_unused(group: ExpertGroup) -> None:
+    """At rank 0's exit when it never opened the engine (the command failed first): let the other ranks finish
+    loading, then stop them."""
+    if group.rank != 0 or group.mirrored:
+        return
+    ready(group)
+    header, payload = np.zeros(1, dtype=np.int64), encode([(OP_STOP, 0, [], [])])
+    header[0] = payload.size
+    group.wait(group.comm.Ibcast(header, root=0), "the stop message")
+    group.wait(group.comm.Ibcast(payload, root=0), "the stop message")
+
+
+def ready(group: ExpertGroup) -> None:
+    """Every rank has loaded its share of the engine (a barrier with STARTUP_TIMEOUT)."""
+    group.wait(group.comm.Ibarrier(), "the end of loading the engine", timeout=max(STARTUP_TIMEOUT, group.timeout))
+
+
+def check_in(group: ExpertGroup, what: str) -> None:
+    """A one-integer Allreduce: completes only when every rank is alive and in step."""
+    token = np.ones(1, dtype=np.int64)
+    group.wait(group.comm.Iallreduce(group.MPI.IN_PLACE, token, op=group.MPI.SUM), what)
+
+
+def follow(session, group: ExpertGroup) -> None:
+    """The loop of ranks other than 0: replay rank 0's cache moves and calls on `session` (their ONNX Runtime
+    session, holding their experts) until rank 0 stops; then end the process (exit status 0)."""
+    ready(group)
+    try:
+        _follow(session, group)
+    except (MoetrtError, KeyError, ValueError) as error:  # the same call failed on rank 0, or a broken message
+        group.fail(f"rank {group.rank} could not replay rank 0's step: {error}")
+
+
+def _follow(session, group: ExpertGroup) -> None:
+    caches: dict[int, Any] = {}
+    header = np.zeros(1, dtype=np.int64)
+    while True:
+        group.wait(group.comm.Ibcast(header, root=0), "rank 0's next step (rank 0 dead or hung)")
+        payload = np.empty(int(header[0]), dtype=np.uint8)
+        group.wait(group.comm.Ibcast(payload, root=0), "rank 0's next step")
+        for op, cache_id, ints, arrays in decode(payload):
+            if op == OP_STOP:
+                raise SystemExit(0)
+            if op == OP_HEARTBEAT:
+                check_in(group, "a heartbeat")
+            elif op == OP_NEW:
+                caches[cache_id] = session.new_cache(*ints)
+            elif op == OP_DROP:
+                caches.pop(cache_id, None)
+            elif op == OP_RUN:
+                cache = caches[cache_id]
+                session.run(*arrays, cache.past(), cache.reserve(ints[0]))
+            else:
+                _replay(caches[cache_id], op, ints, arrays, caches)
+
+
+def _replay(cache, op: int, ints: list[int], arrays: list[np.ndarray], caches: dict[int, Any]) -> None:
+    if op == OP_MASK:
+        cache.attention_mask(ints[0], arrays[0])
+    elif op == OP_ADVANCE:
+        cache.advance(ints[0])
+    elif op == OP_RESIZE:
+        cache.resize(ints[0])
+    elif op == OP_EXTEND:
+        cache.extend_to(ints[0])
+    elif op == OP_PLACE:
+        cache.place(ints[0], caches[ints[1]])
+    elif op == OP_FREE:
+        cache.free(ints[0])
+    elif op == OP_RESET:
+        cache.reset()
+    elif op == OP_COMPACT:
+        cache.compact(ints)
+    else:
+        raise MoetrtError(f"expert parallelism: unknown message {op} from rank 0 (ranks of different moetrt "
+                          "versions?)")
