@@ -60,7 +60,7 @@ TARGET_CHOICES = ("ort", "trt", "onnx")
 EXTRA_FOR_MODULE = {
     "torch": "export", "onnx": "export", "onnx_ir": "export", "onnxscript": "export", "safetensors": "export",
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-    "triton": "gpu", "cuda": "gpu", "tensorrt": "trt",
+    "triton": "gpu", "cuda": "gpu", "tensorrt": "trt", "mpi4py": "mpi",
     "transformers": "dev", "matplotlib": "dev", "scipy": "dev",
 }
 
@@ -147,7 +147,7 @@ def _expert_parallel(engine: Path, enabled: bool, placement: Optional[Path], com
                                           ("--ep-combine", combine != "allreduce"),
                                           ("--ep-timeout", timeout != EP_DEFAULT_TIMEOUT)) if value]
         if given:
-            raise MoetrtError(f"{', '.join(given)} only apply{'s' if len(given) == 1 else ''} with --expert-parallel")
+            raise MoetrtError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --expert-parallel")
         return None
     options = ExpertParallelOptions(placement=placement, combine=combine, timeout=timeout,  # type: ignore[arg-type]
                                     record_routing=record_routing)

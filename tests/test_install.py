@@ -43,6 +43,39 @@ def test_torch_requirements_reach_pip_whole_by_default_and_with_comparisons(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no shell redirection wrote a file named "=2.9,<3"
 
 
+# Extras that need hardware or a vendor's index (CUDA wheels, TensorRT): `make install` leaves them out on purpose.
+HARDWARE_EXTRAS = {"gpu", "trt"}
+
+
+def extras_installed_with(extra: str) -> set[str]:
+    """`extra` and every extra its own `moetrt[...]` requirements pull in, recursively."""
+    found, todo = set(), [extra]
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            for requirement in PYPROJECT["optional-dependencies"][name]:
+                if requirement.startswith("moetrt["):
+                    todo.extend(requirement[len("moetrt["):requirement.index("]")].split(","))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_installs_every_extra_but_the_hardware_ones(tmp_path):
+    """CI (.ci/run: make test on a clean clone) runs the tests of every extra that installs anywhere, the MPI
+    jobs of expert parallelism among them."""
+    command = ["make", "-n", "install", f"VENV={tmp_path / 'venv'}"]
+    recipe = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True, env=MAKE_ENV)
+    [editable] = re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', recipe.stdout)
+    installed = set().union(*(extras_installed_with(extra) for extra in editable.split(",")))
+    wanted = set(PYPROJECT["optional-dependencies"]) - HARDWARE_EXTRAS
+    assert installed == wanted, f"make install leaves out {sorted(wanted - installed)}"
+
+
+def test_the_mpi_extra_brings_mpi4py_and_mpichs_wheel():
+    assert {requirement_name(r) for r in PYPROJECT["optional-dependencies"]["mpi"]} == {"mpi4py", "mpich"}
+
+
 def imported_top_level_modules() -> set[str]:
     found = set()
     for folder in ("moetrt", "export", "runtime", "plugins"):
@@ -77,7 +110,8 @@ def test_each_module_the_cli_maps_to_an_extra_is_a_requirement_of_that_extra():
 # Runs the CLI with the listed modules unimportable, as after `pip install moetrt` without extras.
 WITHOUT_EXTRAS = """
 import importlib.abc, sys
-MISSING = {"torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "fastapi", "uvicorn", "transformers", "triton"}
+MISSING = {"torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "fastapi", "uvicorn", "transformers", "triton",
+           "mpi4py"}
 class Missing(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in MISSING:
@@ -102,6 +136,16 @@ def test_a_command_without_its_extra_says_which_to_install(tmp_path, command):
     assert re.fullmatch(rf"error: moetrt {command[0]} needs (torch|onnx_ir|onnx), which the export extra installs: "
                         r"pip install 'moetrt\[export\]'\n", done.stderr), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_expert_parallel_without_the_mpi_extra_says_which_to_install(tmp_path, command):
+    args = [command, str(tmp_path / "engine"), *(["1+1="] if command == "generate" else []), "--expert-parallel"]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert re.fullmatch(r"error: --expert-parallel needs mpi4py .*pip install 'moetrt\[mpi\]'.*\n", done.stderr), \
+        done.stderr
 
 
 def test_info_of_a_checkpoint_needs_no_extra():

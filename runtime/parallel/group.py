@@ -9,8 +9,8 @@ docs/expert-parallel.md).
 
 Waiting. Every collective is nonblocking and polled: a rank that waits longer than `timeout` seconds for the
 others asks who is alive (a small message to every rank, then a grace period) and exits with one line naming
-the ranks that did not answer. While a wait lasts more than a second, `problem()` says so, and the HTTP server on
-rank 0 answers 503.
+the ranks that did not answer. While a wait lasts more than a quarter of the timeout, `problem()` says so, and the
+HTTP server on rank 0 answers 503.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from moetrt.runtime.parallel.options import ExpertParallelOptions
 LOOPBACK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "shm"}
 ALIVE_TAG = 7301
 ALIVE_GRACE = 2.0  # seconds the ranks that timed out wait for each other's "alive" messages
-STALL_SECONDS = 1.0  # a wait longer than this makes problem() report it
+STALL_FRACTION = 0.25  # a wait longer than this part of the timeout (at least a second) makes problem() report it
 INSTALL_HINT = "pip install 'moetrt[mpi]' (mpi4py and MPICH's wheel), then launch with `mpiexec -n N moetrt ...`"
 
 
@@ -196,11 +196,11 @@ class ExpertGroup:
             self._waiting_since = None
 
     def problem(self) -> str | None:
-        """None while the group works; else why it does not (a wait of more than a second, or a failure)."""
+        """None while the group works; else why it does not (a wait past a quarter of the timeout, or a failure)."""
         if self._failed:
             return self._failed
         since = self._waiting_since
-        if since is not None and time.monotonic() - since > STALL_SECONDS:
+        if since is not None and time.monotonic() - since > max(1.0, STALL_FRACTION * self.timeout):
             return (f"expert-parallel ranks have not answered for {time.monotonic() - since:.0f}s "
                     f"({self._waiting_for})")
         return None

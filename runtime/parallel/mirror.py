@@ -165,9 +165,12 @@ class MirroredSession:
             self._pending.append((op, cache_id, ints or [], arrays or []))
 
     def new_cache(self, slots: int, max_context: int) -> MirroredCache:
-        self._next_id += 1
-        self.queue(OP_NEW, self._next_id, [slots, max_context])
-        return MirroredCache(self.inner.new_cache(slots, max_context), self, self._next_id)
+        cache = self.inner.new_cache(slots, max_context)
+        with self._pending_lock:
+            self._next_id += 1
+            cache_id = self._next_id
+            self._pending.append((OP_NEW, cache_id, [slots, max_context], []))
+        return MirroredCache(cache, self, cache_id)
 
     def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
         if not isinstance(past, _Views) or not isinstance(new_rows, _Views) or past.cache_id != new_rows.cache_id:
@@ -178,7 +181,11 @@ class MirroredSession:
         with self.group.lock:
             self.queue(OP_RUN, past.cache_id, [new_rows.steps], arrays)
             self._send()
-            return self.inner.run(*arrays, list(past), list(new_rows))
+            try:
+                return self.inner.run(*arrays, list(past), list(new_rows))
+            except Exception as error:  # the other ranks are inside this call: the job cannot go on
+                self.group.fail(f"rank 0's step failed ({type(error).__name__}: {error})")
+                raise
 
     def _send(self) -> None:
         """Broadcast the queued records (the caller holds group.lock)."""
@@ -244,8 +251,8 @@ def follow(session, group: ExpertGroup) -> None:
     ready(group)
     try:
         _follow(session, group)
-    except (MoetrtError, KeyError, ValueError) as error:  # the same call failed on rank 0, or a broken message
-        group.fail(f"rank {group.rank} could not replay rank 0's step: {error}")
+    except Exception as error:  # a failed call (it failed on rank 0 too, most likely) or a broken message
+        group.fail(f"rank {group.rank} could not replay rank 0's step ({type(error).__name__}: {error})")
 
 
 def _follow(session, group: ExpertGroup) -> None:
