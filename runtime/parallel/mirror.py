@@ -73,7 +73,7 @@ class _Views(list):
     """A cache's per-layer views, tagged with the cache and the columns they cover (rank 0 tells the other ranks
     which cache a call reads and writes)."""
 
-    cache_id: int
+    cache: MirroredCache
     start: int
     steps: int
 
@@ -83,6 +83,7 @@ class MirroredCache:
 
     def __init__(self, inner, session: MirroredSession, cache_id: int):
         self.inner, self._session, self.cache_id = inner, session, cache_id
+        self.last_mask: np.ndarray | None = None  # what attention_mask returned last: the other ranks have it too
         weakref.finalize(self, session.queue, OP_DROP, cache_id)
 
     slots = property(lambda self: self.inner.slots)
@@ -92,7 +93,7 @@ class MirroredCache:
 
     def _views(self, views: list, start: int) -> _Views:
         tagged = _Views(views)
-        tagged.cache_id, tagged.start, tagged.steps = self.cache_id, start, len(views[0]) if views else 0
+        tagged.cache, tagged.start, tagged.steps = self, start, len(views[0]) if views else 0
         return tagged
 
     def past(self) -> _Views:
@@ -106,6 +107,7 @@ class MirroredCache:
     def attention_mask(self, steps: int, valid):
         mask = self.inner.attention_mask(steps, valid)
         self._session.queue(OP_MASK, self.cache_id, [steps], [np.asarray(valid, dtype=np.int64)])
+        self.last_mask = mask
         return mask
 
     def advance(self, steps: int) -> None:
@@ -173,13 +175,16 @@ class MirroredSession:
         return MirroredCache(cache, self, cache_id)
 
     def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
-        if not isinstance(past, _Views) or not isinstance(new_rows, _Views) or past.cache_id != new_rows.cache_id:
+        if not isinstance(past, _Views) or not isinstance(new_rows, _Views) or past.cache is not new_rows.cache:
             raise MoetrtError("under expert parallelism a call must read and write one cache's past() and "
                               "reserve() views")
         arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, position_ids, attention_mask,
                                                                     logit_positions)]
+        # The mask the cache just made is on the other ranks already (replayed): send it only when it is another.
+        own_mask = attention_mask is past.cache.last_mask
+        sent = arrays[:2] + arrays[3:] if own_mask else arrays
         with self.group.lock:
-            self.queue(OP_RUN, past.cache_id, [new_rows.steps], arrays)
+            self.queue(OP_RUN, past.cache.cache_id, [new_rows.steps, int(own_mask)], sent)
             self._send()
             try:
                 return self.inner.run(*arrays, list(past), list(new_rows))
@@ -257,6 +262,7 @@ def follow(session, group: ExpertGroup) -> None:
 
 def _follow(session, group: ExpertGroup) -> None:
     caches: dict[int, Any] = {}
+    masks: dict[int, np.ndarray] = {}  # per cache, what its last attention_mask returned
     header = np.zeros(1, dtype=np.int64)
     while True:
         group.wait(group.comm.Ibcast(header, root=0), "rank 0's next step (rank 0 dead or hung)")
@@ -271,17 +277,20 @@ def _follow(session, group: ExpertGroup) -> None:
                 caches[cache_id] = session.new_cache(*ints)
             elif op == OP_DROP:
                 caches.pop(cache_id, None)
+                masks.pop(cache_id, None)
             elif op == OP_RUN:
                 cache = caches[cache_id]
+                if ints[1]:  # the cache's own mask
+                    arrays.insert(2, masks[cache_id])
                 session.run(*arrays, cache.past(), cache.reserve(ints[0]))
+            elif op == OP_MASK:
+                masks[cache_id] = caches[cache_id].attention_mask(ints[0], arrays[0])
             else:
                 _replay(caches[cache_id], op, ints, arrays, caches)
 
 
 def _replay(cache, op: int, ints: list[int], arrays: list[np.ndarray], caches: dict[int, Any]) -> None:
-    if op == OP_MASK:
-        cache.attention_mask(ints[0], arrays[0])
-    elif op == OP_ADVANCE:
+    if op == OP_ADVANCE:
         cache.advance(ints[0])
     elif op == OP_RESIZE:
         cache.resize(ints[0])
