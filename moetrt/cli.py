@@ -479,7 +479,7 @@ def generate(
             "text": result.text, "reasoning": result.reasoning, "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-        }, ensure_ascii=False))
+        }, ensure_ascii=parallel is not None))  # MPICH's gforker forwards ASCII only (docs/expert-parallel.md)
         return
     from rich.console import Console
 

@@ -22,17 +22,21 @@ def round_robin(num_experts: int, ranks: int) -> np.ndarray:
 
 def balanced(counts: np.ndarray, ranks: int) -> np.ndarray:
     """owner `[E]` int32 for one layer's routed-token counts `[E]`: experts in descending count (ties by id) go to
-    the rank with the least load among those holding fewer than ceil(E / N) experts (ties: lowest rank)."""
+    the rank with the least load (ties: lowest rank) among those with room: fewer than floor(E / N) experts, or
+    exactly that many while fewer than E mod N ranks hold one more."""
     num_experts = len(counts)
-    room = np.full(ranks, -(-num_experts // ranks))
+    base, extra = divmod(num_experts, ranks)  # every rank holds `base` experts, `extra` of them one more
+    held = np.zeros(ranks, dtype=np.int64)
     load = np.zeros(ranks, dtype=np.float64)
     owner = np.empty(num_experts, dtype=np.int32)
     for expert in np.argsort(-np.asarray(counts, dtype=np.float64), kind="stable"):
-        open_ranks = np.flatnonzero(room > 0)
+        open_ranks = np.flatnonzero((held < base) | ((held == base) & (extra > 0)))
         rank = open_ranks[np.argmin(load[open_ranks])]
+        if held[rank] == base:
+            extra -= 1
         owner[expert] = rank
         load[rank] += counts[expert]
-        room[rank] -= 1
+        held[rank] += 1
     return owner
 
 
