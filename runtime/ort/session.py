@@ -7,8 +7,8 @@ Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manife
 cut at the MoE layers' routed experts (export/ort/split.py): each call runs segment 0, the kernel on its outputs,
 segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
 address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
-faults in only this rank's experts, gives the kernel -1 for the other ranks' pairs and sums the ranks' outputs
-after each MoE layer. The segments' sessions stop their threads spinning when a run returns
+reads only this rank's experts, gives the kernel their positions (-1 for the other ranks' pairs) and sums the
+ranks' outputs after each MoE layer. The segments' sessions stop their threads spinning when a run returns
 (`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need.
 """
 
@@ -66,6 +66,7 @@ class OrtSession:
         self._device = "cuda" if section.provider == "CUDAExecutionProvider" else "cpu"
         self._segments: list[Segment] = []
         self._experts: list[KernelLayer] = []
+        self._kernel_description = "none"
         self.group = expert_group
         if expert_group is not None and not section.segmented:
             raise MoetrtError("--expert-parallel runs engines whose routed experts are moetrt's CPU kernel; this one "
@@ -75,9 +76,15 @@ class OrtSession:
             for segment in section.segments:
                 session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
-            self._experts = _load_experts(manifest, section, self._segments, threads, expert_group)
+            self._experts, self._kernel_description = _load_experts(manifest, section, self._segments, threads,
+                                                                    expert_group)
         else:
             self._session = _open_graph(manifest, section.model, options, providers)
+        # What must match across expert-parallel ranks for their routing to agree bit for bit (runtime/parallel).
+        experts = manifest.artifacts.get(section.experts_file or "")
+        self.fingerprint = "; ".join((f"onnxruntime {ort.__version__}", f"threads {threads or 'default'}",
+                                      f"kernel {self._kernel_description.split(' (')[0]}",
+                                      f"experts.bin {experts.sha256[:12] if experts else 'none'}"))
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
@@ -197,26 +204,29 @@ def _span(data: np.ndarray, span, bits: int) -> np.ndarray:
     return view.view(np.float32) if bits == 32 else view
 
 
-def _fault_in_experts(mapped: mmap.mmap, data: np.ndarray, span, layer, experts: np.ndarray) -> None:
-    """Read the pages of `experts` (ids) within `span` of experts.bin (each expert's packed weights are
-    contiguous, span bytes / num_experts long) and nothing else."""
+def _read_local_experts(file, span, layer, experts: np.ndarray) -> np.ndarray:
+    """The packed weights of `experts` (ids, ascending) within `span` of experts.bin, read into one private
+    contiguous array in that order (each expert's bytes are contiguous, span bytes / num_experts long): float32
+    for bits 32, else uint8. Raises MoetrtError for a file shorter than the manifest says."""
     itemsize = 4 if layer.bits == 32 else 1
     per_expert = span.count * itemsize // layer.num_experts
-    for expert in experts:
-        start = span.offset + int(expert) * per_expert
-        aligned = start - start % mmap.PAGESIZE
-        if hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_WILLNEED, aligned, start + per_expert - aligned)
-        data[start: start + per_expert: mmap.PAGESIZE].sum()
+    out = np.empty(len(experts) * per_expert, dtype=np.uint8)
+    for position, expert in enumerate(experts):
+        file.seek(span.offset + int(expert) * per_expert)
+        if file.readinto(memoryview(out)[position * per_expert: (position + 1) * per_expert]) != per_expert:
+            raise MoetrtError("experts.bin is shorter than the manifest's expert layers say; rebuild the engine")
+    return out.view(np.float32) if layer.bits == 32 else out
 
 
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
-                  threads: int | None, group=None) -> list[KernelLayer]:
+                  threads: int | None, group=None) -> tuple[list[KernelLayer], str]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
     it in now, so the first calls do not pay for it; one kernel per MoE layer. (Reading it into private,
     huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.) With an
-    expert-parallel `group`, only this rank's experts are faulted in: the others' pages are never touched, so
-    they take no memory here."""
+    expert-parallel `group`, only this rank's experts are read, into private memory (nothing is mapped: the page
+    cache's large folios would make a mapping resident 2 MB at a time, other ranks' small experts included), and
+    each kernel holds just those (the group turns expert ids into positions among them). Returns the kernels and
+    which build of the kernel runs them."""
     from moetrt.plugins.cpu_experts import CpuExperts, expert_kernel, load_library, native_library
 
     choice = expert_kernel(section.kernels, manifest.directory)
@@ -229,18 +239,21 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
                                    "changed file)")
     note(f"experts: moetrt's CPU kernel, {choice.description}")
     assert section.experts_file is not None
-    with open(manifest.path(section.experts_file), "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    data = np.frombuffer(mapped, dtype=np.uint8)
     if group is None:
+        with open(manifest.path(section.experts_file), "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if hasattr(mapped, "madvise"):
             mapped.madvise(mmap.MADV_WILLNEED)
+        data = np.frombuffer(mapped, dtype=np.uint8)
         data[:: mmap.PAGESIZE].sum()  # touch every page
     else:
         group.place([layer.num_experts for layer in section.expert_layers])
-        for index, layer in enumerate(section.expert_layers):
-            for span in (layer.gate_up, layer.down):
-                _fault_in_experts(mapped, data, span, layer, group.local_experts(index))
+        local = {}
+        with open(manifest.path(section.experts_file), "rb", buffering=0) as f:
+            for index, layer in enumerate(section.expert_layers):
+                experts = group.local_experts(index)
+                local[index] = (len(experts), *(_read_local_experts(f, span, layer, experts)
+                                                for span in (layer.gate_up, layer.down)))
     layers = []
     for index, layer in enumerate(section.expert_layers):
         produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}
@@ -248,8 +261,12 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
             if produced.get(name) != wanted:
                 raise MoetrtError(f"engine segment {index} gives {name} as {produced.get(name)}, the expert kernel "
                                   f"takes {wanted}; rebuild the engine")
-        gate_up, down = (_span(data, span, layer.bits) for span in (layer.gate_up, layer.down))
-        kernel = CpuExperts(gate_up, down, layer.num_experts, layer.hidden_size, layer.intermediate_size,
+        if group is None:
+            count = layer.num_experts
+            gate_up, down = (_span(data, span, layer.bits) for span in (layer.gate_up, layer.down))
+        else:
+            count, gate_up, down = local[index]
+        kernel = CpuExperts(gate_up, down, count, layer.hidden_size, layer.intermediate_size,
                             layer.slices, threads, library, bits=layer.bits, group_size=layer.group_size)
         layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
-    return layers
+    return layers, choice.description

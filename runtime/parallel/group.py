@@ -29,8 +29,10 @@ from moetrt.runtime.parallel.options import ExpertParallelOptions
 
 # MPICH reads these at MPI_Init: shared memory between the ranks of one host, no sockets at all.
 LOOPBACK_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "shm"}
-ALIVE_TAG = 7301
-ALIVE_GRACE = 2.0  # seconds the ranks that timed out wait for each other's "alive" messages
+PING_TAG, PONG_TAG = 7301, 7302  # liveness pings between ranks (wait)
+ALIVE_GRACE = 2.0  # seconds a rank diagnosing a stall waits for the others' replies
+# After a SIGINT: MPICH's gforker sends SIGINT to the survivors when a rank dies, and SIGQUIT a second later.
+INTERRUPT_GRACE = 0.5
 STALL_FRACTION = 0.25  # a wait longer than this part of the timeout (at least a second) makes problem() report it
 INSTALL_HINT = "pip install 'moetrt[mpi]' (mpi4py and MPICH's wheel), then launch with `mpiexec -n N moetrt ...`"
 
@@ -94,13 +96,18 @@ class ExpertGroup:
         node.Free()
         self.timeout = float(options.timeout)
         self.owners: list[np.ndarray] = []
+        self._positions: list[np.ndarray] = []
         self.stats = CombineStats()
         self.lock = threading.RLock()  # one thread at a time talks MPI on a rank
         self._waiting_since: float | None = None
         self._waiting_for = ""
         self._failed: str | None = None
+        self._sends: list = []  # liveness messages still in flight (their buffers must live until sent)
+        self.interrupted = False  # set by SIGINT handlers (mirror.py): look for a dead rank at once
         self.routing_counts: list[np.ndarray] | None = None
         self.mirrored = False  # rank 0 opened its MirroredSession (mirror.py)
+        self.readied = False  # this rank took part in the end-of-loading Allgather (mirror.ready)
+        self.following = False  # a rank other than 0 entered its loop (mirror.follow)
 
     # -- placement ------------------------------------------------------------------------------------------
 
@@ -113,8 +120,18 @@ class ExpertGroup:
         from moetrt.formats import read_routing_counts
         from moetrt.runtime.parallel.placement import placement
 
+        if self.size > min(num_experts, default=self.size):
+            raise MoetrtError(f"{self.size} ranks but {min(num_experts)} routed experts per layer: every rank must "
+                              f"hold at least one; launch at most {min(num_experts)} ranks")
         counts = read_routing_counts(self.options.placement) if self.options.placement else None
         self.owners = placement(num_experts, self.size, counts)
+        # global expert id -> position among this rank's experts (its kernel holds only those), -1 elsewhere
+        self._positions = []
+        for owner in self.owners:
+            positions = np.full(len(owner), -1, dtype=np.int32)
+            mine = np.flatnonzero(owner == self.rank)
+            positions[mine] = np.arange(len(mine), dtype=np.int32)
+            self._positions.append(positions)
         self.stats.per_layer_seconds = [0.0] * len(num_experts)
         if self.options.record_routing is not None and self.rank == 0:
             self.routing_counts = [np.zeros(experts, dtype=np.int64) for experts in num_experts]
@@ -125,10 +142,11 @@ class ExpertGroup:
         return np.flatnonzero(self.owners[layer] == self.rank)
 
     def local_ids(self, layer: int, ids: np.ndarray) -> np.ndarray:
-        """topk ids `[T, k]` int32 with the pairs of other ranks' experts replaced by -1 (the kernel skips them)."""
+        """topk ids `[T, k]` int32 (global expert ids) as positions among this rank's experts (`local_experts`
+        order, what its kernel holds), -1 for the pairs of other ranks' experts (the kernel skips them)."""
         if self.routing_counts is not None:
             self.routing_counts[layer] += np.bincount(ids.ravel(), minlength=len(self.owners[layer]))
-        return np.where(self.owners[layer][ids] == self.rank, ids, np.int32(-1)).astype(np.int32)
+        return self._positions[layer][ids]
 
     def _write_routing_counts(self, num_experts: int) -> None:
         from moetrt.formats import RoutingCounts, write_routing_counts
@@ -178,8 +196,11 @@ class ExpertGroup:
     # -- waiting --------------------------------------------------------------------------------------------
 
     def wait(self, request, what: str, timeout: float | None = None) -> None:
-        """Complete a nonblocking MPI request, spinning for the first millisecond, then polling every 0.2 ms.
-        After `timeout` seconds (default options.timeout) the rank exits (`fail`)."""
+        """Complete a nonblocking MPI request, spinning for the first millisecond, then polling every 0.2 ms and
+        answering other ranks' liveness pings. After `timeout` seconds (default options.timeout), or as soon as
+        `interrupted` is set (SIGINT: the launcher stops the survivors when a rank dies), the rank asks who is
+        alive and exits (`fail`) naming the ranks that did not answer; after an interruption with every rank alive
+        it goes on waiting."""
         limit = self.timeout if timeout is None else timeout
         if request.Test():
             return
@@ -189,8 +210,15 @@ class ExpertGroup:
             while not request.Test():
                 waited = time.monotonic() - start
                 if waited > limit:
-                    self.fail(f"{self._missing_ranks(what)} within {limit:g}s")
+                    missing = self._missing_ranks(what) or f"the ranks answer but did not all reach {what}"
+                    self.fail(f"{missing} within {limit:g}s")
+                if self.interrupted:
+                    self.interrupted = False
+                    missing = self._missing_ranks(what, grace=INTERRUPT_GRACE)
+                    if missing:
+                        self.fail(f"{missing} (found on an interrupt)")
                 if waited > 1e-3:
+                    self._answer_pings()
                     time.sleep(2e-4)
         finally:
             self._waiting_since = None
@@ -205,25 +233,42 @@ class ExpertGroup:
                     f"({self._waiting_for})")
         return None
 
-    def _missing_ranks(self, what: str) -> str:
-        """Ask who is alive: every rank that timed out sends a message to all others and collects theirs for
-        ALIVE_GRACE seconds. Returns "rank 2 did not reach <what>" (or a plural)."""
-        payload = np.array([self.rank], dtype=np.int64)
+    def _answer_pings(self) -> None:
+        """Reply to every liveness ping waiting for this rank (another rank is diagnosing a stall)."""
+        status = self.MPI.Status()
+        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PING_TAG, status=status):
+            ping = np.empty(1, dtype=np.int64)
+            self.comm.Recv(ping, source=status.Get_source(), tag=PING_TAG)
+            self._sends.append(self.comm.Isend(ping, dest=status.Get_source(), tag=PONG_TAG))
+        self._sends = [send for send in self._sends if not send.Test()]
+
+    def _missing_ranks(self, what: str, grace: float = ALIVE_GRACE) -> str:
+        """Ping every other rank and collect the replies for `grace` seconds (answering their pings meanwhile:
+        ranks waiting in the same step answer, a dead or stopped one cannot). Returns "rank 2 (of 4) did not reach
+        <what> (dead or hung)", or "" when every rank answered."""
         for rank in range(self.size):
             if rank != self.rank:
-                self.comm.Isend(payload, dest=rank, tag=ALIVE_TAG)
+                self._sends.append(self.comm.Isend(np.array([self.rank], dtype=np.int64), dest=rank, tag=PING_TAG))
         heard = {self.rank}
-        deadline = time.monotonic() + ALIVE_GRACE
+        deadline = time.monotonic() + grace
+        status = self.MPI.Status()
         while time.monotonic() < deadline and len(heard) < self.size:
-            for rank in range(self.size):
-                if rank not in heard and self.comm.Iprobe(source=rank, tag=ALIVE_TAG):
-                    heard.add(rank)
+            self._answer_pings()
+            while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PONG_TAG, status=status):
+                pong = np.empty(1, dtype=np.int64)
+                self.comm.Recv(pong, source=status.Get_source(), tag=PONG_TAG)
+                heard.add(status.Get_source())
             time.sleep(0.01)
         missing = [rank for rank in range(self.size) if rank not in heard]
         if not missing:
-            return f"the ranks answer but did not all reach {what}"
+            return ""
         names = ", ".join(map(str, missing))
         return f"rank{'s' if len(missing) > 1 else ''} {names} (of {self.size}) did not reach {what} (dead or hung)"
+
+    def stopped_by_launcher(self, number: int, _frame=None) -> None:
+        """SIGQUIT handler: MPICH's gforker sends it a second after SIGINT when a rank has died; end with status 1
+        (dying of the signal would let gforker exit 0)."""
+        self.fail(f"stopped by the launcher (signal {number}), which does so when another rank exits")
 
     def fail(self, reason: str) -> None:
         """Exit this process at once with one line on stderr (exit status 1): MPI cannot recover a job that lost a

@@ -14,6 +14,8 @@ ints, then per array an int64 dtype code, its dimensions, and its bytes padded t
 from __future__ import annotations
 
 import atexit
+import contextlib
+import signal
 import threading
 import time
 import weakref
@@ -153,8 +155,12 @@ class MirroredSession:
         self._next_id = 0
         self._last_sent = time.monotonic()
         self._closed = False
+        prints = ready(group, inner.fingerprint)
+        failed = [rank for rank, other in enumerate(prints) if not other]
+        if failed:
+            raise MoetrtError(f"expert-parallel rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
+                              "could not open the engine (the error is above)")
         group.mirrored = True
-        ready(group)
         atexit.register(self.close)
         threading.Thread(target=self._heartbeat, name="moetrt-ep-heartbeat", daemon=True).start()
 
@@ -186,11 +192,12 @@ class MirroredSession:
         with self.group.lock:
             self.queue(OP_RUN, past.cache.cache_id, [new_rows.steps, int(own_mask)], sent)
             self._send()
-            try:
-                return self.inner.run(*arrays, list(past), list(new_rows))
-            except Exception as error:  # the other ranks are inside this call: the job cannot go on
-                self.group.fail(f"rank 0's step failed ({type(error).__name__}: {error})")
-                raise
+            with _interrupts_deferred(self.group):
+                try:
+                    return self.inner.run(*arrays, list(past), list(new_rows))
+                except Exception as error:  # the other ranks are inside this call: the job cannot go on
+                    self.group.fail(f"rank 0's step failed ({type(error).__name__}: {error})")
+                    raise
 
     def _send(self) -> None:
         """Broadcast the queued records (the caller holds group.lock)."""
@@ -225,23 +232,90 @@ class MirroredSession:
             self._closed = True
             self.queue(OP_STOP, 0)
             self._send()
+            check_in(self.group, "the end of the job")  # a rank that died meanwhile makes this exit 1
+
+
+@contextlib.contextmanager
+def _interrupts_deferred(group: ExpertGroup):
+    """Hold a SIGINT (Ctrl-C, or the launcher telling the ranks to stop) that arrives during a step until the step
+    ends, then raise KeyboardInterrupt: the other ranks are inside the same step, and abandoning it would leave
+    them waiting. Only the main thread receives signals; elsewhere (the server's scheduler) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def held(number, _frame):
+        caught.append(number)
+        group.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, held)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def release_unused(group: ExpertGroup) -> None:
-    """At rank 0's exit when it never opened the engine (the command failed first): let the other ranks finish
-    loading, then stop them."""
-    if group.rank != 0 or group.mirrored:
+    """At rank 0's exit when its session never started (the command failed first, or the ranks disagreed): let
+    the other ranks finish loading, then stop them (the end-of-job check included)."""
+    if group.mirrored:
         return
-    ready(group)
+    if not group.readied:
+        ready(group, "")
     header, payload = np.zeros(1, dtype=np.int64), encode([(OP_STOP, 0, [], [])])
     header[0] = payload.size
     group.wait(group.comm.Ibcast(header, root=0), "the stop message")
     group.wait(group.comm.Ibcast(payload, root=0), "the stop message")
+    check_in(group, "the end of the job")
 
 
-def ready(group: ExpertGroup) -> None:
-    """Every rank has loaded its share of the engine (a barrier with STARTUP_TIMEOUT)."""
-    group.wait(group.comm.Ibarrier(), "the end of loading the engine", timeout=max(STARTUP_TIMEOUT, group.timeout))
+def leave_unused(group: ExpertGroup) -> None:
+    """At the exit of a rank other than 0 that never served (it could not open the engine, or differs from rank
+    0): take part in the loading barrier if it has not, then wait for rank 0's stop, so rank 0 ends at once with
+    an error naming this rank instead of waiting for it."""
+    if group.following:
+        return
+    if not group.readied:
+        ready(group, "")
+    header = np.zeros(1, dtype=np.int64)
+    while True:
+        group.wait(group.comm.Ibcast(header, root=0), "rank 0's stop message")
+        payload = np.empty(int(header[0]), dtype=np.uint8)
+        group.wait(group.comm.Ibcast(payload, root=0), "rank 0's stop message")
+        if any(op == OP_STOP for op, *_ in decode(payload)):
+            check_in(group, "the end of the job")
+            return
+
+
+FINGERPRINT_BYTES = 512
+
+
+def ready(group: ExpertGroup, fingerprint: str) -> list[str]:
+    """Every rank has loaded its share of the engine: an Allgather (with STARTUP_TIMEOUT) of each rank's session
+    fingerprint (onnxruntime version, threads, kernel build, engine), which must agree: ranks whose numerics
+    differ could route a token differently, and the combined output would be wrong without any error. Raises
+    MoetrtError naming the first rank that differs from rank 0; returns every rank's fingerprint ("" for a rank
+    that ends without opening the engine: not compared)."""
+    mine = np.zeros(FINGERPRINT_BYTES, dtype=np.uint8)
+    data = fingerprint.encode()[:FINGERPRINT_BYTES]
+    mine[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    every = np.zeros((group.size, FINGERPRINT_BYTES), dtype=np.uint8)
+    group.wait(group.comm.Iallgather(mine, every), "the end of loading the engine",
+               timeout=max(STARTUP_TIMEOUT, group.timeout))
+    group.readied = True
+    prints = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
+    if not prints[0] or not fingerprint:
+        return prints
+    for rank, other in enumerate(prints):
+        if other and other != prints[0]:
+            ours, theirs = prints[0].split("; "), other.split("; ")
+            differ = ", ".join(f"{b} (rank 0: {a})" for a, b in zip(ours, theirs) if a != b)
+            raise MoetrtError(f"expert-parallel rank {rank} differs from rank 0 in {differ}: every rank must run the "
+                              "same engine, onnxruntime, kernel build and threads (pass the same --threads N)")
+    return prints
 
 
 def check_in(group: ExpertGroup, what: str) -> None:
@@ -252,8 +326,12 @@ def check_in(group: ExpertGroup, what: str) -> None:
 
 def follow(session, group: ExpertGroup) -> None:
     """The loop of ranks other than 0: replay rank 0's cache moves and calls on `session` (their ONNX Runtime
-    session, holding their experts) until rank 0 stops; then end the process (exit status 0)."""
-    ready(group)
+    session, holding their experts) until rank 0 stops; then end the process (exit status 0). SIGINT and SIGTERM
+    are ignored here: rank 0 decides when the job ends (a server drains first), and a rank that died is caught by
+    the timeouts."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda _number, _frame: setattr(group, "interrupted", True))
+    ready(group, session.fingerprint)
     try:
         _follow(session, group)
     except Exception as error:  # a failed call (it failed on rank 0 too, most likely) or a broken message
@@ -261,6 +339,7 @@ def follow(session, group: ExpertGroup) -> None:
 
 
 def _follow(session, group: ExpertGroup) -> None:
+    group.following = True
     caches: dict[int, Any] = {}
     masks: dict[int, np.ndarray] = {}  # per cache, what its last attention_mask returned
     header = np.zeros(1, dtype=np.int64)
@@ -270,6 +349,7 @@ def _follow(session, group: ExpertGroup) -> None:
         group.wait(group.comm.Ibcast(payload, root=0), "rank 0's next step")
         for op, cache_id, ints, arrays in decode(payload):
             if op == OP_STOP:
+                check_in(group, "the end of the job")
                 raise SystemExit(0)
             if op == OP_HEARTBEAT:
                 check_in(group, "a heartbeat")
