@@ -12,7 +12,7 @@ ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
 .PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench bench-serve serve train-tiny build-engine \
-	demo llamacpp bench-quantized
+	demo llamacpp bench-quantized bench-ep
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,14 @@ llamacpp: $(STAMP)
 # transformers'); writes bench/results/quantized.md. Options in QUANT_BENCH_ARGS, e.g. "--extra-gguf q4_k_m".
 bench-quantized: $(STAMP)
 	$(PY) -m moetrt.bench.quantized $(QUANT_BENCH_ARGS)
+
+# Expert parallelism on ds-mini: the plain engine beside `mpiexec.gforker -n N` (N = 1, 2, 4; Allreduce and Alltoallv
+# combines) in one run: decode tok/s at batch 1 and 8, a 512-token prefill, the combine time per step and per MoE
+# layer, per-rank peak RSS and resident experts, greedy equality with the plain engine (about 5 minutes on 2 cores;
+# needs the mpi extra; the first run builds the fp32 engine into bench/engines). Writes
+# bench/results/expert_parallel.md. Options in EP_BENCH_ARGS, e.g. "--quantize int4" or "--ranks 1,2".
+bench-ep: $(STAMP)
+	$(PY) -m moetrt.bench.expert_parallel $(EP_BENCH_ARGS)
 
 # The serving benchmark (moetrt bench serve; not part of `make test`): tiny-r1 behind `moetrt serve` at 8 and 32
 # streams in flight, 1 in 8 prompts long, chunked prefill against whole-prompt prefill in alternating rounds;
