@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from moetrt.bench.systems import Timer, prompts_for
 
 EXPERTS_FILE = "experts.bin"
@@ -110,7 +112,6 @@ def isolated_combine(group, config, repeats: dict[int, int]) -> dict[str, dict[s
     the exchange and the sums, without the wait for a slower rank that the in-engine figures include. Per token
     count T (`repeats`: T -> calls), median and min ms on this rank's clock. Every rank must call it, before the
     engine loads (the engine's placement then replaces this one's)."""
-    import numpy as np
 
     experts, top_k, hidden = config.n_routed_experts, config.num_experts_per_tok, config.hidden_size
     group.place([experts])
