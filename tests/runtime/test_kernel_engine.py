@@ -14,11 +14,10 @@ from tests.runtime.test_tiny_r1_engine import TINY_R1, moetrt_cli
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny-r1-kernel"
-    result = moetrt_cli("build-engine", TINY_R1, "-o", out, "--backend", "ort", "--moe-kernel", "moetrt")
-    assert result.returncode == 0, result.stderr
-    return out
+def engine(tiny_r1_quantized):
+    """tiny-r1 with its routed experts in moetrt's kernel: the session's build, shared with the expert-parallel
+    tests (tests that change it work on a copy)."""
+    return tiny_r1_quantized("none", "moetrt")
 
 
 def test_manifest_describes_segments_and_experts(engine):
