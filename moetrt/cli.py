@@ -12,7 +12,26 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-import typer
+
+def _exit_1_on_launcher_stop() -> None:
+    """Until MPI starts and runtime/parallel installs its own handlers: a rank that another rank's death stops
+    (MPICH's gforker sends SIGINT, then SIGQUIT) exits with status 1 and one line, not a traceback or a death by
+    signal that gforker would count as success."""
+    import signal
+
+    def stop(number, _frame):
+        sys.stderr.write(f"error: expert parallelism: stopped by the launcher (signal {number}) while starting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    for number in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(number, stop)
+
+
+if "--expert-parallel" in sys.argv[1:]:  # before the imports below: they take most of a second
+    _exit_1_on_launcher_stop()
+
+import typer  # noqa: E402
 
 from moetrt import progress
 from moetrt.errors import MoetrtError
@@ -148,13 +167,22 @@ def _expert_parallel(engine: Path, enabled: bool, placement: Optional[Path], com
                                           ("--ep-timeout", timeout != EP_DEFAULT_TIMEOUT)) if value]
         if given:
             raise MoetrtError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --expert-parallel")
+        ranks = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+        if ranks.isdigit() and int(ranks) > 1 and os.environ.get("PMI_RANK", "0") in ("0", ""):
+            typer.echo(f"warning: launched as one of {ranks} MPI ranks without --expert-parallel: every rank runs the "
+                       "whole command on its own; add --expert-parallel to split the experts over them", err=True)
         return None
     options = ExpertParallelOptions(placement=placement, combine=combine, timeout=timeout,  # type: ignore[arg-type]
                                     record_routing=record_routing)
+    import signal
+
     from moetrt.runtime.engine import Engine
     from moetrt.runtime.parallel.job import join
 
-    if join(options).rank != 0:
+    group = join(options)  # installs the SIGQUIT handler
+    if group.rank == 0:  # Ctrl-C as without MPI (mirror.py holds it during a step); the others keep main()'s
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # handler until their loop takes over
+    else:
         Engine.load(engine, threads=threads, expert_parallel=options)  # returns only on rank 0
     return options
 

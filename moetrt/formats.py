@@ -389,9 +389,13 @@ def read_routing_counts(path: str | Path) -> RoutingCounts:
     """Read a routing-counts file; MoetrtError naming the problem and the fix (record it again) otherwise."""
     path = Path(path)
     fix = "record it again with `--expert-parallel --record-routing FILE`"
-    if not path.is_file():
+    if not path.exists():
         raise MoetrtError(f"routing-counts file {path} does not exist; {fix}")
+    if not path.is_file():
+        raise MoetrtError(f"routing-counts file {path} is not a file; {fix}")
     data = read_json_object(path, fix)
+    if data.get("format") != ROUTING_FORMAT:
+        raise MoetrtError(f"{path} is not a routing-counts file (no \"format\": \"{ROUTING_FORMAT}\"); {fix}")
     _check_header(data, path, ROUTING_FORMAT, (ROUTING_FORMAT_VERSION,), fix)
     return _load(RoutingCounts, data, path, fix)
 

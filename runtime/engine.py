@@ -64,6 +64,9 @@ def open_session(manifest: EngineManifest, threads: int | None = None,
     from moetrt.runtime.parallel.mirror import MirroredSession, follow
 
     group = join(expert_parallel if isinstance(expert_parallel, ExpertParallelOptions) else ExpertParallelOptions())
+    if group.mirrored:
+        raise MoetrtError("this MPI job already runs an expert-parallel engine: load one per job (keep the Engine "
+                          "and reuse it)")
     session = backend.open_session(manifest, threads or group.default_threads, expert_group=group)
     if group.rank != 0:
         follow(session, group)

@@ -16,11 +16,13 @@ HTTP server on rank 0 answers 503.
 from __future__ import annotations
 
 import atexit
+import codecs
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +52,58 @@ class CombineStats:
     def reset(self) -> None:
         self.calls, self.seconds, self.bytes = 0, 0.0, 0
         self.per_layer_seconds = [0.0] * len(self.per_layer_seconds)
+
+
+def _check_writable(path: Path) -> None:
+    """MoetrtError now, not at the end of the job, when `path` cannot be written (a file made for the check is
+    removed)."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise MoetrtError(f"cannot write --record-routing {path} ({error.strerror}); give a writable path") from None
+    if not existed:
+        path.unlink()
+
+
+def ascii_output_only(environ: dict[str, str]) -> bool:
+    """True under a launcher that forwards only ASCII output: MPICH's gforker (it sets PMI_FD but none of hydra's
+    MPI_LOCALNRANKS / PMI_HOSTNAME), whose forwarding stops at the first byte above 0x80."""
+    return "PMI_FD" in environ and "MPI_LOCALNRANKS" not in environ and "PMI_HOSTNAME" not in environ
+
+
+ASCII_ESCAPE = "moetrt_ascii_escape"
+
+
+class _EscapingEncoder(codecs.IncrementalEncoder):
+    def encode(self, input: str, final: bool = False) -> bytes:
+        return input.encode("ascii", "backslashreplace")
+
+
+class _AsciiDecoder(codecs.IncrementalDecoder):
+    def decode(self, input: bytes, final: bool = False) -> str:
+        return bytes(input).decode("ascii", "replace")
+
+
+def _find_ascii_escape(name: str) -> codecs.CodecInfo | None:
+    if name != ASCII_ESCAPE:
+        return None
+    return codecs.CodecInfo(
+        encode=lambda text, errors="strict": (text.encode("ascii", "backslashreplace"), len(text)),
+        decode=lambda data, errors="strict": (bytes(data).decode("ascii", "replace"), len(data)),
+        incrementalencoder=_EscapingEncoder, incrementaldecoder=_AsciiDecoder, name=ASCII_ESCAPE)
+
+
+def escape_non_ascii_output() -> None:
+    """Write non-ASCII characters on stdout and stderr as Python escapes (`\\u2026`), so a launcher that forwards
+    ASCII only (ascii_output_only) loses nothing that follows them. A codec of its own name, not "ascii" with
+    errors="backslashreplace": click takes an ASCII stream for a misconfigured one and writes UTF-8 around it."""
+    codecs.register(_find_ascii_escape)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(encoding=ASCII_ESCAPE)
 
 
 def single_host_launch(environ: dict[str, str]) -> bool:
@@ -103,6 +157,7 @@ class ExpertGroup:
         self._waiting_for = ""
         self._failed: str | None = None
         self._sends: list = []  # liveness messages still in flight (their buffers must live until sent)
+        self._sends_lock = threading.Lock()
         self.interrupted = False  # set by SIGINT handlers (mirror.py): look for a dead rank at once
         self.routing_counts: list[np.ndarray] | None = None
         self.mirrored = False  # rank 0 opened its MirroredSession (mirror.py)
@@ -134,8 +189,17 @@ class ExpertGroup:
             self._positions.append(positions)
         self.stats.per_layer_seconds = [0.0] * len(num_experts)
         if self.options.record_routing is not None and self.rank == 0:
+            _check_writable(self.options.record_routing)
             self.routing_counts = [np.zeros(experts, dtype=np.int64) for experts in num_experts]
             atexit.register(self._write_routing_counts, max(num_experts, default=0))
+
+    def describe(self, session_fingerprint: str) -> str:
+        """`session_fingerprint` plus what this group decided (the combine, a digest of the placement): what every
+        rank must agree on (mirror.ready)."""
+        import hashlib
+
+        digest = hashlib.sha256(b"".join(owner.tobytes() for owner in self.owners)).hexdigest()[:12]
+        return f"{session_fingerprint}; combine {self.options.combine}; placement {digest}"
 
     def local_experts(self, layer: int) -> np.ndarray:
         """The expert ids of `layer` this rank holds, ascending."""
@@ -153,7 +217,12 @@ class ExpertGroup:
 
         assert self.routing_counts is not None and self.options.record_routing is not None
         counts = RoutingCounts(num_experts, tuple(tuple(int(c) for c in layer) for layer in self.routing_counts))
-        write_routing_counts(self.options.record_routing, counts)
+        try:
+            write_routing_counts(self.options.record_routing, counts)
+        except OSError as error:
+            print(f"error: cannot write the routing counts to {self.options.record_routing} ({error.strerror})",
+                  file=sys.stderr)
+            return
         print(f"expert parallelism: wrote routing counts to {self.options.record_routing}", file=sys.stderr)
 
     # -- combine --------------------------------------------------------------------------------------------
@@ -195,12 +264,12 @@ class ExpertGroup:
 
     # -- waiting --------------------------------------------------------------------------------------------
 
-    def wait(self, request, what: str, timeout: float | None = None) -> None:
+    def wait(self, request, what: str, timeout: float | None = None, check_on_interrupt: bool = True) -> None:
         """Complete a nonblocking MPI request, spinning for the first millisecond, then polling every 0.2 ms and
         answering other ranks' liveness pings. After `timeout` seconds (default options.timeout), or as soon as
         `interrupted` is set (SIGINT: the launcher stops the survivors when a rank dies), the rank asks who is
         alive and exits (`fail`) naming the ranks that did not answer; after an interruption with every rank alive
-        it goes on waiting."""
+        it goes on waiting (`check_on_interrupt` False: an interrupt changes nothing here)."""
         limit = self.timeout if timeout is None else timeout
         if request.Test():
             return
@@ -212,13 +281,13 @@ class ExpertGroup:
                 if waited > limit:
                     missing = self._missing_ranks(what) or f"the ranks answer but did not all reach {what}"
                     self.fail(f"{missing} within {limit:g}s")
-                if self.interrupted:
+                if self.interrupted and check_on_interrupt:
                     self.interrupted = False
                     missing = self._missing_ranks(what, grace=INTERRUPT_GRACE)
                     if missing:
                         self.fail(f"{missing} (found on an interrupt)")
                 if waited > 1e-3:
-                    self._answer_pings()
+                    self.answer_pings()
                     time.sleep(2e-4)
         finally:
             self._waiting_since = None
@@ -233,27 +302,30 @@ class ExpertGroup:
                     f"({self._waiting_for})")
         return None
 
-    def _answer_pings(self) -> None:
+    def answer_pings(self) -> None:
         """Reply to every liveness ping waiting for this rank (another rank is diagnosing a stall)."""
         status = self.MPI.Status()
-        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PING_TAG, status=status):
-            ping = np.empty(1, dtype=np.int64)
-            self.comm.Recv(ping, source=status.Get_source(), tag=PING_TAG)
-            self._sends.append(self.comm.Isend(ping, dest=status.Get_source(), tag=PONG_TAG))
-        self._sends = [send for send in self._sends if not send.Test()]
+        with self._sends_lock:
+            while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PING_TAG, status=status):
+                ping = np.empty(1, dtype=np.int64)
+                self.comm.Recv(ping, source=status.Get_source(), tag=PING_TAG)
+                self._sends.append(self.comm.Isend(ping, dest=status.Get_source(), tag=PONG_TAG))
+            self._sends = [send for send in self._sends if not send.Test()]
 
     def _missing_ranks(self, what: str, grace: float = ALIVE_GRACE) -> str:
         """Ping every other rank and collect the replies for `grace` seconds (answering their pings meanwhile:
         ranks waiting in the same step answer, a dead or stopped one cannot). Returns "rank 2 (of 4) did not reach
         <what> (dead or hung)", or "" when every rank answered."""
-        for rank in range(self.size):
-            if rank != self.rank:
-                self._sends.append(self.comm.Isend(np.array([self.rank], dtype=np.int64), dest=rank, tag=PING_TAG))
+        with self._sends_lock:
+            for rank in range(self.size):
+                if rank != self.rank:
+                    self._sends.append(self.comm.Isend(np.array([self.rank], dtype=np.int64), dest=rank,
+                                                       tag=PING_TAG))
         heard = {self.rank}
         deadline = time.monotonic() + grace
         status = self.MPI.Status()
         while time.monotonic() < deadline and len(heard) < self.size:
-            self._answer_pings()
+            self.answer_pings()
             while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PONG_TAG, status=status):
                 pong = np.empty(1, dtype=np.int64)
                 self.comm.Recv(pong, source=status.Get_source(), tag=PONG_TAG)
@@ -267,8 +339,11 @@ class ExpertGroup:
 
     def stopped_by_launcher(self, number: int, _frame=None) -> None:
         """SIGQUIT handler: MPICH's gforker sends it a second after SIGINT when a rank has died; end with status 1
-        (dying of the signal would let gforker exit 0)."""
-        self.fail(f"stopped by the launcher (signal {number}), which does so when another rank exits")
+        (dying of the signal would let gforker exit 0). Names the ranks that no longer answer when half a second
+        tells."""
+        missing = self._missing_ranks("the launcher's stop", grace=INTERRUPT_GRACE)
+        self.fail(f"{missing}: stopped by the launcher (signal {number})" if missing else
+                  f"stopped by the launcher (signal {number}), which does so when another rank exits")
 
     def fail(self, reason: str) -> None:
         """Exit this process at once with one line on stderr (exit status 1): MPI cannot recover a job that lost a

@@ -155,7 +155,7 @@ class MirroredSession:
         self._next_id = 0
         self._last_sent = time.monotonic()
         self._closed = False
-        prints = ready(group, inner.fingerprint)
+        prints = ready(group, group.describe(inner.fingerprint))
         failed = [rank for rank, other in enumerate(prints) if not other]
         if failed:
             raise MoetrtError(f"expert-parallel rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
@@ -212,15 +212,17 @@ class MirroredSession:
     def _heartbeat(self) -> None:
         period = self.group.timeout / 4
         while not self._closed:
-            time.sleep(period / 4)
-            if time.monotonic() - self._last_sent < period or not self.group.lock.acquire(blocking=False):
+            time.sleep(min(period / 4, 0.25))
+            if not self.group.lock.acquire(blocking=False):
                 continue
             try:
                 if self._closed:
                     return
-                self.queue(OP_HEARTBEAT, 0)
-                self._send()
-                check_in(self.group, "a heartbeat")
+                self.group.answer_pings()  # rank 0 idle between steps still answers a rank asking who is alive
+                if time.monotonic() - self._last_sent >= period:
+                    self.queue(OP_HEARTBEAT, 0)
+                    self._send()
+                    check_in(self.group, "a heartbeat")
             finally:
                 self.group.lock.release()
 
@@ -331,7 +333,7 @@ def follow(session, group: ExpertGroup) -> None:
     the timeouts."""
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda _number, _frame: setattr(group, "interrupted", True))
-    ready(group, session.fingerprint)
+    ready(group, group.describe(session.fingerprint))
     try:
         _follow(session, group)
     except Exception as error:  # a failed call (it failed on rank 0 too, most likely) or a broken message
@@ -344,7 +346,9 @@ def _follow(session, group: ExpertGroup) -> None:
     masks: dict[int, np.ndarray] = {}  # per cache, what its last attention_mask returned
     header = np.zeros(1, dtype=np.int64)
     while True:
-        group.wait(group.comm.Ibcast(header, root=0), "rank 0's next step (rank 0 dead or hung)")
+        # Rank 0 may be busy outside MPI between steps (a chat waiting for its user): an interrupt does not make
+        # this wait ask who is alive; rank 0's heartbeats and the timeout cover it.
+        group.wait(group.comm.Ibcast(header, root=0), "rank 0's next step", check_on_interrupt=False)
         payload = np.empty(int(header[0]), dtype=np.uint8)
         group.wait(group.comm.Ibcast(payload, root=0), "rank 0's next step")
         for op, cache_id, ints, arrays in decode(payload):

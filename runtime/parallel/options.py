@@ -9,6 +9,7 @@ from typing import Literal
 
 COMBINE_CHOICES = ("allreduce", "alltoallv")
 DEFAULT_TIMEOUT = 20.0
+MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 86400.0  # a day: a rank that waits longer is lost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,9 @@ class ExpertParallelOptions:
         the tokens it computed an expert for, and every rank sums them in rank order).
     timeout: seconds a rank waits for the others at any step before it exits with an error naming the ranks that
         did not arrive (a dead or hung process); an idle rank 0 checks the others every timeout / 4 seconds.
-    record_routing: rank 0 counts each MoE layer's routed tokens per expert and writes them there at exit.
+    record_routing: rank 0 counts each MoE layer's routed tokens per expert and writes them there at exit (the
+        path is checked for writing when the job starts).
+    Raises MoetrtError for a combine not in COMBINE_CHOICES or a timeout outside [MIN_TIMEOUT, MAX_TIMEOUT].
     """
 
     placement: Path | None = None
@@ -37,5 +40,6 @@ class ExpertParallelOptions:
         if self.combine not in COMBINE_CHOICES:
             raise MoetrtError(f"expert-parallel combine must be one of {', '.join(COMBINE_CHOICES)}, not "
                               f"{self.combine!r}")
-        if not (isinstance(self.timeout, (int, float)) and self.timeout >= 1):
-            raise MoetrtError(f"--ep-timeout must be at least 1 second, got {self.timeout!r}")
+        if not (isinstance(self.timeout, (int, float)) and MIN_TIMEOUT <= self.timeout <= MAX_TIMEOUT):
+            raise MoetrtError(f"--ep-timeout must lie in [{MIN_TIMEOUT:g}, {MAX_TIMEOUT:g}] seconds, got "
+                              f"{self.timeout!r}")

@@ -438,3 +438,70 @@ def test_concurrent_streams_from_a_two_rank_server_equal_each_request_alone(kern
     port = int(url.rsplit(":", 1)[1])
     assert any(s.kind == "tcp" and s.local == ("127.0.0.1", port) for s in sockets), sockets
     assert mpi.off_loopback(sockets) == []
+
+
+# -- rough edges found by a break test ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("timeout", [0.5, float("inf"), 1e12, float("nan")])
+def test_a_timeout_outside_a_second_to_a_day_is_refused(timeout):
+    with pytest.raises(MoetrtError, match=r"--ep-timeout must lie in \[1, 86400\] seconds"):
+        ExpertParallelOptions(timeout=timeout)
+
+
+def test_only_a_launcher_without_hydras_variables_gets_ascii_escaped_output():
+    from moetrt.runtime.parallel.group import ascii_output_only
+
+    assert ascii_output_only({"PMI_FD": "8", "PMI_RANK": "0", "PMI_SIZE": "2"})  # MPICH's gforker
+    assert not ascii_output_only({"PMI_FD": "9", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "PMI_HOSTNAME": "vm"})
+    assert not ascii_output_only({})  # no launcher
+
+
+@needs_mpi
+def test_under_gforker_non_ascii_output_arrives_as_escapes_with_everything_after_it(kernel_engine):
+    """gforker stops forwarding a stream at its first non-ASCII byte; tiny-r1's chat output starts with
+    "Thinking…": the reply must arrive whole, the ellipsis as an escape."""
+    done = job(mpi.moetrt_job(2, "generate", kernel_engine, "What is 2+3?", "--expert-parallel", "--greedy",
+                              "-n", "24"))
+    assert done.returncode == 0, done.stderr
+    alone = subprocess.run([sys.executable, "-m", "moetrt.cli", "generate", str(kernel_engine), "What is 2+3?",
+                            "--greedy", "-n", "24"], capture_output=True, text=True, env=mpi.job_env(), timeout=120)
+    assert "Thinking\\u2026" in done.stdout and "…" in alone.stdout, (done.stdout, alone.stdout)
+    assert done.stdout.encode().decode("unicode_escape") == alone.stdout
+
+
+@needs_mpi
+def test_an_unwritable_record_routing_path_is_refused_before_any_work(kernel_engine, tmp_path):
+    done = job(mpi.moetrt_job(1, "generate", kernel_engine, "1+1=", "--raw", "--expert-parallel",
+                              "--record-routing", tmp_path / "missing-dir" / "counts.json"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.fullmatch(r"error: cannot write --record-routing \S+counts\.json \(No such file or directory\); give "
+                        r"a writable path\n", done.stderr), done.stderr
+    assert done.stdout == ""
+
+
+@needs_mpi
+def test_ranks_launched_without_expert_parallel_get_a_warning_once(kernel_engine):
+    done = job(mpi.moetrt_job(2, "generate", kernel_engine, "1+1=", "--raw", "--greedy", "-n", "2", "--json"))
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: launched as one of 2 MPI ranks without --expert-parallel: every rank runs the "
+                        "whole command on its own; add --expert-parallel to split the experts over them"], done.stderr
+    assert len(done.stdout.splitlines()) == 2  # two independent answers
+
+
+@needs_mpi
+def test_a_second_expert_parallel_engine_in_one_job_is_refused_at_once(kernel_engine, tmp_path):
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import sys\n"
+        "from moetrt.errors import MoetrtError\n"
+        "from moetrt.runtime.engine import Engine\n"
+        f"first = Engine.load({str(kernel_engine)!r}, expert_parallel=True)\n"
+        "try:\n"
+        f"    Engine.load({str(kernel_engine)!r}, expert_parallel=True)\n"
+        "except MoetrtError as error:\n"
+        "    print('refused:', error)\n"
+        "print(first.generate('1+1=', max_new_tokens=2, greedy=True).token_ids)\n")
+    done = job(mpi.gforker(2, sys.executable, script), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: this MPI job already runs an expert-parallel engine"), done.stdout
