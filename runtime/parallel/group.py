@@ -137,8 +137,8 @@ class ExpertGroup:
     """The ranks of one MPI job, each holding a share of every MoE layer's experts.
 
     `rank`, `size`: this process's rank and the job's size; `local_size`: ranks on this host (they share its
-    cores: `default_threads` is this host's cores divided among them). Set `owners` (per MoE layer the owner
-    rank of each expert, placement.py) before combining."""
+    cores: `default_threads` is this host's cores divided among them). `place` decides `owners` (per MoE layer
+    the owner rank of each expert, placement.py) before any combine. Made by job.join, once per process."""
 
     def __init__(self, mpi, options: ExpertParallelOptions):
         self.MPI = mpi
@@ -152,7 +152,7 @@ class ExpertGroup:
         self.owners: list[np.ndarray] = []
         self._positions: list[np.ndarray] = []
         self.stats = CombineStats()
-        self.lock = threading.RLock()  # one thread at a time talks MPI on a rank
+        self.lock = threading.RLock()  # a step, a heartbeat or the stop: one at a time (liveness pings aside)
         self._waiting_since: float | None = None
         self._waiting_for = ""
         self._failed: str | None = None

@@ -169,10 +169,12 @@ class MirroredSession:
         return self.group.problem()
 
     def queue(self, op: int, cache_id: int, ints: list[int] | None = None, arrays: list[np.ndarray] | None = None):
+        """Add a record (op, cache id, ints, arrays) to those the next call or heartbeat broadcasts."""
         with self._pending_lock:
             self._pending.append((op, cache_id, ints or [], arrays or []))
 
     def new_cache(self, slots: int, max_context: int) -> MirroredCache:
+        """Session.new_cache: rank 0's host cache, and the same cache made on every rank (replayed)."""
         cache = self.inner.new_cache(slots, max_context)
         with self._pending_lock:
             self._next_id += 1
@@ -181,6 +183,10 @@ class MirroredSession:
         return MirroredCache(cache, self, cache_id)
 
     def run(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows=None):
+        """Session.run on every rank: `past` and `new_rows` must be one MirroredCache's past() and reserve(S)
+        (the other ranks use their copies of it). Broadcasts the queued cache moves and the host inputs, then runs
+        rank 0's share. Raises MoetrtError for views of anything else; a failure inside the call ends the job
+        (group.fail), since the other ranks are inside it too."""
         if not isinstance(past, _Views) or not isinstance(new_rows, _Views) or past.cache is not new_rows.cache:
             raise MoetrtError("under expert parallelism a call must read and write one cache's past() and "
                               "reserve() views")
