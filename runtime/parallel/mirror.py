@@ -72,11 +72,10 @@ def decode(buffer: np.ndarray) -> list[Record]:
 
 
 class _Views(list):
-    """A cache's per-layer views, tagged with the cache and the columns they cover (rank 0 tells the other ranks
+    """A cache's per-layer views, tagged with the cache and the steps they cover (rank 0 tells the other ranks
     which cache a call reads and writes)."""
 
     cache: MirroredCache
-    start: int
     steps: int
 
 
@@ -91,18 +90,17 @@ class MirroredCache:
     slots = property(lambda self: self.inner.slots)
     length = property(lambda self: self.inner.length)
     max_context = property(lambda self: self.inner.max_context)
-    mask = property(lambda self: self.inner.mask)
 
-    def _views(self, views: list, start: int) -> _Views:
+    def _views(self, views: list) -> _Views:
         tagged = _Views(views)
-        tagged.cache, tagged.start, tagged.steps = self, start, len(views[0]) if views else 0
+        tagged.cache, tagged.steps = self, len(views[0]) if views else 0
         return tagged
 
     def past(self) -> _Views:
-        return self._views(self.inner.past(), 0)
+        return self._views(self.inner.past())
 
     def reserve(self, steps: int) -> _Views:
-        views = self._views(self.inner.reserve(steps), self.inner.length)
+        views = self._views(self.inner.reserve(steps))
         views.steps = steps
         return views
 
