@@ -21,7 +21,7 @@ import torch
 
 from moetrt.errors import MoetrtError
 from moetrt.config import ModelConfig, load_config
-from moetrt.export.model import DeepseekForCausalLM, rope_inv_freq
+from moetrt.export.model import DeepseekForCausalLM, checkpoint_key, parameter_name, rope_inv_freq
 from moetrt.plugins.routed_experts import dequantize_blocks
 from moetrt.progress import note, track
 from moetrt.quantization import QuantScheme
@@ -161,16 +161,19 @@ def _pickle_refusal(checkpoint_dir: Path, files: list[str]) -> MoetrtError:
     )
 
 
-def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM, tied: bool) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts); no
-    lm_head.weight when `tied` (the head is the embedding). `model`: unquantized (on any device, meta too)."""
+def expected_shapes(config: ModelConfig, model: DeepseekForCausalLM, tied: bool,
+                    mtp_layers: int = 0) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for every tensor the model needs (per-expert keys for stacked experts; the MTP
+    modules' under `model.layers.<num_hidden_layers + depth>`, the first `mtp_layers` of them); no lm_head.weight
+    when `tied` (the head is the embedding). `model`: unquantized (on any device, meta too)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
             continue
-        shapes[name] = tuple(tensor.shape)
+        shapes[checkpoint_key(config, name)] = tuple(tensor.shape)
     h, i = config.hidden_size, config.moe_intermediate_size
-    for layer in config.moe_layers:
+    mtp = [config.num_hidden_layers + depth for depth in range(mtp_layers)]
+    for layer in [*config.moe_layers, *(layer for layer in mtp if config.is_moe_layer(layer))]:
         for expert in range(config.n_routed_experts):
             prefix = f"model.layers.{layer}.mlp.experts.{expert}."
             shapes[prefix + "gate_proj.weight"] = (i, h)
@@ -192,7 +195,8 @@ def _check_tensors(
     mtp, unexpected, wrong = [], [], []
     for name, info in found.items():
         layer = LAYER_KEY.match(name)
-        if layer and int(layer.group(1)) >= config.num_hidden_layers:
+        if layer and int(layer.group(1)) >= config.num_hidden_layers and name not in expected \
+                and not (name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in expected):
             mtp.append(name)
         elif name not in expected and _redundant(config, name, info):
             continue
@@ -231,10 +235,10 @@ def _target(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tenso
     """The slice of a model parameter that checkpoint tensor `name` fills."""
     expert = EXPERT_KEY.match(name)
     if not expert:
-        return params[name]
+        return params[parameter_name(model.config, name)]
     layer, index, kind = int(expert.group(1)), int(expert.group(2)), expert.group(3)
     stacked_name, half = EXPERT_TARGETS[kind]
-    stacked = params[f"model.layers.{layer}.mlp.experts.{stacked_name}"][index]
+    stacked = params[parameter_name(model.config, f"model.layers.{layer}.mlp.experts.{stacked_name}")][index]
     if half is None:
         return stacked
     rows = stacked.shape[0] // 2
@@ -251,14 +255,16 @@ def _group_by_layer(names: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
-                   quantize: QuantScheme | None = None) -> DeepseekForCausalLM:
+                   quantize: QuantScheme | None = None, mtp: bool = False) -> DeepseekForCausalLM:
     """Load a safetensors checkpoint into `DeepseekForCausalLM` (eval mode, on the CPU).
 
     dtype: "float32", "float16" or "bfloat16" for the model; the router stays fp32. quantize: hold the weights
     export/quantized.py chooses block-quantized (float32 models only), each quantized as it is read (FP8 ones from
     their own dequantization, one tensor at a time), so the model never exists in float32; the description is
-    left on `model.quantization`. Raises MoetrtError for a bad config, pickle weights, missing / unexpected /
-    wrongly shaped tensors (listed together), or quantization with another dtype.
+    left on `model.quantization`. mtp: load the first multi-token-prediction module as `model.mtp[0]` (else its
+    tensors are skipped, as are those of any further MTP depth). Raises MoetrtError for a bad config, pickle
+    weights, missing / unexpected / wrongly shaped tensors (listed together), quantization with another dtype, or
+    `mtp` for a checkpoint without an MTP layer.
     """
     from moetrt.export.quantized import check_quantizable, quantize_model
 
@@ -268,10 +274,14 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
     if quantize is not None:
         check_quantizable(dtype)
     config = load_config(checkpoint_dir)
+    if mtp and config.num_nextn_predict_layers < 1:
+        raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (num_nextn_predict_layers is 0 in "
+                          "its config.json), so it cannot draft tokens; build without --mtp")
+    mtp_layers = 1 if mtp else 0
     weight_files = find_weight_files(checkpoint_dir)
 
     with torch.device("meta"):
-        model = DeepseekForCausalLM(config)
+        model = DeepseekForCausalLM(config, mtp_layers=mtp_layers)
     model.to(DTYPES[dtype])
     for module in model.modules():
         if module.__class__.__name__ == "Router":
@@ -290,10 +300,15 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
             found[name] = shards[path].tensors[name]
         # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
         tied = config.tie_word_embeddings and "lm_head.weight" not in found
-        expected = expected_shapes(config, _Shapes(plain), tied)
-        mtp = _check_tensors(config, expected, found)
-        if mtp:
-            note(f"skipping {len(mtp)} tensors of the multi-token-prediction layer (model.layers.{config.num_hidden_layers})")
+        expected = expected_shapes(config, _Shapes(plain), tied, mtp_layers)
+        skipped = _check_tensors(config, expected, found)
+        if skipped and mtp_layers:
+            note(f"loading the multi-token-prediction module (model.layers.{config.num_hidden_layers}); skipping "
+                 f"{len(skipped)} tensors it does not need (its copies of the shared embedding and head, deeper "
+                 "MTP layers)")
+        elif skipped:
+            note(f"skipping {len(skipped)} tensors of the multi-token-prediction layer "
+                 f"(model.layers.{config.num_hidden_layers})")
         params = dict(model.state_dict(keep_vars=True))
         with torch.no_grad():
             for _, names in track(_group_by_layer(sorted(expected)), "loading weights"):
@@ -325,12 +340,12 @@ def _fill(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tensor]
     module (export/quantized.py) that owns it; a tied embedding also fills a quantized lm_head."""
     expert = EXPERT_KEY.match(name)
     if expert:
-        experts = model.model.layers[int(expert.group(1))].mlp.experts
+        experts = model.get_submodule(parameter_name(model.config, f"model.layers.{expert.group(1)}")).mlp.experts
         if hasattr(experts, "load_expert"):
             experts.load_expert(int(expert.group(2)), expert.group(3), tensor)
             return
     elif name.endswith(".weight"):
-        owner = model.get_submodule(name[: -len(".weight")])
+        owner = model.get_submodule(parameter_name(model.config, name[: -len(".weight")]))
         if hasattr(owner, "load_weight"):
             owner.load_weight(tensor)
             if tied and name == "model.embed_tokens.weight" and hasattr(model.lm_head, "load_weight"):

@@ -59,6 +59,9 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         raise MoetrtError(f"cannot build a {'TensorRT' if chosen == 'trt' else chosen} engine: {reason}; "
                           "`--backend ort` works on this machine")
     note(f"backend: {chosen} ({why})")
+    if config.mtp and chosen != "ort":
+        raise MoetrtError("--mtp engines (the multi-token-prediction module as a speculative decoder) are built for "
+                          "ONNX Runtime only so far; build with --backend ort")
     config = fit_to_model(source, config)
     with staging_dir(engine_dir) as work:
         export_dir = export_for(source, work / ".export", chosen, config)
@@ -113,13 +116,19 @@ def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConf
         if config.dtype and config.dtype != info.dtype:
             raise MoetrtError(f"{source} was exported in {info.dtype}; --dtype {config.dtype} needs a re-export")
         check_quantization(info, config, source)
+        if info.io.mtp_layers != int(config.mtp):
+            held = "with" if info.io.mtp_layers else "without"
+            raise MoetrtError(f"{source} was exported {held} the multi-token-prediction module; build it "
+                              f"{'with' if info.io.mtp_layers else 'without'} --mtp, or re-export the checkpoint "
+                              f"{'without' if info.io.mtp_layers else 'with'} --mtp")
         backend.check_export(info, config, str(source))
         return source
     if not (source / "config.json").is_file():
         raise MoetrtError(f"{source} is neither a checkpoint (config.json) nor an export directory (export.json)")
     dtype = config.dtype or "float32"
     plan = backend.plan(config, load_config(source), dtype)
-    return export_onnx(source, scratch, plan, dtype=dtype, quantize=scheme_for(config.quantize, config.group_size))
+    return export_onnx(source, scratch, plan, dtype=dtype, quantize=scheme_for(config.quantize, config.group_size),
+                       mtp=config.mtp)
 
 
 def check_quantization(info: ExportInfo, config: BuildConfig, source: Path) -> None:

@@ -284,14 +284,77 @@ class DeepseekBackbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DeepseekForCausalLM(nn.Module):
-    """`forward(input_ids)` gives logits; `step(...)` runs S new tokens against the latent cache."""
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; its output head is the main model's `lm_head` (DeepSeek-V3 shares the
+    embedding and the output head between the main model and its MTP modules; the checkpoint's copies under
+    `shared_head.head` and `embed_tokens` are not loaded)."""
 
     def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MultiTokenPrediction(DecoderLayer):
+    """One multi-token-prediction (MTP) module of DeepSeek-V3 (technical report arXiv:2412.19437, section 2.2,
+    eq. 21-23): at position i it combines the main model's representation h_i with the embedding of token
+    t_{i+1} and predicts t_{i+2}:
+
+        h'_i = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])      (concatenation order of vLLM's and SGLang's
+        h_i^1 = TRM(h'_i)                                       `deepseek_mtp`, which load the released weights)
+        P_{i+2} = OutHead(shared_head.norm(h_i^1))
+
+    h_i is the main model's final hidden state after its last norm (what its head reads, as vLLM and SGLang pass
+    it), TRM is one decoder block (MLA + MoE, with its own latent cache rows), Emb and OutHead are the main
+    model's. Parameter names under `model.layers.<num_hidden_layers + depth>` in a checkpoint are this module's
+    (`checkpoint_key` maps them)."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__(config, layer)
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def combine(self, embedded: torch.Tensor, hidden: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """embedded `[B, S, H]` = Emb(t_{i+1}), hidden `[B, S, H]` = h_i -> h'_i divided by `scale`."""
+        return _divided(self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1)), scale)
+
+
+MTP_PREFIX = "mtp."
+
+
+def checkpoint_key(config: ModelConfig, name: str) -> str:
+    """A parameter name of DeepseekForCausalLM -> its checkpoint key: `mtp.<d>.X` is `model.layers.<L + d>.X`
+    (L = num_hidden_layers, DeepSeek-V3's layout for its MTP modules); every other name is its own key."""
+    if not name.startswith(MTP_PREFIX):
+        return name
+    depth, rest = name[len(MTP_PREFIX):].split(".", 1)
+    return f"model.layers.{config.num_hidden_layers + int(depth)}.{rest}"
+
+
+def parameter_name(config: ModelConfig, key: str) -> str:
+    """The inverse of `checkpoint_key`."""
+    if key.startswith("model.layers."):
+        index, dot, rest = key[len("model.layers."):].partition(".")
+        if index.isdigit() and int(index) >= config.num_hidden_layers:
+            return f"{MTP_PREFIX}{int(index) - config.num_hidden_layers}{dot}{rest}"
+    return key
+
+
+class DeepseekForCausalLM(nn.Module):
+    """`forward(input_ids)` gives logits; `step(...)` runs S new tokens against the latent cache;
+    `speculative_step(...)` does that and runs the MTP module (built when `mtp_layers` is 1) for the next draft."""
+
+    def __init__(self, config: ModelConfig, mtp_layers: int = 0):
         super().__init__()
         self.config = config
         self.model = DeepseekBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if mtp_layers > config.num_nextn_predict_layers:
+            raise ValueError(f"the config declares {config.num_nextn_predict_layers} MTP layers, not {mtp_layers}")
+        self.mtp = nn.ModuleList(MultiTokenPrediction(config, config.num_hidden_layers + depth)
+                                 for depth in range(mtp_layers))
         inv_freq, rope_scale = rope_inv_freq(config.rope, config.qk_rope_head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = rope_scale
@@ -325,6 +388,15 @@ class DeepseekForCausalLM(nn.Module):
         last, and a chunk before it none, which saves the vocab-wide head on long prompts).
         Returns logits `[B, N, vocab]` and per layer only the new latent rows `[S, B, D]`.
         """
+        x, new_latents, context = self._run_layers(input_ids, position_ids, attention_mask, past_latents)
+        scale = context[-1]
+        if logit_positions is not None:
+            x = _gather(x, logit_positions)  # [B, N, H]
+        return self.lm_head(self.model.norm(x, scale)), new_latents
+
+    def _run_layers(self, input_ids, position_ids, attention_mask, past_latents):
+        """The decoder layers over S new tokens: returns the residual stream `[B, S, H]` (divided by the
+        residual scale), the new latent rows per layer, and (cos, sin, causal `[S, T]`, scale) for the MTP."""
         batch, seq = input_ids.shape
         if past_latents is None:
             past_latents = self.empty_cache(batch)
@@ -348,6 +420,43 @@ class DeepseekForCausalLM(nn.Module):
         for layer, past in zip(self.model.layers, past_latents):
             x, rows = layer(x, cos, sin, allowed, past, scale)
             new_latents.append(rows)
-        if logit_positions is not None:
-            x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, H]
-        return self.lm_head(self.model.norm(x, scale)), new_latents
+        return x, new_latents, (cos, sin, causal, scale)
+
+    def speculative_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_latents: list[torch.Tensor],
+        logit_positions: torch.Tensor,
+        mtp_input_ids: torch.Tensor,
+        mtp_attention_mask: torch.Tensor,
+        mtp_past: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`step` and, in the same call, the MTP module over the same S positions (DeepSeek-V3 MTP as a
+        speculative decoder: each call verifies the previous draft and proposes the next).
+
+        mtp_input_ids `[B, S]` int64: the token that follows each position (t_{i+1}), or -1 where it is not known
+        yet: there the main model's greedy pick at that position is used, which needs the position among
+        `logit_positions`. mtp_attention_mask `[B, P+S]`: which of the MTP module's cached rows (and new ones) are
+        valid; mtp_past `[P, B, D]` its latent rows (one row per main-model position, same columns).
+        Returns main logits `[B, N, vocab]`, the main model's new rows per layer `[S, B, D]`, the MTP module's new
+        rows `[S, B, D]` and its draft logits `[B, N, vocab]` at `logit_positions` (predicting t_{i+2}).
+        """
+        x, new_latents, (cos, sin, causal, scale) = self._run_layers(input_ids, position_ids, attention_mask,
+                                                                     past_latents)
+        hidden = self.model.norm(x, scale)  # [B, S, H]: h_i, what the head reads
+        logits = self.lm_head(_gather(hidden, logit_positions))
+        guessed = torch.zeros_like(mtp_input_ids).scatter(1, logit_positions, logits.argmax(-1))
+        following = torch.where(mtp_input_ids < 0, guessed, mtp_input_ids)
+        module = self.mtp[0]
+        h = module.combine(self.model.embed_tokens(following), hidden, scale)
+        allowed = causal[None] & mtp_attention_mask[:, None, :].bool()
+        h, mtp_rows = module(h, cos, sin, allowed, mtp_past, scale)
+        draft_logits = self.lm_head(module.shared_head.norm(_gather(h, logit_positions), scale))
+        return logits, new_latents, mtp_rows, draft_logits
+
+
+def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x `[B, S, H]` at positions `[B, N]` -> `[B, N, H]`."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))

@@ -35,6 +35,7 @@ from moetrt.formats import (
     ATTENTION_MASK,
     DATA_FILE,
     MODEL_FILE,
+    MTP_ATTENTION_MASK,
     PAST_LATENT_PREFIX,
     TOKENIZER_FILES,
     ExportInfo,
@@ -67,10 +68,28 @@ class DecoderGraph(nn.Module):
         return (logits, *new_latents)
 
 
+class SpeculativeGraph(nn.Module):
+    """`DeepseekForCausalLM.speculative_step` with flat tensor inputs and outputs (formats.py's order: the MTP
+    inputs and the MTP module's latent layer after the main layers'); the draft leaves as token ids."""
+
+    def __init__(self, model: DeepseekForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, logit_positions, *rest):
+        *past_latents, mtp_input_ids, mtp_attention_mask, mtp_past = rest
+        logits, new_latents, mtp_rows, draft_logits = self.model.speculative_step(
+            input_ids, position_ids, attention_mask, list(past_latents), logit_positions, mtp_input_ids,
+            mtp_attention_mask, mtp_past)
+        return (logits, *new_latents, mtp_rows, draft_logits.argmax(-1))
+
+
 def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
-    """torch.onnx (dynamo) export with dynamic batch, seq and past_len; returns the onnx_ir model."""
+    """torch.onnx (dynamo) export with dynamic batch, seq and past_len; returns the onnx_ir model. A model with
+    an MTP module (`model.mtp`) traces to the speculative graph (SpeculativeGraph)."""
     config = model.config
     layers = config.num_hidden_layers
+    mtp = len(model.mtp)
     batch, seq, past = 2, 3, 5  # distinct sizes, so no dimension gets specialised to another
     dtype = model.dtype
     example = (
@@ -82,18 +101,26 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
     )
     dim = torch.export.Dim
     batch_dim, seq_dim = dim("batch"), dim("seq")
+    latent_dims = tuple({0: dim.AUTO, 1: batch_dim} for _ in range(layers))
     dynamic_shapes = {
         "input_ids": {0: batch_dim, 1: seq_dim},
         "position_ids": {0: batch_dim, 1: seq_dim},
         "attention_mask": {0: batch_dim, 1: dim.AUTO},
         "logit_positions": {0: batch_dim, 1: dim("n_logits")},
-        "past_latents": tuple({0: dim.AUTO, 1: batch_dim} for _ in range(layers)),
     }
-    inputs, outputs = graph_input_names(layers), graph_output_names(layers)
+    if mtp:
+        example = (*example, torch.full((batch, seq), -1, dtype=torch.int64),
+                   torch.ones(batch, past + seq, dtype=torch.int64), torch.zeros(past, batch, config.latent_dim,
+                                                                                 dtype=dtype))
+        dynamic_shapes["rest"] = (*latent_dims, {0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: dim.AUTO},
+                                  {0: dim.AUTO, 1: batch_dim})
+    else:
+        dynamic_shapes["past_latents"] = latent_dims
+    inputs, outputs = graph_input_names(layers, mtp), graph_output_names(layers, mtp)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            DecoderGraph(model),
+            (SpeculativeGraph if mtp else DecoderGraph)(model),
             example,
             dynamic_shapes=dynamic_shapes,
             input_names=inputs,
@@ -102,7 +129,7 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
             dynamo=True,
             verbose=False,
         )
-    _name_dynamic_dims(program.model, layers)
+    _name_dynamic_dims(program.model, layers + mtp)
     _forget_lifted_inputs(program.model)
     return program.model
 
@@ -133,7 +160,7 @@ def _name_dynamic_dims(model, layers: int) -> None:
     import onnx_ir as ir
 
     for value in model.graph.inputs:
-        if value.name == ATTENTION_MASK:
+        if value.name in (ATTENTION_MASK, MTP_ATTENTION_MASK):
             value.shape = ir.Shape([value.shape[0], "total_len"])
         elif value.name.startswith(PAST_LATENT_PREFIX):
             value.shape = ir.Shape(["past_len", *value.shape[1:]])
@@ -146,6 +173,7 @@ def export_onnx(
     dtype: str = "float32",
     ort: OrtOptions | None = None,
     quantize: QuantScheme | None = None,
+    mtp: bool = False,
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
@@ -153,7 +181,8 @@ def export_onnx(
     kernel, as the ONNX Runtime backend plans it from `ort`: export/ort/plan.py), "trt" (the TensorRT plugin
     nodes) or "onnx" (standard ops only). The directory is written under a temporary name and renamed when
     complete; returns it. quantize: hold the weights block-quantized (export/quantized.py says which and how they
-    export). Raises MoetrtError for an unknown target or dtype, a checkpoint it cannot read, or quantization of a
+    export). mtp: trace the speculative graph with the checkpoint's multi-token-prediction module (a draft per
+    call, for `--speculative mtp`). Raises MoetrtError for an unknown target or dtype, a checkpoint it cannot read, or quantization of a
     model that does not compute in float32.
     """
     from moetrt.export.backends import plan_target
@@ -170,7 +199,7 @@ def export_onnx(
     with staging_dir(out_dir) as work:
         with stage("exporting", total=4) as advance:
             advance(0, "loading checkpoint")
-            model = load_reference(checkpoint_dir, dtype=dtype, quantize=quantize)
+            model = load_reference(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp)
             config, quantization = model.config, model.quantization
             advance(1, "tracing to ONNX")
             graph = trace(model)
@@ -184,7 +213,7 @@ def export_onnx(
             save_model(graph, work / MODEL_FILE)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
-        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization))
+        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization, int(mtp)))
     return out_dir
 
 
@@ -205,13 +234,13 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
 
 
 def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_dir: Path, work: Path,
-                quantization: Quantization | None = None) -> ExportInfo:
+                quantization: Quantization | None = None, mtp_layers: int = 0) -> ExportInfo:
     from moetrt.plugins.spec import ROUTED_EXPERTS
     from moetrt.versions import tool_versions
 
     return ExportInfo(
         target=plan.target, dtype=dtype, opset=OPSET, source=str(checkpoint_dir.resolve()),
-        tokenizer=(work / "tokenizer.json").is_file(), io=graph_io(config, dtype),
+        tokenizer=(work / "tokenizer.json").is_file(), io=graph_io(config, dtype, mtp_layers),
         node=NodeRef(ROUTED_EXPERTS.op_type, ROUTED_EXPERTS.domain, ROUTED_EXPERTS.version), model_config=config,
         versions=tool_versions(), expert_slices=plan.expert_slices, moe_kernel=plan.moe_kernel,
         quantization=quantization,

@@ -169,7 +169,9 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
         setattr(parent, name, QuantizedLinear(linear.in_features, linear.out_features, scheme,
                                               bias=linear.bias is not None))
 
-    for index, layer in enumerate(model.model.layers):
+    # The MTP module's block (model.mtp, numbered on after the main layers as in the checkpoint) like any layer;
+    # its eh_proj stays float.
+    for index, layer in enumerate([*model.model.layers, *getattr(model, "mtp", ())]):
         attention = layer.self_attn
         for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
             if hasattr(attention, name):

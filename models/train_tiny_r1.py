@@ -31,7 +31,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from moetrt.config import parse_config
 from moetrt.export.reference_session import evaluate_checkpoint
-from moetrt.export.model import MoE, DeepseekForCausalLM
+from moetrt.export.model import MoE, DeepseekForCausalLM, checkpoint_key
 from moetrt.progress import note, stage
 from moetrt.tasks import arithmetic
 from moetrt.tasks.chat import ChatTokenizer
@@ -112,7 +112,7 @@ CONFIG = {
     "attention_dropout": 0.0,
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
-    "num_nextn_predict_layers": 0,
+    "num_nextn_predict_layers": 1,  # DeepSeek-V3's multi-token-prediction module, a speculative decoder
     "bos_token_id": 0,
     "eos_token_id": 1,
     "use_cache": True,
@@ -246,7 +246,8 @@ def collate(examples: list[tuple[list[int], int, list[float]]]) -> dict:
 
 def init_model(seed: int) -> DeepseekForCausalLM:
     torch.manual_seed(seed)
-    model = DeepseekForCausalLM(parse_config(CONFIG))
+    config = parse_config(CONFIG)
+    model = DeepseekForCausalLM(config, mtp_layers=config.num_nextn_predict_layers)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
@@ -263,7 +264,8 @@ class BiasBalancer:
 
     def __init__(self, model: DeepseekForCausalLM, gamma: float):
         self.gamma = gamma
-        self.routers = [layer.mlp.gate for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        layers = [*model.model.layers, *model.mtp]
+        self.routers = [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
         experts = model.config.n_routed_experts
         self.loads = [torch.zeros(experts) for _ in self.routers]
         self.real: torch.Tensor | None = None  # flat `[B*L]` mask of the batch being run
@@ -289,6 +291,26 @@ class BiasBalancer:
         return worst
 
 
+def forward(model: DeepseekForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits `[B, L, vocab]` of the main model and, when it has an MTP module, the module's `[B, L, vocab]`
+    (position i reads h_i and token i+1; the last position reads a padding token and is not scored)."""
+    if not len(model.mtp):
+        return model(ids), None
+    batch, width = ids.shape
+    following = torch.cat([ids[:, 1:], torch.full((batch, 1), CONFIG["eos_token_id"], dtype=ids.dtype)], dim=1)
+    positions = torch.arange(width).expand(batch, width)
+    mask = torch.ones(batch, width, dtype=torch.int64)
+    logits, _, _, mtp_logits = model.speculative_step(
+        ids, positions, mask, model.empty_cache(batch), positions, following, mask, model.empty_cache(batch)[0])
+    return logits, mtp_logits
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits `[B, L, vocab]` against labels `[B, L]`, averaged with per-token `weights`."""
+    token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return (token_loss * weights.flatten()).sum() / weights.sum()
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warmup, constant, then a linear decay to a tenth over the last DECAY_SHARE of the steps: the
     model learns in jumps (copying, then each table), and a long stretch at the peak rate reaches them sooner."""
@@ -312,10 +334,14 @@ def train(model: DeepseekForCausalLM, chat: ChatTokenizer, args: argparse.Namesp
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
             balancer.real = batch["real"].flatten()
-            logits = model(batch["ids"])  # [B, L, vocab]
+            logits, mtp_logits = forward(model, batch["ids"])  # [B, L, vocab] each
             balancer.real = None
-            token_loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-            loss = (token_loss * batch["weights"].flatten()).sum() / batch["weights"].sum()
+            loss = weighted_loss(logits, batch["labels"], batch["weights"])
+            if mtp_logits is not None:
+                # DeepSeek-V3's MTP loss (arXiv:2412.19437 eq. 24-25): the MTP module at position i predicts
+                # t_{i+2}, i.e. the next position's label; its mean cross-entropy joins the loss times lambda.
+                labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
+                loss = loss + args.mtp_lambda * weighted_loss(mtp_logits[:, :-1], labels, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,7 +378,12 @@ def hf_state_dict(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
                 tensors[f"{prefix}{expert}.down_proj.weight"] = weight
         else:
             tensors[name] = tensor
-    return {name: tensor.detach().float().contiguous().clone() for name, tensor in tensors.items()}
+    for depth in range(len(model.mtp)):  # DeepSeek-V3 stores copies of the shared embedding and head per MTP layer
+        prefix = f"model.layers.{model.config.num_hidden_layers + depth}."
+        tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight
+        tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight
+    return {checkpoint_key(model.config, name): tensor.detach().float().contiguous().clone()
+            for name, tensor in tensors.items()}
 
 
 def write_model_card(directory: Path, args: argparse.Namespace, summary: dict) -> None:
@@ -401,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for reproducibility)")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out problems to check after training")
     parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--mtp-lambda", type=float, default=0.3,
+                        help="weight of the MTP loss (DeepSeek-V3 used 0.3, then 0.1)")
     return parser.parse_args(argv)
 
 

@@ -64,12 +64,25 @@ def new_latent(layer: int) -> str:
     return f"{NEW_LATENT_PREFIX}{layer}"
 
 
-def graph_input_names(num_layers: int) -> list[str]:
-    return [*HOST_INPUTS, *(past_latent(i) for i in range(num_layers))]
+# A speculative graph (an engine built with --mtp) also runs DeepSeek-V3's multi-token-prediction module, whose
+# latent rows are layer `num_layers` (past_latent.<L>, new_latent.<L>) with their own mask.
+MTP_INPUT_IDS = "mtp_input_ids"  # [batch, seq] int64: the token after each position, -1 for the main model's pick
+MTP_ATTENTION_MASK = "mtp_attention_mask"  # [batch, total_len] int64: the MTP module's valid rows
+DRAFT_IDS = "draft_ids"  # [batch, n_logits] int64: the MTP module's greedy draft at each logit position
 
 
-def graph_output_names(num_layers: int) -> list[str]:
-    return [LOGITS, *(new_latent(i) for i in range(num_layers))]
+def graph_input_names(num_layers: int, mtp_layers: int = 0) -> list[str]:
+    names = [*HOST_INPUTS, *(past_latent(i) for i in range(num_layers))]
+    if mtp_layers:
+        names += [MTP_INPUT_IDS, MTP_ATTENTION_MASK, past_latent(num_layers)]
+    return names
+
+
+def graph_output_names(num_layers: int, mtp_layers: int = 0) -> list[str]:
+    names = [LOGITS, *(new_latent(i) for i in range(num_layers))]
+    if mtp_layers:
+        names += [new_latent(num_layers), DRAFT_IDS]
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,23 +108,34 @@ class CacheLayout:
 
 @dataclasses.dataclass(frozen=True)
 class GraphIO:
+    """The graph's inputs and outputs. `mtp_layers`: 1 when the graph also runs the multi-token-prediction module
+    (a speculative graph: MTP_INPUT_IDS, MTP_ATTENTION_MASK and its latent layer in, its rows and DRAFT_IDS out),
+    else 0."""
+
     inputs: tuple[TensorIO, ...]
     outputs: tuple[TensorIO, ...]
     cache: CacheLayout
+    mtp_layers: int = 0
 
 
-def graph_io(config: ModelConfig, dtype: str) -> GraphIO:
+def graph_io(config: ModelConfig, dtype: str, mtp_layers: int = 0) -> GraphIO:
     """The decoder graph's inputs and outputs for `config` at activation `dtype`, with symbolic shapes."""
-    layers = range(config.num_hidden_layers)
+    layers = range(config.num_hidden_layers + mtp_layers)
     ids = ("batch", "seq")
+    mtp_inputs = (TensorIO(MTP_INPUT_IDS, "int64", ids), TensorIO(MTP_ATTENTION_MASK, "int64", ("batch", "total_len")))
+    latent_in = [TensorIO(past_latent(i), dtype, ("past_len", "batch", config.latent_dim)) for i in layers]
+    latent_out = [TensorIO(new_latent(i), dtype, ("seq", "batch", config.latent_dim)) for i in layers]
+    inputs = [TensorIO(INPUT_IDS, "int64", ids), TensorIO(POSITION_IDS, "int64", ids),
+              TensorIO(ATTENTION_MASK, "int64", ("batch", "total_len")),
+              TensorIO(LOGIT_POSITIONS, "int64", ("batch", "n_logits")), *latent_in]
+    outputs = [TensorIO(LOGITS, dtype, ("batch", "n_logits", config.vocab_size)), *latent_out]
+    if mtp_layers:
+        inputs[-1:-1] = mtp_inputs  # graph_input_names' order: the MTP inputs, then the MTP module's latent layer
+        outputs.append(TensorIO(DRAFT_IDS, "int64", ("batch", "n_logits")))
     return GraphIO(
-        inputs=(TensorIO(INPUT_IDS, "int64", ids), TensorIO(POSITION_IDS, "int64", ids),
-                TensorIO(ATTENTION_MASK, "int64", ("batch", "total_len")),
-                TensorIO(LOGIT_POSITIONS, "int64", ("batch", "n_logits")),
-                *(TensorIO(past_latent(i), dtype, ("past_len", "batch", config.latent_dim)) for i in layers)),
-        outputs=(TensorIO(LOGITS, dtype, ("batch", "n_logits", config.vocab_size)),
-                 *(TensorIO(new_latent(i), dtype, ("seq", "batch", config.latent_dim)) for i in layers)),
+        inputs=tuple(inputs), outputs=tuple(outputs),
         cache=CacheLayout(config.num_hidden_layers, config.latent_dim, config.kv_lora_rank, config.qk_rope_head_dim),
+        mtp_layers=mtp_layers,
     )
 
 

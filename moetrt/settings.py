@@ -127,7 +127,8 @@ class BuildConfig:
     and a GPU are present, else ONNX Runtime), the dtype (None: float32, or an export's own), the shape profile,
     whether a max_context beyond the model's may be built (`fit_profile`), each backend's options (only the
     chosen backend's are read), and the weight quantization: `quantize` "none", "int8" or "int4" with one scale per
-    `group_size` input channels (moetrt/quantization.py)."""
+    `group_size` input channels (moetrt/quantization.py). `mtp`: trace the speculative graph with the
+    checkpoint's multi-token-prediction module (DeepSeek-V3's MTP), which `--speculative mtp` drafts with."""
 
     backend: str = "auto"
     dtype: str | None = None
@@ -137,6 +138,7 @@ class BuildConfig:
     trt: TrtOptions = TrtOptions()
     quantize: str = "none"
     group_size: int = 32
+    mtp: bool = False
 
     def __post_init__(self) -> None:
         from moetrt.quantization import scheme_for
