@@ -49,7 +49,7 @@ from moetrt.settings import (
 )
 from moetrt.quantization import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES
 from moetrt.export.verify import thresholds_help
-from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS
+from moetrt.runtime.requests import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from moetrt.runtime.parallel.options import COMBINE_CHOICES, DEFAULT_TIMEOUT as EP_DEFAULT_TIMEOUT
 from moetrt.tasks import TASKS
 from moetrt.runtime.server.limits import DEFAULT_LIMITS as SERVER_LIMITS, LOG_LEVELS as SERVER_LOG_LEVELS
@@ -92,6 +92,13 @@ QUANTIZE_HELP = ("Weight-only quantization: symmetric int8 or int4 blocks with o
                  "input channels (experts, dense MLPs, attention, lm_head, embedding); none keeps the dtype.")
 GROUP_SIZE_HELP = "Input channels per quantization scale (a power of two >= 16)."
 Task = Literal[tuple(TASKS)]
+Speculative = Literal["mtp"]
+_SPECULATIVE = typer.Option(None, "--speculative", help="Speculative decoding: mtp drafts with the engine's "
+                            "multi-token-prediction module (build it with --mtp); greedy output is unchanged, "
+                            "sampled output keeps its distribution.")
+_DRAFT_TOKENS = typer.Option(1, "--draft-tokens", help="Draft tokens per step with --speculative (1 for now).")
+_MTP = typer.Option(False, "--mtp", help="Include the checkpoint's multi-token-prediction module (DeepSeek-V3's "
+                    "MTP layer) so that --speculative mtp can draft with it; plain decoding then runs it unused.")
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
                    "CPU kernel (moetrt), or auto (moetrt's for float32 or int8/int4 experts of 262,144 weights and up, "
                    "1 MiB in float32, on the CPU).")
@@ -265,6 +272,7 @@ def export(
     moe_kernel: MoeKernel = typer.Option("auto", help=MOE_KERNEL_HELP),
     quantize: Quantize = typer.Option("none", help=QUANTIZE_HELP),
     group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help=GROUP_SIZE_HELP),
+    mtp: bool = _MTP,
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
 ) -> None:
@@ -277,7 +285,7 @@ def export(
 
     scheme = scheme_for(quantize, group_size)
     out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel),
-                      quantize=scheme)
+                      quantize=scheme, mtp=mtp)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
     if check_trt:
         from moetrt.export.trt.check import check_trt_export
@@ -296,6 +304,8 @@ def eval_(
     seed: int = typer.Option(0, help="Seed that draws the problems."),
     batch_size: int = typer.Option(64, help="Prompts decoded together."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, with per-problem details."),
+    speculative: Optional[Speculative] = _SPECULATIVE,
+    draft_tokens: int = _DRAFT_TOKENS,
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
     ep_combine: EpCombine = _EP_COMBINE,
@@ -312,12 +322,16 @@ def eval_(
 
         parallel = _expert_parallel(source, expert_parallel, expert_placement, ep_combine, ep_timeout,
                                     record_routing, None)
-        report = evaluate_engine(source, task, n=n, seed=seed, batch_size=batch_size, expert_parallel=parallel)
+        _check_draft_tokens(speculative, draft_tokens)
+        report = evaluate_engine(source, task, n=n, seed=seed, batch_size=batch_size, expert_parallel=parallel,
+                                 speculative=speculative)
     else:
         from moetrt.export.reference_session import evaluate_checkpoint
 
         if expert_parallel:
             raise MoetrtError("--expert-parallel runs engines; build one from the checkpoint first")
+        if speculative:
+            raise MoetrtError("--speculative runs engines; build one with --mtp from the checkpoint first")
         report = evaluate_checkpoint(source, task, n=n, seed=seed, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps({"source": str(source), **report.to_dict()}, indent=2))
@@ -347,6 +361,7 @@ def build_engine_command(
     moe_kernel: MoeKernel = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
     quantize: Quantize = typer.Option(BuildConfig.quantize, help=QUANTIZE_HELP),
     group_size: int = typer.Option(BuildConfig.group_size, help=GROUP_SIZE_HELP),
+    mtp: bool = _MTP,
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
 ) -> None:
@@ -357,7 +372,7 @@ def build_engine_command(
 
     limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
     config = BuildConfig(backend=backend, dtype=dtype, allow_long_context=allow_long_context, quantize=quantize,
-                         group_size=group_size,
+                         group_size=group_size, mtp=mtp,
                          profile=BuildProfile(**{k: v for k, v in limits.items() if v is not None}),
                          ort=OrtOptions(moe_kernel=moe_kernel), trt=TrtOptions(plugin=trt_plugin, portable=portable))
     if dry_run:
@@ -447,6 +462,25 @@ _STOP_IN_REASONING = typer.Option(False, "--stop-in-reasoning", help="Let stop s
 _THINK_BUDGET = typer.Option(None, "--max-reasoning-tokens", help="Close the thinking after this many tokens.")
 
 
+def _check_draft_tokens(speculative: str | None, draft_tokens: int) -> None:
+    """--draft-tokens goes with --speculative, and is 1 for now (GenerationOptions says why)."""
+    if draft_tokens != 1 and not speculative:
+        raise MoetrtError("--draft-tokens needs --speculative mtp")
+    GenerationOptions(speculative=speculative, draft_tokens=draft_tokens)  # refuses values out of range
+
+
+def _speculation(engine, speculative: str | None, draft_tokens: int) -> dict:
+    """The generation options for --speculative/--draft-tokens, checked against the engine at once (an engine
+    built without --mtp cannot draft)."""
+    _check_draft_tokens(speculative, draft_tokens)
+    if not speculative:
+        return {}
+    from moetrt.runtime.speculative import check_session
+
+    check_session(engine.session)
+    return {"speculative": speculative, "draft_tokens": draft_tokens}
+
+
 def _print_stream(events, console) -> tuple[str, str, str | None]:
     """Print reasoning dimmed and the answer plain as they stream; returns (reasoning, answer, finish)."""
     reasoning, answer, finish, shown_reasoning = [], [], None, False
@@ -485,6 +519,8 @@ def generate(
     stop_in_reasoning: bool = _STOP_IN_REASONING,
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, reasoning, tokens, usage)."),
+    speculative: Optional[Speculative] = _SPECULATIVE,
+    draft_tokens: int = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
@@ -500,6 +536,7 @@ def generate(
     loaded = Engine.load(engine, threads=threads, expert_parallel=parallel)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, stop,
                                   max_reasoning_tokens, stop_in_reasoning)
+    options.update(_speculation(loaded, speculative, draft_tokens))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if as_json:
         result = loaded.generate(prompt, **options) if raw else loaded.chat(messages, **options)
@@ -527,6 +564,8 @@ def chat(
     seed: Optional[int] = _SEED,
     greedy: bool = _GREEDY,
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
+    speculative: Optional[Speculative] = _SPECULATIVE,
+    draft_tokens: int = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
@@ -545,6 +584,7 @@ def chat(
     loaded = Engine.load(engine, threads=threads, expert_parallel=parallel)
     options = _sampling_overrides(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, greedy, (),
                                   max_reasoning_tokens)
+    options.update(_speculation(loaded, speculative, draft_tokens))
     loaded.options(**options)  # out-of-range options (-n 0) are refused at once, not at each line
     console = Console(highlight=False)
     messages = [{"role": "system", "content": system}] if system else []
@@ -613,6 +653,8 @@ def serve(
                                                      "prompts before the step."),
     log_level: Literal[SERVER_LOG_LEVELS] = typer.Option("info", help="Access lines are info; health checks "
                                                          "and metrics scrapes debug."),
+    speculative: Optional[Speculative] = _SPECULATIVE,
+    draft_tokens: int = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
@@ -623,6 +665,7 @@ def serve(
     """OpenAI-compatible HTTP server with continuous batching (/v1/chat/completions, /v1/completions)."""
     from moetrt.runtime.server.limits import ServerLimits
 
+    _check_draft_tokens(speculative, draft_tokens)
     parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
                                 threads)
 
@@ -635,7 +678,8 @@ def serve(
     except ImportError as error:
         raise MoetrtError(f"moetrt serve needs the serve extra ({error}): pip install 'moetrt[serve]'") from None
     run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, threads=threads,
-               model_name=served_model_name, limits=limits, log_level=log_level, expert_parallel=parallel)
+               model_name=served_model_name, limits=limits, log_level=log_level, expert_parallel=parallel,
+               speculative=speculative)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

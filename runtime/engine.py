@@ -209,7 +209,8 @@ class Engine:
         Keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed, greedy,
         stop (str or list), stop_token_ids, stop_in_reasoning, max_reasoning_tokens, prefill_chunk, and OpenAI's
         presence_penalty, frequency_penalty, logit_bias ({token id: bias}), logprobs (k alternatives, 0-20) and
-        response_format (GenerationOptions says what each means). Raises RequestError for a value of the wrong
+        response_format, and speculative ("mtp": draft with the engine's MTP module, built with --mtp) with
+        draft_tokens (GenerationOptions says what each means). Raises RequestError for a value of the wrong
         type (a string temperature), MoetrtError for one out of range.
         """
         check_option_types(overrides)
@@ -218,7 +219,8 @@ class Engine:
             merged["do_sample"] = False
         unknown = set(merged) - set(SAMPLING_FIELDS) - {
             "max_new_tokens", "stop", "stop_token_ids", "stop_in_reasoning", "max_reasoning_tokens", "prefill_chunk",
-            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format"}
+            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "response_format", "speculative",
+            "draft_tokens"}
         if unknown:
             raise MoetrtError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         sampling = SamplingParams(**{k: merged.pop(k) for k in SAMPLING_FIELDS if k in merged})

@@ -25,9 +25,10 @@ def continuer(session: Session, options: GenerationOptions, max_context: int | N
     return continue_batch
 
 
-def engine_continuer(engine: Engine) -> ContinueBatch:
-    """Greedy continuation with the engine's own options (its EOS ids, prefill chunk and context)."""
-    return continuer(engine.session, engine.options(greedy=True), engine.max_context)
+def engine_continuer(engine: Engine, speculative: str | None = None) -> ContinueBatch:
+    """Greedy continuation with the engine's own options (its EOS ids, prefill chunk and context), decoding
+    speculatively with `speculative` ("mtp")."""
+    return continuer(engine.session, engine.options(greedy=True, speculative=speculative), engine.max_context)
 
 
 def evaluate_session(
@@ -42,11 +43,12 @@ def evaluate_session(
 
 def evaluate_engine(
     engine_dir: str | Path, task: str = "arithmetic", n: int = 500, seed: int = 0, batch_size: int = 64,
-    expert_parallel=None,
+    expert_parallel=None, speculative: str | None = None,
 ) -> EvalReport:
-    """Held-out accuracy of an engine directory (`expert_parallel`: Engine.load's)."""
+    """Held-out accuracy of an engine directory (`expert_parallel`: Engine.load's; `speculative` "mtp" drafts
+    with the engine's MTP module, same greedy answers)."""
     check_options(task, n, batch_size)
     engine = Engine.load(engine_dir, expert_parallel=expert_parallel)
     if engine.tokenizer is None:
         raise MoetrtError(f"{engine_dir} has no tokenizer; task evaluation needs one")
-    return evaluate(task, engine.tokenizer, engine_continuer(engine), n, seed, batch_size)
+    return evaluate(task, engine.tokenizer, engine_continuer(engine, speculative), n, seed, batch_size)

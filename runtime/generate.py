@@ -22,6 +22,7 @@ from moetrt.runtime.sampling import (
     apply_repetition_penalty,
     log_softmax,
     select_token,
+    select_with_draft,
     top_logprobs,
 )
 from moetrt.runtime.session import LatentCache, Session
@@ -82,7 +83,34 @@ def prefill(session: Session, cache: LatentCache, prompts: list[list[int]], chun
     """Run the prompts through the graph at most `chunk` positions per call; logits `[B, vocab]` of each
     prompt's last token. Only the last call computes logits, so long prompts never materialise more."""
     ids, valid, positions = left_pad(prompts)
-    return require_finite(_prefill_columns(session, cache, ids, valid, positions, chunk, logits_at_end=True))
+    return require_finite(_prefill_columns(session, cache, ids, valid, positions, chunk, logits_at_end=True)[0])
+
+
+def prefill_drafting(session: Session, cache: LatentCache, prompts: list[list[int]],
+                     chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """`prefill` on an --mtp engine for speculative decoding: the MTP module reads each prompt's true next tokens
+    (the main model's greedy pick after the last). Returns the logits `[B, vocab]` of each prompt's last token and
+    the MTP module's draft `[B]` for the token after the first generated one."""
+    ids, valid, positions = left_pad(prompts)
+    logits, drafts = _prefill_columns(session, cache, ids, valid, positions, chunk, logits_at_end=True,
+                                      following=following_tokens(ids))
+    return require_finite(logits), drafts[:, -1].astype(np.int64)
+
+
+def prefill_part_drafting(session: Session, cache: LatentCache, prompt: list[int], start: int, stop: int,
+                          chunk: int) -> tuple[np.ndarray | None, int]:
+    """`prefill_part` on an --mtp engine for speculative decoding (as `prefill_drafting`): the logits `[vocab]` and
+    the draft once `stop` reaches the prompt's end, else (None, -1)."""
+    return _prefill_part(session, cache, prompt, start, stop, chunk, drafting=True)
+
+
+def following_tokens(ids: np.ndarray, last: int = -1) -> np.ndarray:
+    """What an MTP module reads beside each column of ids `[B, W]`: the next column's token; `last` for the last
+    column (-1: the main model's greedy pick there). int64 `[B, W]`."""
+    following = np.empty_like(ids)
+    following[:, :-1] = ids[:, 1:]
+    following[:, -1] = last
+    return following
 
 
 def prefill_part(session: Session, cache: LatentCache, prompt: list[int], start: int, stop: int,
@@ -91,28 +119,48 @@ def prefill_part(session: Session, cache: LatentCache, prompt: list[int], start:
     [0, start)), at most `chunk` per call. Returns the logits `[vocab]` of the prompt's last token once `stop`
     reaches `len(prompt)`, else None. Positions and calls as `prefill`'s, so a prompt prefilled in any split
     gives its tokens; the serving scheduler interleaves the parts with decode steps (chunked prefill)."""
+    logits, _ = _prefill_part(session, cache, prompt, start, stop, chunk, drafting=False)
+    return logits
+
+
+def _prefill_part(session: Session, cache: LatentCache, prompt: list[int], start: int, stop: int, chunk: int,
+                  drafting: bool) -> tuple[np.ndarray | None, int]:
+    """prefill_part; with `drafting` (an --mtp engine's speculative decoding) the MTP module reads the prompt's
+    true next tokens and the draft for the token after the first generated one comes back too (else -1)."""
     ids = np.asarray([prompt[start:stop]], dtype=np.int64)
     positions = np.arange(start, stop, dtype=np.int64)[None]
     last = stop == len(prompt)
-    logits = _prefill_columns(session, cache, ids, np.ones_like(ids), positions, chunk, logits_at_end=last)
-    return require_finite(logits)[0] if last else None
+    following = following_tokens(ids, prompt[stop] if not last else -1) if drafting else None
+    logits, drafts = _prefill_columns(session, cache, ids, np.ones_like(ids), positions, chunk, logits_at_end=last,
+                                      following=following)
+    if not last:
+        return None, -1
+    return require_finite(logits)[0], (int(drafts[0, -1]) if drafts is not None else -1)
 
 
 def _prefill_columns(session: Session, cache: LatentCache, ids: np.ndarray, valid: np.ndarray,
-                     positions: np.ndarray, chunk: int, logits_at_end: bool) -> np.ndarray | None:
+                     positions: np.ndarray, chunk: int, logits_at_end: bool,
+                     following: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Feed the columns of `ids` `[B, W]` (with `valid` and `positions`) at most `chunk` per call; logits
-    `[B, vocab]` of the last column when `logits_at_end` (only that call computes any), else None."""
+    `[B, vocab]` of the last column when `logits_at_end` (only that call computes any), else None. With
+    `following` (`[B, W]`, following_tokens) the calls are speculative ones, which also return the last call's
+    drafts `[B, N]` (N 1 when it computed logits)."""
     batch, width = ids.shape
-    logits = None
+    logits = drafts = None
     for start in range(0, width, chunk):
         end = min(start + chunk, width)
         last = end == width and logits_at_end
         logit_positions = np.full((batch, 1 if last else 0), end - start - 1, dtype=np.int64)
         mask = cache.attention_mask(end - start, valid[:, start:end])
-        logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
-                                cache.past(), cache.reserve(end - start))
+        if following is None:
+            logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
+                                    cache.past(), cache.reserve(end - start))
+        else:
+            logits, drafts = session.run_speculative(  # type: ignore[attr-defined]
+                ids[:, start:end], positions[:, start:end], mask, logit_positions, cache.past(),
+                cache.reserve(end - start), following[:, start:end], cache.draft_attention_mask(end - start))
         cache.advance(end - start)
-    return logits[:, -1] if logits_at_end else None
+    return (logits[:, -1] if logits_at_end else None), drafts
 
 
 def decode_one_token(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
@@ -197,22 +245,31 @@ class RowState:
         """The next token from this row's raw logits `[vocab]`; `greedy_pick` is the batch's argmax for this row,
         computed once for all rows when sampling is plain greedy (ignored when the options process the logits).
         Call `advance` with the token before the next `choose`."""
-        token = self._pick(logits, greedy_pick)
+        return self.choose_draft(logits, -1, greedy_pick)[0]
+
+    def choose_draft(self, logits: np.ndarray, draft: int, greedy_pick: int | None = None) -> tuple[int, bool]:
+        """`choose`, verifying a draft token (-1: none): returns the token and whether it is the draft accepted.
+        Greedy rows accept a draft equal to their pick; sampled rows follow sampling.py's `select_with_draft`, so
+        the token's distribution is the one `choose` samples from."""
+        token, accepted = self._pick(logits, greedy_pick, draft)
+        self._note_logprob(logits, token)
+        return token, accepted
+
+    def _note_logprob(self, logits: np.ndarray, token: int) -> None:
         if self.options.logprobs is not None:
             logprobs = log_softmax(logits)
             self._pending_logprob = TokenLogprob(token, float(logprobs[token]),
                                                  top_logprobs(logprobs, self.options.logprobs))
-        return token
 
-    def _pick(self, logits: np.ndarray, greedy_pick: int | None) -> int:
+    def _pick(self, logits: np.ndarray, greedy_pick: int | None, draft: int = -1) -> tuple[int, bool]:
         self._masked = False
         budget = self.options.max_reasoning_tokens
         if budget is not None and self.splitter is not None and self.splitter.in_reasoning \
                 and self.reasoning_tokens >= budget:
-            return self.splitter.tags.end
+            return self.splitter.tags.end, self.splitter.tags.end == draft
         options = self.options
         if greedy_pick is not None and not options.processes_logits:
-            return greedy_pick
+            return greedy_pick, greedy_pick == draft
         sampling = options.sampling
         if sampling.repetition_penalty != 1.0:
             seen = np.asarray(self.prompt + self.generated, dtype=np.int64)
@@ -227,7 +284,9 @@ class RowState:
             else:
                 logits = self._mask(logits)
                 self._masked = True
-        return select_token(logits, sampling, self.rng, np.empty(0, dtype=np.int64))
+        if draft < 0:
+            return select_token(logits, sampling, self.rng, np.empty(0, dtype=np.int64)), False
+        return select_with_draft(logits, sampling, self.rng, draft)
 
     def _without_stops(self, logits: np.ndarray) -> np.ndarray:
         """Logits with the stop tokens at -inf: a constrained row may not end inside its thinking, so that a
@@ -334,7 +393,13 @@ def _start_rows(session: Session, prompts: list[list[int]], options: GenerationO
 
 
 def _stream_batch(session: Session, rows: list[RowState], options: GenerationOptions) -> Iterator[StreamEvent]:
-    """generate_stream's loop over a validated batch: prefill, then one decode step per token."""
+    """generate_stream's loop over a validated batch: prefill, then one decode step per token (or, with
+    options.speculative, runtime/speculative.py's steps)."""
+    if options.speculative is not None:
+        from moetrt.runtime.speculative import stream_speculative
+
+        yield from stream_speculative(session, rows, options)
+        return
     longest = max(len(r.prompt) for r in rows)
     cache = session.new_cache(len(rows), longest + options.max_new_tokens)
     logits = prefill(session, cache, [r.prompt for r in rows], options.prefill_chunk)

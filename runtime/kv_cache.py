@@ -30,10 +30,13 @@ class MaskedLatentCache(ABC, Generic[View]):
     the context limit live here; subclasses hold the rows (per layer `[max_context, slots, D]`) and implement the
     five moves below, each keeping columns [0, P) finite (fresh columns are zeroed)."""
 
-    def __init__(self, slots: int, max_context: int):
+    def __init__(self, slots: int, max_context: int, draft_mask: bool = False):
         self.slots = slots
         self.max_context = max_context
         self.mask: Mask = np.zeros((slots, max_context), dtype=np.int64)
+        # With an MTP module (an --mtp engine) its layer, the last, has a mask of its own: a row of it is valid only
+        # when the token it read was the one that followed (runtime/speculative.py). It moves with `mask`.
+        self.draft_mask: Mask | None = np.zeros((slots, max_context), dtype=np.int64) if draft_mask else None
         self.length = 0
 
     # -- the rows: what a subclass implements -----------------------------------------------------------------
@@ -71,7 +74,27 @@ class MaskedLatentCache(ABC, Generic[View]):
 
     def attention_mask(self, steps: int, valid: Mask) -> Mask:
         self.mask[:, self.length : self.length + steps] = valid
+        if self.draft_mask is not None:
+            self.draft_mask[:, self.length : self.length + steps] = valid
         return np.ascontiguousarray(self.mask[:, : self.length + steps])
+
+    def draft_attention_mask(self, steps: int) -> Mask:
+        """The MTP layer's mask `[slots, length + steps]` for the call `attention_mask(steps, ...)` prepared."""
+        assert self.draft_mask is not None, "a cache without an MTP layer"
+        return np.ascontiguousarray(self.draft_mask[:, : self.length + steps])
+
+    def invalidate(self, slot: int, column: int, draft_only: bool = False) -> None:
+        """Mask one column of `slot`: in the MTP layer only (its row read a token that did not follow), or in
+        every layer (a rejected draft token's column). Its rows stay, finite."""
+        if self.draft_mask is not None:
+            self.draft_mask[slot, column] = 0
+        if not draft_only:
+            self.mask[slot, column] = 0
+
+    def trim(self) -> None:
+        """Give back trailing columns no slot uses (P moves down past them; the next call overwrites them)."""
+        while self.length and not self.mask[:, self.length - 1].any():
+            self.length -= 1
 
     def advance(self, steps: int) -> None:
         self.length += steps
@@ -81,6 +104,10 @@ class MaskedLatentCache(ABC, Generic[View]):
         self._repack(slots, keep, used)
         mask = np.zeros((slots, self.max_context), dtype=np.int64)
         mask[:keep, :used] = self.mask[:keep, :used]
+        if self.draft_mask is not None:
+            draft = np.zeros((slots, self.max_context), dtype=np.int64)
+            draft[:keep, :used] = self.draft_mask[:keep, :used]
+            self.draft_mask = draft
         self.slots, self.mask = slots, mask
 
     def extend_to(self, length: int) -> None:
@@ -90,6 +117,8 @@ class MaskedLatentCache(ABC, Generic[View]):
         self._check_room(length)
         self._zero_columns(start, length)
         self.mask[:, start:length] = 0
+        if self.draft_mask is not None:
+            self.draft_mask[:, start:length] = 0
         self.length = length
 
     def place(self, slot: int, prefilled: Self) -> None:
@@ -100,13 +129,21 @@ class MaskedLatentCache(ABC, Generic[View]):
         end = self.length
         self._place_rows(slot, prefilled, end - count)
         self.mask[slot] = 0
-        self.mask[slot, end - count : end] = 1
+        self.mask[slot, end - count : end] = prefilled.mask[0, :count]
+        if self.draft_mask is not None:
+            self.draft_mask[slot] = 0
+            if prefilled.draft_mask is not None:
+                self.draft_mask[slot, end - count : end] = prefilled.draft_mask[0, :count]
 
     def free(self, slot: int) -> None:
         self.mask[slot] = 0
+        if self.draft_mask is not None:
+            self.draft_mask[slot] = 0
 
     def reset(self) -> None:
         self.mask[:] = 0
+        if self.draft_mask is not None:
+            self.draft_mask[:] = 0
         self.length = 0
 
     def compact(self, slots: list[int]) -> None:
@@ -115,6 +152,11 @@ class MaskedLatentCache(ABC, Generic[View]):
         length = max((len(columns) for columns in kept.values()), default=0)
         self._move_columns(kept, length)
         self.mask[:] = 0
+        if self.draft_mask is not None:
+            draft = {slot: self.draft_mask[slot, columns] for slot, columns in kept.items()}
+            self.draft_mask[:] = 0
+            for slot, columns in kept.items():
+                self.draft_mask[slot, length - len(columns) : length] = draft[slot]
         for slot, columns in kept.items():
             self.mask[slot, length - len(columns) : length] = 1
         self.length = length
@@ -131,8 +173,8 @@ class LatentKVCache(MaskedLatentCache[HostRows]):
     """The cache in host memory: per layer one numpy array `[max_context, slots, D]` in `dtype`."""
 
     def __init__(self, num_layers: int, latent_dim: int, slots: int, max_context: int,
-                 dtype: npt.DTypeLike = np.float32):
-        super().__init__(slots, max_context)
+                 dtype: npt.DTypeLike = np.float32, draft_mask: bool = False):
+        super().__init__(slots, max_context, draft_mask)
         self.num_layers, self.latent_dim, self.dtype = num_layers, latent_dim, np.dtype(dtype)
         self.layers = self._allocate(slots)
 

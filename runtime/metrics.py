@@ -76,6 +76,10 @@ class Metrics:
                                       "changed.", registry=r)
         self._cache_compactions = Counter("moetrt_cache_compactions_total", "Cache compactions (rows moved left).",
                                           registry=r)
+        self._draft_tokens = Counter("moetrt_spec_decode_draft_tokens_total", "Draft tokens the MTP module "
+                                     "proposed and the main model verified (--speculative mtp).", registry=r)
+        self._accepted_tokens = Counter("moetrt_spec_decode_accepted_tokens_total", "Draft tokens accepted "
+                                        "(the acceptance rate is their rate over the draft tokens').", registry=r)
         self._queue_depth = Gauge("moetrt_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self._batch_rows = Gauge("moetrt_batch_rows", "Requests in the running batch.", registry=r)
         self._batch_width = Gauge("moetrt_batch_width", "Cache slots each decode step runs over (rows and the "
@@ -145,6 +149,11 @@ class Metrics:
     def cache_compacted(self) -> None:
         self._cache_compactions.inc()
 
+    def drafts(self, proposed: int, accepted: int) -> None:
+        """A speculative step verified `proposed` draft tokens and accepted `accepted` of them."""
+        self._draft_tokens.inc(proposed)
+        self._accepted_tokens.inc(accepted)
+
     # -- reading ------------------------------------------------------------------------------------------
 
     prompt_tokens = _Reading("_prompt_tokens")
@@ -153,6 +162,8 @@ class Metrics:
     decode_rows = _Reading("_decode_rows")
     cache_resizes = _Reading("_cache_resizes")
     cache_compactions = _Reading("_cache_compactions")
+    draft_tokens = _Reading("_draft_tokens")
+    accepted_tokens = _Reading("_accepted_tokens")
 
     @property
     def requests(self) -> collections.Counter[str]:

@@ -33,6 +33,11 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 MAX_TOP_LOGPROBS = 20
 
 
+# Speculative decoding methods (GenerationOptions.speculative): "mtp" drafts with the engine's multi-token-prediction
+# module (an engine built with --mtp; runtime/speculative.py).
+SPECULATIVE_METHODS = (None, "mtp")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
     """How one request generates: at most `max_new_tokens` new tokens, sampled as `sampling` says, ending at a
@@ -47,6 +52,10 @@ class GenerationOptions:
     `logprobs` None (off) or k in [0, 20]: each generated token reports its log-probability under the model's raw
     logits and the k most likely alternatives (generate.py `TokenLogprob`), `response_format` OpenAI's object as
     received ({"type": "json_object"} or {"type": "json_schema", ...}), decoded under structured.py's constraint.
+
+    `speculative` "mtp" decodes with the engine's multi-token-prediction module drafting `draft_tokens` tokens per
+    step (1 for now), verified by the main model (runtime/speculative.py): greedy output as plain decoding's, sampled
+    output from the same distribution. None decodes one token per step.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -61,8 +70,18 @@ class GenerationOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     response_format: dict | None = None
+    speculative: str | None = None
+    draft_tokens: int = 1
 
     def __post_init__(self) -> None:
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise MoetrtError(f"speculative must be None (plain decoding) or one of {', '.join(SPECULATIVE_METHODS[1:])}, "
+                              f"got {self.speculative!r}")
+        if not (is_integer(self.draft_tokens) and self.draft_tokens >= 1):
+            raise MoetrtError(f"draft_tokens must be a positive integer, got {self.draft_tokens!r}")
+        if self.draft_tokens > 1:
+            raise MoetrtError(f"draft_tokens {self.draft_tokens}: chaining the MTP module for more than one draft "
+                              "token per step is not supported yet; use 1")
         if self.max_new_tokens < 1:
             raise MoetrtError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.prefill_chunk < 1:

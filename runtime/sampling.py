@@ -129,3 +129,33 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         return int(np.argmax(logits))
     probs = filtered_probabilities(logits, params)
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(0, len(probs) - 1))
+
+
+def select_with_draft(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                      draft: int) -> tuple[int, bool]:
+    """Verify a draft token: returns (token, whether it is the draft accepted). Logits `[vocab]` already through
+    any other processors (select_token's `seen` penalty included).
+
+    Greedy: the argmax, accepted when it equals the draft. Sampling: speculative sampling's rule (Leviathan et al.
+    2023, "Fast Inference from Transformers via Speculative Decoding", Algorithm 1; Chen et al. 2023) for a draft
+    proposed deterministically, q = one-hot at `draft` (the MTP module's greedy pick): accept it with probability
+    p(draft), else draw from p with the draft's mass removed and renormalised. The token is then distributed as p
+    exactly, as plain sampling's is; the random stream differs (one or two draws per token), so a seeded request's
+    tokens differ from plain sampling's.
+    """
+    if params.greedy:
+        token = int(np.argmax(logits))
+        return token, token == draft
+    probs = filtered_probabilities(logits, params)
+    if rng.random() < probs[draft]:
+        return draft, True
+    residual = probs.copy()
+    residual[draft] = 0.0
+    total = residual.sum()
+    if total <= 0.0:  # p(draft) was 1 up to rounding: nothing else can be drawn
+        return draft, True
+    cumulative = np.cumsum(residual)
+    token = int(np.searchsorted(cumulative, rng.random() * total, side="right").clip(0, len(residual) - 1))
+    while residual[token] == 0.0:  # a boundary draw landing on a zero-mass token: take the next with mass
+        token = (token + 1) % len(residual)
+    return token, False

@@ -18,6 +18,11 @@ Parallel sampling (`n` > 1, OpenAI's `n`): the prompt is prefilled once and its 
 per choice; choice i samples with seed `seed + i` when the request has a seed (as `generate` seeds a batch's
 rows), so it gives exactly the tokens of a single request with that seed. Metrics count each choice as a
 sequence (time to first token, tokens, outcome, end-to-end latency), and the prompt and its queue time once.
+
+Speculative decoding (`speculative="mtp"`, an engine built with --mtp): prefills feed the MTP module the prompts'
+true next tokens, and each step is runtime/speculative.py's `draft_step` over the slots, every choice verifying
+its own draft, so rows accept different numbers of tokens; rejected drafts' columns are masked (holes that `trim`
+and the usual compaction reclaim). The metrics count drafts proposed and accepted.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import numpy as np
 
 from moetrt.errors import MoetrtError
 from moetrt.runtime.generate import (GenerationOptions, NonFiniteLogits, RowState, StreamEvent, decode_one_token,
-                                    finite_rows, prefill_part)
+                                    finite_rows, prefill_part, prefill_part_drafting)
+from moetrt.runtime import speculative as spec
 from moetrt.runtime.metrics import Metrics
 from moetrt.runtime.requests import RequestError, validate_request
 from moetrt.runtime.session import LatentCache, Session
@@ -106,6 +112,8 @@ class _Choice:
         self.ticket, self.index, self.row = ticket, index, row
         self.slot: int | None = None
         self.next_token = 0  # sampled, fed to the graph at the next decode step
+        self.draft = spec.NO_DRAFT  # speculative decoding: the MTP module's draft fed after next_token
+        self.draft_row_valid = True  # whether the MTP row of its first token's column read that token
         self.last_token_at = 0.0  # when its latest token was generated (inter-token latency)
         self.over = False  # finished, cancelled or failed
 
@@ -123,6 +131,7 @@ class _Prefill:
         self.ticket = ticket
         self.cache: LatentCache | None = None
         self.done = 0
+        self.draft = spec.NO_DRAFT  # the MTP module's draft at the prompt's end (speculative decoding)
 
 
 class Scheduler:
@@ -132,12 +141,18 @@ class Scheduler:
     scheduler's thread. At most `max_batch` sequences decode together (a request with n choices holds n slots);
     at most `max_queue` requests wait for slots (`submit` raises QueueFull beyond that). While requests decode,
     each decode step is accompanied by at most `prefill_budget` prompt tokens of prefill (chunked prefill);
-    None prefills every joiner's whole prompt before the step.
+    None prefills every joiner's whole prompt before the step. `speculative` "mtp" decodes with the engine's MTP
+    module drafting (raises MoetrtError for an engine built without --mtp).
     """
 
     def __init__(self, session: Session, tokenizer=None, *, max_context: int, max_batch: int = 8,
                  max_queue: int = 256, metrics: Metrics | None = None,
-                 prefill_budget: int | None = DEFAULT_PREFILL_BUDGET):
+                 prefill_budget: int | None = DEFAULT_PREFILL_BUDGET, speculative: str | None = None):
+        if speculative not in (None, "mtp"):
+            raise MoetrtError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if speculative is not None:
+            spec.check_session(session)
+        self.speculative = speculative
         if max_batch < 1 or max_queue < 0:
             raise MoetrtError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         if prefill_budget is not None and prefill_budget < 1:
@@ -289,7 +304,7 @@ class Scheduler:
                 continue
             if logits is not None:
                 self._prefilling.remove(part)
-                if self._first_tokens(part.ticket, logits) and part.cache is not None:
+                if self._first_tokens(part.ticket, logits, part.draft) and part.cache is not None:
                     ready.append((part.ticket, part.cache))
         return ready
 
@@ -300,11 +315,16 @@ class Scheduler:
             self.metrics.queued(time.perf_counter() - ticket.arrived)
             part.cache = self.session.new_cache(1, len(ticket.prompt))
         start, part.done = part.done, part.done + tokens
+        if self.speculative:
+            logits, part.draft = prefill_part_drafting(self.session, part.cache, ticket.prompt, start, part.done,
+                                                       ticket.row.options.prefill_chunk)
+            return logits
         return prefill_part(self.session, part.cache, ticket.prompt, start, part.done,
                             ticket.row.options.prefill_chunk)
 
-    def _first_tokens(self, ticket: Ticket, logits: np.ndarray) -> bool:
-        """Sample and emit each choice's first token from the prompt's logits; True when some go on to decode."""
+    def _first_tokens(self, ticket: Ticket, logits: np.ndarray, draft: int = spec.NO_DRAFT) -> bool:
+        """Sample and emit each choice's first token from the prompt's logits; True when some go on to decode.
+        Speculative decoding: a choice whose token is the greedy pick the MTP module read keeps `draft`."""
         try:
             tokens = [choice.row.choose(logits) for choice in ticket.choices]
         except Exception as error:
@@ -319,6 +339,8 @@ class Scheduler:
                 choice.over = True
             else:
                 choice.next_token = token
+                choice.draft_row_valid = token == int(np.argmax(logits))
+                choice.draft = draft if choice.draft_row_valid else spec.NO_DRAFT
         return bool(ticket.live)
 
     def _seat(self, joiners: list[tuple[Ticket, LatentCache]]) -> None:
@@ -344,11 +366,16 @@ class Scheduler:
         self.metrics.batch(len(self._occupied()), len(self._slots))
         if joiners:  # P up to the longest joiner first, so every joiner's columns end where the steps begin
             self.cache.extend_to(max(len(ticket.prompt) for ticket, _ in joiners))
-        for slot, (_, prefilled) in assigned:
+        for slot, (choice, prefilled) in assigned:
             self.cache.place(slot, prefilled)
+            if self.speculative and not choice.draft_row_valid:
+                self.cache.invalidate(slot, self.cache.length - 1, draft_only=True)
 
     def _step(self) -> None:
         """One decode step over the occupied slots (holes ride along, fed token 0 at position 0)."""
+        if self.speculative:
+            self._draft_step()
+            return
         occupied = self._occupied()
         longest = max(choice.columns for _, choice in occupied)
         if self.cache.length + 1 > self.max_context or self.cache.length > 2 * longest:
@@ -385,6 +412,64 @@ class Scheduler:
                 self._retire(choice)
             else:
                 choice.next_token = token
+
+    def _draft_step(self) -> None:
+        """`_step` with MTP drafts: each occupied slot feeds its token and draft; each choice keeps one or two
+        tokens (runtime/speculative.py `settle`)."""
+        occupied = self._occupied()
+        longest = max(choice.columns for _, choice in occupied)
+        if self.cache.length + 2 > self.max_context or self.cache.length > 2 * longest:
+            self.cache.compact([slot for slot, _ in occupied])
+            self.metrics.cache_compacted()
+        width = self.cache.slots
+        tokens = np.zeros(width, dtype=np.int64)
+        positions = np.zeros(width, dtype=np.int64)
+        drafts = np.full(width, spec.NO_DRAFT, dtype=np.int64)
+        for slot, choice in occupied:
+            tokens[slot], positions[slot], drafts[slot] = choice.next_token, choice.columns, choice.draft
+        try:
+            logits, proposals, start = spec.draft_step(self.session, self.cache, tokens, positions,
+                                                       np.ones(width, dtype=bool), drafts)
+        except Exception as error:
+            log.exception("decode step failed; failing the running batch")
+            for ticket in dict.fromkeys(choice.ticket for _, choice in occupied):
+                self._end(ticket, "failed", error)
+            return
+        self.metrics.decode_step(len(occupied))
+        proposed = accepted = 0
+        for slot, choice in occupied:
+            if choice.over:
+                continue
+            fed = 2 if choice.draft >= 0 else 1
+            if not finite_rows(logits[slot, :fed]).all():  # NaN or inf logits fail this request alone
+                log.error("request in slot %d got NaN or inf logits; failing it", slot)
+                self._end(choice.ticket, "failed", NonFiniteLogits([slot], logits.dtype))
+                continue
+            greedy = choice.row.options.sampling.greedy and not choice.row.options.processes_logits
+            try:
+                token, choice.draft, took = spec.settle(choice.row, self.cache, slot, start, logits[slot],
+                                                        choice.draft, proposals[slot], self._emitter(choice), greedy)
+            except Exception as error:
+                log.exception("sampling failed; failing the request")
+                self._end(choice.ticket, "failed", error)
+                continue
+            proposed += fed - 1
+            accepted += took
+            if token is None:
+                self._retire(choice)
+            else:
+                choice.next_token = token
+        self.metrics.drafts(proposed, accepted)
+        self.cache.trim()
+
+    def _emitter(self, choice: _Choice) -> Callable[[int], bool]:
+        """`settle`'s emit for a choice: time the token (inter-token latency) and `_emit` it."""
+        def emit(token: int) -> bool:
+            now = time.perf_counter()
+            self.metrics.next_tokens([now - choice.last_token_at])
+            choice.last_token_at = now
+            return self._emit(choice, token)
+        return emit
 
     def _emit(self, choice: _Choice, token: int) -> bool:
         """Advance the choice by `token` and deliver its event; True when the choice is over."""

@@ -23,7 +23,8 @@ import onnxruntime as ort
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
 from moetrt.runtime.kv_cache import LatentKVCache
-from moetrt.formats import HOST_INPUTS, LOGITS, EngineManifest, OrtSection, new_latent, past_latent
+from moetrt.formats import (DRAFT_IDS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS, EngineManifest,
+                            OrtSection, new_latent, past_latent)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
@@ -51,6 +52,7 @@ class OrtSession:
             raise MoetrtError(f"ONNX Runtime sessions run float32 or float16 engines, not {manifest.dtype}")
         config = manifest.model_config
         self.num_layers = config.num_hidden_layers
+        self.mtp_layers = manifest.io.mtp_layers  # 1: the graph runs the MTP module too (its latent layer is last)
         self.latent_dim = config.latent_dim
         self.vocab_size = config.vocab_size
         self.dtype = np.dtype(NUMPY_DTYPES[manifest.dtype])
@@ -68,6 +70,9 @@ class OrtSession:
         self._experts: list[KernelLayer] = []
         self._kernel_description = "none"
         self.group = expert_group
+        if expert_group is not None and self.mtp_layers:
+            raise MoetrtError("--expert-parallel runs engines without the multi-token-prediction module; rebuild "
+                              "this one without --mtp")
         if expert_group is not None and not section.segmented:
             raise MoetrtError("--expert-parallel runs engines whose routed experts are moetrt's CPU kernel; this one "
                               "runs them inside onnxruntime: rebuild it with `--moe-kernel moetrt`")
@@ -87,7 +92,10 @@ class OrtSession:
                                       f"experts.bin {experts.sha256[:12] if experts else 'none'}"))
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
-        return LatentKVCache(self.num_layers, self.latent_dim, slots, max_context, self.dtype)
+        """The host cache: one layer per decoder layer, plus the MTP module's (with its own mask) on an --mtp
+        engine."""
+        return LatentKVCache(self.num_layers + self.mtp_layers, self.latent_dim, slots, max_context, self.dtype,
+                             draft_mask=bool(self.mtp_layers))
 
     def run(
         self,
@@ -100,33 +108,68 @@ class OrtSession:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph call. ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]` (all int64),
         past per layer `[P, B, D]` (C-contiguous). New rows go into `new_rows` (`[S, B, D]` each) when given.
-        Returns logits `[B, N, vocab]` and the new rows.
+        Returns logits `[B, N, vocab]` and the new rows. On an --mtp engine the lists include the MTP module's
+        layer (last), which this plain call fills as `run_speculative` would, its draft unused.
         """
+        logits, rows, _ = self._call(input_ids, position_ids, attention_mask, logit_positions, past, new_rows)
+        return logits, rows
+
+    def run_speculative(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        logit_positions: np.ndarray,
+        past: list[np.ndarray],
+        new_rows: list[np.ndarray],
+        mtp_input_ids: np.ndarray,
+        mtp_attention_mask: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`run` on an --mtp engine with the MTP module's inputs (formats.py: mtp_input_ids `[B, S]` int64, -1
+        where the main model's greedy pick at that logit position is to be used; mtp_attention_mask `[B, P+S]`).
+        Returns logits `[B, N, vocab]` and the draft token ids `[B, N]` int64 (the MTP module's greedy prediction
+        of the token after next at each logit position)."""
+        if not self.mtp_layers:
+            raise MoetrtError("this engine has no multi-token-prediction module; rebuild it with --mtp")
+        logits, _, drafts = self._call(input_ids, position_ids, attention_mask, logit_positions, past, new_rows,
+                                       (mtp_input_ids, mtp_attention_mask))
+        return logits, drafts
+
+    def _call(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows, mtp=None):
+        host = [np.ascontiguousarray(array, dtype=np.int64)
+                for array in (input_ids, position_ids, attention_mask, logit_positions)]
+        inputs = dict(zip(HOST_INPUTS, host))
+        if self.mtp_layers:
+            if mtp is None:  # a plain call: the module runs on the greedy picks, its draft is dropped
+                mtp = (np.full(host[0].shape, -1, dtype=np.int64), host[2])
+            inputs[MTP_INPUT_IDS] = np.ascontiguousarray(mtp[0], dtype=np.int64)
+            inputs[MTP_ATTENTION_MASK] = np.ascontiguousarray(mtp[1], dtype=np.int64)
         if self._segments:
-            return self._run_segments(input_ids, position_ids, attention_mask, logit_positions, past, new_rows)
+            return self._run_segments(inputs, past, new_rows)
         binding = self._session.io_binding()
-        for name, array in zip(HOST_INPUTS, (input_ids, position_ids, attention_mask, logit_positions)):
-            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
         for layer, array in enumerate(past):
             binding.bind_cpu_input(past_latent(layer), array)
         binding.bind_output(LOGITS, self._device)
-        for layer in range(self.num_layers):
+        layers = self.num_layers + self.mtp_layers
+        for layer in range(layers):
             name = new_latent(layer)
             if new_rows is None:
                 binding.bind_output(name, self._device)
             else:
                 out = new_rows[layer]
                 binding.bind_output(name, "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
+        if self.mtp_layers:
+            binding.bind_output(DRAFT_IDS, "cpu")
         self._session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
-        return logits, (new_rows if new_rows is not None else [value.numpy() for value in outputs[1:]])
+        rows = new_rows if new_rows is not None else [value.numpy() for value in outputs[1: 1 + layers]]
+        return logits, rows, (outputs[1 + layers].numpy() if self.mtp_layers else None)
 
-    def _run_segments(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows):
-        values: dict[str, np.ndarray | ort.OrtValue] = {
-            name: np.ascontiguousarray(array, dtype=np.int64)
-            for name, array in zip(HOST_INPUTS, (input_ids, position_ids, attention_mask, logit_positions))
-        }
+    def _run_segments(self, inputs, past, new_rows):
+        values: dict[str, np.ndarray | ort.OrtValue] = dict(inputs)
         values.update({past_latent(layer): array for layer, array in enumerate(past)})
         into = {new_latent(layer): out for layer, out in enumerate(new_rows)} if new_rows is not None else {}
         for index, segment in enumerate(self._segments):
@@ -161,9 +204,11 @@ class OrtSession:
                     self.group.combine(index, out, routed)
                 values[layer.output] = out
         logits = values[LOGITS].numpy()
+        drafts = values[DRAFT_IDS].numpy() if self.mtp_layers else None
         if new_rows is not None:
-            return logits, new_rows
-        return logits, [values[new_latent(layer)].numpy() for layer in range(self.num_layers)]
+            return logits, new_rows, drafts
+        layers = self.num_layers + self.mtp_layers
+        return logits, [values[new_latent(layer)].numpy() for layer in range(layers)], drafts
 
 
 def load_optimization_level(section: OrtSection) -> ort.GraphOptimizationLevel:

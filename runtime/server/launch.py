@@ -36,11 +36,13 @@ WRITE_GRACE_SECONDS = 5
 
 def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int | None = None, threads: int | None = None, model_name: str | None = None,
-          limits: ServerLimits = DEFAULT_LIMITS, log_level: str = "info", expert_parallel=None) -> None:
+          limits: ServerLimits = DEFAULT_LIMITS, log_level: str = "info", expert_parallel=None,
+          speculative: str | None = None) -> None:
     """Load an engine and serve it until SIGTERM or SIGINT, then drain (ServerLimits.shutdown_timeout) and
     return. max_batch defaults to the engine's built max_batch; model_name to the engine directory's name.
     `expert_parallel`: Engine.load's (call it on rank 0: the CLI's `--expert-parallel` has the other ranks serve
-    rank 0's steps before this). Raises MoetrtError for a bad option (a blank model name or API key), a port out of
+    rank 0's steps before this). `speculative` "mtp": decode with the engine's MTP module drafting (an engine
+    built with --mtp; runtime/scheduler.py). Raises MoetrtError for a bad option (a blank model name or API key), a port out of
     range or in use, or a server that did not start."""
     _configure_logging(log_level)
     if not 0 <= port <= 65535:
@@ -61,12 +63,14 @@ def serve(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
                               "with a larger --max-batch)")
         budget = DEFAULT_PREFILL_BUDGET if limits.max_prefill_tokens is None else limits.max_prefill_tokens or None
         scheduler = Scheduler(engine.session, engine.tokenizer, max_context=engine.max_context,
-                              max_batch=max_batch, max_queue=limits.max_queue, prefill_budget=budget)
+                              max_batch=max_batch, max_queue=limits.max_queue, prefill_budget=budget,
+                              speculative=speculative)
         _prepare_structured_output(engine)
         name = model_name or Path(engine_dir).resolve().name
         app = create_app(engine, scheduler, model_name=name, api_key=api_key, limits=limits)
-        log.info("serving %s (%s, batch %d, queue %d, prefill %s tokens per step) from %s", name,
-                 engine.manifest.backend, max_batch, limits.max_queue, budget or "all", engine_dir)
+        log.info("serving %s (%s, batch %d, queue %d, prefill %s tokens per step%s) from %s", name,
+                 engine.manifest.backend, max_batch, limits.max_queue, budget or "all",
+                 ", MTP speculative decoding" if speculative else "", engine_dir)
         config = _Config(app, header_timeout=limits.header_timeout, max_connections=limits.max_connections,
                          http=HeaderTimeoutH11Protocol, log_config=None, log_level=log_level, access_log=False,
                          lifespan="on", timeout_graceful_shutdown=WRITE_GRACE_SECONDS)

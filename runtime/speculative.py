@@ -1,0 +1,178 @@
+"""Speculative decoding with DeepSeek-V3's multi-token-prediction (MTP) module, in the same graph call.
+
+An engine built with `--mtp` runs, in every call, the main model and then the MTP module over the same positions
+(export/model.py `speculative_step`): at position i the module reads the main model's hidden state h_i and the
+token that follows, t_{i+1}, and proposes t_{i+2}. Where t_{i+1} is not known when the call is made (the last
+position), the module reads the main model's greedy pick there. So one call per step both verifies the previous
+draft and proposes the next (the one-token case of DeepSeek-V3 report section 2.2's MTP as used for speculative
+decoding by vLLM, SGLang and TensorRT-LLM):
+
+- a step feeds each row its last token t and its draft d (when it has one), at positions p and p + 1;
+- the row's next token comes from the logits at p: greedy rows accept d when it is their pick, sampled rows by
+  sampling.py's `select_with_draft` (speculative sampling for a deterministic draft, so the output distribution is
+  plain sampling's); an accepted d earns a second token from the logits at p + 1;
+- a rejected d's cache column is masked in every layer (rolled back; `LatentCache.trim` gives trailing columns
+  back, `compact` the holes when room runs out); the MTP layer's own mask drops a row whose guessed token was not
+  the one that followed (a sampled or processed token), and that row's draft is not used.
+
+Drafts only ever cost speed: every emitted token is the main model's (`RowState.choose_draft`), so greedy output
+equals plain decoding's token for token, batched or not, whatever the MTP module predicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+from moetrt.runtime.generate import RowState, StreamEvent, prefill_drafting, require_finite
+from moetrt.runtime.requests import GenerationOptions
+from moetrt.runtime.session import LatentCache, Session
+
+NO_DRAFT = -1
+
+
+def check_session(session: Session) -> None:
+    """Raise MoetrtError unless the session's engine carries the MTP module (built with --mtp)."""
+    if not getattr(session, "mtp_layers", 0) or not hasattr(session, "run_speculative"):
+        raise MoetrtError("--speculative mtp needs an engine built with the multi-token-prediction module: rebuild "
+                          "it with `moetrt build-engine CHECKPOINT -o ENGINE --mtp` (the checkpoint must have "
+                          "num_nextn_predict_layers >= 1), or decode without --speculative")
+
+
+@dataclasses.dataclass
+class StepCounts:
+    """Drafts proposed and accepted over a run (the acceptance rate is accepted / proposed), and decode steps."""
+
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
+               active: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """One speculative call: each active row feeds its token `tokens[r]` at RoPE position `positions[r]` and, when
+    `drafts[r]` >= 0, its draft at the next position. All `[B]` (int64; `active` bool).
+
+    Returns the logits `[B, S, vocab]` at the S (1 or 2) fed columns, the MTP module's proposals `[B, S]` (the draft
+    for the token after next at each column, valid only where the column's following token was the greedy pick),
+    and the cache column of the first fed token. Inactive rows and missing drafts ride along masked."""
+    width = len(tokens)
+    drafted = active & (drafts >= 0)
+    steps = 2 if drafted.any() else 1
+    ids = np.zeros((width, steps), dtype=np.int64)
+    ids[:, 0] = tokens
+    valid = np.zeros((width, steps), dtype=np.int64)
+    valid[:, 0] = active
+    if steps == 2:
+        ids[:, 1] = np.where(drafted, drafts, 0)
+        valid[:, 1] = drafted
+    position_ids = positions[:, None] + np.arange(steps, dtype=np.int64)[None]
+    mask = cache.attention_mask(steps, valid)
+    logit_positions = np.broadcast_to(np.arange(steps, dtype=np.int64), (width, steps))
+    start = cache.length
+    logits, proposals = session.run_speculative(  # type: ignore[attr-defined]
+        ids, position_ids, mask, logit_positions, cache.past(), cache.reserve(steps),
+        np.full((width, steps), NO_DRAFT, dtype=np.int64), cache.draft_attention_mask(steps))  # type: ignore[attr-defined]
+    cache.advance(steps)
+    return logits, proposals, start
+
+
+def settle(row: RowState, cache: LatentCache, slot: int, start: int, logits: np.ndarray, draft: int,
+           proposals: np.ndarray, emit: Callable[[int], bool], greedy: bool) -> tuple[int | None, int, int]:
+    """Verify one row's step (`draft_step`'s logits `[S, vocab]` and proposals `[S]` of this row, which fed `draft`
+    at column start + 1 when >= 0) and emit its one or two tokens through `emit` (which advances the row and says
+    whether it is over). Masks the columns that did not hold (see the module docstring).
+
+    Returns (the token to feed next, None when the row is over; its next draft or NO_DRAFT; drafts accepted)."""
+    pick = int(np.argmax(logits[0]))
+    token, accepted = row.choose_draft(logits[0], draft, pick if greedy else None)
+    if draft >= 0 and not accepted:
+        cache.invalidate(slot, start + 1)  # roll back the rejected draft's rows
+    if token != pick:  # the MTP row at `start` read the greedy pick, not this token
+        cache.invalidate(slot, start, draft_only=True)
+    if emit(token):
+        return None, NO_DRAFT, int(accepted)
+    if not accepted:
+        return token, (int(proposals[0]) if token == pick else NO_DRAFT), 0
+    bonus_pick = int(np.argmax(logits[1]))
+    bonus = row.choose(logits[1], bonus_pick if greedy else None)
+    if bonus != bonus_pick:
+        cache.invalidate(slot, start + 1, draft_only=True)
+    if emit(bonus):
+        return None, NO_DRAFT, 1
+    return bonus, (int(proposals[1]) if bonus == bonus_pick else NO_DRAFT), 1
+
+
+def first_draft(row: RowState, cache: LatentCache, slot: int, logits: np.ndarray, token: int, draft: int) -> int:
+    """After a prefill: the first token `token` was chosen from `logits` `[vocab]`; the MTP row at the prompt's last
+    column (cache column length - 1 of a prefill cache, where `slot` sits) read the greedy pick. Returns the draft to
+    feed with the token, or NO_DRAFT (and masks that MTP row) when the token was not the pick."""
+    if token == int(np.argmax(logits)):
+        return draft
+    cache.invalidate(slot, cache.length - 1, draft_only=True)
+    return NO_DRAFT
+
+
+def stream_speculative(session: Session, rows: list[RowState], options: GenerationOptions,
+                       counts: StepCounts | None = None) -> Iterator[StreamEvent]:
+    """generate.py's `_stream_batch` with MTP drafts: prefill, then `draft_step`s until every row is done; yields
+    one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and steps."""
+    check_session(session)
+    counts = counts if counts is not None else StepCounts()
+    batch = len(rows)
+    longest = max(len(r.prompt) for r in rows)
+    # Rejected drafts leave masked columns: room for some before a compaction is needed.
+    cache = session.new_cache(batch, longest + options.max_new_tokens + max(8, options.max_new_tokens // 2))
+    logits, proposals = prefill_drafting(session, cache, [r.prompt for r in rows], options.prefill_chunk)
+    greedy = options.sampling.greedy and not options.processes_logits
+    tokens = np.zeros(batch, dtype=np.int64)
+    drafts = np.full(batch, NO_DRAFT, dtype=np.int64)
+    picks = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        tokens[i] = row.choose(logits[i], int(picks[i]) if greedy else None)
+        drafts[i] = first_draft(row, cache, i, logits[i], int(tokens[i]), int(proposals[i]))
+        yield row.advance(int(tokens[i]), i)
+    pending: list[StreamEvent] = []
+
+    def emitter(index: int) -> Callable[[int], bool]:
+        def emit(token: int) -> bool:
+            event = rows[index].advance(token, index)
+            pending.append(event)
+            return event.finish_reason is not None
+        return emit
+
+    while True:
+        active = np.array([r.finish_reason is None for r in rows])
+        if not active.any():
+            return
+        if cache.length + 2 > cache.max_context:
+            cache.compact([i for i in range(batch) if active[i]])
+        positions = np.array([len(r.prompt) + len(r.generated) - 1 for r in rows], dtype=np.int64)
+        step_logits, step_proposals, start = draft_step(session, cache, tokens, positions, active, drafts)
+        counts.steps += 1
+        require_finite(step_logits[:, 0], active)
+        for i, row in enumerate(rows):
+            if not active[i]:
+                continue
+            draft = int(drafts[i])
+            counts.proposed += draft >= 0
+            if draft >= 0:
+                require_finite(step_logits[i, 1:2])
+            token, drafts[i], accepted = settle(row, cache, i, start, step_logits[i], draft, step_proposals[i],
+                                                emitter(i), greedy)
+            counts.accepted += accepted
+            if token is not None:
+                tokens[i] = token
+            yield from pending
+            pending.clear()
+        cache.trim()
+
+
+
