@@ -143,10 +143,11 @@ class MultiHeadLatentAttention(nn.Module):
         q_absorbed = torch.matmul(q_nope, kv_b[:, :nope])  # [h, B*S, C]
         q_absorbed = q_absorbed.view(heads, batch, seq, kv_rank).permute(1, 2, 0, 3)  # [B, S, h, C]
         q_latent = torch.cat([q_absorbed, q_pe], dim=-1).reshape(batch, seq * heads, c.latent_dim)
-        scores = torch.matmul(q_latent, latent.transpose(1, 2)).view(batch, seq, heads, -1)
+        total = latent.shape[1]  # P + S, named: a -1 could not be inferred for S = 0 (an MTP module skipped)
+        scores = torch.matmul(q_latent, latent.transpose(1, 2)).view(batch, seq, heads, total)
         scores = scores * c.softmax_scale
         scores = scores.masked_fill(~allowed[:, :, None, :], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype).view(batch, seq * heads, -1)
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype).view(batch, seq * heads, total)
         # probs @ the whole latent row, then keep the kv_lora part: slicing the small result, not the cache
         out_latent = torch.matmul(probs, latent)[..., :kv_rank]  # [B, S*h, C]
         out_latent = out_latent.view(batch * seq, heads, kv_rank).transpose(0, 1)  # [h, B*S, C]
@@ -432,28 +433,36 @@ class DeepseekForCausalLM(nn.Module):
         mtp_input_ids: torch.Tensor,
         mtp_attention_mask: torch.Tensor,
         mtp_past: torch.Tensor,
+        draft_positions: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """`step` and, in the same call, the MTP module over the same S positions (DeepSeek-V3 MTP as a
-        speculative decoder: each call verifies the previous draft and proposes the next).
+        """`step` and, in the same call, the MTP module over the first M of the S positions (DeepSeek-V3 MTP as a
+        speculative decoder: each call verifies the previous draft and proposes the next). M = 0 skips the module
+        (no weights read, nothing computed but empty tensors), so an --mtp engine decodes plainly at plain cost.
 
-        mtp_input_ids `[B, S]` int64: the token that follows each position (t_{i+1}), or -1 where it is not known
-        yet: there the main model's greedy pick at that position is used, which needs the position among
-        `logit_positions`. mtp_attention_mask `[B, P+S]`: which of the MTP module's cached rows (and new ones) are
-        valid; mtp_past `[P, B, D]` its latent rows (one row per main-model position, same columns).
+        mtp_input_ids `[B, M]` int64 (M <= S): the token that follows each of the first M positions (t_{i+1}), or -1
+        where it is not known yet: there the main model's greedy pick at that position is used, which needs the
+        position among `logit_positions`. mtp_attention_mask `[B, P+M]`: which of the MTP module's cached rows (and
+        new ones) are valid; mtp_past `[P, B, D]` its latent rows (one per main-model column, same columns);
+        draft_positions `[B, N']` (< M): where to propose drafts.
         Returns main logits `[B, N, vocab]`, the main model's new rows per layer `[S, B, D]`, the MTP module's new
-        rows `[S, B, D]` and its draft logits `[B, N, vocab]` at `logit_positions` (predicting t_{i+2}).
+        rows `[M, B, D]` and its draft logits `[B, N', vocab]` (predicting t_{i+2} at each draft position).
         """
-        x, new_latents, (cos, sin, causal, scale) = self._run_layers(input_ids, position_ids, attention_mask,
-                                                                     past_latents)
+        x, new_latents, (cos, sin, _, scale) = self._run_layers(input_ids, position_ids, attention_mask,
+                                                                past_latents)
         hidden = self.model.norm(x, scale)  # [B, S, H]: h_i, what the head reads
         logits = self.lm_head(_gather(hidden, logit_positions))
-        guessed = torch.zeros_like(mtp_input_ids).scatter(1, logit_positions, logits.argmax(-1))
+        batch, seq = input_ids.shape
+        steps = mtp_input_ids.shape[1]
+        guessed = torch.zeros_like(input_ids).scatter(1, logit_positions, logits.argmax(-1))[:, :steps]
         following = torch.where(mtp_input_ids < 0, guessed, mtp_input_ids)
         module = self.mtp[0]
-        h = module.combine(self.model.embed_tokens(following), hidden, scale)
-        allowed = causal[None] & mtp_attention_mask[:, None, :].bool()
-        h, mtp_rows = module(h, cos, sin, allowed, mtp_past, scale)
-        draft_logits = self.lm_head(module.shared_head.norm(_gather(h, logit_positions), scale))
+        h = module.combine(self.model.embed_tokens(following), hidden[:, :steps], scale)
+        past_len = mtp_past.shape[0]
+        key_pos = torch.arange(past_len + steps, device=input_ids.device)
+        query_pos = torch.arange(steps, device=input_ids.device) + past_len
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None] & mtp_attention_mask[:, None, :].bool()
+        h, mtp_rows = module(h, cos[:, :steps], sin[:, :steps], allowed, mtp_past, scale)
+        draft_logits = self.lm_head(module.shared_head.norm(_gather(h, draft_positions), scale))
         return logits, new_latents, mtp_rows, draft_logits
 
 

@@ -77,10 +77,10 @@ class SpeculativeGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, logit_positions, *rest):
-        *past_latents, mtp_input_ids, mtp_attention_mask, mtp_past = rest
+        *past_latents, mtp_input_ids, mtp_attention_mask, draft_positions, mtp_past = rest
         logits, new_latents, mtp_rows, draft_logits = self.model.speculative_step(
             input_ids, position_ids, attention_mask, list(past_latents), logit_positions, mtp_input_ids,
-            mtp_attention_mask, mtp_past)
+            mtp_attention_mask, mtp_past, draft_positions)
         return (logits, *new_latents, mtp_rows, draft_logits.argmax(-1))
 
 
@@ -109,11 +109,12 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
         "logit_positions": {0: batch_dim, 1: dim("n_logits")},
     }
     if mtp:
-        example = (*example, torch.full((batch, seq), -1, dtype=torch.int64),
-                   torch.ones(batch, past + seq, dtype=torch.int64), torch.zeros(past, batch, config.latent_dim,
-                                                                                 dtype=dtype))
-        dynamic_shapes["rest"] = (*latent_dims, {0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: dim.AUTO},
-                                  {0: dim.AUTO, 1: batch_dim})
+        mtp_seq = seq - 1  # the module runs on a prefix of the positions: a size of its own, not seq's
+        example = (*example, torch.full((batch, mtp_seq), -1, dtype=torch.int64),
+                   torch.ones(batch, past + mtp_seq, dtype=torch.int64), torch.tensor([[mtp_seq - 1]] * batch),
+                   torch.zeros(past, batch, config.latent_dim, dtype=dtype))
+        dynamic_shapes["rest"] = (*latent_dims, {0: batch_dim, 1: dim("mtp_seq")}, {0: batch_dim, 1: dim.AUTO},
+                                  {0: batch_dim, 1: dim("n_drafts")}, {0: dim.AUTO, 1: batch_dim})
     else:
         dynamic_shapes["past_latents"] = latent_dims
     inputs, outputs = graph_input_names(layers, mtp), graph_output_names(layers, mtp)
@@ -160,8 +161,10 @@ def _name_dynamic_dims(model, layers: int) -> None:
     import onnx_ir as ir
 
     for value in model.graph.inputs:
-        if value.name in (ATTENTION_MASK, MTP_ATTENTION_MASK):
+        if value.name == ATTENTION_MASK:
             value.shape = ir.Shape([value.shape[0], "total_len"])
+        elif value.name == MTP_ATTENTION_MASK:
+            value.shape = ir.Shape([value.shape[0], "mtp_total_len"])
         elif value.name.startswith(PAST_LATENT_PREFIX):
             value.shape = ir.Shape(["past_len", *value.shape[1:]])
 

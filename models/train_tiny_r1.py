@@ -301,7 +301,8 @@ def forward(model: DeepseekForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor
     positions = torch.arange(width).expand(batch, width)
     mask = torch.ones(batch, width, dtype=torch.int64)
     logits, _, _, mtp_logits = model.speculative_step(
-        ids, positions, mask, model.empty_cache(batch), positions, following, mask, model.empty_cache(batch)[0])
+        ids, positions, mask, model.empty_cache(batch), positions, following, mask, model.empty_cache(batch)[0],
+        positions)
     return logits, mtp_logits
 
 

@@ -66,15 +66,17 @@ def new_latent(layer: int) -> str:
 
 # A speculative graph (an engine built with --mtp) also runs DeepSeek-V3's multi-token-prediction module, whose
 # latent rows are layer `num_layers` (past_latent.<L>, new_latent.<L>) with their own mask.
-MTP_INPUT_IDS = "mtp_input_ids"  # [batch, seq] int64: the token after each position, -1 for the main model's pick
-MTP_ATTENTION_MASK = "mtp_attention_mask"  # [batch, total_len] int64: the MTP module's valid rows
-DRAFT_IDS = "draft_ids"  # [batch, n_logits] int64: the MTP module's greedy draft at each logit position
+# The module runs on the call's first `mtp_seq` positions (0: skipped, S: all).
+MTP_INPUT_IDS = "mtp_input_ids"  # [batch, mtp_seq] int64: the token after each position, -1: the main model's pick
+MTP_ATTENTION_MASK = "mtp_attention_mask"  # [batch, mtp_total_len] int64: the MTP module's valid rows
+DRAFT_POSITIONS = "draft_positions"  # [batch, n_drafts] int64: which of the mtp_seq positions propose a draft
+DRAFT_IDS = "draft_ids"  # [batch, n_drafts] int64: the MTP module's greedy draft at each draft position
 
 
 def graph_input_names(num_layers: int, mtp_layers: int = 0) -> list[str]:
     names = [*HOST_INPUTS, *(past_latent(i) for i in range(num_layers))]
     if mtp_layers:
-        names += [MTP_INPUT_IDS, MTP_ATTENTION_MASK, past_latent(num_layers)]
+        names += [MTP_INPUT_IDS, MTP_ATTENTION_MASK, DRAFT_POSITIONS, past_latent(num_layers)]
     return names
 
 
@@ -109,7 +111,8 @@ class CacheLayout:
 @dataclasses.dataclass(frozen=True)
 class GraphIO:
     """The graph's inputs and outputs. `mtp_layers`: 1 when the graph also runs the multi-token-prediction module
-    (a speculative graph: MTP_INPUT_IDS, MTP_ATTENTION_MASK and its latent layer in, its rows and DRAFT_IDS out),
+    (a speculative graph: MTP_INPUT_IDS, MTP_ATTENTION_MASK, DRAFT_POSITIONS and its latent layer in, its rows
+    `[mtp_seq, batch, latent_dim]` and DRAFT_IDS out),
     else 0."""
 
     inputs: tuple[TensorIO, ...]
@@ -122,7 +125,9 @@ def graph_io(config: ModelConfig, dtype: str, mtp_layers: int = 0) -> GraphIO:
     """The decoder graph's inputs and outputs for `config` at activation `dtype`, with symbolic shapes."""
     layers = range(config.num_hidden_layers + mtp_layers)
     ids = ("batch", "seq")
-    mtp_inputs = (TensorIO(MTP_INPUT_IDS, "int64", ids), TensorIO(MTP_ATTENTION_MASK, "int64", ("batch", "total_len")))
+    mtp_inputs = (TensorIO(MTP_INPUT_IDS, "int64", ("batch", "mtp_seq")),
+                  TensorIO(MTP_ATTENTION_MASK, "int64", ("batch", "mtp_total_len")),
+                  TensorIO(DRAFT_POSITIONS, "int64", ("batch", "n_drafts")))
     latent_in = [TensorIO(past_latent(i), dtype, ("past_len", "batch", config.latent_dim)) for i in layers]
     latent_out = [TensorIO(new_latent(i), dtype, ("seq", "batch", config.latent_dim)) for i in layers]
     inputs = [TensorIO(INPUT_IDS, "int64", ids), TensorIO(POSITION_IDS, "int64", ids),
@@ -131,7 +136,8 @@ def graph_io(config: ModelConfig, dtype: str, mtp_layers: int = 0) -> GraphIO:
     outputs = [TensorIO(LOGITS, dtype, ("batch", "n_logits", config.vocab_size)), *latent_out]
     if mtp_layers:
         inputs[-1:-1] = mtp_inputs  # graph_input_names' order: the MTP inputs, then the MTP module's latent layer
-        outputs.append(TensorIO(DRAFT_IDS, "int64", ("batch", "n_logits")))
+        outputs[-1] = TensorIO(new_latent(config.num_hidden_layers), dtype, ("mtp_seq", "batch", config.latent_dim))
+        outputs.append(TensorIO(DRAFT_IDS, "int64", ("batch", "n_drafts")))
     return GraphIO(
         inputs=tuple(inputs), outputs=tuple(outputs),
         cache=CacheLayout(config.num_hidden_layers, config.latent_dim, config.kv_lora_rank, config.qk_rope_head_dim),

@@ -155,10 +155,11 @@ def _prefill_columns(session: Session, cache: LatentCache, ids: np.ndarray, vali
         if following is None:
             logits, _ = session.run(ids[:, start:end], positions[:, start:end], mask, logit_positions,
                                     cache.past(), cache.reserve(end - start))
-        else:
+        else:  # the MTP module on every column; a draft where the logits are
             logits, drafts = session.run_speculative(  # type: ignore[attr-defined]
                 ids[:, start:end], positions[:, start:end], mask, logit_positions, cache.past(),
-                cache.reserve(end - start), following[:, start:end], cache.draft_attention_mask(end - start))
+                cache.reserve(end - start), following[:, start:end],
+                cache.draft_attention_mask(end - start, valid[:, start:end]), logit_positions)
         cache.advance(end - start)
     return (logits[:, -1] if logits_at_end else None), drafts
 

@@ -74,13 +74,16 @@ class MaskedLatentCache(ABC, Generic[View]):
 
     def attention_mask(self, steps: int, valid: Mask) -> Mask:
         self.mask[:, self.length : self.length + steps] = valid
-        if self.draft_mask is not None:
-            self.draft_mask[:, self.length : self.length + steps] = valid
+        if self.draft_mask is not None:  # the MTP layer's rows count once a speculative call computes them
+            self.draft_mask[:, self.length : self.length + steps] = 0
         return np.ascontiguousarray(self.mask[:, : self.length + steps])
 
-    def draft_attention_mask(self, steps: int) -> Mask:
-        """The MTP layer's mask `[slots, length + steps]` for the call `attention_mask(steps, ...)` prepared."""
+    def draft_attention_mask(self, steps: int, valid: Mask | None = None) -> Mask:
+        """The MTP layer's mask `[slots, length + steps]` for a speculative call whose MTP module runs on the next
+        `steps` columns, marked with `valid` (`[slots, steps]`) when given."""
         assert self.draft_mask is not None, "a cache without an MTP layer"
+        if valid is not None:
+            self.draft_mask[:, self.length : self.length + steps] = valid
         return np.ascontiguousarray(self.draft_mask[:, : self.length + steps])
 
     def invalidate(self, slot: int, column: int, draft_only: bool = False) -> None:

@@ -153,6 +153,7 @@ class Scheduler:
         if speculative is not None:
             spec.check_session(session)
         self.speculative = speculative
+        self.draft_policy = spec.DraftPolicy()
         if max_batch < 1 or max_queue < 0:
             raise MoetrtError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         if prefill_budget is not None and prefill_budget < 1:
@@ -429,7 +430,7 @@ class Scheduler:
             tokens[slot], positions[slot], drafts[slot] = choice.next_token, choice.columns, choice.draft
         try:
             logits, proposals, start = spec.draft_step(self.session, self.cache, tokens, positions,
-                                                       np.ones(width, dtype=bool), drafts)
+                                                       np.ones(width, dtype=bool), drafts, self.draft_policy.propose())
         except Exception as error:
             log.exception("decode step failed; failing the running batch")
             for ticket in dict.fromkeys(choice.ticket for _, choice in occupied):
@@ -460,6 +461,7 @@ class Scheduler:
             else:
                 choice.next_token = token
         self.metrics.drafts(proposed, accepted)
+        self.draft_policy.record(proposed, accepted)
         self.cache.trim()
 
     def _emitter(self, choice: _Choice) -> Callable[[int], bool]:

@@ -21,6 +21,7 @@ equals plain decoding's token for token, batched or not, whatever the MTP module
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -55,14 +56,44 @@ class StepCounts:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
-               active: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """One speculative call: each active row feeds its token `tokens[r]` at RoPE position `positions[r]` and, when
-    `drafts[r]` >= 0, its draft at the next position. All `[B]` (int64; `active` bool).
+class DraftPolicy:
+    """Whether the next step runs the MTP module (proposes drafts). A draft costs a wider step and the module's own
+    layer; it pays only while enough are accepted. Over the last `window` verified drafts of the batch, drafting
+    goes on while the acceptance rate is at least `min_acceptance`; below it the module runs on one step in
+    `probe_every` (its drafts measure the rate again), so a model whose drafts miss (random weights, an unlike
+    domain) decodes at close to plain speed. The default threshold sits above the break-even rate `moetrt bench
+    speculative` measures for ds-mini on a 2-core CPU (see bench/NOTES.md); models whose steps are cheap next to
+    their fixed costs (tiny-r1) break even far lower."""
 
-    Returns the logits `[B, S, vocab]` at the S (1 or 2) fed columns, the MTP module's proposals `[B, S]` (the draft
-    for the token after next at each column, valid only where the column's following token was the greedy pick),
-    and the cache column of the first fed token. Inactive rows and missing drafts ride along masked."""
+    def __init__(self, min_acceptance: float = 0.3, window: int = 32, probe_every: int = 32):
+        self.min_acceptance, self.probe_every = min_acceptance, probe_every
+        self._outcomes: collections.deque[int] = collections.deque(maxlen=window)
+        self._idle = 0
+
+    def propose(self) -> bool:
+        if not self._outcomes or sum(self._outcomes) >= self.min_acceptance * len(self._outcomes):
+            return True
+        self._idle += 1
+        if self._idle >= self.probe_every:
+            self._idle = 0
+            return True
+        return False
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """A step verified `proposed` drafts and accepted `accepted` of them."""
+        self._outcomes.extend([1] * accepted + [0] * (proposed - accepted))
+
+
+def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,
+               active: np.ndarray, drafts: np.ndarray, propose: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """One speculative call: each active row feeds its token `tokens[r]` at RoPE position `positions[r]` and, when
+    `drafts[r]` >= 0, its draft at the next position. All `[B]` (int64; `active` bool). `propose`: run the MTP
+    module (else it is skipped, and no row gets a draft for the next step).
+
+    Returns the logits `[B, S, vocab]` at the S (1 or 2) fed columns, the MTP module's proposals `[B, S]` (`[B, 0]`
+    without `propose`; the draft for the token after next at each column, valid only where the column's following
+    token was the greedy pick), and the cache column of the first fed token. Inactive rows and missing drafts ride
+    along masked."""
     width = len(tokens)
     drafted = active & (drafts >= 0)
     steps = 2 if drafted.any() else 1
@@ -77,9 +108,12 @@ def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positio
     mask = cache.attention_mask(steps, valid)
     logit_positions = np.broadcast_to(np.arange(steps, dtype=np.int64), (width, steps))
     start = cache.length
+    modelled = steps if propose else 0  # positions the MTP module runs on
     logits, proposals = session.run_speculative(  # type: ignore[attr-defined]
         ids, position_ids, mask, logit_positions, cache.past(), cache.reserve(steps),
-        np.full((width, steps), NO_DRAFT, dtype=np.int64), cache.draft_attention_mask(steps))  # type: ignore[attr-defined]
+        np.full((width, modelled), NO_DRAFT, dtype=np.int64),
+        cache.draft_attention_mask(modelled, valid[:, :modelled]),  # type: ignore[attr-defined]
+        logit_positions[:, :modelled])
     cache.advance(steps)
     return logits, proposals, start
 
@@ -100,14 +134,14 @@ def settle(row: RowState, cache: LatentCache, slot: int, start: int, logits: np.
     if emit(token):
         return None, NO_DRAFT, int(accepted)
     if not accepted:
-        return token, (int(proposals[0]) if token == pick else NO_DRAFT), 0
+        return token, (int(proposals[0]) if len(proposals) and token == pick else NO_DRAFT), 0
     bonus_pick = int(np.argmax(logits[1]))
     bonus = row.choose(logits[1], bonus_pick if greedy else None)
     if bonus != bonus_pick:
         cache.invalidate(slot, start + 1, draft_only=True)
     if emit(bonus):
         return None, NO_DRAFT, 1
-    return bonus, (int(proposals[1]) if bonus == bonus_pick else NO_DRAFT), 1
+    return bonus, (int(proposals[1]) if len(proposals) and bonus == bonus_pick else NO_DRAFT), 1
 
 
 def first_draft(row: RowState, cache: LatentCache, slot: int, logits: np.ndarray, token: int, draft: int) -> int:
@@ -121,11 +155,13 @@ def first_draft(row: RowState, cache: LatentCache, slot: int, logits: np.ndarray
 
 
 def stream_speculative(session: Session, rows: list[RowState], options: GenerationOptions,
-                       counts: StepCounts | None = None) -> Iterator[StreamEvent]:
+                       counts: StepCounts | None = None, policy: DraftPolicy | None = None) -> Iterator[StreamEvent]:
     """generate.py's `_stream_batch` with MTP drafts: prefill, then `draft_step`s until every row is done; yields
-    one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and steps."""
+    one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and steps;
+    `policy` (default DraftPolicy()) decides which steps draft."""
     check_session(session)
     counts = counts if counts is not None else StepCounts()
+    policy = policy if policy is not None else DraftPolicy()
     batch = len(rows)
     longest = max(len(r.prompt) for r in rows)
     # Rejected drafts leave masked columns: room for some before a compaction is needed.
@@ -155,8 +191,10 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
         if cache.length + 2 > cache.max_context:
             cache.compact([i for i in range(batch) if active[i]])
         positions = np.array([len(r.prompt) + len(r.generated) - 1 for r in rows], dtype=np.int64)
-        step_logits, step_proposals, start = draft_step(session, cache, tokens, positions, active, drafts)
+        step_logits, step_proposals, start = draft_step(session, cache, tokens, positions, active, drafts,
+                                                        policy.propose())
         counts.steps += 1
+        proposed, accepted_before = counts.proposed, counts.accepted
         require_finite(step_logits[:, 0], active)
         for i, row in enumerate(rows):
             if not active[i]:
@@ -172,6 +210,7 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
                 tokens[i] = token
             yield from pending
             pending.clear()
+        policy.record(counts.proposed - proposed, counts.accepted - accepted_before)
         cache.trim()
 
 

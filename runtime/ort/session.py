@@ -23,8 +23,8 @@ import onnxruntime as ort
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
 from moetrt.runtime.kv_cache import LatentKVCache
-from moetrt.formats import (DRAFT_IDS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS, EngineManifest,
-                            OrtSection, new_latent, past_latent)
+from moetrt.formats import (DRAFT_IDS, DRAFT_POSITIONS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS,
+                            EngineManifest, OrtSection, new_latent, past_latent)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
@@ -109,7 +109,7 @@ class OrtSession:
         """One graph call. ids/positions `[B, S]`, mask `[B, P+S]`, logit_positions `[B, N]` (all int64),
         past per layer `[P, B, D]` (C-contiguous). New rows go into `new_rows` (`[S, B, D]` each) when given.
         Returns logits `[B, N, vocab]` and the new rows. On an --mtp engine the lists include the MTP module's
-        layer (last), which this plain call fills as `run_speculative` would, its draft unused.
+        layer (last): this plain call skips the module and zeroes that layer's new rows.
         """
         logits, rows, _ = self._call(input_ids, position_ids, attention_mask, logit_positions, past, new_rows)
         return logits, rows
@@ -124,26 +124,36 @@ class OrtSession:
         new_rows: list[np.ndarray],
         mtp_input_ids: np.ndarray,
         mtp_attention_mask: np.ndarray,
+        draft_positions: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`run` on an --mtp engine with the MTP module's inputs (formats.py: mtp_input_ids `[B, S]` int64, -1
-        where the main model's greedy pick at that logit position is to be used; mtp_attention_mask `[B, P+S]`).
-        Returns logits `[B, N, vocab]` and the draft token ids `[B, N]` int64 (the MTP module's greedy prediction
-        of the token after next at each logit position)."""
+        """`run` on an --mtp engine with the MTP module's inputs (formats.py), which runs on the first M positions:
+        mtp_input_ids `[B, M]` int64 (-1 where the main model's greedy pick at that logit position is to be used),
+        mtp_attention_mask `[B, P+M]`, draft_positions `[B, N']` (< M). The MTP layer's new rows go into the
+        first M rows of `new_rows[-1]`; with M < S the rest are zeroed. Returns logits `[B, N, vocab]` and the
+        draft token ids `[B, N']` int64 (the MTP module's greedy prediction of the token after next)."""
         if not self.mtp_layers:
             raise MoetrtError("this engine has no multi-token-prediction module; rebuild it with --mtp")
         logits, _, drafts = self._call(input_ids, position_ids, attention_mask, logit_positions, past, new_rows,
-                                       (mtp_input_ids, mtp_attention_mask))
+                                       (mtp_input_ids, mtp_attention_mask, draft_positions))
         return logits, drafts
 
     def _call(self, input_ids, position_ids, attention_mask, logit_positions, past, new_rows, mtp=None):
         host = [np.ascontiguousarray(array, dtype=np.int64)
                 for array in (input_ids, position_ids, attention_mask, logit_positions)]
         inputs = dict(zip(HOST_INPUTS, host))
+        steps = 0
         if self.mtp_layers:
-            if mtp is None:  # a plain call: the module runs on the greedy picks, its draft is dropped
-                mtp = (np.full(host[0].shape, -1, dtype=np.int64), host[2])
-            inputs[MTP_INPUT_IDS] = np.ascontiguousarray(mtp[0], dtype=np.int64)
-            inputs[MTP_ATTENTION_MASK] = np.ascontiguousarray(mtp[1], dtype=np.int64)
+            batch, past_len = host[0].shape[0], host[2].shape[1] - host[0].shape[1]
+            if mtp is None:  # a plain call: the module is skipped (it runs on 0 positions)
+                empty = np.zeros((batch, 0), dtype=np.int64)
+                mtp = (empty, host[2][:, :past_len], empty)
+            for name, array in zip((MTP_INPUT_IDS, MTP_ATTENTION_MASK, DRAFT_POSITIONS), mtp):
+                inputs[name] = np.ascontiguousarray(array, dtype=np.int64)
+            steps = inputs[MTP_INPUT_IDS].shape[1]
+            if new_rows is not None:
+                new_rows = list(new_rows)
+                new_rows[-1][steps:] = 0  # rows the module did not compute stay finite
+                new_rows[-1] = new_rows[-1][:steps]
         if self._segments:
             return self._run_segments(inputs, past, new_rows)
         binding = self._session.io_binding()
@@ -155,7 +165,7 @@ class OrtSession:
         layers = self.num_layers + self.mtp_layers
         for layer in range(layers):
             name = new_latent(layer)
-            if new_rows is None:
+            if new_rows is None or not new_rows[layer].size:  # (an empty view has no memory to bind)
                 binding.bind_output(name, self._device)
             else:
                 out = new_rows[layer]
@@ -171,7 +181,8 @@ class OrtSession:
     def _run_segments(self, inputs, past, new_rows):
         values: dict[str, np.ndarray | ort.OrtValue] = dict(inputs)
         values.update({past_latent(layer): array for layer, array in enumerate(past)})
-        into = {new_latent(layer): out for layer, out in enumerate(new_rows)} if new_rows is not None else {}
+        into = ({new_latent(layer): out for layer, out in enumerate(new_rows) if out.size}
+                if new_rows is not None else {})
         for index, segment in enumerate(self._segments):
             binding = segment.session.io_binding()
             for name in segment.inputs:
