@@ -298,6 +298,12 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
             if name not in shards[path].tensors:
                 raise MoetrtError(f"the safetensors index places {name} in {path.name}, which lacks it")
             found[name] = shards[path].tensors[name]
+        mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+        if mtp and not any(name.startswith(mtp_prefix) for name in found):
+            # (transformers 5 writes num_nextn_predict_layers 1 into every DeepSeek-V3 config, tensors or not)
+            raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (no {mtp_prefix}* tensors, "
+                              "whatever config.json's num_nextn_predict_layers says), so it cannot draft tokens; "
+                              "build without --mtp")
         # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
         tied = config.tie_word_embeddings and "lm_head.weight" not in found
         expected = expected_shapes(config, _Shapes(plain), tied, mtp_layers)

@@ -259,6 +259,8 @@ def _engine_lines(engine_dir: Path) -> list[str]:
         f"{_human_bytes(read['routed_experts'])}, embedding row {_human_bytes(read['embedding_row'])})",
         f"limits           batch {profile.max_batch}, {profile.seq} tokens per call, "
         f"{profile.max_context} cached positions per sequence",
+        "MTP module       " + ("yes: `--speculative mtp` drafts with it (plain decoding skips it)" if manifest.io.mtp_layers
+                              else "no (build with --mtp to decode speculatively)"),
         *get_backend(manifest.backend).describe(manifest),
     ]
 
@@ -686,12 +688,18 @@ def serve(
 def bench(ctx: typer.Context) -> None:
     """Benchmarks against transformers and the memory-bandwidth roofline (options: --models, --repeats,
     --new-tokens, --prefill-len, --threads, --out; see `moetrt bench --help-bench`). `moetrt bench serve ...`:
-    the serving benchmark through `moetrt serve` (TTFT, inter-token latency; `moetrt bench serve --help-bench`)."""
+    the serving benchmark through `moetrt serve` (TTFT, inter-token latency; `moetrt bench serve --help-bench`).
+    `moetrt bench speculative ...`: decode with and without MTP drafting (acceptance rate, tok/s, break-even)."""
     args = ["--help" if arg == "--help-bench" else arg for arg in ctx.args]
     if args[:1] == ["serve"]:
         from moetrt.bench.serve import main as run_serve_bench
 
         run_serve_bench(args[1:])
+        return
+    if args[:1] == ["speculative"]:
+        from moetrt.bench.speculative import main as run_speculative_bench
+
+        run_speculative_bench(args[1:])
         return
     from moetrt.bench.run import main as run_bench
 
