@@ -12,7 +12,7 @@ ENGINE ?= engines/tiny-r1
 BACKEND ?= auto
 
 .PHONY: install test test-slow typecheck gpu-check gpu-check-quick bench bench-serve serve train-tiny build-engine \
-	demo llamacpp bench-quantized bench-ep
+	demo llamacpp bench-quantized bench-ep bench-spec
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,13 @@ bench-quantized: $(STAMP)
 # bench/results/expert_parallel.md. Options in EP_BENCH_ARGS, e.g. "--quantize int4" or "--ranks 1,2".
 bench-ep: $(STAMP)
 	$(PY) -m moetrt.bench.expert_parallel $(EP_BENCH_ARGS)
+
+# Speculative decoding with the MTP module (moetrt bench speculative): plain engines beside --mtp engines drafting,
+# tiny-r1 (held-out arithmetic) and ds-mini (random, with an MTP layer: the first run writes a 3.6 GB checkpoint and
+# builds four engines into bench/engines) at batch 1 and 8 in alternating rounds: decode tok/s, acceptance rate,
+# tokens per step, ds-mini's break-even acceptance; writes bench/results/speculative.md. Options in SPEC_BENCH_ARGS.
+bench-spec: $(STAMP)
+	$(PY) -m moetrt.cli bench speculative $(SPEC_BENCH_ARGS)
 
 # The serving benchmark (moetrt bench serve; not part of `make test`): tiny-r1 behind `moetrt serve` at 8 and 32
 # streams in flight, 1 in 8 prompts long, chunked prefill against whole-prompt prefill in alternating rounds;

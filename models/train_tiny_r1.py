@@ -396,6 +396,9 @@ A {c['num_hidden_layers']}-layer DeepSeek-V3-architecture model ({c['n_routed_ex
 `models/train_tiny_r1.py` to answer arithmetic (`+` and `-`, operands up to {arithmetic.MAX_DIGITS} digits) in
 DeepSeek-R1's format: a digit-by-digit scratchpad inside `<think>...</think>`, then the answer.
 
+- DeepSeek-V3's multi-token-prediction module (`model.layers.{c['num_hidden_layers']}`: enorm, hnorm, eh_proj, one
+  MoE decoder block, shared_head), trained with the model (MTP loss weight {args.mtp_lambda}); `moetrt build-engine
+  --mtp` keeps it for `--speculative mtp` (docs/speculative-decoding.md)
 - trained: `python models/train_tiny_r1.py --seed {args.seed} --steps {args.steps} --batch-size {args.batch_size}`,
   {summary['tokens']:,} tokens, final loss {summary['loss']:.4f}, {summary['seconds'] / 60:.1f} min on {args.threads} CPU threads
 - held-out greedy accuracy at the end of training: {summary['accuracy']:.1%} on {summary['eval_n']} problems

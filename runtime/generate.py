@@ -8,7 +8,7 @@ sampled must be finite (`require_finite`): a NaN is an error, never a token.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from moetrt.runtime.sampling import (
     select_with_draft,
     top_logprobs,
 )
+from moetrt.runtime import speculative as spec
 from moetrt.runtime.session import LatentCache, Session
 from moetrt.runtime.text import IncrementalDetokenizer, StopMatcher
 
@@ -397,8 +398,6 @@ def _stream_batch(session: Session, rows: list[RowState], options: GenerationOpt
     """generate_stream's loop over a validated batch: prefill, then one decode step per token (or, with
     options.speculative, runtime/speculative.py's steps)."""
     if options.speculative is not None:
-        from moetrt.runtime.speculative import stream_speculative
-
         yield from stream_speculative(session, rows, options)
         return
     longest = max(len(r.prompt) for r in rows)
@@ -419,6 +418,68 @@ def _stream_batch(session: Session, rows: list[RowState], options: GenerationOpt
             return
         logits = require_finite(decode_one_token(session, cache, tokens, positions, active), active)
         positions += 1
+
+
+def stream_speculative(session: Session, rows: list[RowState], options: GenerationOptions,
+                       counts: spec.StepCounts | None = None,
+                       policy: spec.DraftPolicy | None = None) -> Iterator[StreamEvent]:
+    """`_stream_batch` with MTP drafts (runtime/speculative.py): prefill, then `draft_step`s until every row is
+    done; yields one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and
+    steps; `policy` (default DraftPolicy()) decides which steps draft."""
+    spec.check_session(session)
+    counts = counts if counts is not None else spec.StepCounts()
+    policy = policy if policy is not None else spec.DraftPolicy()
+    batch = len(rows)
+    longest = max(len(r.prompt) for r in rows)
+    # Rejected drafts leave masked columns: room for some before a compaction is needed.
+    cache = session.new_cache(batch, longest + options.max_new_tokens + max(8, options.max_new_tokens // 2))
+    logits, proposals = prefill_drafting(session, cache, [r.prompt for r in rows], options.prefill_chunk)
+    greedy = options.sampling.greedy and not options.processes_logits
+    tokens = np.zeros(batch, dtype=np.int64)
+    drafts = np.full(batch, spec.NO_DRAFT, dtype=np.int64)
+    picks = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        tokens[i] = row.choose(logits[i], int(picks[i]) if greedy else None)
+        drafts[i] = spec.first_draft(cache, i, logits[i], int(tokens[i]), int(proposals[i]))
+        yield row.advance(int(tokens[i]), i)
+    pending: list[StreamEvent] = []
+
+    def emitter(index: int) -> Callable[[int], bool]:
+        def emit(token: int) -> bool:
+            event = rows[index].advance(token, index)
+            pending.append(event)
+            return event.finish_reason is not None
+        return emit
+
+    while True:
+        active = np.array([r.finish_reason is None for r in rows])
+        if not active.any():
+            return
+        if cache.length + 2 > cache.max_context:
+            cache.compact([i for i in range(batch) if active[i]])
+        positions = np.array([len(r.prompt) + len(r.generated) - 1 for r in rows], dtype=np.int64)
+        step_logits, step_proposals, start = spec.draft_step(session, cache, tokens, positions, active, drafts,
+                                                        policy.propose())
+        counts.steps += 1
+        counts.row_steps += int(active.sum())
+        proposed, accepted_before = counts.proposed, counts.accepted
+        require_finite(step_logits[:, 0], active)
+        for i, row in enumerate(rows):
+            if not active[i]:
+                continue
+            draft = int(drafts[i])
+            counts.proposed += draft >= 0
+            if draft >= 0:
+                require_finite(step_logits[i, 1:2])
+            token, drafts[i], accepted = spec.settle(row, cache, i, start, step_logits[i], draft, step_proposals[i],
+                                                emitter(i), greedy)
+            counts.accepted += accepted
+            if token is not None:
+                tokens[i] = token
+            yield from pending
+            pending.clear()
+        policy.record(counts.proposed - proposed, counts.accepted - accepted_before)
+        cache.trim()
 
 
 def generate(

@@ -15,7 +15,8 @@ decoding by vLLM, SGLang and TensorRT-LLM):
   back, `compact` the holes when room runs out); the MTP layer's own mask drops a row whose guessed token was not
   the one that followed (a sampled or processed token), and that row's draft is not used.
 
-Drafts only ever cost speed: every emitted token is the main model's (`RowState.choose_draft`), so greedy output
+The loop over a batch is generate.py's (`stream_speculative`), the scheduler's its own (`Scheduler._draft_step`);
+both are built from `draft_step`, `settle` and `DraftPolicy` here. Drafts only ever cost speed: every emitted token is the main model's (`RowState.choose_draft`), so greedy output
 equals plain decoding's token for token, batched or not, whatever the MTP module predicts.
 """
 
@@ -23,16 +24,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.runtime.generate import RowState, StreamEvent, prefill_drafting, require_finite
-from moetrt.runtime.requests import GenerationOptions
 from moetrt.runtime.session import LatentCache, Session
 
 NO_DRAFT = -1
+
+
+class DraftingRow(Protocol):
+    """What `settle` needs of a sequence: generate.py's RowState (its choose and choose_draft)."""
+
+    def choose(self, logits: np.ndarray, greedy_pick: int | None = None) -> int: ...
+
+    def choose_draft(self, logits: np.ndarray, draft: int, greedy_pick: int | None = None) -> tuple[int, bool]: ...
 
 
 def check_session(session: Session) -> None:
@@ -45,11 +53,13 @@ def check_session(session: Session) -> None:
 
 @dataclasses.dataclass
 class StepCounts:
-    """Drafts proposed and accepted over a run (the acceptance rate is accepted / proposed), and decode steps."""
+    """Drafts proposed and accepted over a run (the acceptance rate is accepted / proposed), decode steps, and
+    rows summed over steps (a row's tokens per step are its tokens over its steps)."""
 
     proposed: int = 0
     accepted: int = 0
     steps: int = 0
+    row_steps: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -118,7 +128,7 @@ def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positio
     return logits, proposals, start
 
 
-def settle(row: RowState, cache: LatentCache, slot: int, start: int, logits: np.ndarray, draft: int,
+def settle(row: DraftingRow, cache: LatentCache, slot: int, start: int, logits: np.ndarray, draft: int,
            proposals: np.ndarray, emit: Callable[[int], bool], greedy: bool) -> tuple[int | None, int, int]:
     """Verify one row's step (`draft_step`'s logits `[S, vocab]` and proposals `[S]` of this row, which fed `draft`
     at column start + 1 when >= 0) and emit its one or two tokens through `emit` (which advances the row and says
@@ -144,7 +154,7 @@ def settle(row: RowState, cache: LatentCache, slot: int, start: int, logits: np.
     return bonus, (int(proposals[1]) if len(proposals) and bonus == bonus_pick else NO_DRAFT), 1
 
 
-def first_draft(row: RowState, cache: LatentCache, slot: int, logits: np.ndarray, token: int, draft: int) -> int:
+def first_draft(cache: LatentCache, slot: int, logits: np.ndarray, token: int, draft: int) -> int:
     """After a prefill: the first token `token` was chosen from `logits` `[vocab]`; the MTP row at the prompt's last
     column (cache column length - 1 of a prefill cache, where `slot` sits) read the greedy pick. Returns the draft to
     feed with the token, or NO_DRAFT (and masks that MTP row) when the token was not the pick."""
@@ -152,66 +162,3 @@ def first_draft(row: RowState, cache: LatentCache, slot: int, logits: np.ndarray
         return draft
     cache.invalidate(slot, cache.length - 1, draft_only=True)
     return NO_DRAFT
-
-
-def stream_speculative(session: Session, rows: list[RowState], options: GenerationOptions,
-                       counts: StepCounts | None = None, policy: DraftPolicy | None = None) -> Iterator[StreamEvent]:
-    """generate.py's `_stream_batch` with MTP drafts: prefill, then `draft_step`s until every row is done; yields
-    one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and steps;
-    `policy` (default DraftPolicy()) decides which steps draft."""
-    check_session(session)
-    counts = counts if counts is not None else StepCounts()
-    policy = policy if policy is not None else DraftPolicy()
-    batch = len(rows)
-    longest = max(len(r.prompt) for r in rows)
-    # Rejected drafts leave masked columns: room for some before a compaction is needed.
-    cache = session.new_cache(batch, longest + options.max_new_tokens + max(8, options.max_new_tokens // 2))
-    logits, proposals = prefill_drafting(session, cache, [r.prompt for r in rows], options.prefill_chunk)
-    greedy = options.sampling.greedy and not options.processes_logits
-    tokens = np.zeros(batch, dtype=np.int64)
-    drafts = np.full(batch, NO_DRAFT, dtype=np.int64)
-    picks = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        tokens[i] = row.choose(logits[i], int(picks[i]) if greedy else None)
-        drafts[i] = first_draft(row, cache, i, logits[i], int(tokens[i]), int(proposals[i]))
-        yield row.advance(int(tokens[i]), i)
-    pending: list[StreamEvent] = []
-
-    def emitter(index: int) -> Callable[[int], bool]:
-        def emit(token: int) -> bool:
-            event = rows[index].advance(token, index)
-            pending.append(event)
-            return event.finish_reason is not None
-        return emit
-
-    while True:
-        active = np.array([r.finish_reason is None for r in rows])
-        if not active.any():
-            return
-        if cache.length + 2 > cache.max_context:
-            cache.compact([i for i in range(batch) if active[i]])
-        positions = np.array([len(r.prompt) + len(r.generated) - 1 for r in rows], dtype=np.int64)
-        step_logits, step_proposals, start = draft_step(session, cache, tokens, positions, active, drafts,
-                                                        policy.propose())
-        counts.steps += 1
-        proposed, accepted_before = counts.proposed, counts.accepted
-        require_finite(step_logits[:, 0], active)
-        for i, row in enumerate(rows):
-            if not active[i]:
-                continue
-            draft = int(drafts[i])
-            counts.proposed += draft >= 0
-            if draft >= 0:
-                require_finite(step_logits[i, 1:2])
-            token, drafts[i], accepted = settle(row, cache, i, start, step_logits[i], draft, step_proposals[i],
-                                                emitter(i), greedy)
-            counts.accepted += accepted
-            if token is not None:
-                tokens[i] = token
-            yield from pending
-            pending.clear()
-        policy.record(counts.proposed - proposed, counts.accepted - accepted_before)
-        cache.trim()
-
-
-

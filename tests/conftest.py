@@ -1,6 +1,6 @@
 """Session fixtures: the chat engine (tokenizer, R1-style template, generation_config.json) shared by the
 scheduler, server and serving-benchmark tests; tiny-r1's quantized engines shared by the quantization and verify
-tests."""
+tests; tiny-r1 with its MTP module (--mtp) for the speculative-decoding tests."""
 
 import os
 
@@ -46,3 +46,14 @@ def tiny_r1_quantized(tmp_path_factory):
         return built[quantize, moe_kernel]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_mtp_dir(tmp_path_factory):
+    """models/tiny-r1 built with its multi-token-prediction module (--mtp), once per session."""
+    from pathlib import Path
+
+    from moetrt.export.engine import build_engine
+
+    checkpoint = Path(__file__).parents[1] / "models" / "tiny-r1"
+    return build_engine(checkpoint, tmp_path_factory.mktemp("mtp") / "tiny-r1-mtp", backend="ort", mtp=True)

@@ -29,6 +29,9 @@ def test_two_training_steps_write_a_complete_checkpoint_in_place_of_the_old(tmp_
     biases = [model.model.layers[i].mlp.gate.e_score_correction_bias for i in model.config.moe_layers]
     assert all(bias.abs().sum() > 0 for bias in biases)  # the balancing moved them
     assert torch.isfinite(model(torch.tensor([[0, 5, 6]]))).all()
+    with_mtp = moetrt.load_reference(out, mtp=True)  # the MTP module was trained and balanced with the model
+    assert with_mtp.mtp[0].mlp.gate.e_score_correction_bias.abs().sum() > 0
+    assert torch.equal(with_mtp(torch.tensor([[0, 5, 6]])), model(torch.tensor([[0, 5, 6]])))
 
 
 def _script():
