@@ -52,7 +52,10 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         from moetrt.export.quantized import check_quantizable
 
         check_quantizable(config.dtype)
-    chosen, why = choose_backend(config.backend)
+    if config.mtp and config.backend == "auto":  # the MTP module runs on ONNX Runtime only so far
+        chosen, why = "ort", "--mtp engines run on ONNX Runtime"
+    else:
+        chosen, why = choose_backend(config.backend)
     backend = get_backend(chosen)
     reason = backend.unavailable_reason()
     if reason:

@@ -96,9 +96,11 @@ Speculative = Literal["mtp"]
 _SPECULATIVE = typer.Option(None, "--speculative", help="Speculative decoding: mtp drafts with the engine's "
                             "multi-token-prediction module (build it with --mtp); greedy output is unchanged, "
                             "sampled output keeps its distribution.")
-_DRAFT_TOKENS = typer.Option(1, "--draft-tokens", help="Draft tokens per step with --speculative (1 for now).")
+_DRAFT_TOKENS = typer.Option(None, "--draft-tokens", help="Draft tokens per step with --speculative (default and, "
+                              "for now, only: 1).")
 _MTP = typer.Option(False, "--mtp", help="Include the checkpoint's multi-token-prediction module (DeepSeek-V3's "
-                    "MTP layer) so that --speculative mtp can draft with it; plain decoding then runs it unused.")
+                    "MTP layer) so that --speculative mtp can draft with it; plain decoding skips it. ONNX Runtime "
+                    "engines; not under --expert-parallel.")
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
                    "CPU kernel (moetrt), or auto (moetrt's for float32 or int8/int4 experts of 262,144 weights and up, "
                    "1 MiB in float32, on the CPU).")
@@ -205,10 +207,11 @@ def info(
     from moetrt.config import load_config
     from moetrt.export.info import describe
 
+    engine_mtp = None
     if (source / "manifest.json").is_file():  # an engine: its manifest's checks come before reading any file it names
         from moetrt.formats import read_manifest
 
-        read_manifest(source)
+        engine_mtp = read_manifest(source).io.mtp_layers
     summary = describe(load_config(source), context=context, batch=batch)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -218,7 +221,7 @@ def info(
     lines = [
         f"model            {summary['model_type']}: {summary['layers']} layers "
         f"({summary['dense_layers']} dense, {summary['moe_layers']} MoE)"
-        + (f", {summary['mtp_layers_skipped']} MTP layer not loaded" if summary["mtp_layers_skipped"] else ""),
+        + _mtp_note(summary["mtp_layers_skipped"], engine_mtp),
         f"experts          {summary['routed_experts']} routed + {summary['shared_experts']} shared, "
         f"{summary['experts_per_token']} active per token",
         f"routing          {summary['router']}, scale {summary['routed_scaling_factor']:g}, "
@@ -236,6 +239,17 @@ def info(
     if (source / "manifest.json").is_file():
         lines += _engine_lines(source)
     typer.echo("\n".join(lines))
+
+
+def _mtp_note(declared: int, in_engine: int | None) -> str:
+    """What `info` says of the multi-token-prediction layers config.json declares (none of the figures below count
+    them): for an engine, whether it holds one (--mtp); for a checkpoint, that --mtp would load it."""
+    if not declared:
+        return ""
+    if in_engine is None:
+        return f"; config.json declares {declared} MTP layer (not counted below; `build-engine --mtp` loads it)"
+    held = "the engine holds it" if in_engine else "not in the engine"
+    return f"; {declared} MTP layer ({held}; not counted below)"
 
 
 def _engine_lines(engine_dir: Path) -> list[str]:
@@ -259,8 +273,8 @@ def _engine_lines(engine_dir: Path) -> list[str]:
         f"{_human_bytes(read['routed_experts'])}, embedding row {_human_bytes(read['embedding_row'])})",
         f"limits           batch {profile.max_batch}, {profile.seq} tokens per call, "
         f"{profile.max_context} cached positions per sequence",
-        "MTP module       " + ("yes: `--speculative mtp` drafts with it (plain decoding skips it)" if manifest.io.mtp_layers
-                              else "no (build with --mtp to decode speculatively)"),
+        "MTP module       " + ("yes: `--speculative mtp` drafts with it (plain decoding skips it)"
+                              if manifest.io.mtp_layers else "no (build with --mtp to decode speculatively)"),
         *get_backend(manifest.backend).describe(manifest),
     ]
 
@@ -286,6 +300,8 @@ def export(
     from moetrt.quantization import scheme_for
 
     scheme = scheme_for(quantize, group_size)
+    if mtp and target != "ort":
+        raise MoetrtError(f"--mtp exports are built for ONNX Runtime only so far; export with --target ort, not {target}")
     out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel),
                       quantize=scheme, mtp=mtp)
     typer.echo(f"exported {checkpoint} -> {out} (target {target}, {dtype})")
@@ -307,7 +323,7 @@ def eval_(
     batch_size: int = typer.Option(64, help="Prompts decoded together."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, with per-problem details."),
     speculative: Optional[Speculative] = _SPECULATIVE,
-    draft_tokens: int = _DRAFT_TOKENS,
+    draft_tokens: Optional[int] = _DRAFT_TOKENS,
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
     ep_combine: EpCombine = _EP_COMBINE,
@@ -464,17 +480,21 @@ _STOP_IN_REASONING = typer.Option(False, "--stop-in-reasoning", help="Let stop s
 _THINK_BUDGET = typer.Option(None, "--max-reasoning-tokens", help="Close the thinking after this many tokens.")
 
 
-def _check_draft_tokens(speculative: str | None, draft_tokens: int) -> None:
-    """--draft-tokens goes with --speculative, and is 1 for now (GenerationOptions says why)."""
-    if draft_tokens != 1 and not speculative:
+def _check_draft_tokens(speculative: str | None, draft_tokens: int | None) -> int:
+    """--draft-tokens goes with --speculative, and is 1 for now (GenerationOptions says why); returns it."""
+    if draft_tokens is not None and not speculative:
         raise MoetrtError("--draft-tokens needs --speculative mtp")
-    GenerationOptions(speculative=speculative, draft_tokens=draft_tokens)  # refuses values out of range
+    if draft_tokens is not None and draft_tokens < 1:
+        raise MoetrtError(f"--draft-tokens must be at least 1, got {draft_tokens}")
+    draft_tokens = 1 if draft_tokens is None else draft_tokens
+    GenerationOptions(speculative=speculative, draft_tokens=draft_tokens)  # refuses what is not supported yet
+    return draft_tokens
 
 
-def _speculation(engine, speculative: str | None, draft_tokens: int) -> dict:
+def _speculation(engine, speculative: str | None, draft_tokens: int | None) -> dict:
     """The generation options for --speculative/--draft-tokens, checked against the engine at once (an engine
     built without --mtp cannot draft)."""
-    _check_draft_tokens(speculative, draft_tokens)
+    draft_tokens = _check_draft_tokens(speculative, draft_tokens)
     if not speculative:
         return {}
     from moetrt.runtime.speculative import check_session
@@ -522,7 +542,7 @@ def generate(
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, reasoning, tokens, usage)."),
     speculative: Optional[Speculative] = _SPECULATIVE,
-    draft_tokens: int = _DRAFT_TOKENS,
+    draft_tokens: Optional[int] = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
@@ -567,7 +587,7 @@ def chat(
     greedy: bool = _GREEDY,
     max_reasoning_tokens: Optional[int] = _THINK_BUDGET,
     speculative: Optional[Speculative] = _SPECULATIVE,
-    draft_tokens: int = _DRAFT_TOKENS,
+    draft_tokens: Optional[int] = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
@@ -656,7 +676,7 @@ def serve(
     log_level: Literal[SERVER_LOG_LEVELS] = typer.Option("info", help="Access lines are info; health checks "
                                                          "and metrics scrapes debug."),
     speculative: Optional[Speculative] = _SPECULATIVE,
-    draft_tokens: int = _DRAFT_TOKENS,
+    draft_tokens: Optional[int] = _DRAFT_TOKENS,
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,

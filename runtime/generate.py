@@ -376,9 +376,12 @@ def generate_stream(
     """Generate for a batch of token-id prompts; yields one event per row per generated token (text may be
     empty while a character is incomplete). `tokenizer` (ChatTokenizer) enables text, stop strings and the
     reasoning split; `in_reasoning` as RowState's, for every prompt. Raises RequestError (see
-    `validate_request`) before any compute."""
-    return _stream_batch(session, _start_rows(session, prompts, options, tokenizer, max_context, in_reasoning),
-                         options)
+    `validate_request`) before any compute, and MoetrtError for `options.speculative` on an engine without the MTP
+    module."""
+    rows = _start_rows(session, prompts, options, tokenizer, max_context, in_reasoning)
+    if options.speculative is not None:
+        spec.check_session(session)
+    return _stream_batch(session, rows, options)
 
 
 def _start_rows(session: Session, prompts: list[list[int]], options: GenerationOptions, tokenizer,
@@ -425,10 +428,11 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
                        policy: spec.DraftPolicy | None = None) -> Iterator[StreamEvent]:
     """`_stream_batch` with MTP drafts (runtime/speculative.py): prefill, then `draft_step`s until every row is
     done; yields one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and
-    steps; `policy` (default DraftPolicy()) decides which steps draft."""
+    steps; `policy`, shared by the rows, decides which steps draft (default: a DraftPolicy per row, and a step runs
+    the MTP module when any row's asks for drafts)."""
     spec.check_session(session)
     counts = counts if counts is not None else spec.StepCounts()
-    policy = policy if policy is not None else spec.DraftPolicy()
+    policies = [policy] * len(rows) if policy is not None else [spec.DraftPolicy() for _ in rows]
     batch = len(rows)
     longest = max(len(r.prompt) for r in rows)
     # Rejected drafts leave masked columns: room for some before a compaction is needed.
@@ -458,11 +462,14 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
         if cache.length + 2 > cache.max_context:
             cache.compact([i for i in range(batch) if active[i]])
         positions = np.array([len(r.prompt) + len(r.generated) - 1 for r in rows], dtype=np.int64)
+        if policy is not None:
+            wants = [policy.propose()] * batch
+        else:
+            wants = [bool(active[i]) and policies[i].propose() for i in range(batch)]
         step_logits, step_proposals, start = spec.draft_step(session, cache, tokens, positions, active, drafts,
-                                                        policy.propose())
+                                                        any(wants))
         counts.steps += 1
         counts.row_steps += int(active.sum())
-        proposed, accepted_before = counts.proposed, counts.accepted
         require_finite(step_logits[:, 0], active)
         for i, row in enumerate(rows):
             if not active[i]:
@@ -474,11 +481,13 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
             token, drafts[i], accepted = spec.settle(row, cache, i, start, step_logits[i], draft, step_proposals[i],
                                                 emitter(i), greedy)
             counts.accepted += accepted
+            policies[i].record(int(draft >= 0), accepted)
+            if not wants[i]:
+                drafts[i] = spec.NO_DRAFT
             if token is not None:
                 tokens[i] = token
             yield from pending
             pending.clear()
-        policy.record(counts.proposed - proposed, counts.accepted - accepted_before)
         cache.trim()
 
 

@@ -113,6 +113,7 @@ class _Choice:
         self.slot: int | None = None
         self.next_token = 0  # sampled, fed to the graph at the next decode step
         self.draft = spec.NO_DRAFT  # speculative decoding: the MTP module's draft fed after next_token
+        self.draft_policy = spec.DraftPolicy()  # whether this sequence's drafts pay (its own acceptance)
         self.draft_row_valid = True  # whether the MTP row of its first token's column read that token
         self.last_token_at = 0.0  # when its latest token was generated (inter-token latency)
         self.over = False  # finished, cancelled or failed
@@ -153,7 +154,6 @@ class Scheduler:
         if speculative is not None:
             spec.check_session(session)
         self.speculative = speculative
-        self.draft_policy = spec.DraftPolicy()
         if max_batch < 1 or max_queue < 0:
             raise MoetrtError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         if prefill_budget is not None and prefill_budget < 1:
@@ -426,11 +426,13 @@ class Scheduler:
         tokens = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)
         drafts = np.full(width, spec.NO_DRAFT, dtype=np.int64)
+        wants = {}
         for slot, choice in occupied:
             tokens[slot], positions[slot], drafts[slot] = choice.next_token, choice.columns, choice.draft
+            wants[slot] = choice.draft_policy.propose()
         try:
             logits, proposals, start = spec.draft_step(self.session, self.cache, tokens, positions,
-                                                       np.ones(width, dtype=bool), drafts, self.draft_policy.propose())
+                                                       np.ones(width, dtype=bool), drafts, any(wants.values()))
         except Exception as error:
             log.exception("decode step failed; failing the running batch")
             for ticket in dict.fromkeys(choice.ticket for _, choice in occupied):
@@ -456,12 +458,14 @@ class Scheduler:
                 continue
             proposed += fed - 1
             accepted += took
+            choice.draft_policy.record(fed - 1, took)
+            if not wants[slot]:
+                choice.draft = spec.NO_DRAFT
             if token is None:
                 self._retire(choice)
             else:
                 choice.next_token = token
         self.metrics.drafts(proposed, accepted)
-        self.draft_policy.record(proposed, accepted)
         self.cache.trim()
 
     def _emitter(self, choice: _Choice) -> Callable[[int], bool]:

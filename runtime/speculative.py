@@ -67,21 +67,25 @@ class StepCounts:
 
 
 class DraftPolicy:
-    """Whether the next step runs the MTP module (proposes drafts). A draft costs a wider step and the module's own
-    layer; it pays only while enough are accepted. Over the last `window` verified drafts of the batch, drafting
-    goes on while the acceptance rate is at least `min_acceptance`; below it the module runs on one step in
+    """Whether a sequence's next step should propose drafts. A draft costs a wider step and the module's own layer;
+    it pays only while enough are accepted. Over the sequence's last `window` verified drafts, drafting
+    goes on while the acceptance rate is at least `min_acceptance` (judged once `judge_after` drafts were
+    verified); below it the sequence asks for drafts on one step in
     `probe_every` (its drafts measure the rate again), so a model whose drafts miss (random weights, an unlike
     domain) decodes at close to plain speed. The default threshold sits above the break-even rate `moetrt bench
     speculative` measures for ds-mini on a 2-core CPU (see bench/NOTES.md); models whose steps are cheap next to
     their fixed costs (tiny-r1) break even far lower."""
 
-    def __init__(self, min_acceptance: float = 0.3, window: int = 32, probe_every: int = 32):
-        self.min_acceptance, self.probe_every = min_acceptance, probe_every
+    def __init__(self, min_acceptance: float = 0.3, window: int = 32, probe_every: int = 32, judge_after: int = 8):
+        self.min_acceptance, self.probe_every, self.judge_after = min_acceptance, probe_every, judge_after
         self._outcomes: collections.deque[int] = collections.deque(maxlen=window)
         self._idle = 0
 
     def propose(self) -> bool:
-        if not self._outcomes or sum(self._outcomes) >= self.min_acceptance * len(self._outcomes):
+        """Whether the next step should draft: yes until `judge_after` drafts were verified, then while the rate
+        holds, else once in `probe_every` calls."""
+        seen = len(self._outcomes)
+        if seen < self.judge_after or sum(self._outcomes) >= self.min_acceptance * seen:
             return True
         self._idle += 1
         if self._idle >= self.probe_every:

@@ -87,8 +87,12 @@ def test_scheduler_speculative_equals_plain_with_joins_choices_and_chunked_prefi
                        speculative=speculative) as scheduler:
             options = mtp.options(greedy=True, max_new_tokens=100)
             tickets = [scheduler.submit(p, options, n=2 if i == 4 else 1) for i, p in enumerate(prompts)]
-            results[speculative] = [sorted(([t for e in ticket.events() if e.row == row for t in e.token_ids]
-                                            for row in range(ticket.n))) for ticket in tickets]
+            results[speculative] = []
+            for ticket in tickets:
+                choices: list[list[int]] = [[] for _ in range(ticket.n)]
+                for event in ticket.events():
+                    choices[event.row].extend(event.token_ids)
+                results[speculative].append(choices)
             if speculative:
                 assert scheduler.metrics.draft_tokens > 0
                 assert scheduler.metrics.accepted_tokens > 0.5 * scheduler.metrics.draft_tokens
@@ -150,7 +154,7 @@ def test_cli_generate_with_speculation_prints_the_plain_answer(tiny_r1_mtp_dir, 
     assert drafted.returncode == 0, drafted.stderr
     plain = moetrt("generate", str(tiny_r1_quantized("none")), question, "--greedy", "--json")
     assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
-    assert json.loads(drafted.stdout)["text"].strip() == str(4827 + 593)
+    assert json.loads(drafted.stdout)["text"].strip().endswith(str(4827 + 593))
 
     refused = moetrt("generate", str(tiny_r1_quantized("none")), question, "--speculative", "mtp")
     assert refused.returncode == 1 and "rebuild it with" in refused.stderr and "--mtp" in refused.stderr
