@@ -10,8 +10,8 @@ run, in alternating rounds (the order reversed every other round, so slow drifts
   acceptance rate, rate_plain / rate_always - 1 (a step then yields one token, and a speculative step yields
   1 + acceptance).
 
-Decode tokens/s counts the tokens after each row's first over the time from the first token to the last, at batch
-1 and batch 8, greedy. tiny-r1 answers held-out arithmetic problems (its chat template; the scratchpad its MTP
+Decode tokens/s counts the tokens after each row's first over the time from the first token to the last, summed over
+a round's prompts (each prompt goes through every system in turn), at batch 1 and batch 8, greedy. tiny-r1 answers held-out arithmetic problems (its chat template; the scratchpad its MTP
 module learned to predict); ds-mini continues random prompts of 16 tokens for 64 tokens. Before timing, each
 speculative run's tokens must equal the plain run's (greedy decoding may differ only where the top-2 logit margin
 is below 1e-3, which tiny-r1's trained and ds-mini's random logits do not reach here; a difference is reported).
@@ -94,8 +94,8 @@ def decode(loaded, batch_prompts: list[list[int]], options, policy=None) -> dict
             first = now  # every row has its first token: the prefill is over
         last = now
     decoded = sum(len(t) - 1 for t in tokens)
-    return {"rate": decoded / (last - first) if last and first and last > first else float("nan"), "tokens": tokens,
-            "proposed": counts.proposed, "accepted": counts.accepted, "steps": counts.row_steps}
+    return {"seconds": (last - first) if first is not None and last is not None else 0.0, "decoded": decoded,
+            "tokens": tokens, "proposed": counts.proposed, "accepted": counts.accepted, "steps": counts.row_steps}
 
 
 def run_model(name: str, options) -> dict:
@@ -121,24 +121,26 @@ def run_model(name: str, options) -> dict:
     for round_index in range(options.repeats):
         order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
         for batch, groups in batches.items():
-            reference = {}
-            for system in order:
-                loaded, opts, mode = systems[system]
-                rates = []
-                for index, group in enumerate(groups):
+            seconds = {system: 0.0 for system in systems}
+            decoded = {system: 0 for system in systems}
+            for index, group in enumerate(groups):  # each group through every system in turn: drifts hit all
+                outputs = {}
+                for system in order:
+                    loaded, opts, mode = systems[system]
                     policy = DraftPolicy(min_acceptance=0.0) if mode == "always" else None
                     got = decode(loaded, group, opts, policy)
-                    rates.append(got["rate"])
+                    seconds[system] += got["seconds"]
+                    decoded[system] += got["decoded"]
                     c = counts[system][str(batch)]
                     c[0] += got["proposed"]
                     c[1] += got["accepted"]
                     c[2] += got["steps"]
-                    c[3] += sum(len(t) - 1 for t in got["tokens"])
-                    if system == "plain":
-                        reference[index] = got["tokens"]
-                    elif index in reference and got["tokens"] != reference[index]:
-                        mismatches.append(f"{name} batch {batch} {system} group {index}")
-                results[system][str(batch)].append(statistics.median(rates) if batch == 1 else statistics.mean(rates))
+                    c[3] += got["decoded"]
+                    outputs[system] = got["tokens"]
+                mismatches += [f"{name} batch {batch} {system} group {index}" for system in systems
+                               if outputs[system] != outputs["plain"]]
+            for system in systems:
+                results[system][str(batch)].append(decoded[system] / seconds[system])
             print(f"{name} round {round_index + 1} batch {batch}: " + ", ".join(
                 f"{s} {results[s][str(batch)][-1]:.1f} tok/s" for s in systems), file=sys.stderr)
     return {"model": name, "new_tokens": new_tokens, "rates": results, "counts": counts, "mismatches": mismatches}

@@ -72,11 +72,12 @@ class DraftPolicy:
     goes on while the acceptance rate is at least `min_acceptance` (judged once `judge_after` drafts were
     verified); below it the sequence asks for drafts on one step in
     `probe_every` (its drafts measure the rate again), so a model whose drafts miss (random weights, an unlike
-    domain) decodes at close to plain speed. The default threshold sits above the break-even rate `moetrt bench
-    speculative` measures for ds-mini on a 2-core CPU (see bench/NOTES.md); models whose steps are cheap next to
-    their fixed costs (tiny-r1) break even far lower."""
+    domain) decodes at close to plain speed. The break-even acceptance rate is the cost of a drafting step over a
+    plain one, minus 1: `moetrt bench speculative` measured about 70% for ds-mini on a 2-core CPU (verifying two
+    tokens reads the routed experts of both) and far lower for tiny-r1, whose steps cost little next to their fixed
+    costs; 50% sits between. bench/NOTES.md has the figures."""
 
-    def __init__(self, min_acceptance: float = 0.3, window: int = 32, probe_every: int = 32, judge_after: int = 8):
+    def __init__(self, min_acceptance: float = 0.5, window: int = 32, probe_every: int = 64, judge_after: int = 4):
         self.min_acceptance, self.probe_every, self.judge_after = min_acceptance, probe_every, judge_after
         self._outcomes: collections.deque[int] = collections.deque(maxlen=window)
         self._idle = 0
