@@ -378,11 +378,7 @@ class Scheduler:
             self._draft_step()
             return
         occupied = self._occupied()
-        longest = max(choice.columns for _, choice in occupied)
-        if self.cache.length + 1 > self.max_context or self.cache.length > 2 * longest:
-            # Out of columns, or over half of each step's attention spent on masked columns: move rows left.
-            self.cache.compact([slot for slot, _ in occupied])
-            self.metrics.cache_compacted()
+        self._make_room(occupied, 1)
         width = self.cache.slots
         tokens = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)
@@ -414,14 +410,19 @@ class Scheduler:
             else:
                 choice.next_token = token
 
+    def _make_room(self, occupied: list[tuple[int, _Choice]], steps: int) -> None:
+        """Compact the cache when the next `steps` columns would not fit, or when over half of each step's attention
+        would go to masked columns (finished rows' and rejected drafts' holes): rows move left."""
+        longest = max(choice.columns for _, choice in occupied)
+        if self.cache.length + steps > self.max_context or self.cache.length > 2 * longest:
+            self.cache.compact([slot for slot, _ in occupied])
+            self.metrics.cache_compacted()
+
     def _draft_step(self) -> None:
         """`_step` with MTP drafts: each occupied slot feeds its token and draft; each choice keeps one or two
         tokens (runtime/speculative.py `settle`)."""
         occupied = self._occupied()
-        longest = max(choice.columns for _, choice in occupied)
-        if self.cache.length + 2 > self.max_context or self.cache.length > 2 * longest:
-            self.cache.compact([slot for slot, _ in occupied])
-            self.metrics.cache_compacted()
+        self._make_room(occupied, 2)
         width = self.cache.slots
         tokens = np.zeros(width, dtype=np.int64)
         positions = np.zeros(width, dtype=np.int64)

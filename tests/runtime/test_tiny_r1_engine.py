@@ -83,7 +83,12 @@ def test_after_a_forced_close_the_models_own_end_tag_stays_out_of_the_answer(eng
     # tiny-r1 never saw a cut-short scratchpad: it writes the rest, then its own </think> (token 261 again), which
     # is dropped; what follows the forced close is the answer.
     assert reply["token_ids"].count(261) == 2
-    assert reply["text"] == "038\n15-8-0=07\n17-3-1=13\n10-0-0=10\n10-6-0=04\n04037\n\n\n75 - 528 = 4037"
+    own_close = reply["token_ids"].index(261, 6)
+    from moetrt.runtime.engine import Engine
+
+    answer = Engine.load(engine).tokenizer.decode(reply["token_ids"][6:own_close] + reply["token_ids"][own_close + 1:])
+    assert reply["text"] == answer.replace("<｜end▁of▁sentence｜>", "").strip()
+    assert "</think>" not in reply["text"] and "\n" in reply["text"]  # the rest of the scratchpad, then the answer
 
 
 @pytest.mark.parametrize("flags, reasoning, text", [
