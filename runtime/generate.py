@@ -455,6 +455,8 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
             return event.finish_reason is not None
         return emit
 
+    emits = [emitter(i) for i in range(batch)]  # made once, not per row per step
+
     while True:
         active = np.array([r.finish_reason is None for r in rows])
         if not active.any():
@@ -479,7 +481,7 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
             if draft >= 0:
                 require_finite(step_logits[i, 1:2])
             token, drafts[i], accepted = spec.settle(row, cache, i, start, step_logits[i], draft, step_proposals[i],
-                                                emitter(i), greedy)
+                                                emits[i], greedy)
             counts.accepted += accepted
             policies[i].record(int(draft >= 0), accepted)
             if not wants[i]:
