@@ -231,18 +231,34 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _target(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The slice of a model parameter that checkpoint tensor `name` fills."""
-    expert = EXPERT_KEY.match(name)
-    if not expert:
-        return params[parameter_name(model.config, name)]
-    layer, index, kind = int(expert.group(1)), int(expert.group(2)), expert.group(3)
-    stacked_name, half = EXPERT_TARGETS[kind]
-    stacked = params[parameter_name(model.config, f"model.layers.{layer}.mlp.experts.{stacked_name}")][index]
-    if half is None:
-        return stacked
-    rows = stacked.shape[0] // 2
-    return stacked[half * rows : (half + 1) * rows]
+def owner_of(config: ModelConfig, key: str) -> str:
+    """The module of DeepseekForCausalLM that checkpoint tensor `key` fills: a routed expert's tensors fill the
+    layer's stacked (or quantized) experts, any other tensor its parameter's module."""
+    expert = EXPERT_KEY.match(key)
+    if expert:
+        return parameter_name(config, f"model.layers.{expert.group(1)}.mlp.experts")
+    return parameter_name(config, key).rpartition(".")[0]
+
+
+def _fill_into(config: ModelConfig, module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put checkpoint tensor `tensor` (key `key`, named as its target) into `module`, the module it fills
+    (`owner_of`): copied into its parameter, or quantized by a module that holds blocks (export/quantized.py)."""
+    expert = EXPERT_KEY.match(key)
+    if expert:
+        index, kind = int(expert.group(2)), expert.group(3)
+        if hasattr(module, "load_expert"):
+            module.load_expert(index, kind, tensor)
+            return
+        stacked_name, half = EXPERT_TARGETS[kind]
+        stacked = getattr(module, stacked_name)[index]
+        rows = stacked.shape[0] // 2
+        (stacked if half is None else stacked[half * rows : (half + 1) * rows]).copy_(tensor)
+        return
+    attribute = key.rpartition(".")[2]
+    if attribute == "weight" and hasattr(module, "load_weight"):
+        module.load_weight(tensor)
+    else:
+        getattr(module, attribute).copy_(tensor)
 
 
 def _group_by_layer(names: list[str]) -> list[tuple[str, list[str]]]:
@@ -252,6 +268,133 @@ def _group_by_layer(names: list[str]) -> list[tuple[str, list[str]]]:
         groups[f"layer {layer.group(1)}" if layer else "embeddings and head"].append(name)
     order = sorted(groups, key=lambda g: int(g.split()[1]) if g.startswith("layer") else -1)
     return [(group, groups[group]) for group in order]
+
+
+class CheckpointWeights:
+    """A safetensors checkpoint opened for reading module by module, checked against its config first.
+
+    `skeleton` is the model on the meta device (dtype set, router fp32, quantized modules swapped in when
+    `quantize`): shapes and structure without memory. `materialize(name)` gives a CPU copy of one of its
+    submodules filled from the memory-mapped shards (a layer, an expert block, the head): the streaming build
+    and the streaming reference hold one module at a time; `load_model()` fills the whole model. Arguments and
+    errors as `load_reference`; use as a context manager (or `close()`) to unmap the shards.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, dtype: str = "float32", quantize: QuantScheme | None = None,
+                 mtp: bool = False):
+        from moetrt.export.quantized import check_quantizable, quantize_model
+
+        checkpoint_dir = Path(checkpoint_dir)
+        if dtype not in DTYPES:
+            raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if quantize is not None:
+            check_quantizable(dtype)
+        config = load_config(checkpoint_dir)
+        if mtp and config.num_nextn_predict_layers < 1:
+            raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (num_nextn_predict_layers is 0 "
+                              "in its config.json), so it cannot draft tokens; build without --mtp")
+        self.config, self.dtype, self.mtp_layers = config, dtype, 1 if mtp else 0
+        self.weight_files = find_weight_files(checkpoint_dir)
+        with torch.device("meta"):
+            model = DeepseekForCausalLM(config, mtp_layers=self.mtp_layers)
+        model.to(DTYPES[dtype])
+        for module in model.modules():
+            if module.__class__.__name__ == "Router":
+                module.float()
+        plain = dict(model.state_dict())  # meta: shapes of the unquantized model
+        model.quantization = quantize_model(model, quantize) if quantize is not None else None
+        self.skeleton = model
+        self.shards = {path: SafetensorsFile(path) for path in sorted(set(self.weight_files.values()))}
+        try:
+            found = {}
+            for name, path in self.weight_files.items():
+                if name not in self.shards[path].tensors:
+                    raise MoetrtError(f"the safetensors index places {name} in {path.name}, which lacks it")
+                found[name] = self.shards[path].tensors[name]
+            mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+            if mtp and not any(name.startswith(mtp_prefix) for name in found):
+                # (transformers 5 writes num_nextn_predict_layers 1 into every DeepSeek-V3 config, tensors or not)
+                raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (no {mtp_prefix}* tensors, "
+                                  "whatever config.json's num_nextn_predict_layers says), so it cannot draft tokens; "
+                                  "build without --mtp")
+            # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
+            self.tied = config.tie_word_embeddings and "lm_head.weight" not in found
+            self.expected = expected_shapes(config, _Shapes(plain), self.tied, self.mtp_layers)
+            skipped = _check_tensors(config, self.expected, found)
+        except BaseException:
+            self.close()
+            raise
+        if skipped and self.mtp_layers:
+            note(f"loading the multi-token-prediction module (model.layers.{config.num_hidden_layers}); skipping "
+                 f"{len(skipped)} tensors it does not need (its copies of the shared embedding and head, deeper "
+                 "MTP layers)")
+        elif skipped:
+            note(f"skipping {len(skipped)} tensors of the multi-token-prediction layer "
+                 f"(model.layers.{config.num_hidden_layers})")
+        # module -> [(target key, source key)]: a tied head is filled from the embedding's tensor
+        self.sources: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for key in sorted(self.expected):
+            self.sources[owner_of(config, key)].append((key, key))
+        if self.tied and hasattr(model.lm_head, "load_weight"):
+            self.sources["lm_head"].append(("lm_head.weight", "model.embed_tokens.weight"))
+
+    def __enter__(self) -> "CheckpointWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for shard in self.shards.values():
+            shard.close()
+        self.shards = {}
+
+    @property
+    def quantization(self):
+        return self.skeleton.quantization
+
+    def read(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor `key` as stored (FP8 blocks dequantized to float32): a view of the mapped shard,
+        valid until `release(key)`."""
+        return _read(self.shards[self.weight_files[key]], self.shards, self.weight_files, key, self.config)
+
+    def release(self, key: str) -> None:
+        self.shards[self.weight_files[key]].release(key)
+
+    def fill(self, name: str, module: torch.nn.Module) -> None:
+        """Fill `module` (the skeleton's submodule `name`, on the CPU) and every module under it from the shards."""
+        prefix = f"{name}." if name else ""
+        with torch.no_grad():
+            for owner in [owner for owner in self.sources if owner == name or owner.startswith(prefix)]:
+                target = module if owner == name else module.get_submodule(owner[len(prefix):])
+                for key, source in self.sources[owner]:
+                    _fill_into(self.config, target, key, self.read(source))
+                    self.release(source)
+
+    def materialize(self, name: str) -> torch.nn.Module:
+        """A CPU copy of the skeleton's submodule `name` (e.g. "model.layers.3", "lm_head"), filled."""
+        import copy
+
+        module = copy.deepcopy(self.skeleton.get_submodule(name))
+        module.to_empty(device="cpu")
+        self.fill(name, module)
+        return module.eval()
+
+    def load_model(self) -> DeepseekForCausalLM:
+        """The whole model on the CPU (the skeleton itself, filled layer by layer with progress)."""
+        model = self.skeleton
+        model.to_empty(device="cpu")
+        model.inv_freq = rope_inv_freq(self.config.rope, self.config.qk_rope_head_dim)[0]  # fp32 whatever the dtype
+        groups = _group_by_layer(list(self.sources))
+        with torch.no_grad():
+            for _, owners in track(groups, "loading weights"):
+                for owner in owners:
+                    for key, source in self.sources[owner]:
+                        _fill_into(self.config, model.get_submodule(owner), key, self.read(source))
+                        self.release(source)
+        if self.tied and not hasattr(model.lm_head, "load_weight"):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
 
 
 def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
@@ -266,68 +409,8 @@ def load_reference(checkpoint_dir: str | Path, dtype: str = "float32",
     weights, missing / unexpected / wrongly shaped tensors (listed together), quantization with another dtype, or
     `mtp` for a checkpoint without an MTP layer.
     """
-    from moetrt.export.quantized import check_quantizable, quantize_model
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if dtype not in DTYPES:
-        raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if quantize is not None:
-        check_quantizable(dtype)
-    config = load_config(checkpoint_dir)
-    if mtp and config.num_nextn_predict_layers < 1:
-        raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (num_nextn_predict_layers is 0 in "
-                          "its config.json), so it cannot draft tokens; build without --mtp")
-    mtp_layers = 1 if mtp else 0
-    weight_files = find_weight_files(checkpoint_dir)
-
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(config, mtp_layers=mtp_layers)
-    model.to(DTYPES[dtype])
-    for module in model.modules():
-        if module.__class__.__name__ == "Router":
-            module.float()
-    plain = {name: tensor for name, tensor in model.state_dict().items()}  # meta: shapes of the unquantized model
-    model.quantization = quantize_model(model, quantize) if quantize is not None else None
-    model.to_empty(device="cpu")
-    model.inv_freq = rope_inv_freq(config.rope, config.qk_rope_head_dim)[0]  # fp32 whatever the dtype
-
-    shards = {path: SafetensorsFile(path) for path in sorted(set(weight_files.values()))}
-    try:
-        found = {}
-        for name, path in weight_files.items():
-            if name not in shards[path].tensors:
-                raise MoetrtError(f"the safetensors index places {name} in {path.name}, which lacks it")
-            found[name] = shards[path].tensors[name]
-        mtp_prefix = f"model.layers.{config.num_hidden_layers}."
-        if mtp and not any(name.startswith(mtp_prefix) for name in found):
-            # (transformers 5 writes num_nextn_predict_layers 1 into every DeepSeek-V3 config, tensors or not)
-            raise MoetrtError(f"{checkpoint_dir} has no multi-token-prediction layer (no {mtp_prefix}* tensors, "
-                              "whatever config.json's num_nextn_predict_layers says), so it cannot draft tokens; "
-                              "build without --mtp")
-        # Tied embeddings with an lm_head.weight in the checkpoint as well: transformers loads that head untied.
-        tied = config.tie_word_embeddings and "lm_head.weight" not in found
-        expected = expected_shapes(config, _Shapes(plain), tied, mtp_layers)
-        skipped = _check_tensors(config, expected, found)
-        if skipped and mtp_layers:
-            note(f"loading the multi-token-prediction module (model.layers.{config.num_hidden_layers}); skipping "
-                 f"{len(skipped)} tensors it does not need (its copies of the shared embedding and head, deeper "
-                 "MTP layers)")
-        elif skipped:
-            note(f"skipping {len(skipped)} tensors of the multi-token-prediction layer "
-                 f"(model.layers.{config.num_hidden_layers})")
-        params = dict(model.state_dict(keep_vars=True))
-        with torch.no_grad():
-            for _, names in track(_group_by_layer(sorted(expected)), "loading weights"):
-                for name in names:
-                    shard = shards[weight_files[name]]
-                    _fill(model, name, params, _read(shard, shards, weight_files, name, config), tied)
-                    shard.release(name)
-    finally:
-        for shard in shards.values():
-            shard.close()
-    if tied and not hasattr(model.lm_head, "load_weight"):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    with CheckpointWeights(checkpoint_dir, dtype, quantize, mtp) as weights:
+        return weights.load_model()
 
 
 class _Shapes:
@@ -338,26 +421,6 @@ class _Shapes:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
-
-
-def _fill(model: DeepseekForCausalLM, name: str, params: dict[str, torch.Tensor], tensor: torch.Tensor,
-          tied: bool) -> None:
-    """Put checkpoint tensor `name` into the model: copied into its parameter, or quantized into a quantized
-    module (export/quantized.py) that owns it; a tied embedding also fills a quantized lm_head."""
-    expert = EXPERT_KEY.match(name)
-    if expert:
-        experts = model.get_submodule(parameter_name(model.config, f"model.layers.{expert.group(1)}")).mlp.experts
-        if hasattr(experts, "load_expert"):
-            experts.load_expert(int(expert.group(2)), expert.group(3), tensor)
-            return
-    elif name.endswith(".weight"):
-        owner = model.get_submodule(parameter_name(model.config, name[: -len(".weight")]))
-        if hasattr(owner, "load_weight"):
-            owner.load_weight(tensor)
-            if tied and name == "model.embed_tokens.weight" and hasattr(model.lm_head, "load_weight"):
-                model.lm_head.load_weight(tensor)
-            return
-    _target(model, name, params).copy_(tensor)
 
 
 def _read(

@@ -71,6 +71,22 @@ def add_initializer(model: ir.Model, array, name: str) -> ir.Value:
     return value
 
 
+def lazy_initializer(model: ir.Model, name: str, compute, dtype: ir.DataType, shape) -> ir.Value:
+    """Register initializer `name` whose data `compute()` (a numpy array of `shape`, held as `dtype`: INT4 values
+    come as int8) gives only when it is read, typically when the graph is saved: weights derived in a lowering
+    never all exist at once (export/streaming.py). `compute` reads its sources' `const_value` when called."""
+    def tensor() -> ir.TensorProtocol:
+        array = compute()
+        if tuple(array.shape) != tuple(shape):
+            raise MoetrtError(f"{name}: derived weight has shape {list(array.shape)}, expected {list(shape)}")
+        return ir.Tensor(array, dtype=dtype, name=name)
+
+    lazy = ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+    value = ir.Value(name=name, shape=lazy.shape, type=ir.TensorType(dtype), const_value=lazy)
+    model.graph.register_initializer(value)
+    return value
+
+
 def drop_unused_initializer(model: ir.Model, value: ir.Value) -> None:
     if value.name in model.graph.initializers and not value.uses():
         model.graph.initializers.pop(value.name)

@@ -17,7 +17,6 @@ Routing is standard ONNX ops; each MoE layer's routed experts are ONE plugin nod
 from __future__ import annotations
 
 import contextlib
-import gc
 import shutil
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from moetrt.atomic import staging_dir
 from moetrt.config import ModelConfig, load_config
 from moetrt.errors import MoetrtError
-from moetrt.export.checkpoint import DTYPES, load_reference
+from moetrt.export.checkpoint import DTYPES, CheckpointWeights
 from moetrt.export.lowering import LoweringPlan, lower
 from moetrt.export.model import DeepseekForCausalLM
 from moetrt.formats import (
@@ -47,7 +46,8 @@ from moetrt.formats import (
     write_export_info,
 )
 from moetrt.export.quantized import check_quantizable, finish_export
-from moetrt.progress import note, stage
+from moetrt.export.streaming import WeightStream, bind_weights, fold_weights, hollow_model, reads_lazy_weight
+from moetrt.progress import byte_progress, note, stage
 from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
 
@@ -84,9 +84,13 @@ class SpeculativeGraph(nn.Module):
         return (logits, *new_latents, mtp_rows, draft_logits.argmax(-1))
 
 
-def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
+def trace(model: DeepseekForCausalLM, stream: WeightStream | None = None) -> "onnx_ir.Model":  # noqa: F821
     """torch.onnx (dynamo) export with dynamic batch, seq and past_len; returns the onnx_ir model. A model with
-    an MTP module (`model.mtp`) traces to the speculative graph (SpeculativeGraph)."""
+    an MTP module (`model.mtp`) traces to the speculative graph (SpeculativeGraph).
+
+    stream: `model` is hollow (export/streaming.py) and its weights come from `stream` when the graph is saved.
+    Either way the ops that read only weights are folded lazily (streaming.fold_weights) before onnxscript's
+    optimizer (what torch.onnx's `optimize=True` runs) optimizes the rest."""
     config = model.config
     layers = config.num_hidden_layers
     mtp = len(model.mtp)
@@ -128,11 +132,29 @@ def trace(model: DeepseekForCausalLM) -> "onnx_ir.Model":  # noqa: F821
             output_names=outputs,
             opset_version=OPSET,
             dynamo=True,
+            optimize=False,
             verbose=False,
         )
-    _name_dynamic_dims(program.model, layers + mtp)
-    _forget_lifted_inputs(program.model)
-    return program.model
+    graph = program.model
+    _name_dynamic_dims(graph, layers + mtp)
+    _forget_lifted_inputs(graph)
+    if stream is not None:
+        bind_weights(graph, stream)
+    fold_weights(graph)
+    _optimize(graph)
+    return graph
+
+
+def _optimize(graph) -> None:
+    """What torch.onnx.export(optimize=True) runs (onnxscript's torch 2.8+ API: optimize_ir, then its ONNX
+    fusions), leaving the lazily folded weights to be read when saved."""
+    import onnxscript
+    from onnxscript.rewriter import onnx_fusions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnxscript.optimizer.optimize_ir(graph, should_fold=lambda node: False if reads_lazy_weight(node) else None)
+        onnx_fusions.fuse(graph)
 
 
 def _forget_lifted_inputs(model) -> None:
@@ -200,31 +222,38 @@ def export_onnx(
     if plan.target == "ort":
         note(f"experts: {plan.moe_kernel} ({plan.why})")
     with staging_dir(out_dir) as work:
-        with stage("exporting", total=4) as advance:
-            advance(0, "loading checkpoint")
-            model = load_reference(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp)
-            config, quantization = model.config, model.quantization
-            advance(1, "tracing to ONNX")
-            graph = trace(model)
+        with CheckpointWeights(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp) as weights, \
+                stage("exporting", total=3) as advance:
+            config, quantization = weights.config, weights.quantization
+            advance(0, "tracing to ONNX (no weights loaded)")
+            stream = WeightStream(weights)
+            graph = trace(hollow_model(weights), stream)
             if quantization is not None:
                 finish_export(graph)
-            del model  # the graph holds the weights now; lowering can then free what it replaces
-            gc.collect()
             advance(1, f"lowering for {plan.target}")
             lower(graph, plan)
-            advance(1, "saving")
-            save_model(graph, work / MODEL_FILE)
+            advance(1, "writing weights")
+            save_model(graph, work / MODEL_FILE, progress=True)
             advance(1, "done")
         copy_tokenizer_files(checkpoint_dir, work)
         write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization, int(mtp)))
     return out_dir
 
 
-def save_model(model, path: Path) -> None:
-    """Save with every initializer in one external data file beside the graph (no 2 GB protobuf limit)."""
+def save_model(model, path: Path, progress: bool = False) -> None:
+    """Save with every initializer in one external data file beside the graph (no 2 GB protobuf limit), written
+    tensor by tensor (lazy weights are read, converted and written one at a time). progress: report the bytes
+    written with a rate and ETA."""
     import onnx_ir as ir
 
-    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    if not progress:
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+        return
+    sizes = [value.const_value.nbytes for value in model.graph.initializers.values()
+             if value.const_value is not None and value.const_value.nbytes >= 1024]
+    with byte_progress(sum(sizes), "writing weights") as advance:
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024,
+                callback=lambda tensor, info: advance(tensor.nbytes))
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:

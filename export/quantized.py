@@ -230,17 +230,15 @@ def finish_export(model) -> int:
     embedding rows stay in int8 (ONNX's Gather takes no int4) with their bits in the node's metadata."""
     import onnx_ir as ir
 
+    from moetrt.export.lowering import lazy_initializer
+
     count = 0
     for node in [n for n in model.graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]:
         q, scale = node.inputs
         bits = node.attributes["bits"].value
         if bits == 4 and q.const_value is not None:  # gathered embedding rows stay int8-held (GATHERED_BITS)
-            name = q.name
-            int4 = ir.Tensor(q.const_value.numpy(), dtype=ir.DataType.INT4, name=f"{name}.int4")
-            packed = ir.Value(name=int4.name, shape=int4.shape, type=ir.TensorType(ir.DataType.INT4),
-                              const_value=int4)
-            model.graph.register_initializer(packed)
-            q_input = packed
+            q_input = lazy_initializer(model, f"{q.name}.int4", lambda q=q: q.const_value.numpy(), ir.DataType.INT4,
+                                       q.shape)
         else:
             q_input = q
         rank = len(q.shape) if q.shape is not None else None

@@ -121,21 +121,64 @@ def pack_quantized(fc1_q: np.ndarray, fc1_d: np.ndarray, down_q: np.ndarray, dow
     with `down_d` float16 `[E, H, I/g]`; int4 values one per byte in [-8, 7]. Weights are q * d (moetrt/
     quantization.py). Raises MoetrtError for shapes the layout cannot hold (`supported_quantized`)."""
     experts, rows, hidden = fc1_q.shape
-    inter = rows // 2
-    reason = supported_quantized(hidden, inter, slices, bits, group_size)
-    if reason:
-        raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
-    if (fc1_d.shape != (experts, rows, hidden // group_size) or down_q.shape != (experts, hidden, inter)
-            or down_d.shape != (experts, hidden, inter // group_size)):
+    _check_quantized(hidden, rows // 2, slices, bits, group_size)
+    if (fc1_d.shape != (experts, rows, hidden // group_size) or down_q.shape != (experts, hidden, rows // 2)
+            or down_d.shape != (experts, hidden, rows // 2 // group_size)):
         raise MoetrtError(f"quantized experts do not fit together: {fc1_q.shape}, {fc1_d.shape}, {down_q.shape}, "
                           f"{down_d.shape} for group size {group_size}")
-    width = inter // slices
+    return (pack_quantized_gate_up(fc1_q, fc1_d, bits, group_size, slices),
+            pack_quantized_down(down_q, down_d, bits, group_size, slices))
+
+
+def pack_quantized_gate_up(fc1_q: np.ndarray, fc1_d: np.ndarray, bits: int, group_size: int,
+                           slices: int) -> np.ndarray:
+    """The gate/up half of `pack_quantized`: 1-D uint8 of `packed_quantized_bytes(E, 2I, H, ...)`."""
+    experts, rows, hidden = fc1_q.shape
+    _check_quantized(hidden, rows // 2, slices, bits, group_size)
+    if fc1_d.shape != (experts, rows, hidden // group_size):
+        raise MoetrtError(f"gate/up scales {fc1_d.shape} do not fit values {fc1_q.shape} in groups of {group_size}")
+    width = rows // 2 // slices
     gate_up = _pack_rows(fc1_q.reshape(experts, slices, 2 * width, hidden),
                          fc1_d.reshape(experts, slices, 2 * width, hidden // group_size), bits, group_size)
+    return np.ascontiguousarray(gate_up).reshape(-1)
+
+
+def pack_quantized_down(down_q: np.ndarray, down_d: np.ndarray, bits: int, group_size: int,
+                        slices: int) -> np.ndarray:
+    """The down half of `pack_quantized`: 1-D uint8 of `packed_quantized_bytes(E, H, I, ...)`."""
+    experts, hidden, inter = down_q.shape
+    _check_quantized(hidden, inter, slices, bits, group_size)
+    if down_d.shape != (experts, hidden, inter // group_size):
+        raise MoetrtError(f"down scales {down_d.shape} do not fit values {down_q.shape} in groups of {group_size}")
+    width = inter // slices
     per_slice = down_q.reshape(experts, hidden, slices, width).transpose(0, 2, 1, 3)
     scales = down_d.reshape(experts, hidden, slices, width // group_size).transpose(0, 2, 1, 3)
     down = _pack_rows(np.ascontiguousarray(per_slice), np.ascontiguousarray(scales), bits, group_size)
-    return np.ascontiguousarray(gate_up).reshape(-1), np.ascontiguousarray(down).reshape(-1)
+    return np.ascontiguousarray(down).reshape(-1)
+
+
+def _check_quantized(hidden: int, inter: int, slices: int, bits: int, group_size: int) -> None:
+    reason = supported_quantized(hidden, inter, slices, bits, group_size)
+    if reason:
+        raise MoetrtError(f"the moetrt CPU expert kernel cannot run these experts: {reason}")
+
+
+def packed_quantized_bytes(experts: int, rows: int, inputs: int, bits: int, group_size: int) -> int:
+    """Length of a `pack_quantized` half: `experts` blocks of `rows` rows over `inputs` inputs (slices only
+    reorder them)."""
+    return experts * quantized_bytes(rows, inputs, bits, group_size)
+
+
+def packed_gate_up_shape(experts: int, inter: int, hidden: int, slices: int) -> tuple[int, ...]:
+    """Shape of `pack_gate_up` for `[E, 2I, H]` cut into `slices`."""
+    width = inter // slices
+    return (experts, slices, 2 * width // GROUP, hidden // LANES, GROUP, LANES)
+
+
+def packed_down_shape(experts: int, hidden: int, inter: int, slices: int) -> tuple[int, ...]:
+    """Shape of `pack_down` for `[E, H, I]` cut into `slices`."""
+    width = inter // slices
+    return (experts, slices, hidden // GROUP, width // LANES, GROUP, LANES)
 
 
 COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-Wno-psabi")

@@ -44,9 +44,9 @@ from onnx_ir.tape import Tape
 from moetrt.errors import MoetrtError
 from moetrt.export.lowering import (
     LoweringPlan,
-    add_initializer,
     constant,
     drop_unused_initializer,
+    lazy_initializer,
     replace_node,
     routed_experts_nodes,
 )
@@ -71,12 +71,32 @@ def interleave_gate_up(w_gate_up: np.ndarray) -> np.ndarray:
 def slice_experts(fc1: np.ndarray, fc2: np.ndarray, slices: int) -> tuple[np.ndarray, np.ndarray]:
     """Interleaved fc1 `[E, 2I, H]` and down `[E, H, I]` -> `[S*E, 2I/S, H]` and `[S*E, H, I/S]`, slice-major.
     Their block scales (`[E, 2I, H/g]`, `[E, H, I/g]`) slice the same way when (I/S) % g == 0."""
+    return slice_fc1(fc1, slices), slice_fc2(fc2, slices)
+
+
+def slice_fc1(fc1: np.ndarray, slices: int) -> np.ndarray:
+    """The fc1 half of `slice_experts`: `[E, 2I, H]` -> `[S*E, 2I/S, H]`."""
     experts, rows, columns = fc1.shape
-    hidden, inter = fc2.shape[1], fc2.shape[2]
     fc1 = fc1.reshape(experts, slices, rows // slices, columns).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(fc1).reshape(slices * experts, rows // slices, columns)
+
+
+def slice_fc2(fc2: np.ndarray, slices: int) -> np.ndarray:
+    """The down half of `slice_experts`: `[E, H, I]` -> `[S*E, H, I/S]`."""
+    experts, hidden, inter = fc2.shape
     fc2 = fc2.reshape(experts, hidden, slices, inter // slices).transpose(2, 0, 1, 3)
-    return (np.ascontiguousarray(fc1).reshape(slices * experts, rows // slices, columns),
-            np.ascontiguousarray(fc2).reshape(slices * experts, hidden, inter // slices))
+    return np.ascontiguousarray(fc2).reshape(slices * experts, hidden, inter // slices)
+
+
+def _sliced_shape(shape, slices: int, axis: int) -> tuple[int, ...]:
+    """`slice_fc1` (axis 1) / `slice_fc2` (axis 2) output shape for input `shape`."""
+    dims = list(shape)
+    dims[0], dims[axis] = dims[0] * slices, dims[axis] // slices
+    return tuple(dims)
+
+
+def _array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
 
 
 def lower(model: ir.Model, plan: LoweringPlan) -> None:
@@ -108,15 +128,19 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
             else:
                 _lower_to_qmoe(model, node, expert_slices, top_k, bits, group)
             continue
-        fc1_array = interleave_gate_up(w_gate_up.const_value.numpy())
         if moe_kernel == "moetrt":
-            _lower_to_kernel(model, node, fc1_array, expert_slices)
+            _lower_to_kernel(model, node, expert_slices)
             continue
+        dtype_of = w_gate_up.const_value.dtype
+        fc1_shape = _sliced_shape(w_gate_up.shape, expert_slices, 1)
+        fc1 = lazy_initializer(model, w_gate_up.name + ".interleaved",
+                               lambda w=w_gate_up, s=expert_slices: slice_fc1(interleave_gate_up(_array(w)), s),
+                               dtype_of, fc1_shape)
         fc2 = w_down
         if expert_slices > 1:
-            fc1_array, fc2_array = slice_experts(fc1_array, w_down.const_value.numpy(), expert_slices)
-            fc2 = add_initializer(model, fc2_array, f"{w_down.name}.sliced{expert_slices}")
-        fc1 = add_initializer(model, fc1_array, w_gate_up.name + ".interleaved")
+            fc2 = lazy_initializer(model, f"{w_down.name}.sliced{expert_slices}",
+                                   lambda w=w_down, s=expert_slices: slice_fc2(_array(w), s), w_down.const_value.dtype,
+                                   _sliced_shape(w_down.shape, expert_slices, 2))
         tape = Tape()
         dtype = hidden.dtype.value  # ONNX TensorProto enum for Cast
         router_probs = _expert_columns(tape, hidden, topk_ids, tape.op("Log", [topk_weights]), num_experts,
@@ -166,13 +190,13 @@ def _lower_quantized_embedding(model: ir.Model) -> int:
                for g in (gather_q, gather_scale)):
             raise MoetrtError(f"{node.name}: a quantized embedding must gather from initializers; re-export")
         table, scales = gather_q.inputs[0], gather_scale.inputs[0]
-        values = table.const_value.numpy()
         if bits == 4:
-            packed = ir.Tensor(values, dtype=ir.DataType.INT4, name=f"{table.name}.int4")
+            data = lazy_initializer(model, f"{table.name}.int4", lambda t=table: _array(t), ir.DataType.INT4,
+                                    table.shape)
         else:  # uint8 with the implicit zero point 128
-            packed = ir.Tensor((values.astype(np.int16) + 128).astype(np.uint8), name=f"{table.name}.uint8")
-        data = ir.Value(name=packed.name, shape=packed.shape, type=ir.TensorType(packed.dtype), const_value=packed)
-        model.graph.register_initializer(data)
+            data = lazy_initializer(model, f"{table.name}.uint8",
+                                    lambda t=table: (_array(t).astype(np.int16) + 128).astype(np.uint8),
+                                    ir.DataType.UINT8, table.shape)
         tape = Tape()
         out = tape.op("GatherBlockQuantized", [data, gather_q.inputs[1], scales],
                       {"gather_axis": 0, "quantize_axis": 1, "bits": bits,
@@ -185,28 +209,33 @@ def _lower_quantized_embedding(model: ir.Model) -> int:
     return count
 
 
-def _lower_to_kernel(model: ir.Model, node: ir.Node, fc1: np.ndarray, slices: int) -> None:
+def _lower_to_kernel(model: ir.Model, node: ir.Node, slices: int) -> None:
     """The routed-experts node -> `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)`, packed."""
-    from moetrt.plugins.cpu_experts import pack_down, pack_gate_up, supported
+    from moetrt.plugins.cpu_experts import (pack_down, pack_gate_up, packed_down_shape, packed_gate_up_shape,
+                                            supported)
 
-    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+    w_gate_up, w_down = node.inputs[3:5]
     num_experts, hidden_size, inter = w_down.shape[0], w_down.shape[1], w_down.shape[2]
     reason = supported(hidden_size, inter, slices)
     if reason:
         raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
-    packed = pack_gate_up(fc1, slices), pack_down(w_down.const_value.numpy(), slices)
-    _emit_kernel_node(model, node, packed, {"num_experts": num_experts, "hidden_size": hidden_size,
-                                            "intermediate_size": inter, "slices": slices})
+    dtype = w_gate_up.const_value.dtype
+    gate_up = lazy_initializer(model, f"{w_gate_up.name}.packed{slices}",
+                               lambda: pack_gate_up(interleave_gate_up(_array(w_gate_up)), slices), dtype,
+                               packed_gate_up_shape(num_experts, inter, hidden_size, slices))
+    down = lazy_initializer(model, f"{w_down.name}.packed{slices}", lambda: pack_down(_array(w_down), slices), dtype,
+                            packed_down_shape(num_experts, hidden_size, inter, slices))
+    _emit_kernel_node(model, node, (gate_up, down), {"num_experts": num_experts, "hidden_size": hidden_size,
+                                                     "intermediate_size": inter, "slices": slices})
 
 
-def _emit_kernel_node(model: ir.Model, node: ir.Node, packed: tuple[np.ndarray, np.ndarray],
+def _emit_kernel_node(model: ir.Model, node: ir.Node, packed: tuple[ir.Value, ir.Value],
                       attributes: dict[str, int]) -> None:
-    """Replace `node` by `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)` over `packed`."""
-    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
+    """Replace `node` by `moetrt.cpu::Experts(hidden, topk_ids, topk_weights, gate_up, down)` over the `packed`
+    initializers."""
+    hidden, topk_ids, topk_weights = node.inputs[:3]
     replaced = [value for value in node.inputs[3:] if value is not None]
-    slices = attributes["slices"]
-    gate_up = add_initializer(model, packed[0], f"{w_gate_up.name}.packed{slices}")
-    down = add_initializer(model, packed[1], f"{w_down.name}.packed{slices}")
+    gate_up, down = packed
     tape = Tape()
     out = tape.op(EXPERTS_OP, [hidden, topk_ids, topk_weights, gate_up, down], attributes, domain=EXPERTS_DOMAIN)
     replace_node(node, tape.nodes, out)
@@ -226,29 +255,37 @@ def expert_quantization(node: ir.Node) -> tuple[int, int] | None:
     return bits.as_int(), block[1]
 
 
-def _quantized_arrays(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The node's (fc1 q interleaved [E, 2I, H] int8, its scales [E, 2I, H/g] float16, down q [E, H, I], its
-    scales [E, H, I/g])."""
+def _quantized_inputs(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """The node's (gate_up values [E, 2I, H] int8, their scales [E, 2I, H/g] float16, down values [E, H, I], their
+    scales [E, H, I/g]), checked to be initializers."""
     w_gate_up, w_down, gate_up_scale, down_scale = node.inputs[3:7]
-    values = [value.const_value for value in (w_gate_up, w_down, gate_up_scale, down_scale)]
-    if any(value is None for value in values):
+    if any(value.const_value is None for value in (w_gate_up, w_down, gate_up_scale, down_scale)):
         raise MoetrtError(f"{node.name}: expert weights and scales must be initializers for the ort lowering")
-    fc1_q, down_q, fc1_d, down_d = (value.numpy() for value in values)
-    return interleave_gate_up(fc1_q), interleave_gate_up(fc1_d), down_q, down_d
+    return w_gate_up, gate_up_scale, w_down, down_scale
 
 
 def _lower_quantized_to_kernel(model: ir.Model, node: ir.Node, slices: int, bits: int, group: int) -> None:
     """A quantized routed-experts node -> moetrt.cpu::Experts over the kernel's packed integer blocks."""
-    from moetrt.plugins.cpu_experts import pack_quantized, supported_quantized
+    from moetrt.plugins.cpu_experts import (pack_quantized_down, pack_quantized_gate_up, packed_quantized_bytes,
+                                            supported_quantized)
 
     num_experts, hidden_size, inter = node.inputs[4].shape[0], node.inputs[4].shape[1], node.inputs[4].shape[2]
     reason = supported_quantized(hidden_size, inter, slices, bits, group)
     if reason:
         raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
-    packed = pack_quantized(*_quantized_arrays(node), bits, group, slices)
-    _emit_kernel_node(model, node, packed, {"num_experts": num_experts, "hidden_size": hidden_size,
-                                            "intermediate_size": inter, "slices": slices, "bits": bits,
-                                            "group_size": group})
+    fc1_q, fc1_d, down_q, down_d = _quantized_inputs(node)
+    gate_up = lazy_initializer(
+        model, f"{fc1_q.name}.packed{slices}",
+        lambda: pack_quantized_gate_up(interleave_gate_up(_array(fc1_q)), interleave_gate_up(_array(fc1_d)), bits,
+                                       group, slices),
+        ir.DataType.UINT8, (packed_quantized_bytes(num_experts, 2 * inter, hidden_size, bits, group),))
+    down = lazy_initializer(
+        model, f"{down_q.name}.packed{slices}",
+        lambda: pack_quantized_down(_array(down_q), _array(down_d), bits, group, slices),
+        ir.DataType.UINT8, (packed_quantized_bytes(num_experts, hidden_size, inter, bits, group),))
+    _emit_kernel_node(model, node, (gate_up, down), {"num_experts": num_experts, "hidden_size": hidden_size,
+                                                     "intermediate_size": inter, "slices": slices, "bits": bits,
+                                                     "group_size": group})
 
 
 def qmoe_weights(q: np.ndarray, bits: int) -> np.ndarray:
@@ -262,19 +299,28 @@ def _lower_to_qmoe(model: ir.Model, node: ir.Node, slices: int, top_k: int, bits
     """A quantized routed-experts node -> com.microsoft::QMoE, selection and mixing weights apart (module doc)."""
     hidden, topk_ids, topk_weights, w_gate_up, w_down = node.inputs[:5]
     num_experts = w_down.shape[0]
-    fc1_q, fc1_d, down_q, down_d = _quantized_arrays(node)
-    if slices > 1:
-        fc1_q, down_q = slice_experts(fc1_q, down_q, slices)
-        fc1_d, down_d = slice_experts(fc1_d, down_d, slices)
-    fc1 = add_initializer(model, qmoe_weights(fc1_q, bits), f"{w_gate_up.name}.qmoe{slices}")
-    fc2 = add_initializer(model, qmoe_weights(down_q, bits), f"{w_down.name}.qmoe{slices}")
+    fc1_q, fc1_d, down_q, down_d = _quantized_inputs(node)
+    scale_dtype = np.float16 if hidden.dtype == ir.DataType.FLOAT16 else np.float32
+    fc1_shape = _sliced_shape(fc1_q.shape, slices, 1)
+    fc2_shape = _sliced_shape(down_q.shape, slices, 2)
+    packed_dims = lambda shape: (*shape[:-1], shape[-1] * bits // 8)  # noqa: E731
+    fc1 = lazy_initializer(model, f"{fc1_q.name}.qmoe{slices}",
+                           lambda: qmoe_weights(slice_fc1(interleave_gate_up(_array(fc1_q)), slices), bits),
+                           ir.DataType.UINT8, packed_dims(fc1_shape))
+    fc2 = lazy_initializer(model, f"{down_q.name}.qmoe{slices}",
+                           lambda: qmoe_weights(slice_fc2(_array(down_q), slices), bits), ir.DataType.UINT8,
+                           packed_dims(fc2_shape))
     # Scales in the activations' dtype (the float16-rounded values, exactly): with float16 scales for float32
     # activations ONNX Runtime inserts a Cast, and QMoE, its scales no longer an initializer, falls back to
     # dequantizing the experts and a float GEMM on every call (its PrePackQNBitExperts warning).
-    scale_dtype = np.float16 if hidden.dtype == ir.DataType.FLOAT16 else np.float32
-    fc1_scales, fc2_scales = (
-        add_initializer(model, np.ascontiguousarray(scales, scale_dtype), f"{value.name}.qmoe{slices}")
-        for scales, value in ((fc1_d, node.inputs[5]), (down_d, node.inputs[6])))
+    fc1_scales = lazy_initializer(
+        model, f"{fc1_d.name}.qmoe{slices}",
+        lambda: np.ascontiguousarray(slice_fc1(interleave_gate_up(_array(fc1_d)), slices), scale_dtype),
+        ir.DataType.from_numpy(np.dtype(scale_dtype)), _sliced_shape(fc1_d.shape, slices, 1))
+    fc2_scales = lazy_initializer(
+        model, f"{down_d.name}.qmoe{slices}",
+        lambda: np.ascontiguousarray(slice_fc2(_array(down_d), slices), scale_dtype),
+        ir.DataType.from_numpy(np.dtype(scale_dtype)), _sliced_shape(down_d.shape, slices, 2))
     tape = Tape()
     dtype = hidden.dtype.value
     ones = tape.op("Expand", [constant(tape, [[1.0]], np.float32), tape.op("Shape", [topk_weights])])
