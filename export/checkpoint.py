@@ -361,11 +361,14 @@ class CheckpointWeights:
     def release(self, key: str) -> None:
         self.shards[self.weight_files[key]].release(key)
 
-    def fill(self, name: str, module: torch.nn.Module) -> None:
-        """Fill `module` (the skeleton's submodule `name`, on the CPU) and every module under it from the shards."""
+    def fill(self, name: str, module: torch.nn.Module, skip: str | None = None) -> None:
+        """Fill `module` (the skeleton's submodule `name`, on the CPU) and every module under it from the shards,
+        but the submodule named `skip` (full name) and those under it."""
         prefix = f"{name}." if name else ""
         with torch.no_grad():
             for owner in [owner for owner in self.sources if owner == name or owner.startswith(prefix)]:
+                if skip and (owner == skip or owner.startswith(skip + ".")):
+                    continue
                 target = module if owner == name else module.get_submodule(owner[len(prefix):])
                 for key, source in self.sources[owner]:
                     _fill_into(self.config, target, key, self.read(source))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from moetrt.config import ModelConfig
 from moetrt.formats import Quantization
@@ -249,4 +250,44 @@ def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
         "dense": attention + mlp + kept * size + dense(c.vocab_size, c.hidden_size),
         "routed_experts": moe * c.num_experts_per_tok * one_expert,
         "embedding_row": embedding_row,
+    }
+
+
+# -- whether an engine fits this machine ----------------------------------------------------------------------------
+
+# Memory the runtime needs beside the weights and the cache (interpreter, ONNX Runtime's arenas, activations).
+RUNTIME_OVERHEAD = 1 << 30
+
+
+def engine_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization | None,
+                        expert_scale_bytes: int = 2) -> int:
+    """Bytes of an engine's weights (every routed expert, the whole embedding), counted as `decode_weight_bytes`
+    counts one token's; the packed layouts' padding is ignored."""
+    read = decode_weight_bytes(c, dtype, quantization, expert_scale_bytes)
+    experts = read["routed_experts"] * c.n_routed_experts // max(c.num_experts_per_tok, 1)
+    return read["dense"] + experts + read["embedding_row"] * c.vocab_size
+
+
+def fit_report(c: ModelConfig, dtype: str, quantization: Quantization | None, context: int, batch: int,
+               where: Path, engine_bytes: int | None = None, building: bool = True) -> dict:
+    """Whether an engine of `c` fits this machine: `engine_bytes` of weights (an engine's artifacts, else
+    `engine_weight_bytes`), the latent cache for `batch` sequences of `context` tokens in the engine's dtype, the
+    weight bytes read per decode token; memory available now (moetrt.hardware.available_memory) against weights +
+    cache + RUNTIME_OVERHEAD (an engine's weights are memory-mapped and should stay resident to decode at memory
+    speed), disk free at `where` against what a build writes (`building`: the export and the engine coexist until
+    the build ends, about twice the weights). All sizes in bytes."""
+    from moetrt import hardware
+
+    weights = engine_bytes if engine_bytes is not None else engine_weight_bytes(c, dtype, quantization)
+    kv_per_token = c.latent_bytes_per_token(DTYPE_BYTES[dtype])
+    kv = kv_per_token * context * batch
+    read = sum(decode_weight_bytes(c, dtype, quantization).values())
+    memory, disk = hardware.available_memory(), hardware.disk_free(where)
+    memory_needed = weights + kv + RUNTIME_OVERHEAD
+    disk_needed = 2 * weights if building else 0
+    return {
+        "weight_bytes": weights, "kv_bytes_per_token": kv_per_token, "kv_bytes": kv, "context": context,
+        "batch": batch, "bytes_read_per_token": read, "memory_available": memory, "memory_needed": memory_needed,
+        "fits_memory": memory_needed <= memory, "disk_free": disk, "disk_needed": disk_needed,
+        "fits_disk": disk_needed <= disk, "where": str(where),
     }

@@ -371,7 +371,8 @@ class DeepseekForCausalLM(nn.Module):
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         dtype, device = self.dtype, self.model.norm.weight.device
-        return [torch.zeros(0, batch, self.config.latent_dim, dtype=dtype, device=device) for _ in self.model.layers]
+        return [torch.zeros(0, batch, self.config.latent_dim, dtype=dtype, device=device)
+                for _ in range(len(self.model.layers))]
 
     def step(
         self,

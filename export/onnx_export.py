@@ -46,7 +46,14 @@ from moetrt.formats import (
     write_export_info,
 )
 from moetrt.export.quantized import check_quantizable, finish_export
-from moetrt.export.streaming import WeightStream, bind_weights, fold_weights, hollow_model, reads_lazy_weight
+from moetrt.export.streaming import (
+    WeightStream,
+    allocate_large_buffers_by_mmap,
+    bind_weights,
+    fold_weights,
+    hollow_model,
+    reads_lazy_weight,
+)
 from moetrt.progress import byte_progress, note, stage
 from moetrt.quantization import QuantScheme
 from moetrt.settings import OrtOptions
@@ -221,6 +228,7 @@ def export_onnx(
                                                                         ort or OrtOptions(), quantize)
     if plan.target == "ort":
         note(f"experts: {plan.moe_kernel} ({plan.why})")
+    allocate_large_buffers_by_mmap()
     with staging_dir(out_dir) as work:
         with CheckpointWeights(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp) as weights, \
                 stage("exporting", total=3) as advance:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from moetrt.errors import MoetrtError
+from moetrt.progress import note
 from moetrt.export.checkpoint import load_reference
 from moetrt.export.model import DeepseekForCausalLM
 from moetrt.runtime.evaluate import evaluate_session
@@ -27,8 +28,9 @@ class ReferenceSession:
 
     backend = "torch"
 
-    def __init__(self, model: DeepseekForCausalLM):
+    def __init__(self, model: DeepseekForCausalLM, weights=None):
         self.model = model
+        self._weights = weights  # the open CheckpointWeights of a streamed model, closed with the session
         self.config = model.config
         self.num_layers = model.config.num_hidden_layers
         self.latent_dim = model.config.latent_dim
@@ -60,7 +62,9 @@ class ReferenceSession:
             return logits.float().numpy(), new_rows
 
     def close(self) -> None:
-        pass
+        if self._weights is not None:
+            self._weights.close()
+            self._weights = None
 
     def __enter__(self) -> ReferenceSession:
         return self
@@ -76,12 +80,40 @@ def _as_tensor(array: np.ndarray, dtype=np.int64) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def load_reference_session(checkpoint_dir: str | Path, dtype: str = "float32") -> ReferenceSession:
-    """The reference model of a Hugging Face checkpoint directory (on the CPU) as a Session."""
+# The reference is streamed layer by layer (export/streaming_reference.py) when its float32 weights would take more
+# than this share of the memory available now.
+STREAM_ABOVE_AVAILABLE = 0.5
+
+
+def load_reference_session(checkpoint_dir: str | Path, dtype: str = "float32",
+                           stream: bool | None = None) -> ReferenceSession:
+    """The reference model of a Hugging Face checkpoint directory (on the CPU) as a Session.
+
+    stream: compute it layer by layer from the memory-mapped shards (float32 only; slow, but memory stays about one
+    layer), or load it whole; None streams when the float32 weights exceed STREAM_ABOVE_AVAILABLE of the memory
+    available (said in a note)."""
+    from moetrt.config import load_config
+    from moetrt.export.checkpoint import CheckpointWeights
+    from moetrt.export.info import count_parameters
+    from moetrt.hardware import available_memory
+
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise MoetrtError(f"{directory} is not a directory: point at a checkpoint directory")
-    return ReferenceSession(load_reference(directory, dtype=dtype))
+    if stream is None:
+        needed = count_parameters(load_config(directory)).total * 4
+        stream = dtype == "float32" and needed > STREAM_ABOVE_AVAILABLE * available_memory()
+        if stream:
+            note(f"reference: streamed layer by layer from the checkpoint's shards (its float32 weights, "
+                 f"{needed / 1e9:.1f} GB, exceed half the {available_memory() / 1e9:.1f} GB available)")
+    if not stream:
+        return ReferenceSession(load_reference(directory, dtype=dtype))
+    if dtype != "float32":
+        raise MoetrtError(f"the streamed reference computes in float32, not {dtype}")
+    from moetrt.export.streaming_reference import streamed_model
+
+    weights = CheckpointWeights(directory)
+    return ReferenceSession(streamed_model(weights), weights)
 
 
 def evaluate_checkpoint(

@@ -61,6 +61,37 @@ def hollow_model(weights) -> torch.nn.Module:
     return model.eval()
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt(3) parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def allocate_large_buffers_by_mmap() -> None:
+    """Have glibc serve every allocation over 1 MB with its own mmap, returned to the system when freed. By default
+    glibc raises that threshold up to 32 MB after each large free (mallopt(3), M_MMAP_THRESHOLD), and the per-tensor
+    buffers of a streaming build (an expert's weight, a packed block) then come from the heap, whose freed space
+    fragments and is not given back: RSS crept by gigabytes over a 16B model. No-op off glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc malloc_trim(3)); no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 class WeightStream:
     """State-dict tensors of `weights` (a CheckpointWeights) on demand, one owning module materialized at a time.
 
@@ -84,10 +115,12 @@ class WeightStream:
             self.materialized += 1
             while len(self._cache) > CACHED_MODULES:
                 self._cache.popitem(last=False)
+                release_free_memory()
         module, left = self._cache[owner]
         left.discard(attribute)
         if not left:
             del self._cache[owner]
+            release_free_memory()
         return getattr(module, attribute).detach()
 
 

@@ -202,17 +202,32 @@ def info(
     context: int = typer.Option(32768, min=1, help="Tokens of context per sequence for the GPU estimate."),
     batch: int = typer.Option(1, min=1, help="Concurrent sequences for the GPU estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quantize: Quantize = typer.Option("none", help="For a checkpoint: the engine's weights for the fit report ("
+                                      "int8 / int4 as build-engine --quantize; an engine says its own)."),
+    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help=GROUP_SIZE_HELP),
 ) -> None:
-    """Layers, experts, routing, parameters, weight bytes, KV-cache bytes and GPUs needed."""
+    """Layers, experts, routing, parameters, weight bytes, KV-cache bytes, GPUs needed, and whether an engine fits
+    this machine's memory and disk (weights, latent cache at --context x --batch, bytes read per decode token)."""
     from moetrt.config import load_config
-    from moetrt.export.info import describe
+    from moetrt.export.info import describe, fit_report
 
     engine_mtp = None
+    config = load_config(source)
     if (source / "manifest.json").is_file():  # an engine: its manifest's checks come before reading any file it names
         from moetrt.formats import read_manifest
 
-        engine_mtp = read_manifest(source).io.mtp_layers
-    summary = describe(load_config(source), context=context, batch=batch)
+        manifest = read_manifest(source)
+        engine_mtp = manifest.io.mtp_layers
+        fit = fit_report(config, manifest.dtype, manifest.quantization, context, batch, source,
+                         engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False)
+    else:
+        from moetrt.formats import Quantization
+        from moetrt.quantization import scheme_for
+
+        scheme = scheme_for(str(quantize), group_size)
+        planned = Quantization(scheme.name, scheme.bits, scheme.group_size) if scheme else None
+        fit = fit_report(config, "float32", planned, context, batch, source.parent if source.is_file() else source)
+    summary = {**describe(config, context=context, batch=batch), "fit": fit}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -238,7 +253,27 @@ def info(
     ]
     if (source / "manifest.json").is_file():
         lines += _engine_lines(source)
+    lines += _fit_lines(fit, str(quantize) if not (source / "manifest.json").is_file() else None)
     typer.echo("\n".join(lines))
+
+
+def _fit_lines(fit: dict, scheme: str | None) -> list[str]:
+    """`info`'s verdict on this machine: memory (weights + latent cache + runtime) and disk (what a build writes)."""
+    from moetrt.export.info import RUNTIME_OVERHEAD
+
+    what = f"an {scheme} engine" if scheme and scheme != "none" else "a float32 engine" if scheme else "this engine"
+    memory = (f"{'yes' if fit['fits_memory'] else 'NO'}: {_human_bytes(fit['weight_bytes'])} weights + "
+              f"{_human_bytes(fit['kv_bytes'])} latent cache ({_human_bytes(fit['kv_bytes_per_token'])}/token x "
+              f"{fit['context']} x {fit['batch']}) + runtime {_human_bytes(RUNTIME_OVERHEAD)} of "
+              f"{_human_bytes(fit['memory_available'])} available")
+    lines = [f"fits memory      {what}: {memory}",
+             f"bytes / token    {_human_bytes(fit['bytes_read_per_token'])} of weights read per decode token "
+             "(batch 1)"]
+    if fit["disk_needed"]:
+        lines.append(f"fits disk        {'yes' if fit['fits_disk'] else 'NO'}: a build writes about "
+                     f"{_human_bytes(fit['disk_needed'])} (export + engine), {_human_bytes(fit['disk_free'])} free "
+                     f"at {fit['where']}")
+    return lines
 
 
 def _mtp_note(declared: int, in_engine: int | None) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import functools
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 # x86 instruction-set extensions moetrt checks: the x86-64 micro-architecture levels its CPU expert kernel is
 # compiled for (plugins/cpu_experts.py TARGETS), and those MLAS picks kernels by (a graph optimised at level "all"
@@ -89,3 +91,37 @@ def _libcuda():
         except OSError:
             continue
     return None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations now: Linux's MemAvailable (/proc/meminfo), capped by a cgroup v2
+    memory.max set on this process's group; elsewhere the physical memory (os.sysconf)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            available = min(available, max(int(limit) - used, 0))
+    except OSError:
+        pass
+    return available
+
+
+def disk_free(path) -> int:
+    """Bytes free for an unprivileged writer on the filesystem holding `path` (its nearest existing parent)."""
+    import shutil
+
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free

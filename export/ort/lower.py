@@ -221,9 +221,11 @@ def _lower_to_kernel(model: ir.Model, node: ir.Node, slices: int) -> None:
         raise MoetrtError(f"{node.name}: the moetrt expert kernel cannot run these experts: {reason}")
     dtype = w_gate_up.const_value.dtype
     gate_up = lazy_initializer(model, f"{w_gate_up.name}.packed{slices}",
-                               lambda: pack_gate_up(interleave_gate_up(_array(w_gate_up)), slices), dtype,
-                               packed_gate_up_shape(num_experts, inter, hidden_size, slices))
-    down = lazy_initializer(model, f"{w_down.name}.packed{slices}", lambda: pack_down(_array(w_down), slices), dtype,
+                               lambda: _per_expert(lambda w: pack_gate_up(interleave_gate_up(w), slices),
+                                                   _array(w_gate_up)),
+                               dtype, packed_gate_up_shape(num_experts, inter, hidden_size, slices))
+    down = lazy_initializer(model, f"{w_down.name}.packed{slices}",
+                            lambda: _per_expert(lambda w: pack_down(w, slices), _array(w_down)), dtype,
                             packed_down_shape(num_experts, hidden_size, inter, slices))
     _emit_kernel_node(model, node, (gate_up, down), {"num_experts": num_experts, "hidden_size": hidden_size,
                                                      "intermediate_size": inter, "slices": slices})
@@ -264,6 +266,18 @@ def _quantized_inputs(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.V
     return w_gate_up, gate_up_scale, w_down, down_scale
 
 
+def _per_expert(pack, *arrays: np.ndarray) -> np.ndarray:
+    """`pack(*arrays)` for an expert-major packed layout, computed one expert at a time into one array (the packing's
+    temporaries stay one expert's, not a layer's)."""
+    first = pack(*(array[:1] for array in arrays))
+    out = np.empty((arrays[0].shape[0] * first.shape[0], *first.shape[1:]), first.dtype)
+    step = first.shape[0]
+    out[:step] = first
+    for expert in range(1, arrays[0].shape[0]):
+        out[expert * step : (expert + 1) * step] = pack(*(array[expert : expert + 1] for array in arrays))
+    return out
+
+
 def _lower_quantized_to_kernel(model: ir.Model, node: ir.Node, slices: int, bits: int, group: int) -> None:
     """A quantized routed-experts node -> moetrt.cpu::Experts over the kernel's packed integer blocks."""
     from moetrt.plugins.cpu_experts import (pack_quantized_down, pack_quantized_gate_up, packed_quantized_bytes,
@@ -276,12 +290,13 @@ def _lower_quantized_to_kernel(model: ir.Model, node: ir.Node, slices: int, bits
     fc1_q, fc1_d, down_q, down_d = _quantized_inputs(node)
     gate_up = lazy_initializer(
         model, f"{fc1_q.name}.packed{slices}",
-        lambda: pack_quantized_gate_up(interleave_gate_up(_array(fc1_q)), interleave_gate_up(_array(fc1_d)), bits,
-                                       group, slices),
+        lambda: _per_expert(lambda q, d: pack_quantized_gate_up(interleave_gate_up(q), interleave_gate_up(d), bits,
+                                                                group, slices), _array(fc1_q), _array(fc1_d)),
         ir.DataType.UINT8, (packed_quantized_bytes(num_experts, 2 * inter, hidden_size, bits, group),))
     down = lazy_initializer(
         model, f"{down_q.name}.packed{slices}",
-        lambda: pack_quantized_down(_array(down_q), _array(down_d), bits, group, slices),
+        lambda: _per_expert(lambda q, d: pack_quantized_down(q, d, bits, group, slices), _array(down_q),
+                            _array(down_d)),
         ir.DataType.UINT8, (packed_quantized_bytes(num_experts, hidden_size, inter, bits, group),))
     _emit_kernel_node(model, node, (gate_up, down), {"num_experts": num_experts, "hidden_size": hidden_size,
                                                      "intermediate_size": inter, "slices": slices, "bits": bits,

@@ -125,9 +125,39 @@ def _info(value_info: dict, name: str):
     return value_info[name]
 
 
+COPY_CHUNK = 64 << 20
+
+
+def _copy_tensor_bytes(tensor, export_dir: Path, out, nbytes: int) -> None:
+    """Append initializer `tensor`'s `nbytes` of data to `out`: copied in chunks from its external data file (never
+    loaded whole, and the proto left as it is: onnx's to_array would keep every tensor's bytes on its proto), or from
+    its raw_data."""
+    from onnx.external_data_helper import uses_external_data
+
+    if not uses_external_data(tensor):
+        data = tensor.raw_data
+        if len(data) != nbytes:
+            raise MoetrtError(f"{tensor.name}: expected {nbytes} bytes of raw data, found {len(data)}; re-export")
+        out.write(data)
+        return
+    fields = {entry.key: entry.value for entry in tensor.external_data}
+    start, length = int(fields.get("offset", 0)), int(fields.get("length", nbytes))
+    if length != nbytes:
+        raise MoetrtError(f"{tensor.name}: its external data holds {length} bytes, not {nbytes}; re-export")
+    with open(export_dir / fields["location"], "rb") as source:
+        source.seek(start)
+        left = nbytes
+        while left:
+            chunk = source.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise MoetrtError(f"{tensor.name}: its external data file ends early (truncated?); re-export")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[ExpertLayer]:
     """Each expert node's packed weights, 64-byte aligned, into one file; their descriptions for the manifest."""
-    from onnx import numpy_helper
+    from onnx import helper
 
     layers, offset = [], 0
     with open(path, "wb") as out:
@@ -137,17 +167,18 @@ def _write_experts(experts, initializers, export_dir: Path, path: Path) -> list[
             wanted = np.float32 if bits == 32 else np.uint8
             spans = {}
             for key, name in zip(("gate_up", "down"), node.input[3:5]):
-                array = numpy_helper.to_array(initializers[name], base_dir=str(export_dir))
-                if array.dtype != wanted:
+                tensor = initializers[name]
+                dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                if dtype != wanted:
                     raise MoetrtError(f"{name}: the moetrt expert kernel takes {np.dtype(wanted)} weights at {bits} "
-                                      f"bits, not {array.dtype}; re-export the checkpoint")
+                                      f"bits, not {dtype}; re-export the checkpoint")
                 pad = -offset % ALIGN
                 out.write(b"\0" * pad)
                 offset += pad
-                out.write(np.ascontiguousarray(array).data)
-                spans[key] = Span(offset, int(array.size))
-                offset += array.nbytes
-                del array
+                count = int(np.prod(tensor.dims))
+                _copy_tensor_bytes(tensor, export_dir, out, count * np.dtype(dtype).itemsize)
+                spans[key] = Span(offset, count)
+                offset += count * np.dtype(dtype).itemsize
             layers.append(ExpertLayer(tuple(node.input[:3]), node.output[0], attributes["num_experts"],
                                       attributes["hidden_size"], attributes["intermediate_size"], attributes["slices"],
                                       spans["gate_up"], spans["down"], bits=bits,
