@@ -188,11 +188,45 @@ def _write_tokenizer(directory: Path, config: dict) -> None:
         {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2))
 
 
+def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, threads: int = 2) -> dict:
+    """Decode tok/s at batch 1 and 8, time to first token of a 512-token prompt, and the batch-1 roofline: weight
+    bytes an int4/int8/fp32 decode step reads (export/info.py decode_weight_bytes) over this machine's copy bandwidth
+    (bench/bandwidth.py, sampled beside every round). Medians over `rounds`."""
+    import statistics
+
+    from moetrt.bench.bandwidth import CopyProbe
+    from moetrt.bench.systems import moetrt_engine, prompts_for
+    from moetrt.export.info import decode_weight_bytes
+    from moetrt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(engine_dir)
+    config = manifest.model_config
+    run = moetrt_engine("", str(engine_dir), threads)
+    probe = CopyProbe(threads)
+    samples: dict[str, list[float]] = {"b1": [], "b8": [], "ttft512": [], "bandwidth": []}
+    for _ in range(rounds):
+        samples["bandwidth"].append(probe.sample())
+        samples["b1"].append(run(prompts_for(config.vocab_size, 1, 32), new_tokens).decode_rate(1))
+        samples["b8"].append(run(prompts_for(config.vocab_size, 8, 32), new_tokens).decode_rate(8))
+        samples["ttft512"].append(run(prompts_for(config.vocab_size, 1, 512), 1).ttft())
+    result = {key: statistics.median(values) for key, values in samples.items()}
+    read = sum(decode_weight_bytes(config, manifest.dtype, manifest.quantization).values())
+    result["bytes_per_token"] = read
+    result["roofline_b1"] = result["bandwidth"] / read
+    result["roofline_fraction_b1"] = result["b1"] / result["roofline_b1"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", nargs="?", default=os.environ.get("MOONLIGHT_DIR", "bench/checkpoints/moonlight"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bench", metavar="ENGINE", help="Measure this engine instead (decode b1/b8, TTFT of 512 "
+                        "tokens, roofline); prints one JSON object.")
     args = parser.parse_args(argv)
+    if args.bench:
+        print(json.dumps(bench_engine(args.bench), indent=1))
+        return 0
     if (Path(args.directory) / "config.json").is_file():
         print(f"{args.directory} is already there")
         return 0

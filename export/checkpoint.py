@@ -302,7 +302,8 @@ class CheckpointWeights:
             if module.__class__.__name__ == "Router":
                 module.float()
         plain = dict(model.state_dict())  # meta: shapes of the unquantized model
-        model.quantization = quantize_model(model, quantize) if quantize is not None else None
+        with torch.device("meta"):  # the quantized modules' buffers too: nothing is allocated before it is read
+            model.quantization = quantize_model(model, quantize) if quantize is not None else None
         self.skeleton = model
         self.shards = {path: SafetensorsFile(path) for path in sorted(set(self.weight_files.values()))}
         try:

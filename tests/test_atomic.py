@@ -140,7 +140,7 @@ def test_export_on_a_full_disk_prints_one_line_and_exit_1(tmp_path, monkeypatch,
     import moetrt.export.onnx_export as onnx_export
     from moetrt.cli import main
 
-    monkeypatch.setattr(onnx_export, "load_reference", no_space)
+    monkeypatch.setattr(onnx_export, "save_model", no_space)  # the disk fills while the weights are written
     monkeypatch.setattr(sys, "argv", ["moetrt", "export", str(ROOT / "models" / "tiny-r1"), "-o",
                                       str(tmp_path / "out"), "--target", "onnx"])
     with pytest.raises(SystemExit) as exited:

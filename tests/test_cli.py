@@ -58,7 +58,7 @@ def test_export_command_writes_an_export_and_rejects_bad_options(tmp_path):
     assert result.returncode == 0, result.stderr
     # stderr is a pipe: plain timestamped progress lines, named for the command
     progress = [line for line in result.stderr.splitlines() if re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line)]
-    assert progress[0].endswith(" export: exporting 0/4") and progress[-1].endswith(" export: done 4/4"), progress
+    assert progress[0].endswith(" export: exporting 0/3") and progress[-1].endswith(" export: done 3/3"), progress
     assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "export.json").is_file()
     bad = moetrt("export", str(checkpoint), "-o", str(tmp_path / "out2"), "--dtype", "int8")
     assert bad.returncode == 2  # click's usage error, listing the choices
