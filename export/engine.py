@@ -66,7 +66,12 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         raise MoetrtError("--mtp engines (the multi-token-prediction module as a speculative decoder) are built for "
                           "ONNX Runtime only so far; build with --backend ort")
     config = fit_to_model(source, config)
-    with staging_dir(engine_dir) as work:
+    need = build_disk_bytes(source, config)
+    if need is not None and need > hardware.disk_free(engine_dir):
+        raise MoetrtError(f"the build writes about {need / 1e9:.1f} GB (the export and the engine), and "
+                          f"{hardware.disk_free(engine_dir) / 1e9:.1f} GB are free at {engine_dir.resolve().parent}; free "
+                          "space there or choose another -o")
+    with staging_dir(engine_dir, need_bytes=need) as work:
         export_dir = export_for(source, work / ".export", chosen, config)
         info = read_export_info(export_dir)
         section = backend.build(export_dir, info, work, config)
@@ -85,6 +90,20 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         if info.dtype != "float32":  # half precision can overflow: refuse an engine that computes NaN
             check_overflow(work)
     return engine_dir
+
+
+def build_disk_bytes(source: Path, config: BuildConfig) -> int | None:
+    """About what building from the checkpoint at `source` writes, in bytes: the export and the engine coexist until
+    the end, twice the engine's weights (export/info.py engine_weight_bytes). None for an export directory."""
+    from moetrt.export.info import engine_weight_bytes
+    from moetrt.formats import Quantization
+    from moetrt.quantization import scheme_for
+
+    if not (source / "config.json").is_file() or (source / EXPORT_JSON).is_file():
+        return None
+    scheme = scheme_for(config.quantize, config.group_size)
+    planned = Quantization(scheme.name, scheme.bits, scheme.group_size) if scheme else None
+    return 2 * engine_weight_bytes(load_config(source), config.dtype or "float32", planned)
 
 
 def fit_to_model(source: Path, config: BuildConfig) -> BuildConfig:

@@ -42,11 +42,14 @@ def hollow_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def hollow_model(weights) -> torch.nn.Module:
-    """The skeleton of `weights` (a CheckpointWeights) with stride-0 CPU tensors for every parameter and buffer, and
-    its real rotary table: traceable, holding no weights. A tied head shares the embedding's tensor, as loaded."""
+    """A copy of the skeleton of `weights` (a CheckpointWeights) with stride-0 CPU tensors for every parameter and
+    buffer, and its real rotary table: traceable, holding no weights. A tied head shares the embedding's tensor, as
+    loaded."""
     from moetrt.export.model import rope_inv_freq
 
-    model = weights.skeleton
+    import copy
+
+    model = copy.deepcopy(weights.skeleton)  # the skeleton stays on the meta device for `materialize`
     for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None:

@@ -158,3 +158,14 @@ def test_write_bytes_on_a_full_disk_names_the_bytes_it_needed_and_leaves_nothing
     with pytest.raises(DiskFullError, match=rf"^no space left on device \(need about 5.0 MB at {tmp_path}, "):
         write_bytes(tmp_path / "timing.cache", bytes(5_000_000))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_build_that_cannot_fit_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    from moetrt import hardware
+    from moetrt.export.engine import build_engine
+
+    monkeypatch.setattr(hardware, "disk_free", lambda path: 1000)
+    with pytest.raises(MoetrtError, match=r"^the build writes about [\d.]+ GB \(the export and the engine\), and "
+                                          r"0\.0 GB are free at .*; free space there or choose another -o$"):
+        build_engine(ROOT / "models" / "tiny-r1", tmp_path / "engine", backend="ort")
+    assert os.listdir(tmp_path) == []

@@ -33,3 +33,26 @@ def test_gpu_estimate_grows_with_context():
     short = describe(config, context=4096)["gpus_141gb"]["fp8"]
     long = describe(config, context=131072, batch=64)["gpus_141gb"]["fp8"]
     assert short == 6 and long > short
+
+
+def test_info_says_whether_an_engine_fits_this_machine(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def info(source, *options):
+        done = subprocess.run([sys.executable, "-m", "moetrt.cli", "info", str(source), *options],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    text = info(REFERENCE, "--quantize", "int4", "--context", "4096")
+    line = next(line for line in text.splitlines() if line.startswith("fits memory"))
+    assert "an int4 engine: NO:" in line  # ~360 GB of int4 weights
+    fit = json.loads(info(REFERENCE, "--quantize", "int4", "--json"))["fit"]
+    int8 = json.loads(info(REFERENCE, "--quantize", "int8", "--json"))["fit"]
+    assert 0.5 < fit["weight_bytes"] / int8["weight_bytes"] < 0.6  # 4 bits + scales against 8 bits + scales
+    assert 340e9 < fit["weight_bytes"] < 400e9 and fit["disk_needed"] == 2 * fit["weight_bytes"]
+    assert fit["kv_bytes_per_token"] == 61 * 576 * 4  # the runtime's float32 latent cache
+    tiny = json.loads(info(Path(__file__).parents[2] / "models" / "tiny-r1", "--json"))["fit"]
+    assert tiny["fits_memory"] and tiny["bytes_read_per_token"] < tiny["weight_bytes"]

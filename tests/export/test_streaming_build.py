@@ -80,7 +80,15 @@ def test_streaming_build_memory_stays_below_what_a_whole_model_load_takes(fp8_ch
     assert growth < bound
 
     import moetrt
+    from moetrt.config import load_config
     from moetrt.export.checkpoint import load_reference
+    from moetrt.export.info import engine_weight_bytes
+    from moetrt.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tmp_path / "engine")  # `info`'s estimate of an engine's weights against a real one
+    on_disk = sum(record.bytes for record in manifest.artifacts.values())
+    estimate = engine_weight_bytes(load_config(fp8_checkpoint), "float32", None)
+    assert 0.97 < on_disk / estimate < 1.1, (on_disk, estimate)
 
     ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (2, 24))
     with torch.no_grad():
