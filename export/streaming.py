@@ -18,6 +18,7 @@ The whole model never exists in memory, whatever its size:
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -72,7 +73,8 @@ def allocate_large_buffers_by_mmap() -> None:
     """Have glibc serve every allocation over 1 MB with its own mmap, returned to the system when freed. By default
     glibc raises that threshold up to 32 MB after each large free (mallopt(3), M_MMAP_THRESHOLD), and the per-tensor
     buffers of a streaming build (an expert's weight, a packed block) then come from the heap, whose freed space
-    fragments and is not given back: RSS crept by gigabytes over a 16B model. No-op off glibc."""
+    fragments and is not given back: RSS crept by gigabytes over a 16B model. Process-wide and kept (a process that
+    builds pays an mmap per large buffer afterwards too). No-op off glibc."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
@@ -85,6 +87,7 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     import ctypes
     import ctypes.util
