@@ -115,13 +115,21 @@ def next_token_stats(reference_logits: np.ndarray, engine_logits: np.ndarray, ta
     if len(targets) != len(reference_logits) or len(targets) == 0:
         raise MoetrtError(f"need one target per position and at least one position, got {len(targets)} targets "
                           f"for {len(reference_logits)} positions")
-    kl = kl_divergences(reference_logits, engine_logits)
+    return _aggregate([_position_stats(reference_logits, engine_logits, targets)])
+
+
+def _position_stats(reference_logits: np.ndarray, engine_logits: np.ndarray,
+                    targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per position: (KL divergence, reference NLL of the target, engine NLL of the target, same top-1)."""
     rows = np.arange(len(targets))
-    nll_reference = -log_softmax(reference_logits)[rows, targets]
-    nll_engine = -log_softmax(engine_logits)[rows, targets]
-    same_top = reference_logits.argmax(-1) == engine_logits.argmax(-1)
+    return (kl_divergences(reference_logits, engine_logits), -log_softmax(reference_logits)[rows, targets],
+            -log_softmax(engine_logits)[rows, targets], reference_logits.argmax(-1) == engine_logits.argmax(-1))
+
+
+def _aggregate(parts: list[tuple[np.ndarray, ...]]) -> NextTokenStats:
+    kl, nll_reference, nll_engine, same_top = (np.concatenate(column) for column in zip(*parts))
     return NextTokenStats(
-        positions=len(targets), kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
+        positions=len(kl), kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)),
         kl_p999=float(np.percentile(kl, 99.9)), kl_max=float(kl.max()), top1_agreement=float(same_top.mean()),
         ppl_reference=math.exp(nll_reference.mean()), ppl_engine=math.exp(nll_engine.mean()),
     )
@@ -160,6 +168,7 @@ TASK_PROBLEMS = 32  # held-out problems for a task checkpoint: ~2,300 scored pos
 TEXT_CHUNK = 128  # tokens per chunk of the fixed texts (or of random ids); the engine's max_context if shorter
 RANDOM_POSITIONS = 2048  # scored positions of random ids, for an engine without tokenizer
 SCORING_BATCH = 8  # reference rows per scoring call
+LOGITS_BUDGET = 256 << 20  # bytes of one side's float32 logits per scoring group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,29 +219,33 @@ def fidelity_sequences(engine: Engine, checkpoint_dir: str | Path, task: str | N
 def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: list[ScoredSequence]) -> NextTokenStats:
     """NextTokenStats of the engine against the reference over the scored positions of `sequences`.
 
-    The reference scores left-padded batches of SCORING_BATCH rows in one call each (continuation_logits); the
-    engine takes sequences of one length together, unpadded, through `engine.logits` (up to its max_batch)."""
+    In groups of up to SCORING_BATCH sequences, fewer where a group's logits would pass LOGITS_BUDGET bytes (a 160k
+    vocabulary): the reference scores each group as one left-padded batch (continuation_logits), the engine takes
+    the group's sequences of one length together, unpadded, through `engine.logits`; each group's per-position
+    statistics are kept and its logits dropped, so memory does not grow with the prompt set."""
     from moetrt.runtime.generate import continuation_logits
 
-    reference_logits = []
-    for start in range(0, len(sequences), SCORING_BATCH):
-        rows = sequences[start : start + SCORING_BATCH]
+    longest = max(len(sequence.tokens) for sequence in sequences)
+    group = max(1, min(SCORING_BATCH, engine.manifest.profile.max_batch,
+                       LOGITS_BUDGET // (longest * engine.config.vocab_size * 4)))
+    parts = []
+    for start in range(0, len(sequences), group):
+        rows = sequences[start : start + group]
         prompts = [row.tokens[: row.first_target] for row in rows]
-        reference_logits += continuation_logits(reference, prompts, [row.tokens[row.first_target :] for row in rows])
-    engine_logits: list[np.ndarray | None] = [None] * len(sequences)
-    by_length: dict[int, list[int]] = {}
-    for index, sequence in enumerate(sequences):
-        by_length.setdefault(len(sequence.tokens), []).append(index)
-    batch = engine.manifest.profile.max_batch
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch):
-            rows = indices[start : start + batch]
-            got = engine.logits(np.array([sequences[i].tokens for i in rows], dtype=np.int64))  # [B, S, vocab]
-            for row, index in enumerate(rows):
-                first = sequences[index].first_target
+        reference_logits = continuation_logits(reference, prompts, [row.tokens[row.first_target :] for row in rows])
+        engine_logits: list[np.ndarray | None] = [None] * len(rows)
+        by_length: dict[int, list[int]] = {}
+        for index, sequence in enumerate(rows):
+            by_length.setdefault(len(sequence.tokens), []).append(index)
+        for indices in by_length.values():
+            got = engine.logits(np.array([rows[i].tokens for i in indices], dtype=np.int64))  # [B, S, vocab]
+            for row, index in enumerate(indices):
+                first = rows[index].first_target
                 engine_logits[index] = got[row, first - 1 : -1]  # position t predicts token t + 1
-    targets = np.concatenate([sequence.tokens[sequence.first_target :] for sequence in sequences])
-    return next_token_stats(np.concatenate(reference_logits), np.concatenate(engine_logits), targets)
+            del got
+        targets = np.concatenate([row.tokens[row.first_target :] for row in rows])
+        parts.append(_position_stats(np.concatenate(reference_logits), np.concatenate(engine_logits), targets))
+    return _aggregate(parts)
 
 
 # ---- the report
