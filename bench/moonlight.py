@@ -130,6 +130,8 @@ def write_moonlight(directory: str | Path, seed: int = 0, config: dict | None = 
     from moetrt.progress import byte_progress
 
     config = config or MOONLIGHT
+    if config.get("q_lora_rank") or config.get("tie_word_embeddings") or not config.get("n_shared_experts"):
+        raise ValueError("write_moonlight writes Moonlight's layout: no q-LoRA, an untied head, shared experts")
     directory = Path(directory)
     specs = list(tensor_specs(config))
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]

@@ -336,7 +336,7 @@ class CheckpointWeights:
         self.sources: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key in sorted(self.expected):
             self.sources[owner_of(config, key)].append((key, key))
-        if self.tied and hasattr(model.lm_head, "load_weight"):
+        if self.tied:  # (a float head is tied to the embedding's tensor by load_model; materialize fills a copy)
             self.sources["lm_head"].append(("lm_head.weight", "model.embed_tokens.weight"))
 
     def __enter__(self) -> "CheckpointWeights":
@@ -390,13 +390,16 @@ class CheckpointWeights:
         model.to_empty(device="cpu")
         model.inv_freq = rope_inv_freq(self.config.rope, self.config.qk_rope_head_dim)[0]  # fp32 whatever the dtype
         groups = _group_by_layer(list(self.sources))
+        tie_after = self.tied and not hasattr(model.lm_head, "load_weight")
         with torch.no_grad():
             for _, owners in track(groups, "loading weights"):
                 for owner in owners:
+                    if owner == "lm_head" and tie_after:
+                        continue
                     for key, source in self.sources[owner]:
                         _fill_into(self.config, model.get_submodule(owner), key, self.read(source))
                         self.release(source)
-        if self.tied and not hasattr(model.lm_head, "load_weight"):
+        if tie_after:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 

@@ -237,8 +237,10 @@ def finish_export(model) -> int:
         q, scale = node.inputs
         bits = node.attributes["bits"].value
         if bits == 4 and q.const_value is not None:  # gathered embedding rows stay int8-held (GATHERED_BITS)
-            q_input = lazy_initializer(model, f"{q.name}.int4", lambda q=q: q.const_value.numpy(), ir.DataType.INT4,
-                                       q.shape)
+            q_input = model.graph.initializers.get(f"{q.name}.int4")  # a weight two nodes read (a shared head)
+            if q_input is None:
+                q_input = lazy_initializer(model, f"{q.name}.int4", lambda q=q: q.const_value.numpy(),
+                                           ir.DataType.INT4, q.shape)
         else:
             q_input = q
         rank = len(q.shape) if q.shape is not None else None

@@ -218,7 +218,8 @@ def info(
 
         manifest = read_manifest(source)
         engine_mtp = manifest.io.mtp_layers
-        fit = fit_report(config, manifest.dtype, manifest.quantization, context, batch, source,
+        fit = fit_report(config, manifest.dtype, manifest.quantization, min(context, manifest.profile.max_context),
+                         batch, source,
                          engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False)
     else:
         from moetrt.formats import Quantization
@@ -266,9 +267,10 @@ def _fit_lines(fit: dict, scheme: str | None) -> list[str]:
               f"{_human_bytes(fit['kv_bytes'])} latent cache ({_human_bytes(fit['kv_bytes_per_token'])}/token x "
               f"{fit['context']} x {fit['batch']}) + runtime {_human_bytes(RUNTIME_OVERHEAD)} of "
               f"{_human_bytes(fit['memory_available'])} available")
-    lines = [f"fits memory      {what}: {memory}",
-             f"bytes / token    {_human_bytes(fit['bytes_read_per_token'])} of weights read per decode token "
-             "(batch 1)"]
+    lines = [f"fits memory      {what}: {memory}"]
+    if scheme is not None:  # an engine's lines give its own (with its layout's scale dtypes)
+        lines.append(f"bytes / token    {_human_bytes(fit['bytes_read_per_token'])} of weights read per decode token "
+                     "(batch 1)")
     if fit["disk_needed"]:
         lines.append(f"fits disk        {'yes' if fit['fits_disk'] else 'NO'}: a build writes about "
                      f"{_human_bytes(fit['disk_needed'])} (export + engine), {_human_bytes(fit['disk_free'])} free "

@@ -190,10 +190,12 @@ def _lower_quantized_embedding(model: ir.Model) -> int:
                for g in (gather_q, gather_scale)):
             raise MoetrtError(f"{node.name}: a quantized embedding must gather from initializers; re-export")
         table, scales = gather_q.inputs[0], gather_scale.inputs[0]
-        if bits == 4:
+        # one table for every Gather of it (an --mtp graph embeds the drafts' tokens too)
+        data = model.graph.initializers.get(f"{table.name}.int4" if bits == 4 else f"{table.name}.uint8")
+        if data is None and bits == 4:
             data = lazy_initializer(model, f"{table.name}.int4", lambda t=table: _array(t), ir.DataType.INT4,
                                     table.shape)
-        else:  # uint8 with the implicit zero point 128
+        elif data is None:  # uint8 with the implicit zero point 128
             data = lazy_initializer(model, f"{table.name}.uint8",
                                     lambda t=table: (_array(t).astype(np.int16) + 128).astype(np.uint8),
                                     ir.DataType.UINT8, table.shape)

@@ -294,3 +294,19 @@ def test_engine_generates_the_plain_greedy_tokens_with_mtp_drafts(engine):
     plain = engine.generate(prompt, greedy=True, max_new_tokens=12)
     drafted = engine.generate(prompt, greedy=True, speculative="mtp", max_new_tokens=12)
     assert drafted.token_ids == plain.token_ids and drafted.finish_reason == plain.finish_reason
+
+
+def test_an_int4_mtp_engine_shares_one_quantized_embedding_table(checkpoint, tmp_path):
+    """The --mtp graph gathers the embedding twice (tokens, and the drafts' following tokens): one packed table
+    serves both Gathers (two tables of one name made the build fail)."""
+    import onnx
+
+    engine_dir = build_engine(checkpoint, tmp_path / "engine", backend="ort", mtp=True, quantize="int4",
+                              group_size=16)
+    model = onnx.load(str(next(engine_dir.glob("*.onnx"))), load_external_data=False)
+    gathers = [node for node in model.graph.node if node.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 2 and gathers[0].input[0] == gathers[1].input[0]
+    plain = moetrt.Engine.load(engine_dir).generate([5, 17, 42, 8], greedy=True, max_new_tokens=8)
+    drafted = moetrt.Engine.load(engine_dir).generate([5, 17, 42, 8], greedy=True, speculative="mtp",
+                                                      max_new_tokens=8)
+    assert drafted.token_ids == plain.token_ids

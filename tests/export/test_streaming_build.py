@@ -113,3 +113,26 @@ def test_streamed_reference_equals_the_loaded_one(fp8_checkpoint):
         torch.testing.assert_close(rest, want[:, 12:], atol=1e-4, rtol=1e-4)
     with load_reference_session(fp8_checkpoint, stream=True) as session:
         assert session.model.model.layers.__class__.__name__ == "StreamedLayers"
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_tied_head_streams_from_the_embedding(tmp_path, quantize):
+    """No lm_head.weight in the checkpoint: the streamed head (and the embedding it shares) read the embedding's
+    tensor, as the loaded model ties them."""
+    import moetrt
+    from moetrt.export.checkpoint import load_reference
+    from moetrt.quantization import scheme_for
+    from tests.checkpoints import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "tied", "v3-plain-ungrouped-tied")
+    scheme = scheme_for(quantize, 16)
+    moetrt.build_engine(checkpoint, tmp_path / "engine", backend="ort", quantize=quantize, group_size=16)
+    ids = np.random.default_rng(2).integers(0, 64, (1, 12))
+    with torch.no_grad():
+        want = load_reference(checkpoint, quantize=scheme)(torch.from_numpy(ids)).numpy()
+    got = moetrt.Engine.load(tmp_path / "engine").logits(ids)
+    assert np.isfinite(got).all()
+    if scheme is None:
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    else:  # MatMulNBits quantizes its activations to int8 (export/ort/build.py), which can flip a routing choice
+        assert np.abs(got - want).mean() < 0.02 * np.abs(want).max()
