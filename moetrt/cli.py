@@ -212,12 +212,13 @@ def info(
     from moetrt.export.info import describe, fit_report
 
     engine_mtp = None
-    config = load_config(source)
     if (source / "manifest.json").is_file():  # an engine: its manifest's checks come before reading any file it names
         from moetrt.formats import read_manifest
 
         manifest = read_manifest(source)
         engine_mtp = manifest.io.mtp_layers
+    config = load_config(source)
+    if engine_mtp is not None:
         fit = fit_report(config, manifest.dtype, manifest.quantization, min(context, manifest.profile.max_context),
                          batch, source,
                          engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False)
