@@ -370,10 +370,13 @@ class CheckpointWeights:
             for owner in [owner for owner in self.sources if owner == name or owner.startswith(prefix)]:
                 if skip and (owner == skip or owner.startswith(skip + ".")):
                     continue
-                target = module if owner == name else module.get_submodule(owner[len(prefix):])
-                for key, source in self.sources[owner]:
-                    _fill_into(self.config, target, key, self.read(source))
-                    self.release(source)
+                self._fill_owner(owner, module if owner == name else module.get_submodule(owner[len(prefix):]))
+
+    def _fill_owner(self, owner: str, module: torch.nn.Module) -> None:
+        """Fill the tensors module `owner` holds itself (not its submodules') into `module`, its CPU copy."""
+        for key, source in self.sources[owner]:
+            _fill_into(self.config, module, key, self.read(source))
+            self.release(source)
 
     def materialize(self, name: str) -> torch.nn.Module:
         """A CPU copy of the skeleton's submodule `name` (e.g. "model.layers.3", "lm_head"), filled."""
@@ -394,11 +397,8 @@ class CheckpointWeights:
         with torch.no_grad():
             for _, owners in track(groups, "loading weights"):
                 for owner in owners:
-                    if owner == "lm_head" and tie_after:
-                        continue
-                    for key, source in self.sources[owner]:
-                        _fill_into(self.config, model.get_submodule(owner), key, self.read(source))
-                        self.release(source)
+                    if not (owner == "lm_head" and tie_after):
+                        self._fill_owner(owner, model.get_submodule(owner))
         if tie_after:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()

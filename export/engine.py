@@ -95,14 +95,11 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
 def build_disk_bytes(source: Path, config: BuildConfig) -> int | None:
     """About what building from the checkpoint at `source` writes, in bytes: the export and the engine coexist until
     the end, twice the engine's weights (export/info.py engine_weight_bytes). None for an export directory."""
-    from moetrt.export.info import engine_weight_bytes
-    from moetrt.formats import Quantization
-    from moetrt.quantization import scheme_for
+    from moetrt.export.info import engine_weight_bytes, planned_quantization
 
     if not (source / "config.json").is_file() or (source / EXPORT_JSON).is_file():
         return None
-    scheme = scheme_for(config.quantize, config.group_size)
-    planned = Quantization(scheme.name, scheme.bits, scheme.group_size) if scheme else None
+    planned = planned_quantization(config.quantize, config.group_size)
     return 2 * engine_weight_bytes(load_config(source), config.dtype or "float32", planned)
 
 

@@ -259,6 +259,15 @@ def decode_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
 RUNTIME_OVERHEAD = 1 << 30
 
 
+def planned_quantization(quantize: str, group_size: int) -> Quantization | None:
+    """The Quantization a `--quantize NAME --group-size G` build would record, for the size estimates (which read only
+    its bits and group size); None for "none". Raises MoetrtError for a bad name or group size."""
+    from moetrt.quantization import scheme_for
+
+    scheme = scheme_for(quantize, group_size)
+    return Quantization(scheme.name, scheme.bits, scheme.group_size) if scheme else None
+
+
 def engine_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization | None,
                         expert_scale_bytes: int = 2) -> int:
     """Bytes of an engine's weights (every routed expert, the whole embedding), counted as `decode_weight_bytes`

@@ -223,12 +223,10 @@ def info(
                          batch, source,
                          engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False)
     else:
-        from moetrt.formats import Quantization
-        from moetrt.quantization import scheme_for
+        from moetrt.export.info import planned_quantization
 
-        scheme = scheme_for(str(quantize), group_size)
-        planned = Quantization(scheme.name, scheme.bits, scheme.group_size) if scheme else None
-        fit = fit_report(config, "float32", planned, context, batch, source.parent if source.is_file() else source)
+        fit = fit_report(config, "float32", planned_quantization(str(quantize), group_size), context, batch,
+                         source.parent if source.is_file() else source)
     summary = {**describe(config, context=context, batch=batch), "fit": fit}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
