@@ -9,7 +9,9 @@ segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers
 address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
 reads only this rank's experts, gives the kernel their positions (-1 for the other ranks' pairs) and sums the
 ranks' outputs after each MoE layer. The segments' sessions stop their threads spinning when a run returns
-(`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need.
+(`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need. They also share
+one memory arena (`shared_cpu_arena`): with an arena per segment each kept its own largest activations (a
+Moonlight-shaped int4 engine, 27 segments: 3.2 GB more anonymous memory after one 512-token prompt, 1.0 GB shared).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class OrtSession:
                               "runs them inside onnxruntime: rebuild it with `--moe-kernel moetrt`")
         if section.segmented:
             options.add_session_config_entry("session.force_spinning_stop", "1")
+            if section.provider == "CPUExecutionProvider":
+                shared_cpu_arena()
+                options.add_session_config_entry("session.use_env_allocators", "1")
             for segment in section.segments:
                 session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
@@ -220,6 +225,23 @@ class OrtSession:
             return logits, new_rows, drafts
         layers = self.num_layers + self.mtp_layers
         return logits, [values[new_latent(layer)].numpy() for layer in range(layers)], drafts
+
+
+_SHARED_ARENA = False
+
+
+def shared_cpu_arena() -> None:
+    """Register one CPU arena allocator with onnxruntime's process-wide environment (once per process), for the
+    sessions that opt in with the session config entry `session.use_env_allocators` (onnxruntime's documented way
+    to share an allocator between sessions: include/onnxruntime/core/session/onnxruntime_c_api.h,
+    CreateAndRegisterAllocator). The arena grows by what each request needs (arena_extend_strategy 1,
+    kSameAsRequested) rather than doubling, and like every onnxruntime arena it keeps what it grew to."""
+    global _SHARED_ARENA
+    if _SHARED_ARENA:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+    _SHARED_ARENA = True
 
 
 def load_optimization_level(section: OrtSection) -> ort.GraphOptimizationLevel:
