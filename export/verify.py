@@ -317,17 +317,20 @@ def _random_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
     return [rng.integers(0, vocab, int(rng.integers(4, 40))).tolist() for _ in range(count)]
 
 
-def _greedy_agreement(engine_tokens, reference_tokens, reference_logits, margin: float) -> tuple[int, str | None]:
-    """Tokens compared, and a failure message if they diverge where the reference is not near a tie.
+def _greedy_agreement(engine_tokens, reference_logits, margin: float) -> tuple[int, str | None]:
+    """Tokens compared, and a failure message if the engine's greedy tokens leave the reference's where the
+    reference is not near a tie.
 
-    reference_logits `[steps, vocab]`: the reference's logits at each of its greedy steps."""
-    for step, (want, got) in enumerate(zip(reference_tokens, engine_tokens)):
+    reference_logits `[steps, vocab]`: the reference's logits for each engine token, given the engine's tokens
+    before it (teacher-forced)."""
+    for step, got in enumerate(engine_tokens):
+        want = int(np.argmax(reference_logits[step]))
         if want != got:
             top2 = np.sort(reference_logits[step])[-2:]
             if top2[1] - top2[0] >= margin:
                 return step, f"diverged at step {step} ({got} vs {want}), reference margin {top2[1] - top2[0]:.3g}"
             return step, None
-    return min(len(reference_tokens), len(engine_tokens)), None
+    return len(engine_tokens), None
 
 
 def verify_engine(
@@ -362,8 +365,8 @@ def verify_engine(
     sequences, prompt_set = fidelity_sequences(engine, checkpoint_dir, task, seed)
     stats = compare_next_tokens(engine, reference, sequences)
     token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed)
-    max_diff, scale = _max_logit_diff(engine, reference, token_prompts)
-    agreeing, compared, failures = _greedy_check(engine, reference, token_prompts, new_tokens, margin)
+    max_diff, scale, agreeing, compared, failures = _logits_and_greedy(engine, reference, token_prompts, new_tokens,
+                                                                       margin)
     report = VerifyReport(
         engine.manifest.dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
         prompt_set, scheme, QUANTIZED_THRESHOLDS.get(scheme) if scheme else None,
@@ -373,40 +376,41 @@ def verify_engine(
     return report
 
 
-def _max_logit_diff(engine: Engine, reference: ReferenceSession, prompts: list[list[int]]) -> tuple[float, float]:
-    """max |engine - reference| over every position's logits of `prompts`, and the reference's max |logit|
-    (at least 1), the scale of the relative tolerance."""
-    import torch
+def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: list[list[int]], new_tokens: int,
+                       margin: float) -> tuple[float, float, int, int, list[str]]:
+    """max |engine - reference| logit and the reference's max |logit| (at least 1, the relative tolerance's
+    scale), then the greedy check: rows agreeing, tokens compared, a message per row that diverged where the
+    reference's top-2 margin is at least `margin`.
 
+    The engine decodes each prompt greedily; the reference scores each prompt + continuation in one
+    teacher-forced call. Up to the first token where the engine's pick differs from the reference's argmax both
+    had the same prefix, so that token is where a free-running reference would have left the engine's path: the
+    verdict of decoding the reference, from one forward pass instead of `new_tokens` (a streamed reference reads
+    the whole checkpoint once per pass). The logits are compared at every position of prompt + continuation,
+    both sides given the same tokens. Rows are scored in groups whose logits fit LOGITS_BUDGET."""
+    from moetrt.runtime.generate import continuation_logits
+
+    runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
+    sequences = [prompt + list(run.token_ids) for prompt, run in zip(prompts, runs)]
+    longest = max(len(sequence) for sequence in sequences)
+    group = max(1, LOGITS_BUDGET // (longest * engine.config.vocab_size * 4))
     max_diff, scale = 0.0, 1.0
-    for prompt in prompts:
-        with torch.no_grad():
-            want = reference.model(torch.tensor([prompt])).numpy()
-        got = engine.logits(np.array([prompt]))
-        max_diff = max(max_diff, float(np.abs(got - want).max()))
-        scale = max(scale, float(np.abs(want).max()))
-    return max_diff, scale
-
-
-def _greedy_check(engine: Engine, reference: ReferenceSession, prompts: list[list[int]], new_tokens: int,
-                  margin: float) -> tuple[int, int, list[str]]:
-    """Greedy continuations of both: rows agreeing, tokens compared, and a message per row that diverged where
-    the reference's top-2 margin is at least `margin`."""
-    from moetrt.runtime.generate import GenerationOptions, continuation_logits, generate
-
-    engine_runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
-    greedy = GenerationOptions(max_new_tokens=new_tokens, stop_token_ids=tuple(engine.eos_ids))
-    reference_tokens = [run.token_ids for run in generate(reference, prompts, greedy)]
-    # the margins come from one scoring call over prompt + greedy tokens: the logits each greedy step chose from
-    reference_logits = continuation_logits(reference, prompts, reference_tokens)
     agreeing, compared, failures = 0, 0, []
-    for row, result in enumerate(engine_runs):
-        steps, failure = _greedy_agreement(result.token_ids, reference_tokens[row], reference_logits[row], margin)
-        compared += steps
-        agreeing += failure is None
-        if failure:
-            failures.append(f"prompt {row}: {failure}")
-    return agreeing, compared, failures
+    for start in range(0, len(sequences), group):
+        rows = sequences[start : start + group]
+        # position t's logits predict token t + 1: every token after the first is scored
+        wanted = continuation_logits(reference, [row[:1] for row in rows], [row[1:] for row in rows])
+        for offset, (sequence, want) in enumerate(zip(rows, wanted)):
+            got = engine.logits(np.array([sequence[:-1]], dtype=np.int64))[0]
+            max_diff = max(max_diff, float(np.abs(got - want).max()))
+            scale = max(scale, float(np.abs(want).max()))
+            prompt = prompts[start + offset]
+            steps, failure = _greedy_agreement(sequence[len(prompt):], want[len(prompt) - 1 :], margin)
+            compared += steps
+            agreeing += failure is None
+            if failure:
+                failures.append(f"prompt {start + offset}: {failure}")
+    return max_diff, scale, agreeing, compared, failures
 
 
 def _detect_task(checkpoint_dir) -> str | None:
