@@ -219,13 +219,64 @@ def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, 
     return result
 
 
+def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: int = 6) -> dict:
+    """Where a quantized engine's KL divergence comes from, over the first `sequences` of verify's prompt set:
+    KL(reference || engine) split into KL(reference || rounded) -- the float32 reference against the same model with
+    the weights rounded as the engine's scheme rounds them (export/streaming_reference.py `rounded`): the
+    quantization's own error -- and KL(rounded || engine): what the engine's arithmetic adds (int8 activations in
+    its integer dot products, kernels, graph rewrites). Both references are streamed layer by layer. Returns
+    each pair's NextTokenStats as a dict."""
+    import dataclasses
+
+    from moetrt.export.checkpoint import CheckpointWeights
+    from moetrt.export.reference_session import ReferenceSession
+    from moetrt.export.streaming_reference import streamed_model
+    from moetrt.export.verify import LOGITS_BUDGET, _aggregate, _position_stats, fidelity_sequences
+    from moetrt.quantization import scheme_for
+    from moetrt.runtime.engine import Engine
+    from moetrt.runtime.generate import continuation_logits
+
+    engine = Engine.load(engine_dir)
+    quantization = engine.manifest.quantization
+    if quantization is None:
+        raise SystemExit(f"{engine_dir} is not a quantized engine: nothing to split")
+    scheme = scheme_for(quantization.scheme, quantization.group_size)
+    rows, _ = fidelity_sequences(engine, checkpoint_dir, None)
+    rows = rows[:sequences]
+    group = max(1, LOGITS_BUDGET // (max(len(row.tokens) for row in rows) * engine.config.vocab_size * 4))
+    pairs: dict[str, list] = {"reference-engine": [], "reference-rounded": [], "rounded-engine": []}
+    with CheckpointWeights(checkpoint_dir) as weights:
+        references = {name: ReferenceSession(streamed_model(weights, rounded))
+                      for name, rounded in (("reference", None), ("rounded", scheme))}
+        for start in range(0, len(rows), group):
+            chunk = rows[start : start + group]
+            prompts = [row.tokens[: row.first_target] for row in chunk]
+            continuations = [row.tokens[row.first_target :] for row in chunk]
+            logits = {name: np.concatenate(continuation_logits(session, prompts, continuations))
+                      for name, session in references.items()}
+            logits["engine"] = np.concatenate([
+                engine.logits(np.array([row.tokens], dtype=np.int64))[0, row.first_target - 1 : -1] for row in chunk])
+            targets = np.concatenate(continuations)
+            for pair in pairs:
+                first, second = pair.split("-")
+                pairs[pair].append(_position_stats(logits[first], logits[second], targets))
+            print(f"  {start + len(chunk)}/{len(rows)} sequences scored", flush=True)
+    return {pair: dataclasses.asdict(_aggregate(parts)) for pair, parts in pairs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", nargs="?", default=os.environ.get("MOONLIGHT_DIR", "bench/checkpoints/moonlight"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench", metavar="ENGINE", help="Measure this engine instead (decode b1/b8, TTFT of 512 "
                         "tokens, roofline); prints one JSON object.")
+    parser.add_argument("--kl-source", metavar="ENGINE", help="Split this quantized engine's KL divergence from the "
+                        "checkpoint (DIRECTORY) into the weights' rounding and the engine's arithmetic; one JSON object.")
+    parser.add_argument("--sequences", type=int, default=6, help="With --kl-source: sequences of verify's prompt set.")
     args = parser.parse_args(argv)
+    if args.kl_source:
+        print(json.dumps(kl_sources(args.kl_source, args.directory, args.sequences), indent=1))
+        return 0
     if args.bench:
         print(json.dumps(bench_engine(args.bench), indent=1))
         return 0

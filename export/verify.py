@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moetrt.errors import MoetrtError
+from moetrt.progress import stage
 
 if TYPE_CHECKING:
     from moetrt.export.reference_session import ReferenceSession
@@ -216,18 +217,25 @@ def fidelity_sequences(engine: Engine, checkpoint_dir: str | Path, task: str | N
     return sequences, f"{what} in chunks of {chunk} tokens, second halves scored"
 
 
-def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: list[ScoredSequence]) -> NextTokenStats:
+def _scoring_group(engine: Engine, longest: int) -> int:
+    """Rows per reference scoring call: SCORING_BATCH, fewer where one side's float32 logits of `longest`-token rows
+    would pass LOGITS_BUDGET, and no more than the engine's max batch."""
+    return max(1, min(SCORING_BATCH, engine.manifest.profile.max_batch,
+                      LOGITS_BUDGET // (longest * engine.config.vocab_size * 4)))
+
+
+def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: list[ScoredSequence],
+                        advance=lambda: None) -> NextTokenStats:
     """NextTokenStats of the engine against the reference over the scored positions of `sequences`.
 
     In groups of up to SCORING_BATCH sequences, fewer where a group's logits would pass LOGITS_BUDGET bytes (a 160k
     vocabulary): the reference scores each group as one left-padded batch (continuation_logits), the engine takes
     the group's sequences of one length together, unpadded, through `engine.logits`; each group's per-position
-    statistics are kept and its logits dropped, so memory does not grow with the prompt set."""
+    statistics are kept and its logits dropped, so memory does not grow with the prompt set. `advance()` is called
+    after each group (progress)."""
     from moetrt.runtime.generate import continuation_logits
 
-    longest = max(len(sequence.tokens) for sequence in sequences)
-    group = max(1, min(SCORING_BATCH, engine.manifest.profile.max_batch,
-                       LOGITS_BUDGET // (longest * engine.config.vocab_size * 4)))
+    group = _scoring_group(engine, max(len(sequence.tokens) for sequence in sequences))
     parts = []
     for start in range(0, len(sequences), group):
         rows = sequences[start : start + group]
@@ -245,6 +253,7 @@ def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: 
             del got
         targets = np.concatenate([row.tokens[row.first_target :] for row in rows])
         parts.append(_position_stats(np.concatenate(reference_logits), np.concatenate(engine_logits), targets))
+        advance()
     return _aggregate(parts)
 
 
@@ -363,10 +372,14 @@ def verify_engine(
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
 
     sequences, prompt_set = fidelity_sequences(engine, checkpoint_dir, task, seed)
-    stats = compare_next_tokens(engine, reference, sequences)
     token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed)
-    max_diff, scale, agreeing, compared, failures = _logits_and_greedy(engine, reference, token_prompts, new_tokens,
-                                                                       margin)
+    # units of work: each next-token scoring group, the engine's greedy decoding, each greedy scoring group
+    groups = (math.ceil(len(sequences) / _scoring_group(engine, max(len(s.tokens) for s in sequences)))
+              + 1 + math.ceil(prompts / _scoring_group(engine, max(map(len, token_prompts)) + new_tokens)))
+    with stage("verifying against the reference", total=groups) as advance:
+        stats = compare_next_tokens(engine, reference, sequences, advance)
+        max_diff, scale, agreeing, compared, failures = _logits_and_greedy(engine, reference, token_prompts,
+                                                                           new_tokens, margin, advance)
     report = VerifyReport(
         engine.manifest.dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
         prompt_set, scheme, QUANTIZED_THRESHOLDS.get(scheme) if scheme else None,
@@ -377,7 +390,7 @@ def verify_engine(
 
 
 def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: list[list[int]], new_tokens: int,
-                       margin: float) -> tuple[float, float, int, int, list[str]]:
+                       margin: float, advance=lambda: None) -> tuple[float, float, int, int, list[str]]:
     """max |engine - reference| logit and the reference's max |logit| (at least 1, the relative tolerance's
     scale), then the greedy check: rows agreeing, tokens compared, a message per row that diverged where the
     reference's top-2 margin is at least `margin`.
@@ -387,13 +400,14 @@ def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: lis
     had the same prefix, so that token is where a free-running reference would have left the engine's path: the
     verdict of decoding the reference, from one forward pass instead of `new_tokens` (a streamed reference reads
     the whole checkpoint once per pass). The logits are compared at every position of prompt + continuation,
-    both sides given the same tokens. Rows are scored in groups whose logits fit LOGITS_BUDGET."""
+    both sides given the same tokens. Rows are scored in `_scoring_group`s (sized for prompt + new_tokens);
+    `advance()` is called after the engine's decoding and after each group."""
     from moetrt.runtime.generate import continuation_logits
 
     runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
+    advance()
     sequences = [prompt + list(run.token_ids) for prompt, run in zip(prompts, runs)]
-    longest = max(len(sequence) for sequence in sequences)
-    group = max(1, LOGITS_BUDGET // (longest * engine.config.vocab_size * 4))
+    group = _scoring_group(engine, max(len(prompt) for prompt in prompts) + new_tokens)
     max_diff, scale = 0.0, 1.0
     agreeing, compared, failures = 0, 0, []
     for start in range(0, len(sequences), group):
@@ -410,6 +424,7 @@ def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: lis
             agreeing += failure is None
             if failure:
                 failures.append(f"prompt {start + offset}: {failure}")
+        advance()
     return max_diff, scale, agreeing, compared, failures
 
 

@@ -59,6 +59,7 @@ class _Lines:
     def __init__(self, description: str, total: float | None, milestones: bool = True) -> None:
         self.description, self.total, self.completed, self.milestones = description, total, 0.0, milestones
         self.finished = False
+        self.started: float | None = None  # the first update's clock reading
         self.update(force=milestones)
 
     def update(self, advance: float = 0, completed: float | None = None, description: str | None = None,
@@ -68,10 +69,13 @@ class _Lines:
         finishing = self.total is not None and self.completed >= self.total and not self.finished
         self.finished = self.finished or finishing
         now = _clock()
+        self.started = now if self.started is None else self.started
         if (force or (finishing and self.milestones) or _Lines.last_line is None
                 or now - _Lines.last_line >= LINE_INTERVAL_S):
             _Lines.last_line = now
             count = f"{self.completed:g}" + (f"/{self.total:g}" if self.total is not None else "")
+            if self.total is not None and 0 < self.completed < self.total:  # the rate so far, carried on
+                count += f", ETA {_clock_text((now - self.started) / self.completed * (self.total - self.completed))}"
             stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             print(f"{stamp} {command}: {self.description} {count}", file=sys.stderr, flush=True)
 
@@ -83,7 +87,8 @@ class _Lines:
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on a terminal, plain progress lines elsewhere."""
+    """Iterate with a progress bar on a terminal, plain progress lines elsewhere; both with the time remaining
+    (ETA, at the rate so far) when the total is known."""
     if quiet():
         yield from items
         return
@@ -168,6 +173,7 @@ def _progress() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
         transient=False,
     )

@@ -33,6 +33,16 @@ def test_track_off_a_terminal_prints_its_first_and_last_step_and_one_line_per_in
     assert 200 / progress.LINE_INTERVAL_S - 1 <= len(lines) <= 200 / progress.LINE_INTERVAL_S + 3
 
 
+def test_lines_between_first_and_last_carry_the_time_remaining_at_the_rate_so_far(log):
+    list(progress.track(range(200), "optimise segment"))
+    middle = log()[1:-1]
+    assert middle, "no line between the first and the last"
+    for line in middle:
+        done, minutes, seconds = map(int, re.fullmatch(r"optimise segment (\d+)/200, ETA 0:(\d\d):(\d\d)", line).groups())
+        # the clock reads 1 s more per reading, one reading per step: n steps in n s leave 200 - n steps, 200 - n s
+        assert abs(minutes * 60 + seconds - (200 - done)) <= 0.05 * (200 - done) + 1, line
+
+
 def test_stage_lines_carry_the_current_description_and_a_count_without_total(log):
     with progress.stage("exporting", total=4) as advance:
         for step in ("loading checkpoint", "tracing", "lowering", "saving"):

@@ -115,6 +115,25 @@ def test_streamed_reference_equals_the_loaded_one(fp8_checkpoint):
         assert session.model.model.layers.__class__.__name__ == "StreamedLayers"
 
 
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_rounded_streamed_reference_equals_the_quantized_model(fp8_checkpoint, bits):
+    """The streamed reference with a scheme's rounding (what `bench/moonlight.py --kl-source` compares an engine
+    with) computes what the quantized torch model (the weights the build writes) computes, and differs from the
+    float32 reference."""
+    from moetrt.export.checkpoint import CheckpointWeights, load_reference
+    from moetrt.export.streaming_reference import streamed_model
+    from moetrt.quantization import scheme_for
+
+    scheme = scheme_for(bits)
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, CONFIG["vocab_size"], (2, 16)))
+    want = load_reference(fp8_checkpoint, quantize=scheme)(ids)
+    with CheckpointWeights(fp8_checkpoint) as weights:
+        plain = streamed_model(weights)(ids)
+        rounded = streamed_model(weights, rounded=scheme)(ids)
+    torch.testing.assert_close(rounded, want, atol=1e-4, rtol=1e-4)
+    assert (plain - want).abs().max() > 100 * (rounded - want).abs().max()
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_a_tied_head_streams_from_the_embedding(tmp_path, quantize):
     """No lm_head.weight in the checkpoint: the streamed head (and the embedding it shares) read the embedding's

@@ -1,6 +1,8 @@
 """`moetrt verify ENGINE CHECKPOINT`: PASS for a faithful engine, FAIL (exit 1) when answers would change."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ def setup(tmp_path_factory):
 
 def verify(*args):
     return subprocess.run([sys.executable, "-m", "moetrt.cli", "verify", *map(str, args)], capture_output=True,
-                          text=True)
+                          text=True, env={**os.environ, "MOETRT_QUIET": "0"})
 
 
 def test_faithful_engine_passes(setup):
@@ -32,6 +34,9 @@ def test_faithful_engine_passes(setup):
     report = json.loads(result.stdout)
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
     assert report["greedy_rows_agreeing"] == 4 and report["greedy_tokens_compared"] > 20
+    # progress off a terminal: the comparison's first and last lines (each scoring group is a unit of work)
+    counts = re.findall(r" verify: verifying against the reference (\d+)/(\d+)", result.stderr)
+    assert counts[0][0] == "0" and counts[-1][0] == counts[-1][1] != "0", result.stderr
 
 
 def test_engine_of_other_weights_fails(setup):
