@@ -110,8 +110,10 @@ def load_reference_session(checkpoint_dir: str | Path, dtype: str = "float32",
         return ReferenceSession(load_reference(directory, dtype=dtype))
     if dtype != "float32":
         raise MoetrtError(f"the streamed reference computes in float32, not {dtype}")
+    from moetrt.export.streaming import allocate_large_buffers_by_mmap
     from moetrt.export.streaming_reference import streamed_model
 
+    allocate_large_buffers_by_mmap()  # each layer's freed weights go back to the system, not to a fragmenting heap
     weights = CheckpointWeights(directory)
     return ReferenceSession(streamed_model(weights), weights)
 

@@ -75,12 +75,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+STATS_ROWS = 32  # positions per step of _position_stats
+
+
 def kl_divergences(reference_logits: np.ndarray, engine_logits: np.ndarray) -> np.ndarray:
     """KL(P_reference || P_engine) in nats, float64 `[N]`, of logits `[N, vocab]`: sum_v p_ref (ln p_ref - ln
     p_eng), llama.cpp's per-token KLD (natural log). Zero for equal distributions, never negative except by
     rounding (~1e-16)."""
-    ref, eng = log_softmax(reference_logits), log_softmax(engine_logits)
-    return (np.exp(ref) * (ref - eng)).sum(axis=-1)
+    return _kl(log_softmax(reference_logits), log_softmax(engine_logits))
+
+
+def _kl(reference_log_probs: np.ndarray, engine_log_probs: np.ndarray) -> np.ndarray:
+    return (np.exp(reference_log_probs) * (reference_log_probs - engine_log_probs)).sum(axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +127,17 @@ def next_token_stats(reference_logits: np.ndarray, engine_logits: np.ndarray, ta
 
 def _position_stats(reference_logits: np.ndarray, engine_logits: np.ndarray,
                     targets: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per position: (KL divergence, reference NLL of the target, engine NLL of the target, same top-1)."""
-    rows = np.arange(len(targets))
-    return (kl_divergences(reference_logits, engine_logits), -log_softmax(reference_logits)[rows, targets],
-            -log_softmax(engine_logits)[rows, targets], reference_logits.argmax(-1) == engine_logits.argmax(-1))
+    """Per position: (KL divergence, reference NLL of the target, engine NLL of the target, same top-1). Computed
+    STATS_ROWS positions at a time: the float64 log-probabilities of a 160k vocabulary take 1.3 MB a position,
+    several arrays of them at once."""
+    parts = []
+    for start in range(0, len(targets), STATS_ROWS):
+        rows = slice(start, start + STATS_ROWS)
+        ref, eng = log_softmax(reference_logits[rows]), log_softmax(engine_logits[rows])
+        picked = np.arange(len(ref)), targets[rows]
+        parts.append((_kl(ref, eng), -ref[picked], -eng[picked],
+                      reference_logits[rows].argmax(-1) == engine_logits[rows].argmax(-1)))
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def _aggregate(parts: list[tuple[np.ndarray, ...]]) -> NextTokenStats:
@@ -229,10 +242,9 @@ def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: 
     """NextTokenStats of the engine against the reference over the scored positions of `sequences`.
 
     In groups of up to SCORING_BATCH sequences, fewer where a group's logits would pass LOGITS_BUDGET bytes (a 160k
-    vocabulary): the reference scores each group as one left-padded batch (continuation_logits), the engine takes
-    the group's sequences of one length together, unpadded, through `engine.logits`; each group's per-position
-    statistics are kept and its logits dropped, so memory does not grow with the prompt set. `advance()` is called
-    after each group (progress)."""
+    vocabulary): the reference scores each group as one left-padded batch (continuation_logits), the engine each
+    sequence, unpadded, through `engine.logits`; the per-position statistics are kept and the logits dropped, so
+    memory does not grow with the prompt set. `advance()` is called after each group (progress)."""
     from moetrt.runtime.generate import continuation_logits
 
     group = _scoring_group(engine, max(len(sequence.tokens) for sequence in sequences))
@@ -241,18 +253,11 @@ def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: 
         rows = sequences[start : start + group]
         prompts = [row.tokens[: row.first_target] for row in rows]
         reference_logits = continuation_logits(reference, prompts, [row.tokens[row.first_target :] for row in rows])
-        engine_logits: list[np.ndarray | None] = [None] * len(rows)
-        by_length: dict[int, list[int]] = {}
-        for index, sequence in enumerate(rows):
-            by_length.setdefault(len(sequence.tokens), []).append(index)
-        for indices in by_length.values():
-            got = engine.logits(np.array([rows[i].tokens for i in indices], dtype=np.int64))  # [B, S, vocab]
-            for row, index in enumerate(indices):
-                first = rows[index].first_target
-                engine_logits[index] = got[row, first - 1 : -1]  # position t predicts token t + 1
+        for row, want in zip(rows, reference_logits):
+            # one row at a time: the engine's logits cover every position, twice the scored ones
+            got = engine.logits(np.array([row.tokens], dtype=np.int64))[0, row.first_target - 1 : -1]
+            parts.append(_position_stats(want, got, np.array(row.tokens[row.first_target :])))
             del got
-        targets = np.concatenate([row.tokens[row.first_target :] for row in rows])
-        parts.append(_position_stats(np.concatenate(reference_logits), np.concatenate(engine_logits), targets))
         advance()
     return _aggregate(parts)
 
