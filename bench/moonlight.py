@@ -219,19 +219,22 @@ def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, 
     return result
 
 
-def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: int = 6) -> dict:
+def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: int = 6,
+               schemes: tuple[str, ...] = ()) -> dict:
     """Where a quantized engine's KL divergence comes from, over the first `sequences` of verify's prompt set:
     KL(reference || engine) split into KL(reference || rounded) -- the float32 reference against the same model with
     the weights rounded as the engine's scheme rounds them (export/streaming_reference.py `rounded`): the
     quantization's own error -- and KL(rounded || engine): what the engine's arithmetic adds (int8 activations in
-    its integer dot products, kernels, graph rewrites). Both references are streamed layer by layer. Returns
+    its integer dot products, kernels, graph rewrites). `schemes` ("int8", "int4"): also KL(reference || the
+    reference rounded by each), what a build of that scheme would lose on this checkpoint, without building it.
+    The references are streamed layer by layer, each a pass over the checkpoint per group of sequences. Returns
     each pair's NextTokenStats as a dict."""
     import dataclasses
 
     from moetrt.export.checkpoint import CheckpointWeights
     from moetrt.export.reference_session import ReferenceSession
     from moetrt.export.streaming_reference import streamed_model
-    from moetrt.export.verify import LOGITS_BUDGET, _aggregate, _position_stats, fidelity_sequences
+    from moetrt.export.verify import _aggregate, _position_stats, _scoring_group, fidelity_sequences
     from moetrt.quantization import scheme_for
     from moetrt.runtime.engine import Engine
     from moetrt.runtime.generate import continuation_logits
@@ -243,11 +246,14 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
     scheme = scheme_for(quantization.scheme, quantization.group_size)
     rows, _ = fidelity_sequences(engine, checkpoint_dir, None)
     rows = rows[:sequences]
-    group = max(1, LOGITS_BUDGET // (max(len(row.tokens) for row in rows) * engine.config.vocab_size * 4))
+    group = _scoring_group(engine, max(len(row.tokens) for row in rows))
     pairs: dict[str, list] = {"reference-engine": [], "reference-rounded": [], "rounded-engine": []}
+    rounding = {"reference": None, "rounded": scheme}
+    for name in schemes:
+        rounding[f"rounded_{name}"] = scheme_for(name, quantization.group_size)
+        pairs[f"reference-rounded_{name}"] = []
     with CheckpointWeights(checkpoint_dir) as weights:
-        references = {name: ReferenceSession(streamed_model(weights, rounded))
-                      for name, rounded in (("reference", None), ("rounded", scheme))}
+        references = {name: ReferenceSession(streamed_model(weights, rounded)) for name, rounded in rounding.items()}
         for start in range(0, len(rows), group):
             chunk = rows[start : start + group]
             prompts = [row.tokens[: row.first_target] for row in chunk]
@@ -273,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kl-source", metavar="ENGINE", help="Split this quantized engine's KL divergence from the "
                         "checkpoint (DIRECTORY) into the weights' rounding and the engine's arithmetic; one JSON object.")
     parser.add_argument("--sequences", type=int, default=6, help="With --kl-source: sequences of verify's prompt set.")
+    parser.add_argument("--also", nargs="*", default=(), choices=("int8", "int4"), help="With --kl-source: the KL "
+                        "a build of these schemes would have from its rounding alone.")
     args = parser.parse_args(argv)
     if args.kl_source:
-        print(json.dumps(kl_sources(args.kl_source, args.directory, args.sequences), indent=1))
+        print(json.dumps(kl_sources(args.kl_source, args.directory, args.sequences, tuple(args.also)), indent=1))
         return 0
     if args.bench:
         print(json.dumps(bench_engine(args.bench), indent=1))
