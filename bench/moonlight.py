@@ -25,6 +25,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,12 +234,14 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
 
     from moetrt.export.checkpoint import CheckpointWeights
     from moetrt.export.reference_session import ReferenceSession
+    from moetrt.export.streaming import allocate_large_buffers_by_mmap
     from moetrt.export.streaming_reference import streamed_model
     from moetrt.export.verify import _aggregate, _position_stats, _scoring_group, fidelity_sequences
     from moetrt.quantization import scheme_for
     from moetrt.runtime.engine import Engine
     from moetrt.runtime.generate import continuation_logits
 
+    allocate_large_buffers_by_mmap()  # as load_reference_session does for a streamed reference
     engine = Engine.load(engine_dir)
     quantization = engine.manifest.quantization
     if quantization is None:
@@ -266,7 +269,7 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
             for pair in pairs:
                 first, second = pair.split("-")
                 pairs[pair].append(_position_stats(logits[first], logits[second], targets))
-            print(f"  {start + len(chunk)}/{len(rows)} sequences scored", flush=True)
+            print(f"  {start + len(chunk)}/{len(rows)} sequences scored", file=sys.stderr, flush=True)
     return {pair: dataclasses.asdict(_aggregate(parts)) for pair, parts in pairs.items()}
 
 
