@@ -100,12 +100,13 @@ def load_reference_session(checkpoint_dir: str | Path, dtype: str = "float32",
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise MoetrtError(f"{directory} is not a directory: point at a checkpoint directory")
+    why = "as asked"
     if stream is None:
         needed = count_parameters(load_config(directory)).total * 4
         stream = dtype == "float32" and needed > STREAM_ABOVE_AVAILABLE * available_memory()
-        if stream:
-            note(f"reference: streamed layer by layer from the checkpoint's shards (its float32 weights, "
-                 f"{needed / 1e9:.1f} GB, exceed half the {available_memory() / 1e9:.1f} GB available)")
+        why = f"its float32 weights, {needed / 1e9:.1f} GB, exceed half the {available_memory() / 1e9:.1f} GB available"
+    if stream:
+        note(f"reference: streamed layer by layer from the checkpoint's shards ({why})")
     if not stream:
         return ReferenceSession(load_reference(directory, dtype=dtype))
     if dtype != "float32":

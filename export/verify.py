@@ -349,13 +349,14 @@ def _greedy_agreement(engine_tokens, reference_logits, margin: float) -> tuple[i
 
 def verify_engine(
     engine_dir: str | Path, checkpoint_dir: str | Path, prompts: int = 8, new_tokens: int = 32, seed: int = 0,
-    task: str | None = "auto", task_problems: int = 200, expert_parallel=None,
+    task: str | None = "auto", task_problems: int = 200, expert_parallel=None, stream_reference: bool | None = None,
 ) -> VerifyReport:
     """Compare an engine with the fp32 torch reference of `checkpoint_dir` (see the module docstring).
 
     `task` "auto" reads config.json's moetrt_task (None: no task); `task_problems` 0 skips the task accuracy
     (the prompt set stays the task's). `expert_parallel`: Engine.load's (the engine's experts split over the MPI
-    job's ranks; the reference runs on rank 0 only). Raises MoetrtError for bad counts, a checkpoint of another config, or a
+    job's ranks; the reference runs on rank 0 only). `stream_reference`: load_reference_session's `stream` (True:
+    layer by layer from the mapped shards; False: loaded whole; None: streamed when it would not fit). Raises MoetrtError for bad counts, a checkpoint of another config, or a
     quantization scheme without QUANTIZED_THRESHOLDS."""
     from moetrt.export.reference_session import load_reference_session
     from moetrt.runtime.engine import Engine
@@ -370,7 +371,7 @@ def verify_engine(
     if scheme is not None and scheme not in QUANTIZED_THRESHOLDS:
         raise MoetrtError(f"no KL thresholds for quantization {scheme!r} (known: {', '.join(QUANTIZED_THRESHOLDS)});"
                           " add them to moetrt.export.verify.QUANTIZED_THRESHOLDS")
-    reference = load_reference_session(checkpoint_dir, dtype="float32")
+    reference = load_reference_session(checkpoint_dir, dtype="float32", stream=stream_reference)
     if reference.config != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
     task = _detect_task(checkpoint_dir) if task == "auto" else task

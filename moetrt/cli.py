@@ -467,6 +467,10 @@ def verify(
     task_problems: int = typer.Option(200, help="Held-out problems for the task accuracy of a checkpoint "
                                       "trained on a moetrt task (config.json moetrt_task); 0 skips it."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    stream_reference: Optional[bool] = typer.Option(
+        None, "--stream-reference/--whole-reference", help="Run the float32 torch reference layer by layer from the "
+        "checkpoint's memory-mapped shards (memory about one layer; slower), or load it whole. Default: streamed "
+        "when its float32 weights exceed half the memory available."),
     expert_parallel: bool = _EP,
     expert_placement: Optional[Path] = _EP_PLACEMENT,
     ep_combine: EpCombine = _EP_COMBINE,
@@ -487,7 +491,7 @@ def verify(
     from moetrt.export.verify import verify_engine
 
     report = verify_engine(manifest.directory, checkpoint, prompts=prompts, task_problems=task_problems,
-                           expert_parallel=parallel)
+                           expert_parallel=parallel, stream_reference=stream_reference)
     typer.echo(json.dumps({**checks, **report.to_dict()}, indent=2) if as_json else report.describe())
     if not report.passed:
         raise typer.Exit(1)

@@ -39,6 +39,25 @@ def test_faithful_engine_passes(setup):
     assert counts[0][0] == "0" and counts[-1][0] == counts[-1][1] != "0", result.stderr
 
 
+def test_streamed_reference_gives_the_loaded_ones_report(setup):
+    """--stream-reference (layer by layer from the shards, what a checkpoint larger than memory gets) and
+    --whole-reference compute the same reference: the same verdict and figures (float32 summation order aside)."""
+    engine, checkpoint, _ = setup
+    reports = []
+    for how in ("--stream-reference", "--whole-reference"):
+        result = verify(engine, checkpoint, "--prompts", "2", "--json", how)
+        assert result.returncode == 0, result.stderr
+        assert ("reference: streamed layer by layer" in result.stderr) == (how == "--stream-reference")
+        reports.append(json.loads(result.stdout))
+    streamed, whole = reports
+    assert streamed.keys() == whole.keys() and whole["greedy_tokens_compared"] > 10
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert streamed[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        else:
+            assert streamed[key] == value, key
+
+
 def test_engine_of_other_weights_fails(setup):
     engine, _, impostor = setup
     result = verify(engine, impostor, "--prompts", "3")
