@@ -356,8 +356,9 @@ def verify_engine(
     `task` "auto" reads config.json's moetrt_task (None: no task); `task_problems` 0 skips the task accuracy
     (the prompt set stays the task's). `expert_parallel`: Engine.load's (the engine's experts split over the MPI
     job's ranks; the reference runs on rank 0 only). `stream_reference`: load_reference_session's `stream` (True:
-    layer by layer from the mapped shards; False: loaded whole; None: streamed when it would not fit). Raises MoetrtError for bad counts, a checkpoint of another config, or a
-    quantization scheme without QUANTIZED_THRESHOLDS."""
+    layer by layer from the mapped shards; False: loaded whole; None: streamed when it would not fit). Raises
+    MoetrtError for bad counts, a checkpoint of another config, or a quantization scheme without
+    QUANTIZED_THRESHOLDS."""
     from moetrt.export.reference_session import load_reference_session
     from moetrt.runtime.engine import Engine
 
