@@ -229,8 +229,12 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
     its integer dot products, kernels, graph rewrites). `schemes` ("int8", "int4"): also KL(reference || the
     reference rounded by each), what a build of that scheme would lose on this checkpoint, without building it.
     The references are streamed layer by layer, each a pass over the checkpoint per group of sequences. Returns
-    each pair's NextTokenStats as a dict."""
+    each pair's NextTokenStats as a dict. Raises MoetrtError for an engine or checkpoint that cannot be read, or a
+    checkpoint of another config than the engine's."""
     import dataclasses
+
+    from moetrt.config import load_config
+    from moetrt.errors import MoetrtError
 
     from moetrt.export.checkpoint import CheckpointWeights
     from moetrt.export.reference_session import ReferenceSession
@@ -247,6 +251,10 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
     if quantization is None:
         raise SystemExit(f"{engine_dir} is not a quantized engine: nothing to split")
     scheme = scheme_for(quantization.scheme, quantization.group_size)
+    if not (Path(checkpoint_dir) / "config.json").is_file():
+        raise MoetrtError(f"{checkpoint_dir} is not a checkpoint directory (no config.json)")
+    if load_config(checkpoint_dir) != engine.config:
+        raise MoetrtError(f"{checkpoint_dir} is not the checkpoint {engine_dir} was built from (configs differ)")
     rows, _ = fidelity_sequences(engine, checkpoint_dir, None)
     rows = rows[:sequences]
     group = _scoring_group(engine, max(len(row.tokens) for row in rows))
@@ -275,18 +283,31 @@ def kl_sources(engine_dir: str | Path, checkpoint_dir: str | Path, sequences: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory", nargs="?", default=os.environ.get("MOONLIGHT_DIR", "bench/checkpoints/moonlight"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("directory", nargs="?", default=os.environ.get("MOONLIGHT_DIR", "bench/checkpoints/moonlight"),
+                        help="The checkpoint: written there when missing (16.6 GB), read with --kl-source (default "
+                        "$MOONLIGHT_DIR, else bench/checkpoints/moonlight).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights written (0).")
     parser.add_argument("--bench", metavar="ENGINE", help="Measure this engine instead (decode b1/b8, TTFT of 512 "
                         "tokens, roofline); prints one JSON object.")
     parser.add_argument("--kl-source", metavar="ENGINE", help="Split this quantized engine's KL divergence from the "
                         "checkpoint (DIRECTORY) into the weights' rounding and the engine's arithmetic; one JSON object.")
-    parser.add_argument("--sequences", type=int, default=6, help="With --kl-source: sequences of verify's prompt set.")
+    parser.add_argument("--sequences", type=int, help="With --kl-source: sequences of verify's prompt set (6).")
     parser.add_argument("--also", nargs="*", default=(), choices=("int8", "int4"), help="With --kl-source: the KL "
                         "a build of these schemes would have from its rounding alone.")
     args = parser.parse_args(argv)
+    if (args.also or args.sequences is not None) and not args.kl_source:
+        parser.error("--also and --sequences go with --kl-source ENGINE")
+    args.sequences = 6 if args.sequences is None else args.sequences
+    if args.sequences < 1:
+        parser.error(f"--sequences must be at least 1, got {args.sequences}")
     if args.kl_source:
-        print(json.dumps(kl_sources(args.kl_source, args.directory, args.sequences, tuple(args.also)), indent=1))
+        from moetrt.errors import MoetrtError
+
+        try:
+            split = kl_sources(args.kl_source, args.directory, args.sequences, tuple(args.also))
+        except MoetrtError as error:
+            parser.exit(2, f"{parser.prog}: {error}\n")
+        print(json.dumps(split, indent=1))
         return 0
     if args.bench:
         print(json.dumps(bench_engine(args.bench), indent=1))

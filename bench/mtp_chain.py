@@ -112,41 +112,57 @@ def measure(checkpoint: Path, links: int, prompts: int, new_tokens: int) -> dict
     """Per-link acceptance and expected tokens per step for K = 1..links drafts (module docstring)."""
     from moetrt.export.checkpoint import load_reference
 
+    from moetrt.progress import stage
+
     model = load_reference(checkpoint, mtp=True)
     config = model.config
     eos = set(config.eos_token_ids)
     right, scored = np.zeros(links), np.zeros(links)
-    with torch.no_grad():
-        for index, prompt in enumerate(prompts_for(checkpoint, config, prompts)):
+    with torch.no_grad(), stage("scoring chained drafts", total=prompts) as advance:
+        for prompt in prompts_for(checkpoint, config, prompts):
             continuation = greedy_continuation(model, prompt, new_tokens, eos)
             r, s = chain_acceptance(model, prompt + continuation, len(prompt), links)
             right, scored = right + r, scored + s
-            print(f"  {index + 1}/{prompts} sequences", file=sys.stderr, flush=True)
-    acceptance = [float(r / s) if s else 0.0 for r, s in zip(right, scored)]
-    tokens = [1 + float(np.sum(np.cumprod(acceptance[:k]))) for k in range(1, links + 1)]
+            advance()
+    # None where nothing was scored (continuations too short, or ending early): not a measured 0%
+    acceptance = [float(r / s) if s else None for r, s in zip(right, scored)]
+    tokens = [1 + float(np.sum(np.cumprod(acceptance[:k]))) if None not in acceptance[:k] else None
+              for k in range(1, links + 1)]
     return {"checkpoint": str(checkpoint), "links": links, "acceptance": acceptance,
             "scored": [int(s) for s in scored], "tokens_per_step": {str(k): t for k, t in enumerate(tokens, 1)}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", nargs="?", default=str(REPO / "models" / "tiny-r1"))
-    parser.add_argument("--links", type=int, default=3, help="Drafts per step to score (the chain's length).")
-    parser.add_argument("--prompts", type=int, default=24)
-    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("checkpoint", nargs="?", default=str(REPO / "models" / "tiny-r1"),
+                        help="Hugging Face checkpoint directory with an MTP module (default: the embedded tiny-r1).")
+    parser.add_argument("--links", type=int, default=3, help="Drafts per step to score (the chain's length; 3).")
+    parser.add_argument("--prompts", type=int, default=24, help="Prompts to continue (24).")
+    parser.add_argument("--new-tokens", type=int, default=96, help="Greedy tokens per continuation (96).")
     args = parser.parse_args(argv)
-    if args.links < 1:
-        parser.error("--links must be at least 1")
+    for name, value, least in (("--links", args.links, 1), ("--prompts", args.prompts, 1),
+                               ("--new-tokens", args.new_tokens, 2)):
+        if value < least:
+            parser.error(f"{name} must be at least {least}, got {value}")
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         parser.error(f"{checkpoint} is not a checkpoint directory (no config.json)")
     if not json.loads((checkpoint / "config.json").read_text()).get("num_nextn_predict_layers"):
         parser.error(f"{checkpoint} has no MTP module (num_nextn_predict_layers is 0)")
-    result = measure(checkpoint, args.links, args.prompts, args.new_tokens)
+    from moetrt.errors import MoetrtError
+
+    try:
+        result = measure(checkpoint, args.links, args.prompts, args.new_tokens)
+    except MoetrtError as error:
+        reason = str(error).removesuffix("; build without --mtp")  # the build's advice: no engine is built here
+        parser.exit(2, f"{parser.prog}: cannot score {checkpoint}'s MTP module: {reason}\n")
     for j, (rate, count) in enumerate(zip(result["acceptance"], result["scored"]), 1):
-        print(f"draft {j}: accepted {rate:.1%} of {count} (given drafts 1..{j - 1} were)")
+        given = "the module's own" if j == 1 else ("given draft 1 was accepted" if j == 2 else
+                                                   f"given drafts 1-{j - 1} were accepted")
+        shown = "n/a" if rate is None else f"{rate:.1%}"
+        print(f"draft {j}: accepted {shown} of {count} ({given})")
     for k, tokens in result["tokens_per_step"].items():
-        print(f"K = {k}: {tokens:.2f} tokens per step")
+        print(f"K = {k}: {'n/a' if tokens is None else f'{tokens:.2f}'} tokens per step")
     print(json.dumps(result))
     return 0
 

@@ -483,6 +483,9 @@ def verify(
     parallel = _expert_parallel(engine, expert_parallel, expert_placement, ep_combine, ep_timeout, record_routing,
                                 None)
 
+    if checkpoint is None and stream_reference is not None:
+        raise MoetrtError("--stream-reference and --whole-reference choose how the reference checkpoint runs: give "
+                          "the checkpoint (`moetrt verify ENGINE CHECKPOINT ...`), or drop the flag")
     manifest = load_manifest(engine, integrity=integrity)
     checks = {"manifest": "ok", "integrity": "ok" if integrity else "not checked"}
     if checkpoint is None:

@@ -165,3 +165,36 @@ def test_verify_help_states_the_thresholds():
     assert result.returncode == 0, result.stderr
     for name, limits in QUANTIZED_THRESHOLDS.items():
         assert f"{name}: {limits.describe()}" in result.stdout
+
+
+def test_kl_split_refuses_a_checkpoint_the_engine_was_not_built_from(tiny_r1_int4, tmp_path):
+    """bench/moonlight.py --kl-source: another model's checkpoint is refused in one line before any scoring (it
+    crashed in the reference with an IndexError)."""
+    from moetrt.bench.moonlight import kl_sources
+    from tests.checkpoints import make_checkpoint
+
+    other = make_checkpoint(tmp_path / "other", "v2-group-limited")
+    with pytest.raises(MoetrtError, match="is not the checkpoint .* was built from"):
+        kl_sources(tiny_r1_int4, other, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--also", "int8"], "go with --kl-source"),
+    (["--kl-source", "ENGINE", "--sequences", "0"], "--sequences must be at least 1"),
+])
+def test_kl_split_refuses_bad_arguments(args, message, capsys):
+    from moetrt.bench.moonlight import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["/nonexistent", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_verify_refuses_a_reference_flag_without_a_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "moetrt.cli", "verify", str(tmp_path), "--stream-reference"],
+                            capture_output=True, text=True, env={**os.environ, "MOETRT_QUIET": "1"}, timeout=120)
+    assert result.returncode != 0 and "give the checkpoint" in result.stderr, result.stderr
