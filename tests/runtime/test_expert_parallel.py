@@ -253,8 +253,11 @@ def two_ranks(kernel_engine, tmp_path_factory):
             tree = mpi.process_tree(process.pid)
             ranks = mpi.ranks_of(process.pid)
             for pid in tree:
-                processes.setdefault(pid, (" ".join(mpi.command_line(pid)),
-                                           next((r for r, p in ranks.items() if p == pid), None)))
+                # a process seen while it execs has an empty command line, and a rank is known only once it
+                # registered: keep what later scans learn
+                command, rank = processes.get(pid, ("", None))
+                processes[pid] = (command or " ".join(mpi.command_line(pid)),
+                                  rank if rank is not None else next((r for r, p in ranks.items() if p == pid), None))
             sockets.update(mpi.inet_sockets(tree))
             scans_with_both_ranks += len(ranks) == 2
             time.sleep(0.05)
