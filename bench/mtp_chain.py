@@ -53,22 +53,6 @@ def prompts_for(checkpoint: Path, config, count: int) -> list[list[int]]:
     return random_prompts(config.vocab_size, count, 16, seed=1)
 
 
-def greedy_continuation(model, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
-    """The reference model's greedy continuation of `prompt` (at most `new_tokens`, up to an end-of-sequence id)."""
-    ids = torch.tensor([prompt])
-    logits, latents = model.step(ids)
-    past = latents
-    out: list[int] = []
-    while len(out) < new_tokens:
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token in eos:
-            break
-        logits, rows = model.step(torch.tensor([[token]]), past_latents=past)
-        past = [torch.cat([p, r], 0) for p, r in zip(past, rows)]
-    return out
-
-
 def chain_acceptance(model, sequence: list[int], first: int, links: int) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced over `sequence` (prompt + greedy continuation, the continuation from index `first`): per
     link j (0 = the module's own draft), how often its draft was scored and right. Link j > 0 is scored only where
@@ -111,17 +95,19 @@ def chain_acceptance(model, sequence: list[int], first: int, links: int) -> tupl
 def measure(checkpoint: Path, links: int, prompts: int, new_tokens: int) -> dict:
     """Per-link acceptance and expected tokens per step for K = 1..links drafts (module docstring)."""
     from moetrt.export.checkpoint import load_reference
-
+    from moetrt.export.reference_session import ReferenceSession
     from moetrt.progress import stage
+    from moetrt.runtime.generate import GenerationOptions, generate
 
     model = load_reference(checkpoint, mtp=True)
     config = model.config
-    eos = set(config.eos_token_ids)
+    greedy = GenerationOptions(max_new_tokens=new_tokens, stop_token_ids=tuple(config.eos_token_ids))  # greedy
+    session = ReferenceSession(model)
     right, scored = np.zeros(links), np.zeros(links)
     with torch.no_grad(), stage("scoring chained drafts", total=prompts) as advance:
         for prompt in prompts_for(checkpoint, config, prompts):
-            continuation = greedy_continuation(model, prompt, new_tokens, eos)
-            r, s = chain_acceptance(model, prompt + continuation, len(prompt), links)
+            [continuation] = generate(session, [prompt], greedy)  # the reference model's greedy continuation
+            r, s = chain_acceptance(model, prompt + continuation.token_ids, len(prompt), links)
             right, scored = right + r, scored + s
             advance()
     # None where nothing was scored (continuations too short, or ending early): not a measured 0%
