@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from moetrt import hardware
-from moetrt.atomic import staging_dir
+from moetrt.atomic import discard_staging, staging_dir
 from moetrt.config import load_config
 from moetrt.errors import MoetrtError
 from moetrt.export.backends import choose_backend, get_backend
 from moetrt.export.calibration import check_overflow
+from moetrt.export.resume import adopt_stale
 from moetrt.formats import (
     EXPORT_JSON,
     TOKENIZER_FILES,
@@ -67,12 +68,19 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
                           "ONNX Runtime only so far; build with --backend ort")
     config = fit_to_model(source, config)
     need = build_disk_bytes(source, config)
+    # an earlier build into engine_dir that was killed: what it wrote is reused (export/resume.py)
+    earlier = adopt_stale(engine_dir) if need is not None else []
+    if earlier and need > hardware.disk_free(engine_dir):
+        for staged in earlier:
+            discard_staging(staged)
+        note(f"removed what an earlier build into {engine_dir} left: this build needs its room")
+        earlier = []
     if need is not None and need > hardware.disk_free(engine_dir):
         raise MoetrtError(f"the build writes about {need / 1e9:.1f} GB (the export and the engine), and "
                           f"{hardware.disk_free(engine_dir) / 1e9:.1f} GB are free at {engine_dir.resolve().parent}; free "
                           "space there or choose another -o")
-    with staging_dir(engine_dir, need_bytes=need) as work:
-        export_dir = export_for(source, work / ".export", chosen, config)
+    with staging_dir(engine_dir, need_bytes=need, keep_on_interrupt=True) as work:
+        export_dir = export_for(source, work / ".export", chosen, config, earlier)
         info = read_export_info(export_dir)
         section = backend.build(export_dir, info, work, config)
         for name in (*TOKENIZER_FILES, "config.json"):
@@ -89,6 +97,8 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
         write_manifest(work, manifest)
         if info.dtype != "float32":  # half precision can overflow: refuse an engine that computes NaN
             check_overflow(work)
+    for staged in earlier:
+        discard_staging(staged)
     return engine_dir
 
 
@@ -119,9 +129,11 @@ def fit_to_model(source: Path, config: BuildConfig) -> BuildConfig:
     return dataclasses.replace(config, profile=profile)
 
 
-def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConfig) -> Path:
+def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConfig,
+               resume_from: list[Path] | None = None) -> Path:
     """The export directory to build from: `source` itself if it is one (checked against `config`), else a fresh
-    export of the checkpoint at `source` into `scratch`, lowered as the backend plans."""
+    export of the checkpoint at `source` into `scratch`, lowered as the backend plans (reusing what the earlier
+    builds' staging directories `resume_from` wrote: export_onnx)."""
     from moetrt.export.onnx_export import export_onnx
 
     backend = get_backend(backend_name)
@@ -147,7 +159,7 @@ def export_for(source: Path, scratch: Path, backend_name: str, config: BuildConf
     dtype = config.dtype or "float32"
     plan = backend.plan(config, load_config(source), dtype)
     return export_onnx(source, scratch, plan, dtype=dtype, quantize=scheme_for(config.quantize, config.group_size),
-                       mtp=config.mtp)
+                       mtp=config.mtp, resume_from=resume_from, keep_journal=True)
 
 
 def check_quantization(info: ExportInfo, config: BuildConfig, source: Path) -> None:

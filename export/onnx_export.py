@@ -17,6 +17,7 @@ Routing is standard ONNX ops; each MoE layer's routed experts are ONE plugin nod
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrt.atomic import staging_dir
+from moetrt.atomic import discard_staging, staging_dir
 from moetrt.config import ModelConfig, load_config
 from moetrt.errors import MoetrtError
+from moetrt.export import resume
 from moetrt.export.checkpoint import DTYPES, CheckpointWeights
 from moetrt.export.lowering import LoweringPlan, lower
 from moetrt.export.model import DeepseekForCausalLM
@@ -206,6 +208,8 @@ def export_onnx(
     ort: OrtOptions | None = None,
     quantize: QuantScheme | None = None,
     mtp: bool = False,
+    resume_from: list[Path] | None = None,
+    keep_journal: bool = False,
 ) -> Path:
     """Export a checkpoint to `out_dir/model.onnx` (+ `model.onnx.data`, `export.json`, tokenizer files).
 
@@ -216,6 +220,12 @@ def export_onnx(
     export). mtp: trace the speculative graph with the checkpoint's multi-token-prediction module (a draft per
     call, for `--speculative mtp`). Raises MoetrtError for an unknown target or dtype, a checkpoint it cannot read, or quantization of a
     model that does not compute in float32.
+
+    Resuming (export/resume.py): the weights are journaled as they are written; the weights that an earlier export
+    into `out_dir` wrote before it was killed, or that the staging directories in `resume_from` hold (an earlier
+    build's, adopted by build_engine), are copied instead of computed again when the fingerprint matches, and a
+    finished export among `resume_from` is used whole. `keep_journal`: leave the journal in the finished export
+    (build_engine's, so that a build killed after the export resumes from it), else it is removed.
     """
     from moetrt.export.backends import plan_target
 
@@ -229,39 +239,74 @@ def export_onnx(
     if plan.target == "ort":
         note(f"experts: {plan.moe_kernel} ({plan.why})")
     allocate_large_buffers_by_mmap()
-    with staging_dir(out_dir) as work:
-        with CheckpointWeights(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp) as weights, \
-                stage("exporting", total=3) as advance:
-            config, quantization = weights.config, weights.quantization
-            advance(0, "tracing to ONNX (no weights loaded)")
-            stream = WeightStream(weights)
-            graph = trace(hollow_model(weights), stream)
-            if quantization is not None:
-                finish_export(graph)
-            advance(1, f"lowering for {plan.target}")
-            lower(graph, plan)
-            advance(1, "writing weights")
-            save_model(graph, work / MODEL_FILE, progress=True)
-            advance(1, "done")
-        copy_tokenizer_files(checkpoint_dir, work)
-        write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization, int(mtp)))
+    expected = resume.fingerprint(checkpoint_dir, dtype, quantize, plan, mtp)
+    adopted = resume.adopt_stale(out_dir)
+    candidates = [*(resume_from or []), *adopted]
+    finished = next(filter(None, (resume.finished_export(candidate, expected) for candidate in candidates)), None)
+    with staging_dir(out_dir, keep_on_interrupt=True) as work:
+        if finished is not None:
+            note(f"resuming: the export an earlier build finished ({finished}) is used as it is")
+            for item in finished.iterdir():
+                os.replace(item, work / item.name)
+        else:
+            _export_into(work, checkpoint_dir, plan, dtype, quantize, mtp, expected, candidates)
+        if not keep_journal:
+            (work / resume.JOURNAL).unlink(missing_ok=True)
+    for staged in adopted:
+        discard_staging(staged)
     return out_dir
 
 
-def save_model(model, path: Path, progress: bool = False) -> None:
+def _export_into(work: Path, checkpoint_dir: Path, plan: LoweringPlan, dtype: str, quantize: QuantScheme | None,
+                 mtp: bool, expected: dict, candidates: list[Path]) -> None:
+    """export_onnx's work, in its staging directory `work`: trace, lower, write the weights (journaled; those that a
+    partial export among `candidates` holds are copied from it), tokenizer and export.json."""
+    with CheckpointWeights(checkpoint_dir, dtype=dtype, quantize=quantize, mtp=mtp) as weights, \
+            stage("exporting", total=3) as advance:
+        config, quantization = weights.config, weights.quantization
+        advance(0, "tracing to ONNX (no weights loaded)")
+        stream = WeightStream(weights)
+        graph = trace(hollow_model(weights), stream)
+        if quantization is not None:
+            finish_export(graph)
+        advance(1, f"lowering for {plan.target}")
+        lower(graph, plan)
+        earlier = resume.partial_export(candidates, expected)
+        if earlier is not None:
+            count, nbytes = resume.reuse_tensors(graph, earlier)
+            note(f"resuming: {count} tensors ({nbytes / 1e9:.2f} GB) are copied from what an earlier build wrote "
+                 f"before it stopped ({earlier.path.parent}); the rest is read from the checkpoint")
+        advance(1, "writing weights")
+        save_model(graph, work / MODEL_FILE, progress=True, journal=resume.JournalWriter(work, DATA_FILE, expected))
+        advance(1, "done")
+    copy_tokenizer_files(checkpoint_dir, work)
+    write_export_info(work, export_info(config, plan, dtype, checkpoint_dir, work, quantization, int(mtp)))
+
+
+def save_model(model, path: Path, progress: bool = False, journal: resume.JournalWriter | None = None) -> None:
     """Save with every initializer in one external data file beside the graph (no 2 GB protobuf limit), written
     tensor by tensor (lazy weights are read, converted and written one at a time). progress: report the bytes
-    written with a rate and ETA."""
+    written with a rate and ETA. journal: record what is on disk as it goes (export/resume.py)."""
     import onnx_ir as ir
 
-    if not progress:
+    if not progress and journal is None:
         ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
         return
+    names = {id(value.const_value): name for name, value in model.graph.initializers.items()}
     sizes = [value.const_value.nbytes for value in model.graph.initializers.values()
              if value.const_value is not None and value.const_value.nbytes >= 1024]
-    with byte_progress(sum(sizes), "writing weights") as advance:
+
+    def written(tensor, info, advance) -> None:
+        if journal is not None and id(tensor) in names:
+            journal.record(names[id(tensor)], info.offset, tensor.nbytes)
+        advance(tensor.nbytes)
+
+    bar = byte_progress(sum(sizes), "writing weights") if progress else contextlib.nullcontext(lambda _: None)
+    with bar as advance:
         ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024,
-                callback=lambda tensor, info: advance(tensor.nbytes))
+                callback=lambda tensor, info: written(tensor, info, advance))
+    if journal is not None:
+        journal.finish()
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:

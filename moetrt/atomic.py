@@ -43,14 +43,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(out_dir: Path, need_bytes: int | None = None):
+def staging_dir(out_dir: Path, need_bytes: int | None = None, keep_on_interrupt: bool = False):
     """Yield a temporary sibling directory; on success it replaces `out_dir`, on failure it is removed.
 
     Staging directories for `out_dir` left by a process that is gone are removed first, with a note.
     `need_bytes`: the caller's estimate of the output's size, said when the disk fills (default: the size of
     the `out_dir` being replaced, else more than what was written when it filled). Raises MoetrtError when the
     parent cannot be written, and DiskFullError (a MoetrtError) when the disk fills inside the block, however
-    the writer reported it.
+    the writer reported it. `keep_on_interrupt`: on KeyboardInterrupt (Ctrl-C) the directory is left in place, as a
+    kill would leave it, for a resuming writer to adopt (export/resume.py), with a note naming it.
     """
     out_dir = Path(out_dir)
     parent = out_dir.resolve().parent
@@ -84,6 +85,11 @@ def staging_dir(out_dir: Path, need_bytes: int | None = None):
         _owner_file(work).unlink(missing_ok=True)
     except BaseException as error:
         written = _tree_bytes(work)
+        if keep_on_interrupt and isinstance(error, KeyboardInterrupt):
+            if not parent.name.endswith(STAGED_SUFFIXES):  # the outermost staging directory says it once
+                note(f"interrupted: {work} keeps the {_gb(written)} written so far; the same command resumes from "
+                     "them (remove that directory to discard them)")
+            raise
         _remove_staged(work)
         if isinstance(error, DiskFullError) or _is_disk_full(error):
             estimate = need_bytes or _tree_bytes(out_dir)
@@ -97,15 +103,34 @@ def remove_stale_staging(out_dir: Path) -> list[Path]:
     process of this host that is gone; returns them. Ones without an owner file, or owned by a live process or
     another host, are left alone."""
     removed = []
-    parent, prefix = out_dir.resolve().parent, f".{out_dir.name}."
-    for staged in sorted(parent.iterdir()):
-        if staged.name.startswith(prefix) and staged.name.endswith(STAGED_SUFFIXES) and staged.is_dir():
-            if _owner_is_gone(staged):
-                size = _tree_bytes(staged)
-                _remove_staged(staged)
-                removed.append(staged)
-                note(f"removed {staged} ({_gb(size)}), left by an earlier build that was killed")
+    for staged in stale_staging(out_dir):
+        size = _tree_bytes(staged)
+        _remove_staged(staged)
+        removed.append(staged)
+        note(f"removed {staged} ({_gb(size)}), left by an earlier build that was killed")
     return removed
+
+
+def stale_staging(out_dir: Path) -> list[Path]:
+    """The staging directories for `out_dir` (`.NAME.*.partial`, `.NAME.*.old`) whose owner file names a process of
+    this host that is gone, oldest name first."""
+    parent, prefix = Path(out_dir).resolve().parent, f".{Path(out_dir).name}."
+    if not parent.is_dir():
+        return []
+    return [staged for staged in sorted(parent.iterdir())
+            if staged.name.startswith(prefix) and staged.name.endswith(STAGED_SUFFIXES) and staged.is_dir()
+            and _owner_is_gone(staged)]
+
+
+def adopt_staging(staged: Path) -> None:
+    """Make this process the owner of the staging directory `staged` (an earlier process's, which is gone), so that
+    `remove_stale_staging` leaves it alone while this process runs; `discard_staging` removes it."""
+    _write_owner(staged)
+
+
+def discard_staging(staged: Path) -> None:
+    """Remove a staging directory and its owner file."""
+    _remove_staged(staged)
 
 
 def _owner_file(staged: Path) -> Path:
