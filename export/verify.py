@@ -17,6 +17,7 @@ reported as information.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 from pathlib import Path
@@ -237,29 +238,58 @@ def _scoring_group(engine: Engine, longest: int) -> int:
                       LOGITS_BUDGET // (longest * engine.config.vocab_size * 4)))
 
 
-def compare_next_tokens(engine: Engine, reference: ReferenceSession, sequences: list[ScoredSequence],
-                        advance=lambda: None) -> NextTokenStats:
+def compare_next_tokens(engine_logits: list[np.ndarray], reference: ReferenceSession,
+                        sequences: list[ScoredSequence], group: int, advance=lambda: None) -> NextTokenStats:
     """NextTokenStats of the engine against the reference over the scored positions of `sequences`.
 
-    In groups of up to SCORING_BATCH sequences, fewer where a group's logits would pass LOGITS_BUDGET bytes (a 160k
-    vocabulary): the reference scores each group as one left-padded batch (continuation_logits), the engine each
-    sequence, unpadded, through `engine.logits`; the per-position statistics are kept and the logits dropped, so
-    memory does not grow with the prompt set. `advance()` is called after each group (progress)."""
+    `engine_logits[i]`: the engine's logits at sequence i's scored positions (`engine_outputs`). The reference
+    scores the sequences in groups of `group` (`_scoring_group`), each as one left-padded batch
+    (continuation_logits); the per-position statistics are kept and the reference's logits dropped, so its memory
+    does not grow with the prompt set. `advance()` is called after each group (progress)."""
     from moetrt.runtime.generate import continuation_logits
 
-    group = _scoring_group(engine, max(len(sequence.tokens) for sequence in sequences))
     parts = []
     for start in range(0, len(sequences), group):
         rows = sequences[start : start + group]
         prompts = [row.tokens[: row.first_target] for row in rows]
         reference_logits = continuation_logits(reference, prompts, [row.tokens[row.first_target :] for row in rows])
-        for row, want in zip(rows, reference_logits):
-            # one row at a time: the engine's logits cover every position, twice the scored ones
-            got = engine.logits(np.array([row.tokens], dtype=np.int64))[0, row.first_target - 1 : -1]
+        for row, want, got in zip(rows, reference_logits, engine_logits[start : start + group]):
             parts.append(_position_stats(want, got, np.array(row.tokens[row.first_target :])))
-            del got
         advance()
     return _aggregate(parts)
+
+
+@dataclasses.dataclass
+class EngineOutputs:
+    """What verify compares of the engine, all computed before the reference runs, so that the engine can be
+    released first and the two never hold memory at once (a streamed reference of a model larger than memory
+    then costs only its own layer at a time). All float32 logits:
+
+    - `next_token[i]`: `[len(tokens) - first_target, vocab]` at fidelity sequence i's scored positions;
+    - `greedy[i]`: random prompt i followed by the engine's greedy continuation;
+    - `greedy_logits[i]`: `[len(greedy[i]) - 1, vocab]`, the engine's logits at every position of `greedy[i]`
+      but the last (each predicts the next token).
+
+    Held in memory: (scored positions + greedy positions) x vocab x 4 bytes (a 160k vocabulary: 0.66 MB a
+    position)."""
+
+    next_token: list[np.ndarray]
+    greedy: list[list[int]]
+    greedy_logits: list[np.ndarray]
+
+
+def engine_outputs(engine: Engine, sequences: list[ScoredSequence], prompts: list[list[int]], new_tokens: int,
+                   advance=lambda: None) -> EngineOutputs:
+    """EngineOutputs of `engine` (one sequence per call, unpadded); `advance()` after the fidelity sequences and
+    after the greedy decoding."""
+    next_token = [engine.logits(np.array([row.tokens], dtype=np.int64))[0, row.first_target - 1 : -1].copy()
+                  for row in sequences]  # (a copy: a view would keep every position's logits)
+    advance()
+    runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
+    greedy = [prompt + list(run.token_ids) for prompt, run in zip(prompts, runs)]
+    greedy_logits = [engine.logits(np.array([sequence[:-1]], dtype=np.int64))[0] for sequence in greedy]
+    advance()
+    return EngineOutputs(next_token, greedy, greedy_logits)
 
 
 # ---- the report
@@ -356,9 +386,12 @@ def verify_engine(
     `task` "auto" reads config.json's moetrt_task (None: no task); `task_problems` 0 skips the task accuracy
     (the prompt set stays the task's). `expert_parallel`: Engine.load's (the engine's experts split over the MPI
     job's ranks; the reference runs on rank 0 only). `stream_reference`: load_reference_session's `stream` (True:
-    layer by layer from the mapped shards; False: loaded whole; None: streamed when it would not fit). Raises
-    MoetrtError for bad counts, a checkpoint of another config, or a quantization scheme without
-    QUANTIZED_THRESHOLDS."""
+    layer by layer from the mapped shards; False: loaded whole; None: streamed when it would not fit). The engine
+    runs first (`engine_outputs`) and is released before the reference is loaded, so that peak memory is the
+    larger of the two plus the engine's logits, not their sum; the task accuracy and expert parallelism keep it
+    (they run it again). Raises MoetrtError for bad counts, a checkpoint of another config, or a quantization
+    scheme without QUANTIZED_THRESHOLDS."""
+    from moetrt.config import load_config
     from moetrt.export.reference_session import load_reference_session
     from moetrt.runtime.engine import Engine
 
@@ -372,23 +405,29 @@ def verify_engine(
     if scheme is not None and scheme not in QUANTIZED_THRESHOLDS:
         raise MoetrtError(f"no KL thresholds for quantization {scheme!r} (known: {', '.join(QUANTIZED_THRESHOLDS)});"
                           " add them to moetrt.export.verify.QUANTIZED_THRESHOLDS")
-    reference = load_reference_session(checkpoint_dir, dtype="float32", stream=stream_reference)
-    if reference.config != engine.config:
+    if load_config(checkpoint_dir) != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
     task = _detect_task(checkpoint_dir) if task == "auto" else task
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
+    dtype = engine.manifest.dtype
 
     sequences, prompt_set = fidelity_sequences(engine, checkpoint_dir, task, seed)
     token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed)
-    # units of work: each next-token scoring group, the engine's greedy decoding, each greedy scoring group
-    groups = (math.ceil(len(sequences) / _scoring_group(engine, max(len(s.tokens) for s in sequences)))
-              + 1 + math.ceil(prompts / _scoring_group(engine, max(map(len, token_prompts)) + new_tokens)))
+    next_group = _scoring_group(engine, max(len(s.tokens) for s in sequences))
+    greedy_group = _scoring_group(engine, max(map(len, token_prompts)) + new_tokens)
+    # units of work: the engine's two parts, then each reference scoring group (next-token, then greedy)
+    groups = 2 + math.ceil(len(sequences) / next_group) + math.ceil(prompts / greedy_group)
     with stage("verifying against the reference", total=groups) as advance:
-        stats = compare_next_tokens(engine, reference, sequences, advance)
-        max_diff, scale, agreeing, compared, failures = _logits_and_greedy(engine, reference, token_prompts,
-                                                                           new_tokens, margin, advance)
+        outputs = engine_outputs(engine, sequences, token_prompts, new_tokens, advance)
+        if not (task and task_problems) and expert_parallel is None:
+            del engine  # its weights leave memory before the reference's arrive (EngineOutputs)
+            gc.collect()
+        reference = load_reference_session(checkpoint_dir, dtype="float32", stream=stream_reference)
+        stats = compare_next_tokens(outputs.next_token, reference, sequences, next_group, advance)
+        max_diff, scale, agreeing, compared, failures = _greedy_against(
+            reference, outputs, [len(prompt) for prompt in token_prompts], greedy_group, margin, advance)
     report = VerifyReport(
-        engine.manifest.dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
+        dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
         prompt_set, scheme, QUANTIZED_THRESHOLDS.get(scheme) if scheme else None,
     )
     if task and task_problems:
@@ -396,25 +435,22 @@ def verify_engine(
     return report
 
 
-def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: list[list[int]], new_tokens: int,
-                       margin: float, advance=lambda: None) -> tuple[float, float, int, int, list[str]]:
+def _greedy_against(reference: ReferenceSession, outputs: EngineOutputs, prompt_lengths: list[int], group: int,
+                    margin: float, advance=lambda: None) -> tuple[float, float, int, int, list[str]]:
     """max |engine - reference| logit and the reference's max |logit| (at least 1, the relative tolerance's
     scale), then the greedy check: rows agreeing, tokens compared, a message per row that diverged where the
     reference's top-2 margin is at least `margin`.
 
-    The engine decodes each prompt greedily; the reference scores each prompt + continuation in one
-    teacher-forced call. Up to the first token where the engine's pick differs from the reference's argmax both
-    had the same prefix, so that token is where a free-running reference would have left the engine's path: the
-    verdict of decoding the reference, from one forward pass instead of `new_tokens` (a streamed reference reads
-    the whole checkpoint once per pass). The logits are compared at every position of prompt + continuation,
-    both sides given the same tokens. Rows are scored in `_scoring_group`s (sized for prompt + new_tokens);
-    `advance()` is called after the engine's decoding and after each group."""
+    The engine decoded each prompt greedily (`outputs.greedy`); the reference scores each prompt + continuation in
+    one teacher-forced call. Up to the first token where the engine's pick differs from the reference's argmax
+    both had the same prefix, so that token is where a free-running reference would have left the engine's path:
+    the verdict of decoding the reference, from one forward pass instead of one per token (a streamed reference
+    reads the whole checkpoint once per pass). The logits are compared at every position of prompt +
+    continuation, both sides given the same tokens. Rows are scored in groups of `group`; `advance()` is called
+    after each."""
     from moetrt.runtime.generate import continuation_logits
 
-    runs = engine.generate(prompts, max_new_tokens=new_tokens, greedy=True)
-    advance()
-    sequences = [prompt + list(run.token_ids) for prompt, run in zip(prompts, runs)]
-    group = _scoring_group(engine, max(len(prompt) for prompt in prompts) + new_tokens)
+    sequences = outputs.greedy
     max_diff, scale = 0.0, 1.0
     agreeing, compared, failures = 0, 0, []
     for start in range(0, len(sequences), group):
@@ -422,11 +458,11 @@ def _logits_and_greedy(engine: Engine, reference: ReferenceSession, prompts: lis
         # position t's logits predict token t + 1: every token after the first is scored
         wanted = continuation_logits(reference, [row[:1] for row in rows], [row[1:] for row in rows])
         for offset, (sequence, want) in enumerate(zip(rows, wanted)):
-            got = engine.logits(np.array([sequence[:-1]], dtype=np.int64))[0]
+            got = outputs.greedy_logits[start + offset]
             max_diff = max(max_diff, float(np.abs(got - want).max()))
             scale = max(scale, float(np.abs(want).max()))
-            prompt = prompts[start + offset]
-            steps, failure = _greedy_agreement(sequence[len(prompt):], want[len(prompt) - 1 :], margin)
+            length = prompt_lengths[start + offset]
+            steps, failure = _greedy_agreement(sequence[length:], want[length - 1 :], margin)
             compared += steps
             agreeing += failure is None
             if failure:

@@ -64,3 +64,42 @@ def test_engine_of_other_weights_fails(setup):
     assert result.returncode == 1
     assert result.stdout.strip().endswith("FAIL")
     assert "diverged at step" in result.stdout
+
+
+def test_the_engine_is_released_before_the_reference_loads(setup, tmp_path, monkeypatch):
+    """verify runs the engine first and lets it go: when the reference loads, the Engine is gone and no data file of
+    the engine (moetrt's kernel maps experts.bin; the kernel's library stays loaded) is mapped, so peak memory is the larger side's, not the sum of both
+    (a streamed reference of a model larger than memory beside its engine; issue 22)."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from moetrt.export import reference_session
+    from moetrt.export.verify import verify_engine
+    from moetrt.runtime.engine import Engine
+    from moetrt.settings import OrtOptions
+
+    _, checkpoint, _ = setup
+    engine_dir = build_engine(checkpoint, tmp_path / "kernel", backend="ort", ort=OrtOptions("moetrt", 1),
+                              profile=BuildProfile(max_context=128))
+    assert (engine_dir / "experts.bin").is_file()
+    engines, seen = [], {}
+    load_engine, load_reference = Engine.load.__func__, reference_session.load_reference_session
+
+    def tracked_engine(cls, *args, **kwargs):
+        engine = load_engine(cls, *args, **kwargs)
+        engines.append(weakref.ref(engine))
+        return engine
+
+    def checked_reference(*args, **kwargs):
+        gc.collect()
+        seen["engines alive"] = [ref() is not None for ref in engines]
+        mapped = {line.split()[-1] for line in open("/proc/self/maps") if str(Path(engine_dir).resolve()) in line}
+        seen["engine files mapped"] = sorted(path for path in mapped if not path.endswith(".so"))  # (code stays)
+        return load_reference(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "load", classmethod(tracked_engine))
+    monkeypatch.setattr(reference_session, "load_reference_session", checked_reference)
+    report = verify_engine(engine_dir, checkpoint, prompts=2, task=None)
+    assert report.passed, report.describe()
+    assert seen == {"engines alive": [False], "engine files mapped": []}
