@@ -108,13 +108,19 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
         return flat.view(info.dtype).view(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's resident memory."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop the tensor's pages (only those of `rows`, a slice along its first axis, when given) from this
+        process's resident memory; the mapping is private and never written, so they read back from the file."""
         info = self.tensors[name]
+        begin, end = info.start, info.end
+        if rows is not None and info.shape:
+            row_bytes = (end - begin) // max(info.shape[0], 1)
+            first, last, _ = rows.indices(info.shape[0])
+            begin, end = info.start + first * row_bytes, info.start + last * row_bytes
         page = mmap.PAGESIZE
-        start = info.start // page * page
-        if self._map is not None and info.end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+        start = begin // page * page
+        if self._map is not None and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         if self._map is not None:
@@ -240,9 +246,11 @@ def owner_of(config: ModelConfig, key: str) -> str:
     return parameter_name(config, key).rpartition(".")[0]
 
 
-def _fill_into(config: ModelConfig, module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+def _fill_into(config: ModelConfig, module: torch.nn.Module, key: str, tensor: torch.Tensor,
+               done: Callable[[slice], None] | None = None) -> None:
     """Put checkpoint tensor `tensor` (key `key`, named as its target) into `module`, the module it fills
-    (`owner_of`): copied into its parameter, or quantized by a module that holds blocks (export/quantized.py)."""
+    (`owner_of`): copied into its parameter, or quantized by a module that holds blocks (export/quantized.py),
+    which calls `done(rows)` as each chunk of rows is quantized."""
     expert = EXPERT_KEY.match(key)
     if expert:
         index, kind = int(expert.group(2)), expert.group(3)
@@ -256,7 +264,7 @@ def _fill_into(config: ModelConfig, module: torch.nn.Module, key: str, tensor: t
         return
     attribute = key.rpartition(".")[2]
     if attribute == "weight" and hasattr(module, "load_weight"):
-        module.load_weight(tensor)
+        module.load_weight(tensor, done)
     else:
         getattr(module, attribute).copy_(tensor)
 
@@ -359,8 +367,9 @@ class CheckpointWeights:
         valid until `release(key)`."""
         return _read(self.shards[self.weight_files[key]], self.shards, self.weight_files, key, self.config)
 
-    def release(self, key: str) -> None:
-        self.shards[self.weight_files[key]].release(key)
+    def release(self, key: str, rows: slice | None = None) -> None:
+        """Drop tensor `key`'s mapped pages (of `rows` only, along its first axis, when given)."""
+        self.shards[self.weight_files[key]].release(key, rows)
 
     def fill(self, name: str, module: torch.nn.Module, skip: str | None = None) -> None:
         """Fill `module` (the skeleton's submodule `name`, on the CPU) and every module under it from the shards,
@@ -375,7 +384,9 @@ class CheckpointWeights:
     def _fill_owner(self, owner: str, module: torch.nn.Module) -> None:
         """Fill the tensors module `owner` holds itself (not its submodules') into `module`, its CPU copy."""
         for key, source in self.sources[owner]:
-            _fill_into(self.config, module, key, self.read(source))
+            # a quantizing module lets the source's rows go as it goes (a 160k-row head: 0.67 GB of bf16 pages)
+            _fill_into(self.config, module, key, self.read(source),
+                       lambda rows, source=source: self.release(source, rows))
             self.release(source)
 
     def materialize(self, name: str) -> torch.nn.Module:

@@ -276,6 +276,9 @@ def _export_into(work: Path, checkpoint_dir: Path, plan: LoweringPlan, dtype: st
             count, nbytes = resume.reuse_tensors(graph, earlier)
             note(f"resuming: {count} tensors ({nbytes / 1e9:.2f} GB) are copied from what an earlier build wrote "
                  f"before it stopped ({earlier.path.parent}); the rest is read from the checkpoint")
+        elif candidates:
+            note(f"not resuming: what an earlier build left ({', '.join(map(str, candidates))}) was written from "
+                 "another checkpoint, other options or another moetrt; it is removed once this build is done")
         advance(1, "writing weights")
         save_model(graph, work / MODEL_FILE, progress=True, journal=resume.JournalWriter(work, DATA_FILE, expected))
         advance(1, "done")

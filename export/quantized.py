@@ -39,14 +39,17 @@ KEPT_KINDS = ("norms", "router", "kv_b_proj (absorbed per head)")
 ROWS_PER_STEP_ELEMENTS = 1 << 24
 
 
-def _quantize_into(weight: torch.Tensor, scheme: QuantScheme, write) -> None:
-    """Quantize a float `[R, K]` weight in row chunks: `write(rows: slice, q int8 [r, K], d float16 [r, K/g])`."""
+def _quantize_into(weight: torch.Tensor, scheme: QuantScheme, write, done=None) -> None:
+    """Quantize a float `[R, K]` weight in row chunks: `write(rows: slice, q int8 [r, K], d float16 [r, K/g])`,
+    then `done(rows)` (if given: the caller may let those rows of the source go)."""
     rows, columns = weight.shape
     step = max(1, ROWS_PER_STEP_ELEMENTS // max(columns, 1))
     for start in range(0, rows, step):
         chunk = weight[start : start + step].float().numpy()
         q, d = quantize_blocks(chunk, scheme)
         write(slice(start, start + chunk.shape[0]), torch.from_numpy(q), torch.from_numpy(d))
+        if done is not None:
+            done(slice(start, start + chunk.shape[0]))
 
 
 def _placeholder(q: torch.Tensor, scale: torch.Tensor, axis: int, scheme: QuantScheme, shape) -> torch.Tensor:
@@ -70,14 +73,15 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight_scale", torch.zeros(in_features // scheme.group_size, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def load_weight(self, weight: torch.Tensor) -> None:
-        """Quantize checkpoint weight `[out, in]` (any float dtype) into the buffers."""
+    def load_weight(self, weight: torch.Tensor, done=None) -> None:
+        """Quantize checkpoint weight `[out, in]` (any float dtype) into the buffers; `done(rows)` after each chunk
+        of rows (_quantize_into)."""
 
         def write(rows: slice, q: torch.Tensor, d: torch.Tensor) -> None:
             self.weight_q[:, rows] = q.t()
             self.weight_scale[:, rows] = d.float().t()
 
-        _quantize_into(weight, self.scheme, write)
+        _quantize_into(weight, self.scheme, write, done)
 
     def dequantized(self) -> torch.Tensor:
         """W^T as float32 `[in, out]`."""
@@ -102,12 +106,14 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("weight_q", torch.zeros(num_embeddings, dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.zeros(num_embeddings, dim // scheme.group_size))
 
-    def load_weight(self, weight: torch.Tensor) -> None:
+    def load_weight(self, weight: torch.Tensor, done=None) -> None:
+        """Quantize the checkpoint's `[V, H]` table into the buffers; `done(rows)` after each chunk of rows."""
+
         def write(rows: slice, q: torch.Tensor, d: torch.Tensor) -> None:
             self.weight_q[rows] = q
             self.weight_scale[rows] = d.float()
 
-        _quantize_into(weight, self.scheme, write)
+        _quantize_into(weight, self.scheme, write, done)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # F.embedding exports to Gather (indexing would give GatherND), the pattern the ort lowering fuses

@@ -176,11 +176,7 @@ class JournalWriter:
         data = self._data_file()
         if data is None or self._written == self._durable:
             return
-        fd = os.open(data, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(data)
         if self._file is None:
             self._file = open(self.directory / JOURNAL, "w")
             head = {"fingerprint": self.expected, "data_file": os.path.relpath(data, self.directory)}
@@ -197,11 +193,7 @@ class JournalWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        fd = os.open(self.directory / self.data_name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.directory / self.data_name)
         head = {"fingerprint": self.expected, "data_file": self.data_name}
         lines = [json.dumps(head), *(json.dumps(entry) for entry in self._started)]
         (self.directory / JOURNAL).write_text("\n".join(lines) + "\n")
@@ -213,6 +205,15 @@ class JournalWriter:
             if len(found) == 1:
                 self._data_path = Path(found[0])
         return self._data_path
+
+
+def _fsync(path: Path) -> None:
+    """Flush `path`'s data to disk (fsync acts on the file, whichever descriptor wrote it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def adopt_stale(out_dir: Path) -> list[Path]:

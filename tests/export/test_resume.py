@@ -112,6 +112,7 @@ def test_a_build_killed_while_writing_weights_resumes_from_them(checkpoint, unin
     assert resume.read_journal(journal, head["fingerprint"]) is not None
     for field, other in (("quantize", {"bits": 8, "group_size": 32}), ("dtype", "float16"), ("moetrt", "0" * 64)):
         assert resume.read_journal(journal, {**head["fingerprint"], field: other}) is None, field
+    assert resume.partial_export(_staged(out), {**head["fingerprint"], "mtp": True}) is None
     done = _build(checkpoint, out, "--quantize", "int4", "--moe-kernel", "moetrt")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming: {written} tensors" in done.stderr, done.stderr[-2000:]
