@@ -137,7 +137,12 @@ def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monke
     monkeypatch.setattr(ort_build, "build_ort", crash)
     with pytest.raises(KeyboardInterrupt):
         build_engine(checkpoint, tmp_path / "engine", backend="ort")
-    assert list(tmp_path.iterdir()) == []
+    # Ctrl-C keeps the work for the next build to resume from (export/resume.py), hidden beside the output
+    left = [path.name for path in tmp_path.iterdir()]
+    assert "engine" not in left and all(name.startswith(".engine.") for name in left), left
+    assert not list(tmp_path.rglob("manifest.json"))
+    with pytest.raises(MoetrtError):
+        Engine.load(tmp_path / "engine")
 
 
 def test_trt_without_tensorrt_is_a_one_line_error_pointing_at_ort(checkpoint, tmp_path):
