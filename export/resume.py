@@ -169,10 +169,8 @@ class JournalWriter:
         if self._unsynced >= CHECKPOINT_BYTES:
             self.checkpoint()
 
-    def checkpoint(self, everything: bool = False) -> None:
-        """fsync the data written so far, then journal it. `everything`: the save is over (all is written)."""
-        if everything:
-            self._written = len(self._started)
+    def checkpoint(self) -> None:
+        """fsync the data written so far, then journal it."""
         data = self._data_file()
         if data is None or self._written == self._durable:
             return
