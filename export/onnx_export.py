@@ -273,12 +273,15 @@ def _export_into(work: Path, checkpoint_dir: Path, plan: LoweringPlan, dtype: st
         lower(graph, plan)
         earlier = resume.partial_export(candidates, expected)
         if earlier is not None:
-            count, nbytes = resume.reuse_tensors(graph, earlier)
-            note(f"resuming: {count} tensors ({nbytes / 1e9:.2f} GB) are copied from what an earlier build wrote "
-                 f"before it stopped ({earlier.path.parent}); the rest is read from the checkpoint")
+            count, nbytes, damaged = resume.reuse_tensors(graph, earlier)
+            note(f"resuming: {count} tensors ({nbytes / 1e6:,.0f} MB) are copied from what an earlier build wrote "
+                 f"before it stopped ({earlier.path.parent}); the rest is read from the checkpoint"
+                 + (f" ({damaged} journaled tensors no longer had their checksum and are computed again)"
+                    if damaged else ""))
         elif candidates:
-            note(f"not resuming: what an earlier build left ({', '.join(map(str, candidates))}) was written from "
-                 "another checkpoint, other options or another moetrt; it is removed once this build is done")
+            note(f"not resuming: what an earlier build left ({', '.join(map(str, candidates))}) does not match this "
+                 "build (another checkpoint, other options or another moetrt) or holds no finished tensor; it is "
+                 "removed once this build is done")
         advance(1, "writing weights")
         save_model(graph, work / MODEL_FILE, progress=True, journal=resume.JournalWriter(work, DATA_FILE, expected))
         advance(1, "done")

@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import onnx_ir as ir
@@ -35,6 +36,8 @@ import onnx_ir as ir
 from moetrt.atomic import adopt_staging, stale_staging
 
 JOURNAL = "resume.jsonl"
+# A second name (hard link) of the data file being written, beside the journal: survives onnx_ir's cleanup.
+KEPT_DATA = "resume.data"
 # Bytes written between two checkpoints (fsync of the data, then the journal): a killed build redoes at most
 # about this much, and pays an fsync per 256 MB.
 CHECKPOINT_BYTES = 256 << 20
@@ -71,26 +74,27 @@ def fingerprint(checkpoint_dir: Path, dtype: str, quantize, plan, mtp: bool) -> 
 
 @dataclasses.dataclass
 class Journal:
-    """A journal read back: the data file it describes and its tensors, name -> (offset, length) in bytes."""
+    """A journal read back: the data file it describes and its tensors, name -> (offset, length, crc32) in bytes."""
 
     path: Path
     data_file: Path
-    tensors: dict[str, tuple[int, int]]
+    tensors: dict[str, tuple[int, int, int]]
 
     @property
     def nbytes(self) -> int:
-        return sum(length for _, length in self.tensors.values())
+        return sum(length for _, length, _ in self.tensors.values())
 
 
 def read_journal(path: Path, expected: dict) -> Journal | None:
-    """The journal at `path` if its fingerprint is `expected` and its data file exists, else None (a torn last
-    line, from a kill mid-append, is ignored)."""
+    """The journal at `path` if its fingerprint is `expected` and its data file exists, else None. Tensor lines are
+    read up to the first that is not `[name, offset, length, crc32]` within the data file (a torn last line, from
+    a kill mid-append, or anything else malformed ends the list there)."""
     try:
         lines = path.read_text().splitlines()
         head = json.loads(lines[0])
-    except (OSError, IndexError, ValueError):
+    except (OSError, IndexError, ValueError, UnicodeDecodeError):
         return None
-    if head.get("fingerprint") != expected:
+    if not isinstance(head, dict) or head.get("fingerprint") != expected or not isinstance(head.get("data_file"), str):
         return None
     data_file = path.parent / head["data_file"]
     if not data_file.is_file():
@@ -99,21 +103,42 @@ def read_journal(path: Path, expected: dict) -> Journal | None:
     tensors = {}
     for line in lines[1:]:
         try:
-            name, offset, length = json.loads(line)
+            entry = json.loads(line)
         except ValueError:
             break
-        if offset + length <= size:
-            tensors[name] = (offset, length)
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                and all(type(v) is int and v >= 0 for v in entry[1:]) and entry[1] + entry[2] <= size):
+            break
+        tensors[entry[0]] = (entry[1], entry[2], entry[3])
     return Journal(path, data_file, tensors)
+
+
+def crc32_of(path: Path, offset: int, length: int) -> int:
+    """zlib's CRC-32 of `length` bytes of `path` at `offset`, read in 16 MB pieces."""
+    crc = 0
+    with open(path, "rb") as file:
+        file.seek(offset)
+        while length > 0:
+            piece = file.read(min(length, 16 << 20))
+            if not piece:
+                break
+            crc = zlib.crc32(piece, crc)
+            length -= len(piece)
+    return crc
 
 
 def finished_export(candidate: Path, expected: dict) -> Path | None:
     """The finished export directory inside an earlier build's staging directory `candidate` (`.export` with its
-    export.json) when its journal's fingerprint is `expected`."""
+    export.json) when its journal's fingerprint is `expected` and every tensor still has its CRC-32."""
     export_dir = candidate / ".export"
-    if (export_dir / "export.json").is_file() and read_journal(export_dir / JOURNAL, expected) is not None:
-        return export_dir
-    return None
+    if not (export_dir / "export.json").is_file():
+        return None
+    journal = read_journal(export_dir / JOURNAL, expected)
+    if journal is None or not journal.tensors:
+        return None
+    if any(crc32_of(journal.data_file, offset, length) != crc for offset, length, crc in journal.tensors.values()):
+        return None  # damaged: partial_export takes the tensors that still match
+    return export_dir
 
 
 def partial_export(candidates: list[Path], expected: dict) -> Journal | None:
@@ -128,22 +153,28 @@ def partial_export(candidates: list[Path], expected: dict) -> Journal | None:
     return best
 
 
-def reuse_tensors(model: ir.Model, journal: Journal) -> tuple[int, int]:
-    """Point every initializer of `model` that `journal` holds (same name, same byte length) at its bytes in the
-    journal's data file (an ir.ExternalTensor: saving copies them with copy_file_range). Returns (tensors, bytes)
-    reused."""
-    count = total = 0
+def reuse_tensors(model: ir.Model, journal: Journal) -> tuple[int, int, int]:
+    """Point every initializer of `model` that `journal` holds (same name, same byte length, bytes that still have
+    their journaled CRC-32) at its bytes in the journal's data file (an ir.ExternalTensor: saving copies them with
+    copy_file_range). Returns (tensors reused, their bytes, tensors whose bytes no longer match: computed again)."""
+    count = total = damaged = 0
+    if not _sole_name(journal.data_file):
+        return 0, 0, 0
     for name, value in model.graph.initializers.items():
         held = journal.tensors.get(name)
         tensor = value.const_value
         if held is None or tensor is None or held[1] != tensor.nbytes:
             continue
-        value.const_value = ir.ExternalTensor(journal.data_file.name, held[0], held[1], tensor.dtype,
+        offset, length, crc = held
+        if crc32_of(journal.data_file, offset, length) != crc:
+            damaged += 1
+            continue
+        value.const_value = ir.ExternalTensor(journal.data_file.name, offset, length, tensor.dtype,
                                               shape=tensor.shape, name=tensor.name,
                                               base_dir=journal.data_file.parent)
         count += 1
-        total += held[1]
-    return count, total
+        total += length
+    return count, total, damaged
 
 
 class JournalWriter:
@@ -158,6 +189,7 @@ class JournalWriter:
         self._written = 0  # how many of them are flushed to the OS (all but the last two)
         self._durable = 0  # how many are in the journal
         self._unsynced = 0
+        self._crcs: dict[int, int] = {}  # CRC-32 of each journaled tensor, by index
         self._data_path: Path | None = None
         self._file = None
 
@@ -170,17 +202,25 @@ class JournalWriter:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """fsync the data written so far, then journal it."""
+        """fsync the data written so far, then journal it with each tensor's CRC-32 (read back from the file)."""
         data = self._data_file()
         if data is None or self._written == self._durable:
             return
         _fsync(data)
         if self._file is None:
+            # onnx_ir deletes its temporary file when the save is interrupted (Ctrl-C): a second name keeps it
+            kept = self.directory / KEPT_DATA
+            try:
+                os.link(data, kept)
+            except OSError:  # no hard links here: journal the temporary name (a kill still leaves it)
+                kept = data
             self._file = open(self.directory / JOURNAL, "w")
-            head = {"fingerprint": self.expected, "data_file": os.path.relpath(data, self.directory)}
+            head = {"fingerprint": self.expected, "data_file": os.path.relpath(kept, self.directory)}
             self._file.write(json.dumps(head) + "\n")
-        for entry in self._started[self._durable : self._written]:
-            self._file.write(json.dumps(entry) + "\n")
+        for index in range(self._durable, self._written):
+            name, offset, length = self._started[index]
+            self._crcs[index] = crc32_of(data, offset, length)
+            self._file.write(json.dumps([name, offset, length, self._crcs[index]]) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._durable, self._unsynced = self._written, 0
@@ -191,9 +231,14 @@ class JournalWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        _fsync(self.directory / self.data_name)
+        (self.directory / KEPT_DATA).unlink(missing_ok=True)
+        data = self.directory / self.data_name
+        _fsync(data)
         head = {"fingerprint": self.expected, "data_file": self.data_name}
-        lines = [json.dumps(head), *(json.dumps(entry) for entry in self._started)]
+        crcs = [self._crcs.get(index) for index in range(len(self._started))]
+        lines = [json.dumps(head), *(json.dumps([name, offset, length, crc if crc is not None else
+                                                 crc32_of(data, offset, length)])
+                                     for (name, offset, length), crc in zip(self._started, crcs))]
         (self.directory / JOURNAL).write_text("\n".join(lines) + "\n")
 
     def _data_file(self) -> Path | None:
@@ -203,6 +248,16 @@ class JournalWriter:
             if len(found) == 1:
                 self._data_path = Path(found[0])
         return self._data_path
+
+
+def _sole_name(data_file: Path) -> bool:
+    """Leave `data_file` (the journal's link to a killed save's data) its only name: onnx_ir refuses to read external
+    data with several hard links. The other is the save's temporary file beside it, which a kill leaves. Whether
+    that succeeded."""
+    for other in data_file.parent.glob(".*/*"):
+        if other.is_file() and other != data_file and os.path.samefile(other, data_file):
+            other.unlink()
+    return data_file.stat().st_nlink == 1
 
 
 def _fsync(path: Path) -> None:

@@ -51,7 +51,8 @@ def staging_dir(out_dir: Path, need_bytes: int | None = None, keep_on_interrupt:
     the `out_dir` being replaced, else more than what was written when it filled). Raises MoetrtError when the
     parent cannot be written, and DiskFullError (a MoetrtError) when the disk fills inside the block, however
     the writer reported it. `keep_on_interrupt`: on KeyboardInterrupt (Ctrl-C) the directory is left in place, as a
-    kill would leave it, for a resuming writer to adopt (export/resume.py), with a note naming it.
+    kill would leave it, for a resuming writer to adopt (export/resume.py), with a note naming it (unless nothing was
+    written into it yet).
     """
     out_dir = Path(out_dir)
     parent = out_dir.resolve().parent
@@ -85,7 +86,7 @@ def staging_dir(out_dir: Path, need_bytes: int | None = None, keep_on_interrupt:
         _owner_file(work).unlink(missing_ok=True)
     except BaseException as error:
         written = _tree_bytes(work)
-        if keep_on_interrupt and isinstance(error, KeyboardInterrupt):
+        if keep_on_interrupt and isinstance(error, KeyboardInterrupt) and written:
             if not parent.name.endswith(STAGED_SUFFIXES):  # the outermost staging directory says it once
                 note(f"interrupted: {work} keeps the {_gb(written)} written so far; the same command resumes from "
                      "them (remove that directory to discard them)")

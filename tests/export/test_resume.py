@@ -104,7 +104,7 @@ def test_a_build_killed_while_writing_weights_resumes_from_them(checkpoint, unin
     killed = _stopped_build(checkpoint, out, 12)
     assert killed.returncode == -signal.SIGKILL
     written = _journaled(out)
-    assert 0 < written <= 12
+    assert 1 < written <= 12
     journal = next(p for staged in _staged(out) for p in staged.rglob("resume.jsonl"))
     head = json.loads(journal.read_text().splitlines()[0])
     from moetrt.export import resume
@@ -113,23 +113,59 @@ def test_a_build_killed_while_writing_weights_resumes_from_them(checkpoint, unin
     for field, other in (("quantize", {"bits": 8, "group_size": 32}), ("dtype", "float16"), ("moetrt", "0" * 64)):
         assert resume.read_journal(journal, {**head["fingerprint"], field: other}) is None, field
     assert resume.partial_export(_staged(out), {**head["fingerprint"], "mtp": True}) is None
+    # one journaled tensor's bytes damaged on disk: its checksum catches it, and it is computed again
+    name, offset, length, _ = json.loads(journal.read_text().splitlines()[2])
+    data = journal.parent / head["data_file"]
+    with open(data, "r+b") as file:
+        file.seek(offset + length // 2)
+        byte = file.read(1)
+        file.seek(offset + length // 2)
+        file.write(bytes([byte[0] ^ 0xFF]))
     done = _build(checkpoint, out, "--quantize", "int4", "--moe-kernel", "moetrt")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resuming: {written} tensors" in done.stderr, done.stderr[-2000:]
+    assert f"resuming: {written - 1} tensors" in done.stderr, done.stderr[-2000:]
+    assert "(1 journaled tensors no longer had their checksum and are computed again)" in done.stderr
     assert _artifacts(out) == uninterrupted
     assert _staged(out) == [], "what the killed build left is removed once the build succeeds"
 
 
-def test_ctrl_c_after_the_export_keeps_it_and_the_next_build_uses_it_whole(checkpoint, uninterrupted, tmp_path):
+def test_ctrl_c_while_writing_keeps_the_work_and_the_next_build_resumes(checkpoint, uninterrupted, tmp_path):
     out = tmp_path / "engine"
-    stopped = _stopped_build(checkpoint, out, "export", how="INT")
+    stopped = _stopped_build(checkpoint, out, 10, how="INT")
     assert "KeyboardInterrupt" in stopped.stderr
     assert "the same command resumes from them" in stopped.stderr, stopped.stderr[-2000:]
+    written = _journaled(out)  # (onnx_ir deletes its temporary data file on the way out: the journal's link stays)
+    done = _build(checkpoint, out, "--quantize", "int4", "--moe-kernel", "moetrt")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming: {written} tensors" in done.stderr, done.stderr[-2000:]
+    assert _artifacts(out) == uninterrupted
+    assert _staged(out) == []
+
+
+def test_a_build_killed_after_its_export_uses_the_export_whole(checkpoint, uninterrupted, tmp_path):
+    out = tmp_path / "engine"
+    _stopped_build(checkpoint, out, "export")
     done = _build(checkpoint, out, "--quantize", "int4", "--moe-kernel", "moetrt")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming: the export an earlier build finished" in done.stderr, done.stderr[-2000:]
     assert _artifacts(out) == uninterrupted
     assert _staged(out) == []
+
+
+def test_a_malformed_journal_ends_the_list_without_an_error(tmp_path):
+    from moetrt.export import resume
+
+    (tmp_path / "data").write_bytes(bytes(100))
+    head = json.dumps({"fingerprint": {"a": 1}, "data_file": "data"})
+    good = json.dumps(["w1", 0, 10, 0])
+    for bad in ("null", '["w2", "1", 2, 3]', '["w2", -1, 2, 3]', '["w2", 90, 20, 3]', '["w2", 0, 1]', "{}", "[1,"):
+        (tmp_path / "resume.jsonl").write_text("\n".join([head, good, bad, good.replace("w1", "w3")]) + "\n")
+        journal = resume.read_journal(tmp_path / "resume.jsonl", {"a": 1})
+        assert journal is not None and list(journal.tensors) == ["w1"], bad
+    for bad_head in ("[1, 2]", json.dumps({"fingerprint": {"a": 1}}), json.dumps({"fingerprint": {"a": 1},
+                                                                                   "data_file": 3}), ""):
+        (tmp_path / "resume.jsonl").write_text(bad_head + "\n" + good + "\n")
+        assert resume.read_journal(tmp_path / "resume.jsonl", {"a": 1}) is None, bad_head
 
 
 def test_a_changed_checkpoint_changes_the_fingerprint(checkpoint):
