@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> None:
                 for bits in (8, 4) if bits in options.bits}, group, options.rounds * 2, options.calls * 5)
         return
     per_expert = {32: 3 * H * I * 4, **{bits: 3 * quantized_bytes(H, I, bits, group) for bits in (8, 4)}}
-    systems = {"fp32": (32, layers(rng, 32, group, None))} if 32 in options.bits else {}
+    systems = {}
     for name, library in libraries:
-        for bits in (8, 4):
+        for bits in (32, 8, 4):
             if bits in options.bits:
-                systems[f"int{bits}{'-' + name if name else ''}"] = (bits, layers(rng, bits, group, library))
+                label = "fp32" if bits == 32 else f"int{bits}"
+                systems[f"{label}{'-' + name if name else ''}"] = (bits, layers(rng, bits, group, library))
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     bandwidth = []
     for round_ in range(options.rounds):

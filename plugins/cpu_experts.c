@@ -61,6 +61,11 @@
 #include <unistd.h>
 
 #define MAX_THREADS 64
+/* How far ahead (floats) a float32 row group's stream is prefetched: 1024 (4 KB) against the 256 before, ds-mini's
+ * experts from memory, one run: batch 1 1.58 -> 1.38 ms per layer call, batch 8 9.9 -> 8.7 ms (2048 alike). */
+#ifndef FPREFETCH
+#define FPREFETCH 1024
+#endif
 #define NW 4        /* weight rows per packed group */
 /* token rows per pass over a group: 4 x 4 accumulators need AVX-512's 32 vector registers, 4 x 3 fit AVX2's 16 */
 #ifdef __AVX512F__
@@ -98,7 +103,7 @@ static inline __attribute__((always_inline)) void group_dot(const float *p, long
     for (int a = 0; a < NW; a++)
         for (int r = 0; r < R; r++) acc[a][r] = (v8){0};
     for (long l = 0; l < len; l += 8, p += 8 * NW) {
-        __builtin_prefetch(p + 256);
+        __builtin_prefetch(p + FPREFETCH);
         v8 xv[ROW_BLOCK];
         for (int r = 0; r < R; r++) {
             xv[r] = load8(x + r * ld_x + l);
@@ -139,6 +144,18 @@ static void packed_dot(const float *packed, long n_out, long len, const float *x
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define QUANT_AVX2 1
+#endif
+/* How far ahead (bytes) a quantized row group's stream is prefetched, and into which cache (-D overrides them to
+ * compare builds through bench/quant_kernel.py --library). A thread reads each expert slice as one stream at a few
+ * GB/s per core: at 768 bytes (12 cache lines) the loads still waited on memory, and the int4 kernel read 13 GB/s
+ * of weights with 2 threads where the copy bandwidth was 39 GB/s. 6144 bytes, ds-mini's experts from memory,
+ * same run: batch 1 0.367 -> 0.282 ms per layer call (1.30x), batch 8 2.19 -> 1.52 ms (1.44x); 3072 to 12288 and
+ * the L2 hint measured alike (bench/NOTES.md). Prefetches past a slice's end are harmless (they never fault). */
+#ifndef QHINT
+#define QHINT _MM_HINT_T0
+#endif
+#ifndef QPREFETCH
+#define QPREFETCH 6144
 #endif
 /* token rows per pass over a quantized row group: 4 x R int32 and R float accumulators (a test builds the AVX2
  * path with -DQROW_BLOCK=4 to run the AVX-512 build's row blocking on CPUs without AVX-512) */
@@ -224,8 +241,8 @@ static inline __attribute__((always_inline)) void qgroup_dot(const uint8_t *p, l
         __m256i sums[2][QROW_BLOCK];
         for (int r = 0; r < R; r++) sums[0][r] = sums[1][r] = _mm256_setzero_si256();
         for (long c = 0; c < g; c += 32, p += 16 * bits) {
-            _mm_prefetch((const char *)p + 768, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + QPREFETCH, QHINT);
+            _mm_prefetch((const char *)p + QPREFETCH + 64, QHINT);
             __m256i lo[2], hi[2];
             for (int pair = 0; pair < 2; pair++) {
                 lo[pair] = _mm256_loadu_si256((const __m256i *)(p + 64 * pair));
@@ -268,8 +285,8 @@ static inline __attribute__((always_inline)) void qgroup_dot4(const uint8_t *p, 
         __m256i sums[QROW_BLOCK];
         for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
         for (long c = 0; c < g; c += 32, p += 16 * NW4) {
-            _mm_prefetch((const char *)p + 768, _MM_HINT_T0);
-            _mm_prefetch((const char *)p + 832, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + QPREFETCH, QHINT);
+            _mm_prefetch((const char *)p + QPREFETCH + 64, QHINT);
 #if !defined(__AVX512VNNI__) && !defined(__AVXVNNI__)
             __m256i sum16[QROW_BLOCK];
             for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
