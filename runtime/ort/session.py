@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
@@ -32,11 +33,51 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
 
 
+class Graph:
+    """One InferenceSession, run through onnxruntime's pybind layer (`onnxruntime.capi`'s SessionIOBinding and
+    OrtValue) rather than its Python wrappers, whose per-call bookkeeping (device lookups, validation, wrapping
+    every output) cost about 40% of the host time of a ds-mini int4 decode step at batch 1, 8 segments x ~15
+    bindings (bench/NOTES.md). The calls are the ones the wrappers make (onnxruntime 1.32's
+    onnxruntime_inference_collection.py, the minor release pyproject.toml holds). `device`: where outputs not
+    given a buffer are allocated ("cpu" or "cuda")."""
+
+    def __init__(self, session: ort.InferenceSession, device: str):
+        self.session = session
+        self._c_session = session._sess
+        self._output_device = ort.OrtDevice.make(device, 0)._get_c_device()
+        self._host = ort.OrtDevice.make("cpu", 0)._get_c_device()
+
+    def run(self, inputs: list[tuple[str, "np.ndarray | ort_c.OrtValue"]],
+            outputs: list[tuple[str, np.ndarray | None]]) -> list:
+        """Run with `inputs` (numpy arrays, bound by address, or onnxruntime OrtValues from an earlier run) and
+        `outputs` (name, a C-contiguous array to write into, or None for one onnxruntime allocates on the
+        session's device). Returns the outputs as pybind OrtValues (`.numpy()`, `.shape()`, `.data_ptr()`), in
+        order. The arrays must stay alive until this returns (the caller holds them)."""
+        binding = ort_c.SessionIOBinding(self._c_session)
+        for name, value in inputs:
+            if isinstance(value, np.ndarray):
+                binding.bind_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name, into in outputs:
+            if into is None:
+                binding.bind_output(name, self._output_device)
+            else:
+                binding.bind_output(name, self._host, into.dtype, list(into.shape), into.ctypes.data)
+        self._c_session.run_with_iobinding(binding, None)
+        values = binding.get_outputs()
+        return [values[index] for index in range(len(values))]
+
+
 @dataclass
 class Segment:
-    session: ort.InferenceSession
+    graph: Graph
     inputs: list[str]
     outputs: list[str]
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.graph.session
 
 
 @dataclass
@@ -85,11 +126,13 @@ class OrtSession:
                 options.add_session_config_entry("session.use_env_allocators", "1")
             for segment in section.segments:
                 session = _open_graph(manifest, segment.model, options, providers)
-                self._segments.append(Segment(session, list(segment.inputs), list(segment.outputs)))
+                self._segments.append(Segment(Graph(session, self._device), list(segment.inputs),
+                                              list(segment.outputs)))
             self._experts, self._kernel_description = _load_experts(manifest, section, self._segments, threads,
                                                                     expert_group)
         else:
             self._session = _open_graph(manifest, section.model, options, providers)
+            self._graph = Graph(self._session, self._device)
         # What must match across expert-parallel ranks for their routing to agree bit for bit (runtime/parallel).
         experts = manifest.artifacts.get(section.experts_file or "")
         self.fingerprint = "; ".join((f"onnxruntime {ort.__version__}", f"threads {threads or 'default'}",
@@ -161,27 +204,18 @@ class OrtSession:
                 new_rows[-1] = new_rows[-1][:steps]
         if self._segments:
             return self._run_segments(inputs, past, new_rows)
-        binding = self._session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        for layer, array in enumerate(past):
-            binding.bind_cpu_input(past_latent(layer), array)
-        binding.bind_output(LOGITS, self._device)
+        bound = [*inputs.items(), *((past_latent(layer), array) for layer, array in enumerate(past))]
         layers = self.num_layers + self.mtp_layers
-        for layer in range(layers):
-            name = new_latent(layer)
-            if new_rows is None or not new_rows[layer].size:  # (an empty view has no memory to bind)
-                binding.bind_output(name, self._device)
-            else:
-                out = new_rows[layer]
-                binding.bind_output(name, "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
+        outputs: list[tuple[str, np.ndarray | None]] = [(LOGITS, None)]
+        for layer in range(layers):  # (an empty view has no memory to bind)
+            into = new_rows[layer] if new_rows is not None and new_rows[layer].size else None
+            outputs.append((new_latent(layer), into))
         if self.mtp_layers:
-            binding.bind_output(DRAFT_IDS, "cpu")
-        self._session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
-        rows = new_rows if new_rows is not None else [value.numpy() for value in outputs[1: 1 + layers]]
-        return logits, rows, (outputs[1 + layers].numpy() if self.mtp_layers else None)
+            outputs.append((DRAFT_IDS, None))
+        values = self._graph.run(bound, outputs)
+        logits = values[0].numpy()
+        rows = new_rows if new_rows is not None else [value.numpy() for value in values[1: 1 + layers]]
+        return logits, rows, (values[1 + layers].numpy() if self.mtp_layers else None)
 
     def _run_segments(self, inputs, past, new_rows):
         values: dict[str, np.ndarray | ort.OrtValue] = dict(inputs)
@@ -189,21 +223,9 @@ class OrtSession:
         into = ({new_latent(layer): out for layer, out in enumerate(new_rows) if out.size}
                 if new_rows is not None else {})
         for index, segment in enumerate(self._segments):
-            binding = segment.session.io_binding()
-            for name in segment.inputs:
-                value = values[name]
-                if isinstance(value, np.ndarray):
-                    binding.bind_cpu_input(name, value)
-                else:
-                    binding.bind_ortvalue_input(name, value)
-            for name in segment.outputs:
-                if name in into:
-                    out = into[name]
-                    binding.bind_output(name, "cpu", 0, self.dtype, list(out.shape), out.ctypes.data)
-                else:
-                    binding.bind_output(name, self._device)
-            segment.session.run_with_iobinding(binding)
-            values.update(zip(segment.outputs, binding.get_outputs()))
+            got = segment.graph.run([(name, values[name]) for name in segment.inputs],
+                                    [(name, into.get(name)) for name in segment.outputs])
+            values.update(zip(segment.outputs, got))
             if index < len(self._experts):
                 layer = self._experts[index]
                 hidden, ids, weights = (values[name] for name in layer.inputs)
