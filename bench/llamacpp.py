@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,16 @@ from moetrt.errors import MoetrtError
 SDIST = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"  # vendors llama.cpp 0c1e570; pinned so that a benchmark names what it compared against
 TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-completion")
+# Without AMX: on a CPU with AMX, GGML_NATIVE compiles in the AMX weight buffer type, and llama-bench then aborts on
+# ds-mini's Q4_0 and Q8_0 GGUFs (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id != -1), an op on weights no backend
+# takes; the same abort as llama.cpp issue #19184 on AMX). `--repack 0` avoids it but also drops the AVX-512
+# repacked Q4_0/Q8_0 layouts llama.cpp uses on every other x86 CPU; with AMX compiled out the repack stays on. GCC
+# and clang apply an explicit -mno-* over -march=native whatever their order; on x86 CPUs without AMX these change
+# nothing (other architectures have no such flags).
+NO_AMX = ("-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine().lower() in ("x86_64", "amd64") else "")
 CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DGGML_CUDA=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=ON",
-                 "-DLLAMA_BUILD_TOOLS=ON")
+                 "-DLLAMA_BUILD_TOOLS=ON", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 # llama.cpp's name for each type the benchmark compares -> llama-quantize's argument (f32: the converter's own)
 GGUF_TYPES = {"f32": None, "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name (src/llama-vocab.cpp) for GPT-2's pre-tokenizer regex

@@ -268,8 +268,9 @@ def run(options) -> dict:
     if busy:
         header.append(busy)
     if have_llama:
+        amx = ", AMX compiled out" if llamacpp.NO_AMX else ""
         header.append(f"llama.cpp {llama.commit()} (from {llamacpp.SDIST} {llamacpp.SDIST_VERSION}, Release, "
-                      f"GGML_NATIVE), weights in memory (-lm none), its defaults otherwise (float16 KV cache, "
+                      f"GGML_NATIVE{amx}), weights in memory (-lm none), its defaults otherwise (float16 KV cache, "
                       f"flash attention auto, weights repacked for the CPU).")
     if greedy is not None:
         header.append(f"Greedy check, llama.cpp f32 GGUF against transformers on the checkpoint: "
