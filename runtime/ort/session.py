@@ -35,9 +35,9 @@ KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidd
 
 class Graph:
     """One InferenceSession, run through onnxruntime's pybind layer (`onnxruntime.capi`'s SessionIOBinding and
-    OrtValue) rather than its Python wrappers, whose per-call bookkeeping (device lookups, validation, wrapping
-    every output) cost about 40% of the host time of a ds-mini int4 decode step at batch 1, 8 segments x ~15
-    bindings (bench/NOTES.md). The calls are the ones the wrappers make (onnxruntime 1.32's
+    OrtValue) rather than its Python wrappers, whose per-call bookkeeping (device lookups, validation, an OrtValue
+    wrapper per output) ran for every binding: 15-25 us per run saved (tiny-r1's graph, 421 -> 407 us; a ds-mini
+    step makes 8 runs, bench/NOTES.md). The calls are the ones the wrappers make (onnxruntime 1.32's
     onnxruntime_inference_collection.py, the minor release pyproject.toml holds). `device`: where outputs not
     given a buffer are allocated ("cpu" or "cuda")."""
 
@@ -131,8 +131,7 @@ class OrtSession:
             self._experts, self._kernel_description = _load_experts(manifest, section, self._segments, threads,
                                                                     expert_group)
         else:
-            self._session = _open_graph(manifest, section.model, options, providers)
-            self._graph = Graph(self._session, self._device)
+            self._graph = Graph(_open_graph(manifest, section.model, options, providers), self._device)
         # What must match across expert-parallel ranks for their routing to agree bit for bit (runtime/parallel).
         experts = manifest.artifacts.get(section.experts_file or "")
         self.fingerprint = "; ".join((f"onnxruntime {ort.__version__}", f"threads {threads or 'default'}",
@@ -218,7 +217,7 @@ class OrtSession:
         return logits, rows, (values[1 + layers].numpy() if self.mtp_layers else None)
 
     def _run_segments(self, inputs, past, new_rows):
-        values: dict[str, np.ndarray | ort.OrtValue] = dict(inputs)
+        values: dict[str, np.ndarray | ort_c.OrtValue] = dict(inputs)
         values.update({past_latent(layer): array for layer, array in enumerate(past)})
         into = ({new_latent(layer): out for layer, out in enumerate(new_rows) if out.size}
                 if new_rows is not None else {})
