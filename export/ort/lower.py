@@ -30,6 +30,8 @@ attribute is set but swiglu_limit (as for MoE) and the per-projection bit widths
 Both quantize the activations to int8 per group in their integer GEMMs (QMOE_ACCURACY_LEVEL, and the kernel's
 llama.cpp Q8_0 scheme).
 
+After the experts, the projections that read one input are merged into one MatMul (export/ort/merge.py).
+
 A quantized token embedding (two Gathers and a DequantizeLinear in the export, export/quantized.py) becomes one
 `com.microsoft::GatherBlockQuantized` over int4 values (int8: uint8 offset by its implicit zero point 128), so
 an int4 table is stored in 4 bits as llama.cpp's Q4_0 token_embd is.
@@ -50,7 +52,9 @@ from moetrt.export.lowering import (
     replace_node,
     routed_experts_nodes,
 )
+from moetrt.export.ort.merge import merge_sibling_projections
 from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE
+from moetrt.progress import note
 from moetrt.quantization import pack_int4
 
 MS_DOMAIN = "com.microsoft"
@@ -170,6 +174,9 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
         drop_unused_initializer(model, w_gate_up)
         drop_unused_initializer(model, w_down)
     model.opset_imports.pop("moetrt", None)
+    merged = merge_sibling_projections(model)
+    if merged:
+        note(f"merged projections: {merged} MatMuls fewer (q_a with kv_a, gate with up: export/ort/merge.py)")
     if moe_kernel == "moetrt":
         model.opset_imports[EXPERTS_DOMAIN] = 1
     embeddings = _lower_quantized_embedding(model)
