@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrt import hardware
-from moetrt.atomic import discard_staging, staging_dir
+from moetrt.atomic import check_replaceable, discard_staging, staging_dir
 from moetrt.config import load_config
 from moetrt.errors import MoetrtError
 from moetrt.export.backends import choose_backend, get_backend
@@ -21,6 +21,7 @@ from moetrt.export.calibration import check_overflow
 from moetrt.export.resume import adopt_stale
 from moetrt.formats import (
     EXPORT_JSON,
+    MANIFEST,
     TOKENIZER_FILES,
     EngineManifest,
     ExportInfo,
@@ -49,6 +50,7 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
     except TypeError as error:
         raise MoetrtError(f"build_engine: {error}; options are {', '.join(f.name for f in dataclasses.fields(BuildConfig))}") from None
     source, engine_dir = Path(source), Path(engine_dir)
+    check_replaceable(engine_dir, MANIFEST, "engine", (source,))
     if config.quantize != "none" and config.dtype is not None:  # first: every other fix would still meet this
         from moetrt.export.quantized import check_quantizable
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrt.atomic import discard_staging, staging_dir
+from moetrt.atomic import check_replaceable, discard_staging, staging_dir
 from moetrt.config import ModelConfig, load_config
 from moetrt.errors import MoetrtError
 from moetrt.export import resume
@@ -35,6 +35,7 @@ from moetrt.export.model import DeepseekForCausalLM
 from moetrt.formats import (
     ATTENTION_MASK,
     DATA_FILE,
+    EXPORT_JSON,
     MODEL_FILE,
     MTP_ATTENTION_MASK,
     PAST_LATENT_PREFIX,
@@ -232,6 +233,7 @@ def export_onnx(
     if dtype not in DTYPES:
         raise MoetrtError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    check_replaceable(out_dir, EXPORT_JSON, "export", (checkpoint_dir,))
     if quantize is not None:
         check_quantizable(dtype)
     plan = target if isinstance(target, LoweringPlan) else plan_target(target, load_config(checkpoint_dir), dtype,

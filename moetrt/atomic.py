@@ -38,6 +38,24 @@ class DiskFullError(MoetrtError):
                          + "): free space there or choose another output directory")
 
 
+def check_replaceable(out_dir: Path, marker: str, what: str, sources: tuple[Path, ...] = ()) -> None:
+    """Raise MoetrtError unless `out_dir` may be written whole by `staging_dir`, which deletes what it replaces: it
+    must be absent, an empty directory, or a directory holding `marker` (an earlier `what`, e.g. "engine" with
+    manifest.json); and it must not be, or contain, any of `sources` (the checkpoint being read) or the current
+    directory."""
+    target = Path(out_dir).resolve()
+    for source, role in [*((Path(s), "the input") for s in sources), (Path.cwd(), "the current directory")]:
+        held = source.resolve()
+        if target == held or target in held.parents:
+            raise MoetrtError(f"output directory {out_dir} is {role} ({source}) or contains it, and writing it "
+                              f"replaces the whole directory: choose a new directory, e.g. -o {target.name}-{what}")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise MoetrtError(f"output directory {out_dir} is not empty and holds no moetrt {what} (no {marker}); "
+                          f"writing it would delete what is there: choose a new or empty directory")
+    if target.exists() and not target.is_dir():
+        raise MoetrtError(f"output path {out_dir} exists and is not a directory")
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -54,8 +72,8 @@ def staging_dir(out_dir: Path, need_bytes: int | None = None, keep_on_interrupt:
     kill would leave it, for a resuming writer to adopt (export/resume.py), with a note naming it (unless nothing was
     written into it yet).
     """
-    out_dir = Path(out_dir)
-    parent = out_dir.resolve().parent
+    out_dir = Path(out_dir).resolve()  # "." or ".." would name no sibling
+    parent = out_dir.parent
     if out_dir.exists() and not out_dir.is_dir():
         raise MoetrtError(f"output path {out_dir} exists and is not a directory")
     for ancestor in (parent, *parent.parents):

@@ -169,3 +169,60 @@ def test_a_build_that_cannot_fit_the_disk_is_refused_before_writing(tmp_path, mo
                                           r"0\.0 GB are free at .*; free space there or choose another -o$"):
         build_engine(ROOT / "models" / "tiny-r1", tmp_path / "engine", backend="ort")
     assert os.listdir(tmp_path) == []
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["build-engine", "export"])
+def test_an_output_directory_holding_other_files_is_refused_and_kept(tmp_path, monkeypatch, capsys, command):
+    """Writing an output replaces the directory whole; a directory that is not an earlier engine or export (here a
+    notes file and a subfolder) was deleted without a word."""
+    from moetrt.cli import main
+
+    out = tmp_path / "models"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious\n")
+    (out / "sub" / "y").write_text("x\n")
+    before = _tree(out)
+    monkeypatch.setattr(sys, "argv", ["moetrt", command, str(ROOT / "models" / "tiny-r1"), "-o", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 1 and len(lines) == 1, lines
+    marker = "manifest.json" if command == "build-engine" else "export.json"
+    assert lines[0] == (f"error: output directory {out} is not empty and holds no moetrt "
+                        f"{'engine' if command == 'build-engine' else 'export'} (no {marker}); writing it would "
+                        "delete what is there: choose a new or empty directory")
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+@pytest.mark.parametrize("where", ["the checkpoint", "its parent", "the current directory", "dot-dot"])
+def test_an_output_that_is_or_holds_the_input_or_the_current_directory_is_refused(tmp_path, monkeypatch, where):
+    """`-o CHECKPOINT`, `-o ..` from inside it, or `-o` a parent of the current directory would delete them, even
+    where the directory holds an engine's manifest.json (an engine directory given as both)."""
+    from moetrt.atomic import check_replaceable
+
+    checkpoint = tmp_path / "models" / "ck"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text("{}\n")  # so only the input rule can refuse it
+    monkeypatch.chdir(checkpoint if where == "dot-dot" else tmp_path / "models")
+    out = {"the checkpoint": checkpoint, "its parent": checkpoint.parent, "the current directory": Path("."),
+           "dot-dot": Path("..")}[where]
+    with pytest.raises(MoetrtError, match=r"^output directory .* is (the input|the current directory) \(.*\) or "
+                                          r"contains it, and writing it replaces the whole directory: choose a new "
+                                          r"directory, e.g. -o .*-engine$"):
+        check_replaceable(out, "manifest.json", "engine", (checkpoint,))
+
+
+def test_an_empty_directory_or_an_earlier_output_may_be_replaced(tmp_path):
+    from moetrt.atomic import check_replaceable
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "manifest.json").write_text("{}\n")
+    (tmp_path / "engine" / "model.onnx").write_text("graph\n")
+    for out in ("empty", "engine", "absent"):
+        check_replaceable(tmp_path / out, "manifest.json", "engine", (ROOT / "models" / "tiny-r1",))
