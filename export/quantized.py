@@ -165,12 +165,15 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
     skipped: list[str] = []
     counts = {kind: [0, 0] for kind in QUANTIZED_KINDS}  # kind -> [quantized, kept] weights
 
+    unfit_sizes: set[int] = set()
+
     def swap_linear(parent: nn.Module, name: str, qualified: str, kind: str) -> None:
         linear = getattr(parent, name)
         fits = scheme.fits(linear.in_features)
         counts[kind][0 if fits else 1] += 1
         if not fits:
             skipped.append(qualified)
+            unfit_sizes.add(linear.in_features)
             return
         setattr(parent, name, QuantizedLinear(linear.in_features, linear.out_features, scheme,
                                               bias=linear.bias is not None))
@@ -205,6 +208,10 @@ def quantize_model(model: nn.Module, scheme: QuantScheme) -> Quantization:
         model.model.embed_tokens = QuantizedEmbedding(config.vocab_size, config.hidden_size, scheme)
     else:
         skipped.append("embed_tokens")
+    if not any(quantized for quantized, _ in counts.values()):
+        sizes = ", ".join(map(str, sorted(unfit_sizes | {config.hidden_size})))
+        raise MoetrtError(f"group size {scheme.group_size} divides none of this model's weight input sizes ({sizes}): "
+                          f"nothing would be quantized; choose a --group-size that divides them (e.g. 32)")
     if skipped:
         stay = "weights stay" if len(skipped) != 1 else "weight stays"
         note(f"quantization: {len(skipped)} {stay} float32, their input size not a multiple of the group size "

@@ -90,7 +90,8 @@ MoeKernel = Literal[MOE_KERNEL_CHOICES]
 Quantize = Literal[QUANTIZE_CHOICES]
 QUANTIZE_HELP = ("Weight-only quantization: symmetric int8 or int4 blocks with one float16 scale per --group-size "
                  "input channels (experts, dense MLPs, attention, lm_head, embedding); none keeps the dtype.")
-GROUP_SIZE_HELP = "Input channels per quantization scale (a power of two >= 16)."
+GROUP_SIZE_HELP = (f"Input channels per quantization scale (a power of two >= 16; default {DEFAULT_GROUP_SIZE}); "
+                   "with --quantize int8|int4 only.")
 Task = Literal[tuple(TASKS)]
 Speculative = Literal["mtp"]
 _SPECULATIVE = typer.Option(None, "--speculative", help="Speculative decoding: mtp drafts with the engine's "
@@ -204,7 +205,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quantize: Quantize = typer.Option("none", help="For a checkpoint: the engine's weights for the fit report ("
                                       "int8 / int4 as build-engine --quantize; an engine says its own)."),
-    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help=GROUP_SIZE_HELP),
+    group_size: Optional[int] = typer.Option(None, help=GROUP_SIZE_HELP),
 ) -> None:
     """Layers, experts, routing, parameters, weight bytes, KV-cache bytes, GPUs needed, and whether an engine fits
     this machine's memory and disk (weights, latent cache at --context x --batch, bytes read per decode token)."""
@@ -225,7 +226,8 @@ def info(
     else:
         from moetrt.export.info import planned_quantization
 
-        fit = fit_report(config, "float32", planned_quantization(str(quantize), group_size), context, batch,
+        fit = fit_report(config, "float32", planned_quantization(str(quantize), _group_size(quantize, group_size)),
+                         context, batch,
                          source.parent if source.is_file() else source)
     summary = {**describe(config, context=context, batch=batch), "fit": fit}
     if as_json:
@@ -323,7 +325,7 @@ def export(
     dtype: Dtype = typer.Option("float32", help="Precision of the export."),
     moe_kernel: MoeKernel = typer.Option("auto", help=MOE_KERNEL_HELP),
     quantize: Quantize = typer.Option("none", help=QUANTIZE_HELP),
-    group_size: int = typer.Option(DEFAULT_GROUP_SIZE, help=GROUP_SIZE_HELP),
+    group_size: Optional[int] = typer.Option(None, help=GROUP_SIZE_HELP),
     mtp: bool = _MTP,
     check_trt: bool = typer.Option(False, "--check-trt", help="Report what TensorRT's parser would refuse "
                                    "(no GPU needed); exit 1 if anything."),
@@ -335,7 +337,7 @@ def export(
 
     from moetrt.quantization import scheme_for
 
-    scheme = scheme_for(quantize, group_size)
+    scheme = scheme_for(quantize, _group_size(quantize, group_size))
     if mtp and target != "ort":
         raise MoetrtError(f"--mtp exports are built for ONNX Runtime only so far; export with --target ort, not {target}")
     out = export_onnx(checkpoint, output, target=target, dtype=dtype, ort=OrtOptions(moe_kernel=moe_kernel),
@@ -414,7 +416,7 @@ def build_engine_command(
                                                            "plugin: aot (no Python at run time) or jit."),
     moe_kernel: MoeKernel = typer.Option(OrtOptions.moe_kernel, help=MOE_KERNEL_HELP),
     quantize: Quantize = typer.Option(BuildConfig.quantize, help=QUANTIZE_HELP),
-    group_size: int = typer.Option(BuildConfig.group_size, help=GROUP_SIZE_HELP),
+    group_size: Optional[int] = typer.Option(None, help=GROUP_SIZE_HELP),
     mtp: bool = _MTP,
     dry_run: bool = typer.Option(False, "--dry-run", help="Check a TensorRT build without building (no GPU "
                                  "needed): what the parser would refuse, the profiles; exit 1 if refused."),
@@ -426,7 +428,7 @@ def build_engine_command(
 
     limits = {"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context}
     config = BuildConfig(backend=backend, dtype=dtype, allow_long_context=allow_long_context, quantize=quantize,
-                         group_size=group_size, mtp=mtp,
+                         group_size=_group_size(quantize, group_size), mtp=mtp,
                          profile=BuildProfile(**{k: v for k, v in limits.items() if v is not None}),
                          ort=OrtOptions(moe_kernel=moe_kernel), trt=TrtOptions(plugin=trt_plugin, portable=portable))
     if dry_run:
@@ -435,6 +437,14 @@ def build_engine_command(
     start = time.perf_counter()
     engine = build_engine(source, output, config)
     typer.echo(f"built {engine} in {time.perf_counter() - start:.1f}s")
+
+
+def _group_size(quantize: str, group_size: int | None) -> int:
+    """--group-size as given, or the default; MoetrtError when it is given without a quantization to apply it to."""
+    if group_size is not None and quantize == "none":
+        raise MoetrtError(f"--group-size {group_size} sizes the blocks of quantized weights: add --quantize int8 or "
+                          "--quantize int4, or leave --group-size out")
+    return DEFAULT_GROUP_SIZE if group_size is None else group_size
 
 
 def _dry_run_trt(source: Path, config: BuildConfig) -> None:

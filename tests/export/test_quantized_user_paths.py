@@ -124,3 +124,25 @@ def test_python_api_refuses_a_group_size_that_is_not_an_int():
 
     with pytest.raises(MoetrtError, match="--group-size must be a power of two of at least 16, got '32'"):
         build_engine("no-such-checkpoint", "out", quantize="int4", group_size="32")
+
+
+def test_a_group_size_that_fits_no_weight_is_refused():
+    """Groups of 128 divide none of the small model's input sizes (48, 24, 40, 64): the build went on, wrote a
+    float engine labelled int4 ("tensors: ;" in `moetrt info`), and `verify` passed it under int4's thresholds."""
+    with pytest.raises(MoetrtError, match=r"^group size 128 divides none of this model's weight input sizes "
+                                          r"\(24, 40, 48, 64\): nothing would be quantized; choose a --group-size "
+                                          r"that divides them \(e\.g\. 32\)$"):
+        _quantized(SMALL, QuantScheme(4, 128))
+
+
+@pytest.mark.parametrize("command", ["build-engine", "export", "info"])
+def test_group_size_without_quantize_is_refused_in_one_line(tmp_path, command):
+    """`build-engine CKPT -o E --group-size 64` built a float32 engine and said nothing of the group size."""
+    from tests.runtime.test_tiny_r1_engine import TINY_R1, moetrt_cli
+
+    out = [] if command == "info" else ["-o", tmp_path / "e"]
+    result = moetrt_cli(command, TINY_R1, *out, "--group-size", "64")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == ("error: --group-size 64 sizes the blocks of quantized weights: add --quantize "
+                                     "int8 or --quantize int4, or leave --group-size out"), result.stderr
+    assert list(tmp_path.iterdir()) == []
