@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moetrt.runtime.requests import RequestError
 
@@ -110,13 +110,28 @@ class GenerationRequest(Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = Field(None, ge=-1, lt=1 << 63)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | list[str] | None = None
     stop_in_reasoning: bool = False  # stop strings end the answer; with this, the thinking too
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     response_format: ResponseFormat | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # OpenAI's limit; as a length bound on the list branch of the union, a fifth string was reported as
+        # "stop.str: Input should be a valid string"
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(stop)}")
+        return stop
+
+    @model_validator(mode="after")
+    def _stream_options_with_stream(self):
+        if self.stream_options is not None and not self.stream:  # OpenAI and vLLM refuse it too
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @property
     def requested_tokens(self) -> int | None:

@@ -13,7 +13,7 @@ H = 64  # input width; widths of the projections differ on purpose
 
 
 def _initializer(graph_inits: list, array: np.ndarray, name: str, dtype=None) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    tensor = ir.tensor(array, name=name) if dtype is None else ir.Tensor(array, dtype=dtype, name=name)
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph_inits.append(value)
     return value

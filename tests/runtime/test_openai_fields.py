@@ -398,7 +398,8 @@ def test_null_optional_fields_mean_their_defaults(server, path):
     assert response.headers["content-type"] == "application/json"  # stream null: not streamed
     choices = response.json()["choices"]
     assert len(choices) == 1 and choices[0]["logprobs"] is None  # n null: 1; logprobs null: none
-    with_options = server.post(path, {**base, "max_tokens": 2, "stream_options": {"include_usage": None}})
+    with_options = server.post(path, {**base, "max_tokens": 2, "stream": True,
+                                      "stream_options": {"include_usage": None}})
     assert with_options.status_code == 200, with_options.text
     for refused in ({"model": None}, {"frobnicate": None}):  # a required field or an unknown one stays refused
         answer = server.post(path, {**base, **refused})
