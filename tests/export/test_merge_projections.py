@@ -20,9 +20,10 @@ def _initializer(graph_inits: list, array: np.ndarray, name: str, dtype=None) ->
 
 
 def projections_graph(bits: int | None, seed: int = 0) -> ir.Model:
-    """x `[B, S, H]` through three projections of x (widths 48, 80 split in 64 + 16, 32) and one of another input (y); with `bits`,
-    each weight is int8/int4 values `[H, N]` and float32 scales `[H / 16, N]` behind a block-wise DequantizeLinear,
-    as export/quantized.py writes them. A 3-D weight (the absorbed attention products) reads x too."""
+    """x `[B, S, H]` through three projections of x (widths 48, 80 split in 64 + 16, 32) and one of another input
+    (y); with `bits`, each weight is int8/int4 values `[H, N]` and float32 scales `[H / 16, N]` behind a block-wise
+    DequantizeLinear, as export/quantized.py writes them. A 3-D weight (the absorbed attention products) reads x
+    too."""
     rng = np.random.default_rng(seed)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", H]))
     y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", H]))
