@@ -126,7 +126,8 @@ def fit_to_model(source: Path, config: BuildConfig) -> BuildConfig:
         model, dtype = load_config(source), config.dtype or "float32"
     else:
         return config  # export_for says what the source lacks
-    profile, how = fit_profile(config.profile, model, dtype, config.allow_long_context)
+    profile, how = fit_profile(config.profile, model, dtype, config.allow_long_context,
+                               model.num_nextn_predict_layers if config.mtp else 0)
     note(how)
     return dataclasses.replace(config, profile=profile)
 

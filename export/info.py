@@ -278,17 +278,18 @@ def engine_weight_bytes(c: ModelConfig, dtype: str, quantization: Quantization |
 
 
 def fit_report(c: ModelConfig, dtype: str, quantization: Quantization | None, context: int, batch: int,
-               where: Path, engine_bytes: int | None = None, building: bool = True) -> dict:
+               where: Path, engine_bytes: int | None = None, building: bool = True, mtp_layers: int = 0) -> dict:
     """Whether an engine of `c` fits this machine: `engine_bytes` of weights (an engine's artifacts, else
     `engine_weight_bytes`), the latent cache for `batch` sequences of `context` tokens in the engine's dtype, the
     weight bytes read per decode token; memory available now (moetrt.hardware.available_memory) against weights +
     cache + RUNTIME_OVERHEAD (an engine's weights are memory-mapped and should stay resident to decode at memory
     speed), disk free at `where` against what a build writes (`building`: the export and the engine coexist until
-    the build ends, about twice the weights). All sizes in bytes."""
+    the build ends, about twice the weights). `mtp_layers`: the MTP module's latent-cache layers (an --mtp engine).
+    All sizes in bytes."""
     from moetrt import hardware
 
     weights = engine_bytes if engine_bytes is not None else engine_weight_bytes(c, dtype, quantization)
-    kv_per_token = c.latent_bytes_per_token(DTYPE_BYTES[dtype])
+    kv_per_token = c.latent_bytes_per_token(DTYPE_BYTES[dtype], mtp_layers)
     kv = kv_per_token * context * batch
     read = sum(decode_weight_bytes(c, dtype, quantization).values())
     memory, disk = hardware.available_memory(), hardware.disk_free(where)

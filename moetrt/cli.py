@@ -222,7 +222,8 @@ def info(
     if engine_mtp is not None:
         fit = fit_report(config, manifest.dtype, manifest.quantization, min(context, manifest.profile.max_context),
                          batch, source,
-                         engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False)
+                         engine_bytes=sum(record.bytes for record in manifest.artifacts.values()), building=False,
+                         mtp_layers=engine_mtp)
     else:
         from moetrt.export.info import planned_quantization
 
@@ -230,6 +231,9 @@ def info(
                          context, batch,
                          source.parent if source.is_file() else source)
     summary = {**describe(config, context=context, batch=batch), "fit": fit}
+    if engine_mtp is not None:
+        summary["engine"] = _engine_summary(source)
+        fit["bytes_read_per_token"] = summary["engine"]["bytes_read_per_token"]  # with the layout's scale bytes
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -253,9 +257,9 @@ def info(
         f"141 GB GPUs      bf16 {summary['gpus_141gb']['bf16']}, fp8 {summary['gpus_141gb']['fp8']} "
         f"(weights + latent cache for {summary['batch']} x {summary['context']} tokens, 90% usable)",
     ]
-    if (source / "manifest.json").is_file():
-        lines += _engine_lines(source)
-    lines += _fit_lines(fit, str(quantize) if not (source / "manifest.json").is_file() else None)
+    if engine_mtp is not None:
+        lines += _engine_lines(summary["engine"])
+    lines += _fit_lines(fit, str(quantize) if engine_mtp is None else None)
     typer.echo("\n".join(lines))
 
 
@@ -290,8 +294,11 @@ def _mtp_note(declared: int, in_engine: int | None) -> str:
     return f"; {declared} MTP layer ({held}; not counted below)"
 
 
-def _engine_lines(engine_dir: Path) -> list[str]:
-    """What an engine directory adds to `info`: backend, dtype, shape limits, size on disk, the backend's own."""
+def _engine_summary(engine_dir: Path) -> dict:
+    """What an engine directory adds to `info` (JSON-ready; `_engine_lines` prints it): backend, dtype, size on disk,
+    the weights' scheme, bytes read per decode token at batch 1, shape limits, the MTP module, the backend's own."""
+    import dataclasses
+
     from moetrt.runtime.backends import get_backend
     from moetrt.runtime.manifest import load_manifest
 
@@ -299,21 +306,36 @@ def _engine_lines(engine_dir: Path) -> list[str]:
 
     manifest = load_manifest(engine_dir)
     profile = manifest.profile
-    size = sum(record.bytes for record in manifest.artifacts.values())
     config = manifest.model_config
     qmoe = getattr(manifest.section, "moe_kernel", None) == "onnxruntime"  # QMoE keeps its scales in float32
     read = decode_weight_bytes(config, manifest.dtype, manifest.quantization, expert_scale_bytes=4 if qmoe else 2)
+    return {
+        "backend": manifest.backend, "dtype": manifest.dtype,
+        "bytes_on_disk": sum(record.bytes for record in manifest.artifacts.values()),
+        "quantization": dataclasses.asdict(manifest.quantization) if manifest.quantization else None,
+        "weights": quantization_summary(manifest.quantization, manifest.dtype),
+        "bytes_read_per_token": sum(read.values()), "bytes_read_per_token_parts": read,
+        "routed_experts_read": f"{config.num_experts_per_tok} of {config.n_routed_experts}",
+        "limits": {"max_batch": profile.max_batch, "max_seq": profile.seq, "max_context": profile.max_context},
+        "mtp_module": bool(manifest.io.mtp_layers),
+        "backend_details": list(get_backend(manifest.backend).describe(manifest)),
+    }
+
+
+def _engine_lines(engine: dict) -> list[str]:
+    """`info`'s lines for an engine, from `_engine_summary`."""
+    read, limits = engine["bytes_read_per_token_parts"], engine["limits"]
     return [
-        f"engine           {manifest.backend}, {manifest.dtype}, {_human_bytes(size)} on disk",
-        f"engine weights   {quantization_summary(manifest.quantization, manifest.dtype)}",
-        f"bytes / token    {_human_bytes(sum(read.values()))} of weights read per decode token at batch 1 (dense "
-        f"{_human_bytes(read['dense'])}, routed experts {config.num_experts_per_tok} of {config.n_routed_experts} "
+        f"engine           {engine['backend']}, {engine['dtype']}, {_human_bytes(engine['bytes_on_disk'])} on disk",
+        f"engine weights   {engine['weights']}",
+        f"bytes / token    {_human_bytes(engine['bytes_read_per_token'])} of weights read per decode token at batch 1 "
+        f"(dense {_human_bytes(read['dense'])}, routed experts {engine['routed_experts_read']} "
         f"{_human_bytes(read['routed_experts'])}, embedding row {_human_bytes(read['embedding_row'])})",
-        f"limits           batch {profile.max_batch}, {profile.seq} tokens per call, "
-        f"{profile.max_context} cached positions per sequence",
+        f"limits           batch {limits['max_batch']}, {limits['max_seq']} tokens per call, "
+        f"{limits['max_context']} cached positions per sequence",
         "MTP module       " + ("yes: `--speculative mtp` drafts with it (plain decoding skips it)"
-                              if manifest.io.mtp_layers else "no (build with --mtp to decode speculatively)"),
-        *get_backend(manifest.backend).describe(manifest),
+                              if engine["mtp_module"] else "no (build with --mtp to decode speculatively)"),
+        *engine["backend_details"],
     ]
 
 

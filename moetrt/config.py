@@ -146,9 +146,10 @@ class ModelConfig:
             return max(self.max_position_embeddings, extended)
         return self.max_position_embeddings
 
-    def latent_bytes_per_token(self, bytes_per_value: int) -> int:
-        """Latent-cache bytes one token takes over all layers: layers x (kv_lora_rank + qk_rope_head_dim) values."""
-        return self.num_hidden_layers * self.latent_dim * bytes_per_value
+    def latent_bytes_per_token(self, bytes_per_value: int, mtp_layers: int = 0) -> int:
+        """Latent-cache bytes one token takes over all layers: layers x (kv_lora_rank + qk_rope_head_dim) values;
+        `mtp_layers` (an --mtp engine's MTP module) keep a cache layer each too."""
+        return (self.num_hidden_layers + mtp_layers) * self.latent_dim * bytes_per_value
 
     @property
     def uses_correction_bias(self) -> bool:

@@ -63,19 +63,21 @@ class BuildProfile:
 
 
 def fit_profile(profile: BuildProfile, model: ModelConfig, dtype: str,
-                allow_long_context: bool = False) -> tuple[BuildProfile, str]:
+                allow_long_context: bool = False, mtp_layers: int = 0) -> tuple[BuildProfile, str]:
     """`profile` fitted to `model` for an engine in `dtype`, and a line saying how its context was chosen.
 
     A given max_context beyond what the model supports (ModelConfig.supported_context) raises MoetrtError naming
     the limit, unless `allow_long_context`; without one the engine gets the model's context, cut where the
-    latent cache of max_batch sequences would pass DEFAULT_LATENT_CACHE_BYTES.
+    latent cache of max_batch sequences would pass DEFAULT_LATENT_CACHE_BYTES (`mtp_layers`: the MTP module's
+    cache layers, an --mtp engine's).
     """
-    limit, per_token = model.supported_context, model.latent_bytes_per_token(DTYPE_BYTES[dtype])
+    limit, per_token = model.supported_context, model.latent_bytes_per_token(DTYPE_BYTES[dtype], mtp_layers)
     extended = model.rope.kind == "yarn" and limit > model.max_position_embeddings
     source = (f"YaRN's {model.rope.original_max_position_embeddings} x {model.rope.factor:g}" if extended
               else f"max_position_embeddings {model.max_position_embeddings}")
-    cache = (f"latent cache {per_token:,} bytes per token ({model.num_hidden_layers} layers x {model.latent_dim} "
-             f"values x {DTYPE_BYTES[dtype]} bytes)")
+    layers = f"{model.num_hidden_layers} layers" + (f" + {mtp_layers} MTP" if mtp_layers else "")
+    cache = (f"latent cache {per_token:,} bytes per token ({layers} x {model.latent_dim} values x "
+             f"{DTYPE_BYTES[dtype]} bytes)")
     context = profile.max_context
     if context is not None and context > limit and not allow_long_context:
         raise MoetrtError(f"--max-context {context} exceeds the {limit} positions this {model.model_type} model "

@@ -23,6 +23,12 @@ def test_the_default_context_is_the_models():
                    "token (4 layers x 64 values x 4 bytes)")
 
 
+def test_an_mtp_engine_counts_the_modules_cache_layer():
+    """An --mtp engine keeps a latent-cache layer for the MTP module; the build's line and `info` left it out."""
+    _, how = fit_profile(BuildProfile(), TINY_R1, "float32", mtp_layers=1)
+    assert how.endswith("latent cache 1,280 bytes per token (4 layers + 1 MTP x 64 values x 4 bytes)"), how
+
+
 def test_the_default_context_is_cut_where_the_latent_cache_would_not_fit():
     """DeepSeek-V3 supports 163840 positions: 11.5 GB of bf16 latent cache per sequence, 92 GB for 8."""
     assert DEEPSEEK_V3.supported_context == 163840

@@ -135,6 +135,13 @@ def test_manifest_records_the_scheme_and_info_shows_it(engines, tmp_path):
             and "token embedding; kept float32: norms" in info.stdout), info.stdout
     assert "of weights read per decode token at batch 1 (dense " in info.stdout
     assert "routed experts   onnxruntime's QMoE op (int4)" in info.stdout
+    as_json = moetrt_cli("info", engine, "--json")  # had no engine section, and another bytes-per-token figure
+    assert as_json.returncode == 0, as_json.stderr
+    summary = json.loads(as_json.stdout)
+    assert summary["engine"]["quantization"]["scheme"] == "int4" and summary["engine"]["mtp_module"] is False
+    assert summary["fit"]["bytes_read_per_token"] == summary["engine"]["bytes_read_per_token"]
+    read = summary["engine"]["bytes_read_per_token"]
+    assert f"bytes / token    {read / 1e3:.2f} KB of weights read" in info.stdout, (read, info.stdout)
 
 
 def test_build_from_an_export_of_another_quantization_is_refused_in_one_line(tmp_path):
