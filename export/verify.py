@@ -332,7 +332,8 @@ class VerifyReport:
 
     def describe(self) -> str:
         stats = self.next_token
-        judged = "checked" if self.kl_thresholds is None else "information"
+        judged = ("checked" if self.kl_thresholds is None else
+                  "information only: quantization moves logits by design, the KL above decides")
         criteria = self.kl_thresholds.describe() if self.kl_thresholds else "logits, greedy tokens, task answers kept"
         lines = [
             f"scheme      {self.quantization or 'none'} ({self.dtype}): PASS needs {criteria}",
@@ -340,7 +341,7 @@ class VerifyReport:
             f"{stats.kl_max:.3g} nats over {stats.positions} positions ({self.prompt_set})",
             f"top-1       {stats.top1_agreement:.2%} agree; PPL ratio {stats.ppl_ratio:.6f} (engine "
             f"{stats.ppl_engine:.4g}, reference {stats.ppl_reference:.4g})",
-            f"logits      max |Δ| {self.max_abs_logit_diff:.3g} over {self.prompts} prompts "
+            f"logits      max |Δ| {self.max_abs_logit_diff:.3g} over {self.prompts} random-token prompts "
             f"(tolerance {self.logit_tolerance:.3g} for {self.dtype}; {judged})",
             f"greedy      {self.greedy_rows_agreeing}/{self.prompts} continuations agree "
             f"({self.greedy_tokens_compared} tokens compared; near-ties allowed; {judged})",

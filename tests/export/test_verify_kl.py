@@ -110,6 +110,8 @@ def test_quantized_report_passes_on_its_schemes_kl_thresholds_only(scheme):
     assert not report_with(dataclasses.replace(within, kl_p99=limits.kl_p99 * 1.1), scheme).passed
     described = report_with(within, scheme).describe()
     assert f"PASS needs {limits.describe()}" in described and described.endswith("PASS")
+    # the failing logit and greedy lines above a PASS read as failures unless they say they do not count
+    assert described.count("information only: quantization moves logits by design, the KL above decides") == 3
     assert "logits, greedy tokens, task answers kept" in report_with(within, None).describe()
     fields = report_with(within, scheme).to_dict()
     assert fields["kl_thresholds"] == dataclasses.asdict(limits) and fields["quantization"] == scheme
