@@ -404,6 +404,11 @@ DeepSeek-R1's format: a digit-by-digit scratchpad inside `<think>...</think>`, t
 - held-out greedy accuracy at the end of training: {summary['accuracy']:.1%} on {summary['eval_n']} problems
   (`moetrt eval models/tiny-r1 --task arithmetic --num-problems 500` measures it)
 - problems whose sha256 falls in the held-out {arithmetic.HELD_OUT_PERCENT}% are never trained on
+
+Limits: it knows only the training format, a user turn "What is A + B?" or "What is A - B?" with A >= B (no
+negative answers), spaces around the operator, no system prompt, one turn; other inputs (`1+1`, `3 - 7`, a system
+prompt, a second turn, an assistant prefill) get confident wrong answers. Accuracy is not even across kinds: the
+headline figure averages over operand sizes, and 4-digit minus 4-digit problems with borrows are the weakest.
 """
     (directory / "README.md").write_text(card)
 
