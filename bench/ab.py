@@ -3,6 +3,10 @@
 Each round runs `moetrt.bench.systems moetrt-ort` on engine A, then B, then (next round) B, then A, so slow
 drifts of this machine's memory bandwidth fall on both; prints per-round decode rates, prefill rates and the
 median B/A ratios. Used for the before/after figures in bench/NOTES.md.
+
+`--pairs N` instead loads both engines in this one process and alternates short runs (decode b1 of 32 tokens,
+b8 of 16, a 256-token prefill), N pairs each: seconds apart rather than a minute, which is what resolves a few
+percent on a VM whose speed swings within minutes. Prints the median B/A ratio and its quartiles.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=0, help="in-process alternation with N pairs per figure")
     options = parser.parse_args(argv)
+    if options.pairs:
+        in_process(options.a, options.b, options.pairs, options.threads)
+        return
     args = {"repeats": options.repeats, "new_tokens": 32, "prefill_len": 256, "decode_prompt_len": 16,
             "batches": [1, 8], "threads": options.threads, "vocab": load_config(options.a).vocab_size}
     ratios: dict[str, list[float]] = {"prefill": [], "1": [], "8": []}
@@ -40,6 +48,45 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(line), flush=True)
     print("median B/A: " + ", ".join(f"{'prefill' if k == 'prefill' else 'decode b' + k} {statistics.median(v):.2f}x"
                                      for k, v in ratios.items()))
+
+
+def in_process(a: str, b: str, pairs: int, threads: int) -> None:
+    """`--pairs`: both engines in this process, runs alternating A B / B A, the B/A ratio of each pair."""
+    import time
+
+    from moetrt.runtime.engine import Engine
+    from moetrt.runtime.generate import GenerationOptions, generate_stream
+
+    engines = [Engine.load(path, threads=threads) for path in (a, b)]
+    short, long = list(range(5, 21)), list(range(5, 261))
+
+    def decode(engine, new_tokens: int, batch: int) -> float:
+        stamps = []
+        options = GenerationOptions(max_new_tokens=new_tokens, prefill_chunk=engine.max_seq)
+        for event in generate_stream(engine.session, [short] * batch, options, engine.tokenizer, engine.max_context):
+            if event.row == 0:
+                stamps.append(time.perf_counter())
+        return (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])
+
+    def prefill(engine) -> float:
+        start = time.perf_counter()
+        options = GenerationOptions(max_new_tokens=1, prefill_chunk=engine.max_seq)
+        for _ in generate_stream(engine.session, [long], options, engine.tokenizer, engine.max_context):
+            pass
+        return len(long) / (time.perf_counter() - start)
+
+    for engine in engines:
+        decode(engine, 8, 1)
+    for label, measure in (("decode b1", lambda e: decode(e, 33, 1)), ("decode b8", lambda e: decode(e, 17, 8)),
+                           ("prefill 256", prefill)):
+        rates: tuple[list[float], list[float]] = ([], [])
+        for pair in range(pairs):
+            for index in ((0, 1) if pair % 2 == 0 else (1, 0)):
+                rates[index].append(measure(engines[index]))
+        ratios = [rb / ra for ra, rb in zip(*rates)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        print(f"{label}: A {statistics.median(rates[0]):.1f} B {statistics.median(rates[1]):.1f} tok/s, B/A median "
+              f"{statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f}, {pairs} pairs)", flush=True)
 
 
 if __name__ == "__main__":
