@@ -51,43 +51,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def in_process(a: str, b: str, pairs: int, threads: int) -> None:
-    """`--pairs`: both engines in this process, runs alternating A B / B A, the B/A ratio of each pair."""
-    import time
+    """`--pairs`: both engines in this process (bench/systems.py's moetrt runner), runs alternating A B / B A, the
+    B/A ratio of each pair."""
+    from moetrt.bench.systems import moetrt_engine, prompts_for
 
-    from moetrt.runtime.engine import Engine
-    from moetrt.runtime.generate import GenerationOptions, generate_stream
-
-    engines = [Engine.load(path, threads=threads) for path in (a, b)]
-    short, long = list(range(5, 21)), list(range(5, 261))
-
-    def decode(engine, new_tokens: int, batch: int) -> float:
-        stamps = []
-        options = GenerationOptions(max_new_tokens=new_tokens, prefill_chunk=engine.max_seq)
-        for event in generate_stream(engine.session, [short] * batch, options, engine.tokenizer, engine.max_context):
-            if event.row == 0:
-                stamps.append(time.perf_counter())
-        return (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])
-
-    def prefill(engine) -> float:
-        start = time.perf_counter()
-        options = GenerationOptions(max_new_tokens=1, prefill_chunk=engine.max_seq)
-        for _ in generate_stream(engine.session, [long], options, engine.tokenizer, engine.max_context):
-            pass
-        return len(long) / (time.perf_counter() - start)
-
-    for engine in engines:
-        decode(engine, 8, 1)
-    for label, measure in (("decode b1", lambda e: decode(e, 33, 1)), ("decode b8", lambda e: decode(e, 17, 8)),
-                           ("prefill 256", prefill)):
+    runs = [moetrt_engine(path, path, threads) for path in (a, b)]
+    vocab = load_config(a).vocab_size
+    measures = {
+        "decode b1": lambda run: run(prompts_for(vocab, 1, 16), 33).decode_rate(1),
+        "decode b8": lambda run: run(prompts_for(vocab, 8, 16), 17).decode_rate(8),
+        "prefill 256": lambda run: 256 / run(prompts_for(vocab, 1, 256), 2).ttft(),
+    }
+    for run in runs:
+        run(prompts_for(vocab, 1, 16), 4)  # warm up
+    for label, measure in measures.items():
         rates: tuple[list[float], list[float]] = ([], [])
         for pair in range(pairs):
             for index in ((0, 1) if pair % 2 == 0 else (1, 0)):
-                rates[index].append(measure(engines[index]))
+                rates[index].append(measure(runs[index]))
         ratios = [rb / ra for ra, rb in zip(*rates)]
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         print(f"{label}: A {statistics.median(rates[0]):.1f} B {statistics.median(rates[1]):.1f} tok/s, B/A median "
               f"{statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f}, {pairs} pairs)", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -84,7 +84,7 @@ def _merge(model: ir.Model, members: list[tuple[ir.Node, tuple]]) -> None:
     tape = Tape()
     weight = merged[0]
     if len(merged) == 2:
-        block = first.inputs[1].producer().attributes.get_int("block_size")
+        block = members[0][1][0][-1]  # the kind key ends with the block size
         weight = tape.op("DequantizeLinear", merged, {"axis": 0, "block_size": block})
     product = tape.op("MatMul", [first.inputs[0], weight])
     pieces: list[tuple[int, ir.Value]] = []  # (width, the value it replaces), in column order
@@ -105,11 +105,13 @@ def _merge(model: ir.Model, members: list[tuple[ir.Node, tuple]]) -> None:
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         new.name = name
     split_sizes = [split.inputs[1] for split in absorbed]
-    for node in [*absorbed, *nodes]:  # readers first: a node goes only once its outputs are unused
-        weight_producer = node.inputs[1].producer() if node in nodes else None
+    for split in absorbed:  # readers first: a node goes only once its outputs are unused
+        split.graph.remove(split, safe=True)
+    for node in nodes:
+        dequantize = node.inputs[1].producer()
         node.graph.remove(node, safe=True)
-        if weight_producer is not None:
-            weight_producer.graph.remove(weight_producer, safe=True)
+        if dequantize is not None:
+            dequantize.graph.remove(dequantize, safe=True)
     for value in [*(value for group in sources for value in group), *split_sizes]:
         drop_unused_initializer(model, value)
 
