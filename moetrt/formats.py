@@ -236,9 +236,14 @@ class ExpertLayer:
 
 @dataclasses.dataclass(frozen=True)
 class OrtSegment:
+    """One graph segment of an engine cut around moetrt's expert kernel (export/ort/split.py): its graph file, the
+    values it reads and the values it passes on. `draft_only`: a segment of an --mtp engine's multi-token-prediction
+    module, run only on calls where the module drafts."""
+
     model: FileName
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    draft_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,11 +284,13 @@ class OrtSection:
     def __post_init__(self) -> None:
         if self.layout == "graph" and self.model is None:
             raise MoetrtError("the ort section's layout is 'graph' but it names no model")
+        # the main model's segments have one expert layer between each two; the MTP module's, one between its two
+        module = 1 if any(segment.draft_only for segment in self.segments) else 0
         if self.layout == "segments" and (self.experts_file is None
-                                          or len(self.segments) != len(self.expert_layers) + 1):
-            raise MoetrtError(f"the ort section's layout is 'segments' but it has {len(self.segments)} segments, "
-                              f"{len(self.expert_layers)} expert layers (one fewer expected) and experts file "
-                              f"{self.experts_file!r}")
+                                          or len(self.segments) != len(self.expert_layers) + 1 + module):
+            raise MoetrtError(f"the ort section's layout is 'segments' but it has {len(self.segments)} segments "
+                              f"({'with' if module else 'without'} an MTP module's), "
+                              f"{len(self.expert_layers)} expert layers and experts file {self.experts_file!r}")
         if self.layout not in ("graph", "segments"):
             raise MoetrtError(f"the ort section's layout is {self.layout!r}, not 'graph' or 'segments'")
 

@@ -11,6 +11,12 @@ boundary as a float tensor computed on every call. The expert weights, already p
 one aligned file, `experts.bin`, that the runtime maps read-only: float32 values, or for quantized experts the
 kernel's packed bytes (uint8).
 
+An --mtp export's multi-token-prediction module (the nodes no main output needs: the main model's logits and
+latent rows do not read them) is cut off into segments of its own, after the main model's last, and marked
+`draft_only`: a call on which no row drafts runs the main model's segments alone, as a plain engine does, instead
+of the module's nodes on empty tensors (bench/NOTES.md, speculative decoding). Each expert layer runs after the
+segment that produces its inputs.
+
 The segments are kept in memory and reference the export's external data file, which ONNX Runtime reads
 from the export directory while it optimises each segment into the engine with its own data file, as the
 single-graph engine is built; nothing is written into the export directory.
@@ -23,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.formats import EXPERTS_FILE, ExpertLayer, OrtSegment, Span
+from moetrt.formats import (DRAFT_IDS, EXPERTS_FILE, NEW_LATENT_PREFIX, ExpertLayer, OrtSegment, Span,
+                            new_latent)
 from moetrt.export.ort.lower import EXPERTS_DOMAIN, EXPERTS_OP
 
 ALIGN = 64
@@ -45,13 +52,21 @@ def split(export_dir: Path, model_file: str, work: Path):
         if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
             raise MoetrtError(f"node {node.name} ({node.op_type}) has a subgraph; the segment split cannot cut it")
 
+    nodes_in_order = list(graph.node)  # (protobuf hands out a new wrapper per access: positions identify nodes)
+    draft_only = _draft_only_nodes(nodes_in_order, [output.name for output in graph.output])
+    main_experts = sum(1 for at, node in enumerate(nodes_in_order) if _is_experts(node) and at not in draft_only)
     stage: dict[str, int] = {graph_input.name: 0 for graph_input in graph.input}
     free: dict[str, onnx.NodeProto] = {}  # outputs of nodes that read only initializers and other such nodes
     experts: list[onnx.NodeProto] = []
+    runs_after: list[int] = []  # the segment after which each expert node runs
     placed: list[tuple[int, onnx.NodeProto]] = []
-    for node in graph.node:
-        if node.domain == EXPERTS_DOMAIN and node.op_type == EXPERTS_OP:
-            stage[node.output[0]] = len(experts) + 1
+    for position, node in enumerate(nodes_in_order):
+        module = position in draft_only  # the module's stages follow the main model's last, main_experts
+        if _is_experts(node):
+            if module and len(experts) < main_experts:
+                raise MoetrtError(f"{node.name}: the MTP module's experts come before the main model's; re-export")
+            runs_after.append(len(experts) + (1 if module else 0))
+            stage[node.output[0]] = runs_after[-1] + 1
             experts.append(node)
             continue
         inputs = [name for name in node.input if name]
@@ -59,20 +74,22 @@ def split(export_dir: Path, model_file: str, work: Path):
             free.update({output: node for output in node.output})
             continue
         at = max((stage[name] for name in inputs if name not in initializers and name not in free), default=0)
+        if module:
+            at = max(at, main_experts + 1)
         placed.append((at, node))
         stage.update({output: at for output in node.output})
     if not experts:
         raise MoetrtError("the export has no moetrt.cpu::Experts nodes to split at")
 
-    segments = len(experts) + 1
+    segments = len(experts) + (2 if draft_only else 1)
     nodes = [[node for at, node in placed if at == k] for k in range(segments)]
     consumers: dict[str, set[int]] = {}
     for at, node in placed:
         for name in node.input:
             consumers.setdefault(name, set()).add(at)
-    for k, node in enumerate(experts):
+    for after, node in zip(runs_after, experts):
         for name in node.input[:3]:
-            consumers.setdefault(name, set()).add(k)  # expert node k runs right after segment k
+            consumers.setdefault(name, set()).add(after)  # the expert node runs right after that segment
 
     serialized, described = [], []
     for k in range(segments):
@@ -90,7 +107,7 @@ def split(export_dir: Path, model_file: str, work: Path):
                     inputs.append(name)
         outputs = [name for name in produced if name in graph_outputs
                    or any(later > k for later in consumers.get(name, ()))
-                   or (k < len(experts) and name in experts[k].input[:3])]
+                   or any(after == k and name in node.input[:3] for after, node in zip(runs_after, experts))]
         outputs = list(dict.fromkeys(outputs))
         used_initializers = sorted({name for node in [*needed_free, *nodes[k]] for name in node.input
                                     if name in initializers})
@@ -103,10 +120,31 @@ def split(export_dir: Path, model_file: str, work: Path):
                                                                        if o.domain != EXPERTS_DOMAIN])
         segment.ir_version = model.ir_version
         serialized.append(segment.SerializeToString())
-        described.append(OrtSegment(f"segment{k}.onnx", tuple(inputs), tuple(outputs)))
+        described.append(OrtSegment(f"segment{k}.onnx", tuple(inputs), tuple(outputs),
+                                    draft_only=k > main_experts))
 
     layers = _write_experts(experts, initializers, export_dir, work / EXPERTS_FILE)
     return serialized, described, layers
+
+
+def _is_experts(node) -> bool:
+    return node.domain == EXPERTS_DOMAIN and node.op_type == EXPERTS_OP
+
+
+def _draft_only_nodes(nodes: list, outputs: list[str]) -> set[int]:
+    """Positions in `nodes` (a graph's, in its topological order) of those only an --mtp graph's draft outputs
+    need (DRAFT_IDS, the module's latent rows): no other graph output reads them, directly or through other
+    nodes. Empty for a graph without DRAFT_IDS."""
+    if DRAFT_IDS not in outputs:
+        return set()
+    module_layer = max(int(name[len(NEW_LATENT_PREFIX):]) for name in outputs if name.startswith(NEW_LATENT_PREFIX))
+    needed = {name for name in outputs if name not in (DRAFT_IDS, new_latent(module_layer))}
+    main: set[int] = set()
+    for position in reversed(range(len(nodes))):
+        if any(name in needed for name in nodes[position].output):
+            main.add(position)
+            needed.update(name for name in nodes[position].input if name)
+    return set(range(len(nodes))) - main
 
 
 def _add_free(node, free: dict, needed: list) -> None:

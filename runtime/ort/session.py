@@ -74,6 +74,8 @@ class Segment:
     graph: Graph
     inputs: list[str]
     outputs: list[str]
+    draft_only: bool = False  # the MTP module's: skipped on calls where it runs on no position
+    then: list[int] | None = None  # the expert layers that run after this segment (they read its outputs)
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -127,7 +129,7 @@ class OrtSession:
             for segment in section.segments:
                 session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(Graph(session, self._device), list(segment.inputs),
-                                              list(segment.outputs)))
+                                              list(segment.outputs), segment.draft_only))
             self._experts, self._kernel_description = _load_experts(manifest, section, self._segments, threads,
                                                                     expert_group)
         else:
@@ -202,7 +204,7 @@ class OrtSession:
                 new_rows[-1][steps:] = 0  # rows the module did not compute stay finite
                 new_rows[-1] = new_rows[-1][:steps]
         if self._segments:
-            return self._run_segments(inputs, past, new_rows)
+            return self._run_segments(inputs, past, new_rows, drafting=steps > 0)
         bound = [*inputs.items(), *((past_latent(layer), array) for layer, array in enumerate(past))]
         layers = self.num_layers + self.mtp_layers
         outputs: list[tuple[str, np.ndarray | None]] = [(LOGITS, None)]
@@ -216,16 +218,21 @@ class OrtSession:
         rows = new_rows if new_rows is not None else [value.numpy() for value in values[1: 1 + layers]]
         return logits, rows, (values[1 + layers].numpy() if self.mtp_layers else None)
 
-    def _run_segments(self, inputs, past, new_rows):
+    def _run_segments(self, inputs, past, new_rows, drafting: bool):
+        """The segments in order, each expert layer after the segment that makes its inputs. Without `drafting`
+        (the MTP module runs on no position) the module's own segments are skipped: its latent rows are empty
+        and no drafts come back."""
         values: dict[str, np.ndarray | ort_c.OrtValue] = dict(inputs)
         values.update({past_latent(layer): array for layer, array in enumerate(past)})
         into = ({new_latent(layer): out for layer, out in enumerate(new_rows) if out.size}
                 if new_rows is not None else {})
-        for index, segment in enumerate(self._segments):
+        for segment in self._segments:
+            if segment.draft_only and not drafting:
+                continue
             got = segment.graph.run([(name, values[name]) for name in segment.inputs],
                                     [(name, into.get(name)) for name in segment.outputs])
             values.update(zip(segment.outputs, got))
-            if index < len(self._experts):
+            for index in segment.then or ():
                 layer = self._experts[index]
                 hidden, ids, weights = (values[name] for name in layer.inputs)
                 tokens, top_k = ids.shape()
@@ -241,11 +248,16 @@ class OrtSession:
                     self.group.combine(index, out, routed)
                 values[layer.output] = out
         logits = values[LOGITS].numpy()
-        drafts = values[DRAFT_IDS].numpy() if self.mtp_layers else None
+        batch = logits.shape[0]
+        drafts = None
+        if self.mtp_layers:  # a skipped module (no position to run on) proposes no draft
+            drafts = values[DRAFT_IDS].numpy() if DRAFT_IDS in values else np.zeros((batch, 0), np.int64)
         if new_rows is not None:
             return logits, new_rows, drafts
         layers = self.num_layers + self.mtp_layers
-        return logits, [values[new_latent(layer)].numpy() for layer in range(layers)], drafts
+        empty = np.zeros((0, batch, self.latent_dim), self.dtype)  # nor latent rows
+        return logits, [values[name].numpy() if (name := new_latent(layer)) in values else empty
+                        for layer in range(layers)], drafts
 
 
 _SHARED_ARENA = False
@@ -355,10 +367,15 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
                                                 for span in (layer.gate_up, layer.down)))
     layers = []
     for index, layer in enumerate(section.expert_layers):
-        produced = {arg.name: arg.type for arg in segments[index].session.get_outputs()}
+        after = [segment for segment in segments if layer.inputs[0] in segment.outputs]
+        if len(after) != 1:
+            raise MoetrtError(f"no single engine segment gives expert layer {index}'s input {layer.inputs[0]}; "
+                              "rebuild the engine")
+        after[0].then = [*(after[0].then or ()), index]
+        produced = {arg.name: arg.type for arg in after[0].session.get_outputs()}
         for name, wanted in zip(layer.inputs, KERNEL_INPUT_TYPES):
             if produced.get(name) != wanted:
-                raise MoetrtError(f"engine segment {index} gives {name} as {produced.get(name)}, the expert kernel "
+                raise MoetrtError(f"engine segment {segments.index(after[0])} gives {name} as {produced.get(name)}, the expert kernel "
                                   f"takes {wanted}; rebuild the engine")
         if group is None:
             count = layer.num_experts

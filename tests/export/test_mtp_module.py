@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import moetrt
 from moetrt import MoetrtError
 from moetrt.export.engine import build_engine
+from moetrt.settings import OrtOptions
 from tests.checkpoints import build_model
 
 NAME = "v3-qlora-grouped-yarn"  # q-LoRA, grouped routing, YaRN: positions matter; layer 2 is MoE (first_k_dense 1)
@@ -247,10 +248,58 @@ def test_building_an_mtp_engine_of_a_checkpoint_without_one_fails(reference, tmp
     assert not (tmp_path / "engine").exists()
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint, tmp_path_factory):
-    return moetrt.Engine.load(build_engine(checkpoint, tmp_path_factory.mktemp("engines") / "mtp", backend="ort",
-                                           mtp=True))
+@pytest.fixture(scope="module", params=["onnxruntime", "moetrt"])
+def engine(request, checkpoint, tmp_path_factory):
+    """The --mtp engine with the routed experts inside onnxruntime (one graph), and with moetrt's CPU kernel
+    (segments; the module's are draft-only)."""
+    out = tmp_path_factory.mktemp("engines") / f"mtp-{request.param}"
+    slices = 1 if request.param == "moetrt" else None  # the kernel's slices are multiples of 8 rows; experts have 24
+    return moetrt.Engine.load(build_engine(checkpoint, out, backend="ort", mtp=True,
+                                           ort=OrtOptions(moe_kernel=request.param, expert_slices=slices)))
+
+
+class CountedRuns:
+    """Stands in for a segment's Graph, recording the segment's index in `ran` on each run."""
+
+    def __init__(self, graph, index: int, ran: list[int]):
+        self.graph, self.index, self.ran, self.session = graph, index, ran, graph.session
+
+    def run(self, *args):
+        self.ran.append(self.index)
+        return self.graph.run(*args)
+
+
+def test_the_kernel_engine_cuts_the_module_into_segments_plain_calls_skip(engine, monkeypatch):
+    """With moetrt's kernel the module's nodes (those no main output reads) are the last two segments, with its
+    expert layer between them; a call on which the module runs on no position does not run them, and still
+    returns the main model's logits and latent rows, and empty rows for the module's layer."""
+    section = engine.manifest.section
+    if not section.segmented:
+        pytest.skip("one graph: the module's nodes run on empty tensors on a plain call")
+    # layer 0 is dense, layer 1 MoE: two main segments, then the module's two around its expert layer
+    assert [segment.draft_only for segment in section.segments] == [False, False, True, True]
+    assert "logits" in section.segments[1].outputs and "draft_ids" in section.segments[-1].outputs
+    session = engine.session
+    ran: list[int] = []
+    for index, segment in enumerate(session._segments):
+        monkeypatch.setattr(segment, "graph", CountedRuns(segment.graph, index, ran))
+    ids = sequences(batch=2, seq=5, seed=3).numpy()
+    positions = np.broadcast_to(np.arange(5, dtype=np.int64), (2, 5))
+    cache = session.new_cache(2, 8)
+    mask = cache.attention_mask(5, np.ones((2, 5), np.int64))
+    logits, rows = session.run(ids, positions, mask, positions, cache.past())
+    assert ran == [0, 1] and logits.shape == (2, 5, VOCAB)
+    skipped = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
+                                      *(np.zeros((2, 0), np.int64),) * 3)
+    assert ran == [0, 1] * 2 and skipped[1].shape == (2, 0)
+    np.testing.assert_array_equal(skipped[0], logits)
+    latent = session.latent_dim
+    assert [row.shape for row in rows] == [(5, 2, latent)] * MAIN_LAYERS + [(0, 2, latent)]
+    want, _ = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
+                                      np.full((2, 5), -1, np.int64),
+                                      cache.draft_attention_mask(5, np.ones((2, 5), np.int64)), positions)
+    assert ran == [0, 1] * 3 + [2, 3]
+    np.testing.assert_array_equal(logits, want)  # skipping the module leaves the main model's logits as they were
 
 
 def test_engine_drafts_the_reference_modules_greedy_prediction(reference, engine):
