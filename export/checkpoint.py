@@ -21,6 +21,7 @@ import torch
 
 from moetrt.errors import MoetrtError
 from moetrt.config import ModelConfig, load_config
+from moetrt.formats import CheckpointFingerprint
 from moetrt.export.model import DeepseekForCausalLM, checkpoint_key, parameter_name, rope_inv_freq
 from moetrt.plugins.routed_experts import dequantize_blocks
 from moetrt.progress import note, track
@@ -150,6 +151,36 @@ def find_weight_files(checkpoint_dir: Path) -> dict[str, Path]:
             raise _pickle_refusal(checkpoint_dir, pickles)
         raise MoetrtError(f"{checkpoint_dir} has no *.safetensors weights")
     return {name: path for path in files for name in _header_names(path)}
+
+
+FINGERPRINT_SAMPLES = 16  # evenly spaced reads per weight file
+FINGERPRINT_SAMPLE_BYTES = 4096
+
+
+def checkpoint_fingerprint(checkpoint_dir: Path) -> CheckpointFingerprint:
+    """What identifies a checkpoint's weights without reading them all: each safetensors file's name and size, and
+    one sha256 over (per file, in name order) its name, its header (tensor names, dtypes, shapes, offsets) and
+    FINGERPRINT_SAMPLES reads of FINGERPRINT_SAMPLE_BYTES spread evenly over its data. Two checkpoints of one config
+    but other weights differ in it (random or trained weights differ in every sampled block); a checkpoint whose
+    weights changed only between the samples does not. Reads about 64 KB per file, whatever its size. Raises
+    MoetrtError as find_weight_files does."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    sizes = {}
+    for path in sorted(set(find_weight_files(checkpoint_dir).values()), key=lambda path: path.name):
+        size = path.stat().st_size
+        sizes[path.name] = size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            digest.update(f"{path.name}\0{size}\0".encode())
+            digest.update(f.read(min(header_len, size)))
+            start = 8 + header_len
+            span = max(0, size - start - FINGERPRINT_SAMPLE_BYTES)
+            for k in range(FINGERPRINT_SAMPLES):
+                f.seek(start + span * k // max(1, FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return CheckpointFingerprint(files=sizes, sampled_sha256=digest.hexdigest())
 
 
 def _header_names(path: Path) -> list[str]:

@@ -94,7 +94,7 @@ def build_engine(source: str | Path, engine_dir: str | Path, config: BuildConfig
             tokenizer=(work / "tokenizer.json").is_file(), io=info.io, profile=config.profile, section=section,
             artifacts=artifact_records(work),
             versions={**tool_versions(), "cuda_driver": hardware.cuda_driver_version()},
-            quantization=info.quantization,
+            quantization=info.quantization, checkpoint=info.checkpoint,
         )
         write_manifest(work, manifest)
         if info.dtype != "float32":  # half precision can overflow: refuse an engine that computes NaN

@@ -328,6 +328,7 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
 
 def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_dir: Path, work: Path,
                 quantization: Quantization | None = None, mtp_layers: int = 0) -> ExportInfo:
+    from moetrt.export.checkpoint import checkpoint_fingerprint
     from moetrt.plugins.spec import ROUTED_EXPERTS
     from moetrt.versions import tool_versions
 
@@ -336,5 +337,5 @@ def export_info(config: ModelConfig, plan: LoweringPlan, dtype: str, checkpoint_
         tokenizer=(work / "tokenizer.json").is_file(), io=graph_io(config, dtype, mtp_layers),
         node=NodeRef(ROUTED_EXPERTS.op_type, ROUTED_EXPERTS.domain, ROUTED_EXPERTS.version), model_config=config,
         versions=tool_versions(), expert_slices=plan.expert_slices, moe_kernel=plan.moe_kernel,
-        quantization=quantization,
+        quantization=quantization, checkpoint=checkpoint_fingerprint(checkpoint_dir),
     )

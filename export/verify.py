@@ -408,6 +408,7 @@ def verify_engine(
                           " add them to moetrt.export.verify.QUANTIZED_THRESHOLDS")
     if load_config(checkpoint_dir) != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
+    _check_fingerprint(engine.manifest.checkpoint, Path(checkpoint_dir))
     task = _detect_task(checkpoint_dir) if task == "auto" else task
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
     dtype = engine.manifest.dtype
@@ -470,6 +471,26 @@ def _greedy_against(reference: ReferenceSession, outputs: EngineOutputs, prompt_
                 failures.append(f"prompt {start + offset}: {failure}")
         advance()
     return max_diff, scale, agreeing, compared, failures
+
+
+def _check_fingerprint(recorded, checkpoint_dir: Path) -> None:
+    """MoetrtError when the engine's manifest records the checkpoint it was built from (engines built before
+    moetrt recorded it do not) and `checkpoint_dir` is another one: other weight files, or the same files and
+    sizes with other bytes in them (export/checkpoint.py checkpoint_fingerprint samples them)."""
+    from moetrt.export.checkpoint import checkpoint_fingerprint
+
+    if recorded is None:
+        return
+    found = checkpoint_fingerprint(checkpoint_dir)
+    if found == recorded:
+        return
+    if found.files != recorded.files:
+        changed = sorted(set(found.files.items()) ^ set(recorded.files.items()))
+        what = "other weight files or sizes (" + ", ".join(f"{name}: {size} B" for name, size in changed[:4]) + ")"
+    else:
+        what = "the same weight files and sizes, other weights in them"
+    raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from: {what}; pass the "
+                      "checkpoint it was built from, or rebuild the engine from this one")
 
 
 def _detect_task(checkpoint_dir) -> str | None:

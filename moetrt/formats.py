@@ -174,6 +174,15 @@ class Quantization:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointFingerprint:
+    """The checkpoint an export or engine was built from (export/checkpoint.py checkpoint_fingerprint): each
+    safetensors file's size by name, and a sha256 over their headers and evenly spaced samples of their bytes."""
+
+    files: dict[str, int]
+    sampled_sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportInfo:
     """An export directory's description: what was traced and how it was lowered.
 
@@ -195,6 +204,7 @@ class ExportInfo:
     model_file: FileName = MODEL_FILE
     external_data: FileName = DATA_FILE
     quantization: Quantization | None = None
+    checkpoint: CheckpointFingerprint | None = None  # None: exported by a moetrt that did not record it
 
 
 # -- manifest.json ------------------------------------------------------------------------------------------------
@@ -345,6 +355,7 @@ class EngineManifest:
     artifacts: dict[FileName, Artifact]
     versions: dict[str, str | None]
     quantization: Quantization | None = None
+    checkpoint: CheckpointFingerprint | None = None  # what it was built from; None: not recorded (older builds)
     directory: Path = dataclasses.field(default=Path("."), compare=False)
 
     def path(self, name: str) -> Path:

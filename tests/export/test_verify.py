@@ -58,9 +58,38 @@ def test_streamed_reference_gives_the_loaded_ones_report(setup):
             assert streamed[key] == value, key
 
 
-def test_engine_of_other_weights_fails(setup):
-    engine, _, impostor = setup
+def test_a_checkpoint_of_the_same_config_with_other_weights_is_refused(setup, tmp_path):
+    """The manifest records the checkpoint's fingerprint: a checkpoint of the same config but other weights is named
+    as not the engine's, in one line, before anything runs; a copy of the right one elsewhere is accepted."""
+    import shutil
+
+    from moetrt.export.checkpoint import checkpoint_fingerprint
+
+    engine, checkpoint, impostor = setup
     result = verify(engine, impostor, "--prompts", "3")
+    assert result.returncode == 1 and not result.stdout
+    assert (f"{impostor} is not the checkpoint this engine was built from: the same weight files and sizes, other "
+            "weights in them; pass the checkpoint it was built from") in result.stderr, result.stderr
+    copy = shutil.copytree(checkpoint, tmp_path / "copy")
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(checkpoint) != checkpoint_fingerprint(impostor)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # the last sample ends at the file's end
+    weights.write_bytes(bytes(data))
+    assert checkpoint_fingerprint(copy) != checkpoint_fingerprint(checkpoint)
+
+
+def test_engine_of_other_weights_fails(setup, tmp_path):
+    """An engine whose manifest does not record its checkpoint (built before moetrt recorded it) against another
+    checkpoint of its config: the comparison itself fails it."""
+    import shutil
+
+    engine, _, impostor = setup
+    unrecorded = shutil.copytree(engine, tmp_path / "engine")
+    manifest = json.loads((unrecorded / "manifest.json").read_text())
+    del manifest["checkpoint"]
+    (unrecorded / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(unrecorded, impostor, "--prompts", "3")
     assert result.returncode == 1
     assert result.stdout.strip().endswith("FAIL")
     assert "diverged at step" in result.stdout
