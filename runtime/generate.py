@@ -428,11 +428,12 @@ def stream_speculative(session: Session, rows: list[RowState], options: Generati
                        policy: spec.DraftPolicy | None = None) -> Iterator[StreamEvent]:
     """`_stream_batch` with MTP drafts (runtime/speculative.py): prefill, then `draft_step`s until every row is
     done; yields one event per row per token, as the plain loop does. `counts` (if given) accumulates drafts and
-    steps; `policy`, shared by the rows, decides which steps draft (default: a DraftPolicy per row, and a step runs
-    the MTP module when any row's asks for drafts)."""
+    steps; `policy`, shared by the rows, decides which steps draft (default: a DraftPolicy per row following the
+    session's DraftHistory, and a step runs the MTP module when any row's asks for drafts)."""
     spec.check_session(session)
     counts = counts if counts is not None else spec.StepCounts()
-    policies = [policy] * len(rows) if policy is not None else [spec.DraftPolicy() for _ in rows]
+    history = spec.history_for(session)
+    policies = [policy] * len(rows) if policy is not None else [spec.DraftPolicy(history=history) for _ in rows]
     batch = len(rows)
     longest = max(len(r.prompt) for r in rows)
     # Rejected drafts leave masked columns: room for some before a compaction is needed.

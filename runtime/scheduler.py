@@ -223,6 +223,10 @@ class Scheduler:
         rows = [RowState(prompt, options, self.tokenizer, None if seed is None else seed + i, split_reasoning,
                          in_reasoning) for i in range(n)]
         ticket = Ticket(rows, sink)
+        if self.speculative:  # a new sequence drafts as the engine's recent ones found worth it, until judged
+            history = spec.history_for(self.session)
+            for choice in ticket.choices:
+                choice.draft_policy.history = history
         with self._wake:
             if self._closing:
                 raise MoetrtError("the scheduler is shutting down")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -66,27 +67,62 @@ class StepCounts:
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
+class DraftHistory:
+    """An engine's most recent verified drafts, across its sequences (the last `window` outcomes): what a new
+    sequence's DraftPolicy follows until its own drafts are judged, so that once the engine has seen that drafts
+    do not pay (random weights, a domain the module does not predict) each new request does not pay to learn it
+    again. `history_for(session)` gives the session's."""
+
+    def __init__(self, window: int = 32):
+        self.outcomes: collections.deque[int] = collections.deque(maxlen=window)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.outcomes.extend([1] * accepted + [0] * (proposed - accepted))
+
+    def pays(self, min_acceptance: float, judge_after: int) -> bool:
+        """Whether drafting pays by these outcomes: yes until `judge_after` are known, then while at least
+        `min_acceptance` of them were accepted."""
+        seen = len(self.outcomes)
+        return seen < judge_after or sum(self.outcomes) >= min_acceptance * seen
+
+
+_HISTORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def history_for(session: Session) -> DraftHistory:
+    """The DraftHistory of `session` (one per loaded engine, created on first use, gone with the session)."""
+    history = _HISTORIES.get(session)
+    if history is None:
+        history = _HISTORIES[session] = DraftHistory()
+    return history
+
+
 class DraftPolicy:
     """Whether a sequence's next step should propose drafts. A draft costs a wider step and the module's own layer;
     it pays only while enough are accepted. Over the sequence's last `window` verified drafts, drafting
     goes on while the acceptance rate is at least `min_acceptance` (judged once `judge_after` drafts were
-    verified); below it the sequence asks for drafts on one step in
-    `probe_every` (its drafts measure the rate again), so a model whose drafts miss (random weights, an unlike
-    domain) decodes at close to plain speed. The break-even acceptance rate is the cost of a drafting step over a
-    plain one, minus 1: `moetrt bench speculative` measured about 70% for ds-mini on a 2-core CPU (verifying two
-    tokens reads the routed experts of both) and far lower for tiny-r1, whose steps cost little next to their fixed
-    costs; 50% sits between. bench/NOTES.md has the figures."""
+    verified; before that, by the engine's recent drafts in `history` when given, else yes); below it the sequence
+    asks for drafts on one step in `probe_every` (its drafts measure the rate again), so a model whose drafts miss
+    (random weights, an unlike domain) decodes at close to plain speed. The break-even acceptance rate is the cost
+    of a drafting step over a plain one, minus 1: `moetrt bench speculative` measured about 70% for ds-mini on a
+    2-core CPU (verifying two tokens reads the routed experts of both) and far lower for tiny-r1, whose steps cost
+    little next to their fixed costs; 50% sits between. bench/NOTES.md has the figures."""
 
-    def __init__(self, min_acceptance: float = 0.5, window: int = 32, probe_every: int = 64, judge_after: int = 4):
+    def __init__(self, min_acceptance: float = 0.5, window: int = 32, probe_every: int = 64, judge_after: int = 4,
+                 history: DraftHistory | None = None):
         self.min_acceptance, self.probe_every, self.judge_after = min_acceptance, probe_every, judge_after
+        self.history = history
         self._outcomes: collections.deque[int] = collections.deque(maxlen=window)
         self._idle = 0
 
     def propose(self) -> bool:
-        """Whether the next step should draft: yes until `judge_after` drafts were verified, then while the rate
-        holds, else once in `probe_every` calls."""
+        """Whether the next step should draft: until `judge_after` drafts of this sequence were verified, as the
+        history says (yes without one), then while the rate holds; otherwise once in `probe_every` calls."""
         seen = len(self._outcomes)
-        if seen < self.judge_after or sum(self._outcomes) >= self.min_acceptance * seen:
+        if seen < self.judge_after:
+            if self.history is None or self.history.pays(self.min_acceptance, self.judge_after):
+                return True
+        elif sum(self._outcomes) >= self.min_acceptance * seen:
             return True
         self._idle += 1
         if self._idle >= self.probe_every:
@@ -95,8 +131,10 @@ class DraftPolicy:
         return False
 
     def record(self, proposed: int, accepted: int) -> None:
-        """A step verified `proposed` drafts and accepted `accepted` of them."""
+        """A step verified `proposed` drafts and accepted `accepted` of them (recorded in the history too)."""
         self._outcomes.extend([1] * accepted + [0] * (proposed - accepted))
+        if self.history is not None and proposed:
+            self.history.record(proposed, accepted)
 
 
 def draft_step(session: Session, cache: LatentCache, tokens: np.ndarray, positions: np.ndarray,

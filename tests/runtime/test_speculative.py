@@ -17,7 +17,7 @@ from moetrt.errors import MoetrtError
 from moetrt.runtime.engine import Engine
 from moetrt.runtime.generate import _start_rows, stream_speculative
 from moetrt.runtime.scheduler import Scheduler
-from moetrt.runtime.speculative import DraftPolicy, StepCounts
+from moetrt.runtime.speculative import DraftHistory, DraftPolicy, StepCounts
 from moetrt.tasks import arithmetic
 from tests.greedy import assert_greedy_agrees
 
@@ -131,6 +131,26 @@ def test_a_low_acceptance_rate_stops_drafting_but_not_decoding():
     assert proposals.count(True) == 2  # one probe in 4 steps
     policy.record(8, 8)
     assert all(policy.propose() for _ in range(4))
+
+
+def test_a_new_sequence_follows_the_engines_recent_drafts_until_its_own_are_judged():
+    """Once the engine's drafts stopped paying, a new sequence starts without drafting (probing as usual) instead
+    of paying judge_after drafts to learn it again; its own accepted drafts then decide, and reach the history."""
+    history = DraftHistory(window=8)
+    first = DraftPolicy(window=8, probe_every=4, history=history)
+    assert first.propose()  # nothing known yet
+    first.record(1, 0)
+    assert first.propose()  # 1 of judge_after=4 judged: the engine's 1 outcome says nothing yet either
+    first.record(3, 0)
+    assert list(history.outcomes) == [0] * 4
+    second = DraftPolicy(window=8, probe_every=4, history=history)
+    assert [second.propose() for _ in range(8)].count(True) == 2  # probes only
+    alone = DraftPolicy(window=8, probe_every=4)
+    assert alone.propose()  # without a history: drafts until judged
+    second.record(4, 4)  # its own four drafts held: its own rate decides now
+    assert all(second.propose() for _ in range(4))
+    assert list(history.outcomes) == [0] * 4 + [1] * 4 and history.pays(0.5, 4)
+    assert DraftPolicy(history=history).propose()
 
 
 def test_speculative_needs_an_mtp_engine(plain):
