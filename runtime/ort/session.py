@@ -5,7 +5,8 @@ written by ONNX Runtime straight into caller-provided arrays (slices of the prea
 
 Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manifest) are a chain of segments
 cut at the MoE layers' routed experts (export/ort/split.py): each call runs segment 0, the kernel on its outputs,
-segment 1, and so on. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
+segment 1, and so on (each expert layer after the segment that makes its inputs). An --mtp engine's module has
+segments of its own, after the main model's, that a call on which the module runs on no position skips. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
 address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
 reads only this rank's experts, gives the kernel their positions (-1 for the other ranks' pairs) and sums the
 ranks' outputs after each MoE layer. The segments' sessions stop their threads spinning when a run returns
