@@ -109,6 +109,12 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
         return flat.view(info.dtype).view(info.shape)
 
+    def read_bytes(self, name: str, offset: int, count: int) -> bytes:
+        """Up to `count` bytes of tensor `name`'s data from byte `offset` of it, read from the file (not mapped)."""
+        info = self.tensors[name]
+        self._file.seek(info.start + offset)
+        return self._file.read(max(0, min(count, info.end - info.start - offset)))
+
     def release(self, name: str, rows: slice | None = None) -> None:
         """Drop the tensor's pages (only those of `rows`, a slice along its first axis, when given) from this
         process's resident memory; the mapping is private and never written, so they read back from the file."""
@@ -153,34 +159,40 @@ def find_weight_files(checkpoint_dir: Path) -> dict[str, Path]:
     return {name: path for path in files for name in _header_names(path)}
 
 
-FINGERPRINT_SAMPLES = 16  # evenly spaced reads per weight file
-FINGERPRINT_SAMPLE_BYTES = 4096
+FINGERPRINT_WHOLE_BYTES = 256 << 20  # checkpoints with up to this many weight bytes are hashed whole
+FINGERPRINT_SAMPLE_BYTES = 1024  # larger ones: each tensor's first, middle and last this many bytes
 
 
 def checkpoint_fingerprint(checkpoint_dir: Path) -> CheckpointFingerprint:
-    """What identifies a checkpoint's weights without reading them all: each safetensors file's name and size, and
-    one sha256 over (per file, in name order) its name, its header (tensor names, dtypes, shapes, offsets) and
-    FINGERPRINT_SAMPLES reads of FINGERPRINT_SAMPLE_BYTES spread evenly over its data. Two checkpoints of one config
-    but other weights differ in it (random or trained weights differ in every sampled block); a checkpoint whose
-    weights changed only between the samples does not. Reads about 64 KB per file, whatever its size. Raises
-    MoetrtError as find_weight_files does."""
+    """What identifies a checkpoint's weights, whatever files hold them: one sha256 over its tensors in name order
+    (name, dtype, shape, then their bytes), so a re-saved or re-sharded copy of the same tensors matches and a
+    tensor in another dtype does not. A checkpoint of up to FINGERPRINT_WHOLE_BYTES of weights is hashed whole;
+    a larger one by each tensor's first, middle and last FINGERPRINT_SAMPLE_BYTES (about 3 KB a tensor: some
+    MB for a DeepSeek-V3-sized checkpoint), which a change elsewhere in a tensor escapes. Raises MoetrtError as
+    find_weight_files does."""
     import hashlib
 
-    digest = hashlib.sha256()
-    sizes = {}
-    for path in sorted(set(find_weight_files(checkpoint_dir).values()), key=lambda path: path.name):
-        size = path.stat().st_size
-        sizes[path.name] = size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            digest.update(f"{path.name}\0{size}\0".encode())
-            digest.update(f.read(min(header_len, size)))
-            start = 8 + header_len
-            span = max(0, size - start - FINGERPRINT_SAMPLE_BYTES)
-            for k in range(FINGERPRINT_SAMPLES):
-                f.seek(start + span * k // max(1, FINGERPRINT_SAMPLES - 1))
-                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
-    return CheckpointFingerprint(files=sizes, sampled_sha256=digest.hexdigest())
+    where = find_weight_files(checkpoint_dir)
+    shards = {path: SafetensorsFile(path) for path in sorted(set(where.values()))}
+    try:
+        infos = {name: shards[path].tensors[name] for name, path in where.items()}
+        total = sum(info.end - info.start for info in infos.values())
+        whole = total <= FINGERPRINT_WHOLE_BYTES
+        digest = hashlib.sha256()
+        for name in sorted(infos):
+            info = infos[name]
+            digest.update(f"{name}\0{str(info.dtype).removeprefix('torch.')}\0{list(info.shape)}\0".encode())
+            length = info.end - info.start
+            spans = ([(0, length)] if whole or length <= 3 * FINGERPRINT_SAMPLE_BYTES else
+                     [(at, FINGERPRINT_SAMPLE_BYTES) for at in (0, (length - FINGERPRINT_SAMPLE_BYTES) // 2,
+                                                                 length - FINGERPRINT_SAMPLE_BYTES)])
+            for offset, count in spans:
+                digest.update(shards[where[name]].read_bytes(name, offset, count))
+    finally:
+        for shard in shards.values():
+            shard.close()
+    return CheckpointFingerprint(tensors=len(infos), weight_bytes=total, whole=whole,
+                                 sha256=digest.hexdigest())
 
 
 def _header_names(path: Path) -> list[str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moetrt.errors import MoetrtError
-from moetrt.progress import stage
+from moetrt.progress import note, stage
 
 if TYPE_CHECKING:
     from moetrt.export.reference_session import ReferenceSession
@@ -314,6 +314,8 @@ class VerifyReport:
     engine_accuracy: float | None = None
     reference_accuracy: float | None = None
     answers_differing: int | None = None
+    checkpoint: str = ""  # whether the checkpoint is the one the engine was built from (`_checkpoint_match`)
+    checkpoint_matches: bool | None = None  # None: the engine does not record it
 
     @property
     def passed(self) -> bool:
@@ -336,6 +338,7 @@ class VerifyReport:
                   "information only: quantization moves logits by design, the KL above decides")
         criteria = self.kl_thresholds.describe() if self.kl_thresholds else "logits, greedy tokens, task answers kept"
         lines = [
+            *([f"checkpoint  {self.checkpoint}"] if self.checkpoint else []),
             f"scheme      {self.quantization or 'none'} ({self.dtype}): PASS needs {criteria}",
             f"KL          mean {stats.kl_mean:.3g}, p99 {stats.kl_p99:.3g}, p99.9 {stats.kl_p999:.3g}, max "
             f"{stats.kl_max:.3g} nats over {stats.positions} positions ({self.prompt_set})",
@@ -408,7 +411,9 @@ def verify_engine(
                           " add them to moetrt.export.verify.QUANTIZED_THRESHOLDS")
     if load_config(checkpoint_dir) != engine.config:
         raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from (configs differ)")
-    _check_fingerprint(engine.manifest.checkpoint, Path(checkpoint_dir))
+    matches, checkpoint_line = _checkpoint_match(engine.manifest.checkpoint, Path(checkpoint_dir))
+    if matches is False:  # said now, before the long comparison; the comparison below still decides
+        note(f"verify: checkpoint {checkpoint_dir}: {checkpoint_line}")
     task = _detect_task(checkpoint_dir) if task == "auto" else task
     atol, rtol, margin = TOLERANCES[engine.manifest.dtype]
     dtype = engine.manifest.dtype
@@ -432,6 +437,7 @@ def verify_engine(
         dtype, prompts, max_diff, atol + rtol * scale, agreeing, compared, failures, stats,
         prompt_set, scheme, QUANTIZED_THRESHOLDS.get(scheme) if scheme else None,
     )
+    report.checkpoint, report.checkpoint_matches = checkpoint_line, matches
     if task and task_problems:
         _compare_task(report, task, engine, reference, checkpoint_dir, task_problems, seed)
     return report
@@ -473,24 +479,26 @@ def _greedy_against(reference: ReferenceSession, outputs: EngineOutputs, prompt_
     return max_diff, scale, agreeing, compared, failures
 
 
-def _check_fingerprint(recorded, checkpoint_dir: Path) -> None:
-    """MoetrtError when the engine's manifest records the checkpoint it was built from (engines built before
-    moetrt recorded it do not) and `checkpoint_dir` is another one: other weight files, or the same files and
-    sizes with other bytes in them (export/checkpoint.py checkpoint_fingerprint samples them)."""
+def _checkpoint_match(recorded, checkpoint_dir: Path) -> tuple[bool | None, str]:
+    """Whether `checkpoint_dir` holds the tensors the engine was built from, by the fingerprint its manifest
+    records (export/checkpoint.py checkpoint_fingerprint; engines built before moetrt recorded it: None), and a
+    line saying so. Informational: the comparison decides PASS/FAIL (a checkpoint converted to another dtype, or
+    one whose tensors were edited, differs and may still be faithful)."""
     from moetrt.export.checkpoint import checkpoint_fingerprint
 
     if recorded is None:
-        return
+        return None, "not checked: the engine does not record the checkpoint it was built from (built before moetrt did)"
     found = checkpoint_fingerprint(checkpoint_dir)
+    how = "every byte" if found.whole else "samples of every tensor"
     if found == recorded:
-        return
-    if found.files != recorded.files:
-        changed = sorted(set(found.files.items()) ^ set(recorded.files.items()))
-        what = "other weight files or sizes (" + ", ".join(f"{name}: {size} B" for name, size in changed[:4]) + ")"
+        return True, f"the one the engine was built from ({found.tensors} tensors, {how} hashed)"
+    if (found.tensors, found.weight_bytes) != (recorded.tensors, recorded.weight_bytes):
+        what = (f"{found.tensors} tensors of {found.weight_bytes} bytes here, {recorded.tensors} of "
+                f"{recorded.weight_bytes} in the one it was built from")
     else:
-        what = "the same weight files and sizes, other weights in them"
-    raise MoetrtError(f"{checkpoint_dir} is not the checkpoint this engine was built from: {what}; pass the "
-                      "checkpoint it was built from, or rebuild the engine from this one")
+        what = f"as many tensors and bytes, other names, dtypes, shapes or values ({how} hashed)"
+    return False, (f"NOT the one the engine was built from: {what}; compared anyway (to verify the engine, pass "
+                   "the checkpoint it was built from)")
 
 
 def _detect_task(checkpoint_dir) -> str | None:

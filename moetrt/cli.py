@@ -100,8 +100,9 @@ _SPECULATIVE = typer.Option(None, "--speculative", help="Speculative decoding: m
 _DRAFT_TOKENS = typer.Option(None, "--draft-tokens", help="Draft tokens per step with --speculative (default and, "
                               "for now, only: 1).")
 _MTP = typer.Option(False, "--mtp", help="Include the checkpoint's multi-token-prediction module (DeepSeek-V3's "
-                    "MTP layer) so that --speculative mtp can draft with it; plain decoding skips it. ONNX Runtime "
-                    "engines; not under --expert-parallel.")
+                    "MTP layer) so that --speculative mtp can draft with it. Plain decoding skips it with --moe-kernel "
+                    "moetrt; in one graph its nodes still run, on empty tensors. ONNX Runtime engines; not under "
+                    "--expert-parallel.")
 MOE_KERNEL_HELP = ("ONNX Runtime (ort target): the routed experts in onnxruntime's MoE op (onnxruntime), in moetrt's "
                    "CPU kernel (moetrt), or auto (moetrt's for float32 or int8/int4 experts of 262,144 weights and up, "
                    "1 MiB in float32, on the CPU).")
@@ -318,6 +319,9 @@ def _engine_summary(engine_dir: Path) -> dict:
         "routed_experts_read": f"{config.num_experts_per_tok} of {config.n_routed_experts}",
         "limits": {"max_batch": profile.max_batch, "max_seq": profile.seq, "max_context": profile.max_context},
         "mtp_module": bool(manifest.io.mtp_layers),
+        # an engine cut into segments runs none of the module's on plain steps; one graph runs them on empty tensors
+        "mtp_module_skipped_on_plain_steps": bool(manifest.io.mtp_layers) and any(
+            segment.draft_only for segment in getattr(manifest.section, "segments", ())),
         "backend_details": list(get_backend(manifest.backend).describe(manifest)),
     }
 
@@ -333,8 +337,10 @@ def _engine_lines(engine: dict) -> list[str]:
         f"{_human_bytes(read['routed_experts'])}, embedding row {_human_bytes(read['embedding_row'])})",
         f"limits           batch {limits['max_batch']}, {limits['max_seq']} tokens per call, "
         f"{limits['max_context']} cached positions per sequence",
-        "MTP module       " + ("yes: `--speculative mtp` drafts with it (plain decoding skips it)"
-                              if engine["mtp_module"] else "no (build with --mtp to decode speculatively)"),
+        "MTP module       " + (("yes: `--speculative mtp` drafts with it (plain decoding skips its segments)"
+                               if engine["mtp_module_skipped_on_plain_steps"] else
+                               "yes: `--speculative mtp` drafts with it (plain decoding runs its nodes on empty "
+                               "tensors)") if engine["mtp_module"] else "no (build with --mtp to decode speculatively)"),
         *engine["backend_details"],
     ]
 

@@ -175,11 +175,14 @@ class Quantization:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointFingerprint:
-    """The checkpoint an export or engine was built from (export/checkpoint.py checkpoint_fingerprint): each
-    safetensors file's size by name, and a sha256 over their headers and evenly spaced samples of their bytes."""
+    """The checkpoint an export or engine was built from (export/checkpoint.py checkpoint_fingerprint): how many
+    tensors and weight bytes, and a sha256 over the tensors' names, dtypes, shapes and bytes (all of them when
+    `whole`, else samples of each tensor)."""
 
-    files: dict[str, int]
-    sampled_sha256: str
+    tensors: int
+    weight_bytes: int
+    whole: bool
+    sha256: str
 
 
 @dataclasses.dataclass(frozen=True)

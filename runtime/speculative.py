@@ -101,7 +101,8 @@ class DraftPolicy:
     """Whether a sequence's next step should propose drafts. A draft costs a wider step and the module's own layer;
     it pays only while enough are accepted. Over the sequence's last `window` verified drafts, drafting
     goes on while the acceptance rate is at least `min_acceptance` (judged once `judge_after` drafts were
-    verified; before that, by the engine's recent drafts in `history` when given, else yes); below it the sequence
+    verified; before that, yes while its own drafts hold the rate or the engine's recent ones in `history` do,
+    and without a history); below it the sequence
     asks for drafts on one step in `probe_every` (its drafts measure the rate again), so a model whose drafts miss
     (random weights, an unlike domain) decodes at close to plain speed. The break-even acceptance rate is the cost
     of a drafting step over a plain one, minus 1: `moetrt bench speculative` measured about 70% for ds-mini on a
@@ -116,13 +117,15 @@ class DraftPolicy:
         self._idle = 0
 
     def propose(self) -> bool:
-        """Whether the next step should draft: until `judge_after` drafts of this sequence were verified, as the
-        history says (yes without one), then while the rate holds; otherwise once in `probe_every` calls."""
+        """Whether the next step should draft: while this sequence's verified drafts hold the rate (its first, the
+        prefill's, is verified on the first step), and until `judge_after` of them were verified also while the
+        history says drafts pay (always without a history); otherwise once in `probe_every` calls. So a sequence
+        whose own first drafts hit keeps drafting whatever the engine's recent ones did."""
         seen = len(self._outcomes)
-        if seen < self.judge_after:
-            if self.history is None or self.history.pays(self.min_acceptance, self.judge_after):
-                return True
-        elif sum(self._outcomes) >= self.min_acceptance * seen:
+        if seen and sum(self._outcomes) >= self.min_acceptance * seen:
+            return True
+        if seen < self.judge_after and (self.history is None
+                                        or self.history.pays(self.min_acceptance, self.judge_after)):
             return True
         self._idle += 1
         if self._idle >= self.probe_every:

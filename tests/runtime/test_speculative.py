@@ -151,6 +151,13 @@ def test_a_new_sequence_follows_the_engines_recent_drafts_until_its_own_are_judg
     assert all(second.propose() for _ in range(4))
     assert list(history.outcomes) == [0] * 4 + [1] * 4 and history.pays(0.5, 4)
     assert DraftPolicy(history=history).propose()
+    # after a burst of misses, a sequence whose first verified draft (the prefill's) hits drafts on at once
+    burst = DraftHistory(window=8)
+    burst.record(8, 0)
+    predictable, unpredictable = (DraftPolicy(window=8, probe_every=64, history=burst) for _ in range(2))
+    predictable.record(1, 1)
+    unpredictable.record(1, 0)
+    assert all(predictable.propose() for _ in range(3)) and not any(unpredictable.propose() for _ in range(3))
 
 
 def test_speculative_needs_an_mtp_engine(plain):
