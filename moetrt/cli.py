@@ -647,12 +647,23 @@ def generate(
             "text": result.text, "reasoning": result.reasoning, "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            **_draft_counts(loaded, speculative),
         }, ensure_ascii=parallel is not None))  # MPICH's gforker forwards ASCII only (docs/expert-parallel.md)
         return
     from rich.console import Console
 
     events = loaded.stream(prompt, **options) if raw else loaded.chat_stream(messages, **options)
     _print_stream(events, Console(highlight=False))
+
+
+def _draft_counts(loaded, speculative) -> dict:
+    """`generate --json`'s drafts verified and accepted with --speculative (the engine's DraftHistory totals)."""
+    if not speculative:
+        return {}
+    from moetrt.runtime.speculative import history_for
+
+    history = history_for(loaded.session)
+    return {"drafts_verified": history.proposed, "drafts_accepted": history.accepted}
 
 
 @app.command()

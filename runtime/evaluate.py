@@ -46,9 +46,15 @@ def evaluate_engine(
     expert_parallel=None, speculative: str | None = None,
 ) -> EvalReport:
     """Held-out accuracy of an engine directory (`expert_parallel`: Engine.load's; `speculative` "mtp" drafts
-    with the engine's MTP module, same greedy answers)."""
+    with the engine's MTP module, same greedy answers, and the report counts the drafts verified and accepted)."""
     check_options(task, n, batch_size)
     engine = Engine.load(engine_dir, expert_parallel=expert_parallel)
     if engine.tokenizer is None:
         raise MoetrtError(f"{engine_dir} has no tokenizer; task evaluation needs one")
-    return evaluate(task, engine.tokenizer, engine_continuer(engine, speculative), n, seed, batch_size)
+    report = evaluate(task, engine.tokenizer, engine_continuer(engine, speculative), n, seed, batch_size)
+    if speculative:
+        from moetrt.runtime.speculative import history_for
+
+        history = history_for(engine.session)
+        report = dataclasses.replace(report, drafts=(history.proposed, history.accepted))
+    return report

@@ -75,9 +75,13 @@ class DraftHistory:
 
     def __init__(self, window: int = 32):
         self.outcomes: collections.deque[int] = collections.deque(maxlen=window)
+        self.proposed = 0  # drafts verified since the engine loaded (what `eval` and `generate --json` report)
+        self.accepted = 0
 
     def record(self, proposed: int, accepted: int) -> None:
         self.outcomes.extend([1] * accepted + [0] * (proposed - accepted))
+        self.proposed += proposed
+        self.accepted += accepted
 
     def pays(self, min_acceptance: float, judge_after: int) -> bool:
         """Whether drafting pays by these outcomes: yes until `judge_after` are known, then while at least

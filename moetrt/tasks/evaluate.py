@@ -41,6 +41,7 @@ class EvalReport:
     results: list[ProblemResult]
     categories: list[str]
     seconds: float
+    drafts: tuple[int, int] | None = None  # speculative decoding: drafts (verified, accepted); None without
 
     @property
     def n(self) -> int:
@@ -79,6 +80,7 @@ class EvalReport:
             "mean_thinking_tokens": self.mean_thinking_tokens,
             "accuracy_by_category": self.accuracy_by_category(),
             "seconds": self.seconds,
+            **({"drafts_verified": self.drafts[0], "drafts_accepted": self.drafts[1]} if self.drafts else {}),
             "problems": [{**dataclasses.asdict(r), "correct": r.correct} for r in self.results],
         }
 
@@ -136,5 +138,7 @@ def format_report(report: EvalReport, source: str) -> str:
             f"parsed     {report.parsed}/{report.n} answers after </think>",
             f"thinking   {report.mean_thinking_tokens:.1f} tokens on average",
             f"time       {report.seconds:.1f} s ({report.n / report.seconds:.2f} problems/s)",
+            *([f"drafts     {report.drafts[1]}/{report.drafts[0]} MTP drafts accepted "
+               f"({report.drafts[1] / max(1, report.drafts[0]):.1%})"] if report.drafts else []),
         ]
     )

@@ -171,6 +171,19 @@ def test_speculative_needs_an_mtp_engine(plain):
         plain.generate("What is 1 + 1?", max_new_tokens=4, speculative="eagle")
 
 
+def test_eval_with_speculation_reports_the_drafts_it_verified(tiny_r1_mtp_dir):
+    from moetrt.runtime.evaluate import evaluate_engine
+    from moetrt.tasks.evaluate import format_report
+
+    drafted = evaluate_engine(tiny_r1_mtp_dir, n=6, batch_size=3, speculative="mtp")
+    plain = evaluate_engine(tiny_r1_mtp_dir, n=6, batch_size=3)
+    assert [r.predicted for r in drafted.results] == [r.predicted for r in plain.results] and plain.drafts is None
+    verified, accepted = drafted.drafts
+    assert verified >= 6 * 10 and accepted >= 0.9 * verified  # every row drafts its scratchpad
+    assert f"drafts     {accepted}/{verified} MTP drafts accepted" in format_report(drafted, "engine")
+    assert drafted.to_dict()["drafts_accepted"] == accepted and "drafts_verified" not in plain.to_dict()
+
+
 def moetrt(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moetrt.cli", *args], capture_output=True, text=True, timeout=300)
 
@@ -182,6 +195,9 @@ def test_cli_generate_with_speculation_prints_the_plain_answer(tiny_r1_mtp_dir, 
     plain = moetrt("generate", str(tiny_r1_quantized("none")), question, "--greedy", "--json")
     assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
     assert json.loads(drafted.stdout)["text"].strip().endswith(str(4827 + 593))
+    report = json.loads(drafted.stdout)  # the drafts verified and accepted (tiny-r1's scratchpad: nearly all)
+    assert 0.9 * report["drafts_verified"] <= report["drafts_accepted"] <= report["drafts_verified"]
+    assert report["drafts_verified"] >= len(report["token_ids"]) // 3 and "drafts_verified" not in plain.stdout
 
     refused = moetrt("generate", str(tiny_r1_quantized("none")), question, "--speculative", "mtp")
     assert refused.returncode == 1 and "rebuild it with" in refused.stderr and "--mtp" in refused.stderr
