@@ -320,8 +320,7 @@ def _engine_summary(engine_dir: Path) -> dict:
         "limits": {"max_batch": profile.max_batch, "max_seq": profile.seq, "max_context": profile.max_context},
         "mtp_module": bool(manifest.io.mtp_layers),
         # an engine cut into segments runs none of the module's on plain steps; one graph runs them on empty tensors
-        "mtp_module_skipped_on_plain_steps": bool(manifest.io.mtp_layers) and any(
-            segment.draft_only for segment in getattr(manifest.section, "segments", ())),
+        "mtp_module_skipped_on_plain_steps": bool(getattr(manifest.section, "draft_segments", 0)),
         "backend_details": list(get_backend(manifest.backend).describe(manifest)),
     }
 

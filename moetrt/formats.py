@@ -298,7 +298,7 @@ class OrtSection:
         if self.layout == "graph" and self.model is None:
             raise MoetrtError("the ort section's layout is 'graph' but it names no model")
         # the main model's segments have one expert layer between each two; the MTP module's, one between its two
-        module = 1 if any(segment.draft_only for segment in self.segments) else 0
+        module = 1 if self.draft_segments else 0
         if self.layout == "segments" and (self.experts_file is None
                                           or len(self.segments) != len(self.expert_layers) + 1 + module):
             raise MoetrtError(f"the ort section's layout is 'segments' but it has {len(self.segments)} segments "
@@ -310,6 +310,11 @@ class OrtSection:
     @property
     def segmented(self) -> bool:
         return self.layout == "segments"
+
+    @property
+    def draft_segments(self) -> int:
+        """How many segments are the MTP module's (`draft_only`): 2 in a segmented --mtp engine, else 0."""
+        return sum(segment.draft_only for segment in self.segments)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,10 +68,11 @@ class StepCounts:
 
 
 class DraftHistory:
-    """An engine's most recent verified drafts, across its sequences (the last `window` outcomes): what a new
-    sequence's DraftPolicy follows until its own drafts are judged, so that once the engine has seen that drafts
-    do not pay (random weights, a domain the module does not predict) each new request does not pay to learn it
-    again. `history_for(session)` gives the session's."""
+    """The last `window` verified drafts (1 accepted, 0 rejected) and the totals since it began. A sequence's
+    DraftPolicy keeps one of its own; an engine's, across its sequences, is what a new sequence follows until its
+    own drafts are judged, so that once the engine has seen that drafts do not pay (random weights, a domain the
+    module does not predict) each new request does not pay to learn it again. `history_for(session)` gives the
+    session's."""
 
     def __init__(self, window: int = 32):
         self.outcomes: collections.deque[int] = collections.deque(maxlen=window)
@@ -83,11 +84,15 @@ class DraftHistory:
         self.proposed += proposed
         self.accepted += accepted
 
-    def pays(self, min_acceptance: float, judge_after: int) -> bool:
-        """Whether drafting pays by these outcomes: yes until `judge_after` are known, then while at least
-        `min_acceptance` of them were accepted."""
+    def holds(self, min_acceptance: float) -> bool:
+        """Whether some outcomes are known and at least `min_acceptance` of them were accepted."""
         seen = len(self.outcomes)
-        return seen < judge_after or sum(self.outcomes) >= min_acceptance * seen
+        return bool(seen) and sum(self.outcomes) >= min_acceptance * seen
+
+    def pays(self, min_acceptance: float, judge_after: int) -> bool:
+        """Whether drafting pays by these outcomes: yes until `judge_after` are known, then while they hold
+        `min_acceptance`."""
+        return len(self.outcomes) < judge_after or self.holds(min_acceptance)
 
 
 _HISTORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -117,7 +122,7 @@ class DraftPolicy:
                  history: DraftHistory | None = None):
         self.min_acceptance, self.probe_every, self.judge_after = min_acceptance, probe_every, judge_after
         self.history = history
-        self._outcomes: collections.deque[int] = collections.deque(maxlen=window)
+        self._own = DraftHistory(window)
         self._idle = 0
 
     def propose(self) -> bool:
@@ -125,11 +130,10 @@ class DraftPolicy:
         prefill's, is verified on the first step), and until `judge_after` of them were verified also while the
         history says drafts pay (always without a history); otherwise once in `probe_every` calls. So a sequence
         whose own first drafts hit keeps drafting whatever the engine's recent ones did."""
-        seen = len(self._outcomes)
-        if seen and sum(self._outcomes) >= self.min_acceptance * seen:
+        if self._own.holds(self.min_acceptance):
             return True
-        if seen < self.judge_after and (self.history is None
-                                        or self.history.pays(self.min_acceptance, self.judge_after)):
+        if len(self._own.outcomes) < self.judge_after and (
+                self.history is None or self.history.pays(self.min_acceptance, self.judge_after)):
             return True
         self._idle += 1
         if self._idle >= self.probe_every:
@@ -139,7 +143,7 @@ class DraftPolicy:
 
     def record(self, proposed: int, accepted: int) -> None:
         """A step verified `proposed` drafts and accepted `accepted` of them (recorded in the history too)."""
-        self._outcomes.extend([1] * accepted + [0] * (proposed - accepted))
+        self._own.record(proposed, accepted)
         if self.history is not None and proposed:
             self.history.record(proposed, accepted)
 

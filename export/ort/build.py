@@ -58,12 +58,13 @@ def build_ort(export_dir: Path, info: ExportInfo, work: Path) -> OrtSection:
     for model, segment in zip(models, segments):
         _optimize(model, work / segment.model, f"{segment.model}.data", provider, external_data_dir=export_dir)
     kernels = build_kernels(work)
-    drafting = sum(segment.draft_only for segment in segments)
+    section = OrtSection(**common, moe_kernel="moetrt", layout="segments", segments=tuple(segments),
+                         experts_file=EXPERTS_FILE, expert_layers=tuple(layers), kernels=kernels)
+    drafting = section.draft_segments
     module = f" ({drafting} of them the MTP module's, run only on drafting steps)" if drafting else ""
     note(f"experts: moetrt's CPU kernel, the graph cut into {len(segments)} segments{module}; the kernel built for "
          f"{', '.join(kernel.target for kernel in kernels)}")
-    return OrtSection(**common, moe_kernel="moetrt", layout="segments", segments=tuple(segments),
-                      experts_file=EXPERTS_FILE, expert_layers=tuple(layers), kernels=kernels)
+    return section
 
 
 def build_kernels(work: Path) -> tuple[CpuKernel, ...]:

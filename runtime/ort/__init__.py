@@ -69,7 +69,7 @@ def describe(manifest: EngineManifest) -> list[str]:
     if section.segmented:
         bits = {layer.bits for layer in section.expert_layers}
         held = f" on {quantized.scheme} blocks" if quantized and bits != {32} else ""
-        drafting = sum(segment.draft_only for segment in section.segments)
+        drafting = section.draft_segments
         module = f" ({drafting} of them the MTP module's, run only on drafting steps)" if drafting else ""
         experts = f"moetrt's CPU kernel{held}, {len(section.segments)} graph segments{module}"
     else:
