@@ -595,6 +595,12 @@ static void run_parallel(const job_t *job) {
 
 int moetrt_experts_abi(void) { return 5; }
 
+/* A caller's parallel loop (moetrt_experts_on): run fn(arg, i) for every i in [0, n), on any threads, and return
+ * when all have run. ONNX Runtime's KernelContext_ParallelFor has this shape (plugins/ort_experts_op.c). */
+typedef void (*moetrt_parallel_for)(void *context, void (*fn)(void *, size_t), void *arg, size_t n);
+
+static void run_slices_thunk(void *job, size_t thread) { run_slices((const job_t *)job, (int)thread); }
+
 static int layout_holds(long hidden, long inter, long slices, long bits, long group) {
     if (hidden < 8 || slices < 1 || inter % slices) return 0;
     const long width = inter / slices;
@@ -606,9 +612,23 @@ static int layout_holds(long hidden, long inter, long slices, long bits, long gr
 /* y[T, H] = the routed experts of x[T, H] (ids/weights [T, k]; packed weights as above: float32 for bits 32,
  * bytes for bits 8 and 4 with group size `group`). Returns 0, or -1 for bad arguments (an id out of range other than -1, which skips the pair,
  * sizes the layout cannot hold), -2 out of memory, -3 when the worker threads could not start. */
+int moetrt_experts_on(const float *x, const int32_t *ids, const float *weights, const void *gate_up, const void *down,
+                      float *y, long tokens, long top_k, long num_experts, long hidden, long inter, long slices,
+                      long bits, long group, int threads, moetrt_parallel_for parallel_for, void *context);
+
 int moetrt_experts(const float *x, const int32_t *ids, const float *weights, const void *gate_up, const void *down,
                    float *y, long tokens, long top_k, long num_experts, long hidden, long inter, long slices,
                    long bits, long group, int threads) {
+    return moetrt_experts_on(x, ids, weights, gate_up, down, y, tokens, top_k, num_experts, hidden, inter, slices,
+                             bits, group, threads, NULL, NULL);
+}
+
+/* moetrt_experts with the slices run by the caller's `parallel_for` (with `context`), `threads` ways, instead of
+ * this library's pool: inside an inference engine's graph, the engine's own threads run them and no second pool
+ * competes with its threads for the cores. NULL: the pool, as moetrt_experts. */
+int moetrt_experts_on(const float *x, const int32_t *ids, const float *weights, const void *gate_up, const void *down,
+                      float *y, long tokens, long top_k, long num_experts, long hidden, long inter, long slices,
+                      long bits, long group, int threads, moetrt_parallel_for parallel_for, void *context) {
     if (tokens < 0 || top_k < 1 || num_experts < 1 || !layout_holds(hidden, inter, slices, bits, group) ||
         threads < 1 || threads > MAX_THREADS)
         return -1;
@@ -679,14 +699,18 @@ int moetrt_experts(const float *x, const int32_t *ids, const float *weights, con
     }
     job_t job = {x, gate_up, down, tokens, hidden, inter, slices, bits, group, threads, n_active, experts, start,
                  pair_token, pair_weight, xq, partial, scratch, per_thread, max_rows};
-    pthread_mutex_lock(&call_lock); /* one call at a time through the pool */
-    if (ensure_workers(threads - 1) != 0) {
+    if (parallel_for != NULL) {
+        parallel_for(context, run_slices_thunk, &job, (size_t)threads);
+    } else {
+        pthread_mutex_lock(&call_lock); /* one call at a time through the pool */
+        if (ensure_workers(threads - 1) != 0) {
+            pthread_mutex_unlock(&call_lock);
+            status = -3;
+            goto done;
+        }
+        run_parallel(&job);
         pthread_mutex_unlock(&call_lock);
-        status = -3;
-        goto done;
     }
-    run_parallel(&job);
-    pthread_mutex_unlock(&call_lock);
     const long size = tokens * hidden;
     memcpy(y, partial, sizeof(float) * size);
     for (int t = 1; t < threads; t++)

@@ -276,18 +276,18 @@ def _compiler() -> str:
     )
 
 
-def compile_kernel(output: Path, flags: Sequence[str], compiler: str | None = None) -> None:
-    """Compile cpu_experts.c with COMMON_FLAGS and `flags` into the shared library `output`, whole or not at all
-    (another process may be loading the same name). Raises MoetrtError without a compiler or when compiling fails
-    (e.g. a compiler too old for `-march=x86-64-v4`)."""
+def compile_kernel(output: Path, flags: Sequence[str], compiler: str | None = None, source: Path = SOURCE) -> None:
+    """Compile `source` (cpu_experts.c) with COMMON_FLAGS and `flags` into the shared library `output`, whole or
+    not at all (another process may be loading the same name). Raises MoetrtError without a compiler or when
+    compiling fails (e.g. a compiler too old for `-march=x86-64-v4`)."""
     compiler = compiler or _compiler()
-    fd, partial = tempfile.mkstemp(prefix=".cpu_experts-", suffix=".so", dir=output.parent)
+    fd, partial = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=output.parent)
     os.close(fd)
     try:
-        out = subprocess.run([compiler, *COMMON_FLAGS, *flags, "-o", partial, str(SOURCE), "-lm"],
+        out = subprocess.run([compiler, *COMMON_FLAGS, *flags, "-o", partial, str(source), "-lm"],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            raise MoetrtError(f"compiling the moetrt CPU expert kernel ({compiler} {' '.join(flags)}) failed: "
+            raise MoetrtError(f"compiling {source.name} ({compiler} {' '.join(flags)}) failed: "
                               f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
         os.chmod(partial, 0o755)  # mkstemp made it private; the engine may be served by another user
         os.replace(partial, output)
@@ -307,19 +307,20 @@ def cannot_compile_here() -> str | None:
     return None if os.access(folder, os.W_OK) else f"the kernel cache {folder} is not writable"
 
 
-def cached_build(flags: Sequence[str], compiler: str | None = None) -> tuple[Path, str]:
-    """The kernel compiled with `flags` in the cache (`$MOETRT_CACHE_DIR`), keyed by its source, the flags, the
-    compiler's version and this CPU: compiled once, then reused (engine builds carry the same libraries every time).
-    Returns (path, sha256). Raises MoetrtError without a compiler or a writable cache, or when compiling fails."""
+def cached_build(flags: Sequence[str], compiler: str | None = None, source: Path = SOURCE) -> tuple[Path, str]:
+    """`source` (the kernel, cpu_experts.c) compiled with `flags` in the cache (`$MOETRT_CACHE_DIR`), keyed by the
+    source, the flags, the compiler's version and this CPU: compiled once, then reused (engine builds carry the
+    same libraries every time). Returns (path, sha256). Raises MoetrtError without a compiler or a writable cache,
+    or when compiling fails."""
     from moetrt import hardware
 
     compiler = compiler or _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join([*COMMON_FLAGS, *flags]).encode(), version.encode(),
+        b"\0".join([source.read_bytes(), " ".join([*COMMON_FLAGS, *flags]).encode(), version.encode(),
                     " ".join(hardware.cpu_flags()).encode(), hardware.cpu_arch().encode()])
     ).hexdigest()[:16]
-    path = cache_dir() / f"cpu_experts-{key}.so"
+    path = cache_dir() / f"{source.stem}-{key}.so"
     record = path.with_name(f"{path.name}.sha256")  # written after the library: a build cut short has none
     recorded = record.read_text().strip() if record.is_file() else None
     if recorded is None or not path.is_file() or file_sha256(path) != recorded:  # missing, partial or damaged
@@ -327,7 +328,7 @@ def cached_build(flags: Sequence[str], compiler: str | None = None) -> tuple[Pat
         if problem:
             raise MoetrtError(f"cannot compile the moetrt CPU expert kernel here: {problem}; set MOETRT_CACHE_DIR to "
                               "a writable directory, or build the engine with --moe-kernel onnxruntime")
-        compile_kernel(path, flags, compiler)
+        compile_kernel(path, flags, compiler, source)
         recorded = file_sha256(path)
         write_bytes(record, f"{recorded}\n".encode())
     return path, recorded
@@ -399,7 +400,8 @@ class CpuExperts:
         self.num_experts, self.hidden, self.inter, self.slices = num_experts, hidden, inter, slices
         self.bits, self.group_size = bits, group_size if bits != 32 else 0
         self.threads = max(1, min(threads or os.cpu_count() or 1, slices, 64))
-        self._run = (library if library is not None else native_library()).moetrt_experts
+        self.library = library if library is not None else native_library()
+        self._run = self.library.moetrt_experts
 
     def run_pointers(self, x: int, ids: int, weights: int, out: int, tokens: int, top_k: int) -> None:
         """x/out `[T, H]` float32, ids `[T, k]` int32, weights `[T, k]` float32, all C-contiguous, by address."""

@@ -4,10 +4,13 @@ The caller owns the latent cache: `past` arrays are bound as inputs by pointer a
 written by ONNX Runtime straight into caller-provided arrays (slices of the preallocated cache).
 
 Engines built for moetrt's CPU expert kernel (`moe_kernel: moetrt` in the manifest) are a chain of segments
-cut at the MoE layers' routed experts (export/ort/split.py): each call runs segment 0, the kernel on its outputs,
-segment 1, and so on (each expert layer after the segment that makes its inputs). An --mtp engine's module has
-segments of its own, after the main model's, that a call on which the module runs on no position skips. Values pass between segments as ONNX Runtime's own buffers, and to the kernel by
-address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
+cut at the MoE layers' routed experts (export/ort/split.py). Where moetrt's onnxruntime op library compiles (and
+the engine's kernel build has the entry point it calls), the main model's segments are joined at load into one
+graph with the expert layers as `moetrt.ort::Experts` nodes (runtime/ort/fused.py): one session run per call.
+Otherwise (or with MOETRT_SEGMENTED=1) each call runs segment 0, the kernel on its outputs, segment 1, and so on
+(each expert layer after the segment that makes its inputs). An --mtp engine's module has segments of its own,
+after the main model's, that a call on which the module runs on no position skips. Values pass between segments
+as ONNX Runtime's own buffers, and to the kernel by address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
 reads only this rank's experts, gives the kernel their positions (-1 for the other ranks' pairs) and sums the
 ranks' outputs after each MoE layer. The segments' sessions stop their threads spinning when a run returns
 (`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need. They also share
@@ -105,16 +108,13 @@ class OrtSession:
         section = manifest.section
         assert isinstance(section, OrtSection)
         ort.disable_telemetry_events()  # usage telemetry (Windows builds' ETW events): off
-        options = ort.SessionOptions()
-        options.graph_optimization_level = load_optimization_level(section)
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = _session_options(section, threads)
         providers = [section.provider] + (["CPUExecutionProvider"] if section.provider != "CPUExecutionProvider" else [])
         self._device = "cuda" if section.provider == "CUDAExecutionProvider" else "cpu"
         self._segments: list[Segment] = []
         self._experts: list[KernelLayer] = []
         self._kernel_description = "none"
+        self._constants: dict[str, np.ndarray] = {}  # inputs every run binds (the joined graph's kernel parameters)
         self.group = expert_group
         if expert_group is not None and self.mtp_layers:
             raise MoetrtError("--expert-parallel runs engines without the multi-token-prediction module; rebuild "
@@ -123,16 +123,31 @@ class OrtSession:
             raise MoetrtError("--expert-parallel runs engines whose routed experts are moetrt's CPU kernel; this one "
                               "runs them inside onnxruntime: rebuild it with `--moe-kernel moetrt`")
         if section.segmented:
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-            if section.provider == "CPUExecutionProvider":
-                shared_cpu_arena()
-                options.add_session_config_entry("session.use_env_allocators", "1")
+            library, description = _kernel_library(manifest, section)
+            note(f"experts: moetrt's CPU kernel, {description}")
+            joined = None
+            if expert_group is None and section.provider == "CPUExecutionProvider":
+                joined = _join(manifest, section, _session_options(section, threads), providers, library)
+            if joined is not None:
+                graph, joined_graph = joined
+                self._segments.append(Segment(Graph(graph, self._device), list(joined_graph.inputs),
+                                              list(joined_graph.outputs)))
             for segment in section.segments:
+                if joined is not None and not segment.draft_only:
+                    continue
                 session = _open_graph(manifest, segment.model, options, providers)
                 self._segments.append(Segment(Graph(session, self._device), list(segment.inputs),
                                               list(segment.outputs), segment.draft_only))
-            self._experts, self._kernel_description = _load_experts(manifest, section, self._segments, threads,
-                                                                    expert_group)
+            self._experts = _load_experts(manifest, section, self._segments, threads, library, expert_group,
+                                          joined_graph.layers if joined is not None else ())
+            self._kernel_description = description
+            if joined is not None:
+                from moetrt.plugins.ort_ops import kernel_params
+                from moetrt.runtime.ort.fused import kernel_input
+
+                self._constants = {kernel_input(index): kernel_params(self._experts[index].kernel)
+                                   for index in joined_graph.layers}
+                self._kernel_description += "; in the onnxruntime graph (one session run per step)"
         else:
             self._graph = Graph(_open_graph(manifest, section.model, options, providers), self._device)
         # What must match across expert-parallel ranks for their routing to agree bit for bit (runtime/parallel).
@@ -224,6 +239,7 @@ class OrtSession:
         (the MTP module runs on no position) the module's own segments are skipped: its latent rows are empty
         and no drafts come back."""
         values: dict[str, np.ndarray | ort_c.OrtValue] = dict(inputs)
+        values.update(self._constants)
         values.update({past_latent(layer): array for layer, array in enumerate(past)})
         into = ({new_latent(layer): out for layer, out in enumerate(new_rows) if out.size}
                 if new_rows is not None else {})
@@ -330,26 +346,78 @@ def _read_local_experts(file, span, layer, experts: np.ndarray) -> np.ndarray:
     return out.view(np.float32) if layer.bits == 32 else out
 
 
+def _session_options(section: OrtSection, threads: int | None) -> ort.SessionOptions:
+    """Options for a session on `section`'s graphs: its load-time optimisation level, `threads` intra-op threads
+    (None: onnxruntime's default). A segmented engine's sessions stop their threads spinning when a run returns and
+    share one CPU arena (the module docstring says why)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = load_optimization_level(section)
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if section.segmented:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if section.provider == "CPUExecutionProvider":
+            shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+def _kernel_library(manifest: EngineManifest, section: OrtSection):
+    """The build of moetrt's CPU expert kernel this machine runs for the engine (ctypes library) and which one it
+    is (KernelChoice.description). Raises MoetrtError when none can run here or a carried build is damaged."""
+    from moetrt.plugins.cpu_experts import expert_kernel, load_library, native_library
+
+    choice = expert_kernel(section.kernels, manifest.directory)
+    if choice.path is None:
+        return native_library(), choice.description
+    record = manifest.artifacts[choice.path.relative_to(manifest.directory).as_posix()]
+    # damaged code would crash the process when run: hash it before the loader maps it
+    return load_library(choice.path, record.sha256,
+                        fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` names every "
+                            "changed file)"), choice.description
+
+
+def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOptions, providers: list[str],
+          library):
+    """The main model's segments and expert layers as one session (runtime/ort/fused.py) opened with `options`,
+    with the JoinedGraph it runs; None, with a note saying why, when the op library is unavailable here or the engine's kernel build
+    predates it (the engine then runs segment by segment)."""
+    from moetrt.plugins import ort_ops
+    from moetrt.runtime.ort.fused import join_segments
+
+    if not any(not segment.draft_only for segment in section.segments):
+        return None
+    reason = ort_ops.unavailable(library)
+    if reason is not None:
+        note(f"experts: run between onnxruntime segments ({reason})")
+        return None
+    joined = join_segments(manifest, section, ort_ops.DOMAIN, ort_ops.OP)
+    options.register_custom_ops_library(str(ort_ops.library()))
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(manifest.directory))
+    try:
+        session = ort.InferenceSession(joined.model, options, providers=providers)
+    except LOAD_ERRORS as error:
+        reason = " ".join(str(error).split())
+        raise MoetrtError(f"onnxruntime cannot load the engine's segments as one graph ({reason}); set "
+                          f"{ort_ops.DISABLE_ENV}=1 to run them one by one, or rebuild the engine") from None
+    note(f"experts: inside one onnxruntime graph with the main model's segments ({len(joined.layers)} expert "
+         "layers as moetrt's onnxruntime op; one session run per call)")
+    return session, joined
+
+
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
-                  threads: int | None, group=None) -> tuple[list[KernelLayer], str]:
+                  threads: int | None, library, group=None, joined: tuple[int, ...] = ()) -> list[KernelLayer]:
     """Map experts.bin read-only (processes serving the same engine share it through the page cache) and fault
     it in now, so the first calls do not pay for it; one kernel per MoE layer. (Reading it into private,
     huge-page-backed memory instead streamed no faster: ds-mini, 0.97 vs 0.98 ms per layer at batch 1.) With an
     expert-parallel `group`, only this rank's experts are read, into private memory (nothing is mapped: the page
     cache's large folios would make a mapping resident 2 MB at a time, other ranks' small experts included), and
-    each kernel holds just those (the group turns expert ids into positions among them). Returns the kernels and
-    which build of the kernel runs them."""
-    from moetrt.plugins.cpu_experts import CpuExperts, expert_kernel, load_library, native_library
+    each kernel holds just those (the group turns expert ids into positions among them). `library`: the kernel
+    build to run (`_kernel_library`). The layers in `joined` run inside the joined graph (its first segment): they
+    are not attached to a segment. Returns the kernels, one per expert layer."""
+    from moetrt.plugins.cpu_experts import CpuExperts
 
-    choice = expert_kernel(section.kernels, manifest.directory)
-    if choice.path is None:
-        library = native_library()
-    else:  # damaged code would crash the process when run: hash it before the loader maps it
-        record = manifest.artifacts[choice.path.relative_to(manifest.directory).as_posix()]
-        library = load_library(choice.path, record.sha256,
-                               fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` names every "
-                                   "changed file)")
-    note(f"experts: moetrt's CPU kernel, {choice.description}")
     assert section.experts_file is not None
     if group is None:
         with open(manifest.path(section.experts_file), "rb") as f:
@@ -368,6 +436,12 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
                                                 for span in (layer.gate_up, layer.down)))
     layers = []
     for index, layer in enumerate(section.expert_layers):
+        if index in joined:
+            kernel = CpuExperts(_span(data, layer.gate_up, layer.bits), _span(data, layer.down, layer.bits),
+                                layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.slices, threads,
+                                library, bits=layer.bits, group_size=layer.group_size)
+            layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
+            continue
         after = [segment for segment in segments if layer.inputs[0] in segment.outputs]
         if len(after) != 1:
             raise MoetrtError(f"no single engine segment gives expert layer {index}'s input {layer.inputs[0]}; "
@@ -386,4 +460,4 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
         kernel = CpuExperts(gate_up, down, count, layer.hidden_size, layer.intermediate_size,
                             layer.slices, threads, library, bits=layer.bits, group_size=layer.group_size)
         layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
-    return layers, choice.description
+    return layers

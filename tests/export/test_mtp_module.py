@@ -287,27 +287,40 @@ def test_the_kernel_engine_cuts_the_module_into_segments_plain_calls_skip(engine
     # layer 0 is dense, layer 1 MoE: two main segments, then the module's two around its expert layer
     assert [segment.draft_only for segment in section.segments] == [False, False, True, True]
     assert "logits" in section.segments[1].outputs and "draft_ids" in section.segments[-1].outputs
-    session = engine.session
-    ran: list[int] = []
-    for index, segment in enumerate(session._segments):
-        monkeypatch.setattr(segment, "graph", CountedRuns(segment.graph, index, ran))
-    ids = sequences(batch=2, seq=5, seed=3).numpy()
-    positions = np.broadcast_to(np.arange(5, dtype=np.int64), (2, 5))
-    cache = session.new_cache(2, 8)
-    mask = cache.attention_mask(5, np.ones((2, 5), np.int64))
-    logits, rows = session.run(ids, positions, mask, positions, cache.past())
-    assert ran == [0, 1] and logits.shape == (2, 5, VOCAB)
-    skipped = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
-                                      *(np.zeros((2, 0), np.int64),) * 3)
-    assert ran == [0, 1] * 2 and skipped[1].shape == (2, 0)
-    np.testing.assert_array_equal(skipped[0], logits)
-    latent = session.latent_dim
-    assert [row.shape for row in rows] == [(5, 2, latent)] * MAIN_LAYERS + [(0, 2, latent)]
-    want, _ = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
-                                      np.full((2, 5), -1, np.int64),
-                                      cache.draft_attention_mask(5, np.ones((2, 5), np.int64)), positions)
-    assert ran == [0, 1] * 3 + [2, 3]
-    np.testing.assert_array_equal(logits, want)  # skipping the module leaves the main model's logits as they were
+    from moetrt.runtime.engine import Engine
+
+    first = None
+    for segmented in ("1", ""):  # segment by segment, then the main segments joined into one graph
+        monkeypatch.setenv("MOETRT_SEGMENTED", segmented)
+        session = Engine.load(engine.manifest.directory).session
+        main = [index for index, segment in enumerate(session._segments) if not segment.draft_only]
+        module = [index for index, segment in enumerate(session._segments) if segment.draft_only]
+        assert (len(main), module) == ((2, [2, 3]) if segmented else (1, [1, 2]))
+        ran: list[int] = []
+        for index, segment in enumerate(session._segments):
+            monkeypatch.setattr(segment, "graph", CountedRuns(segment.graph, index, ran))
+        ids = sequences(batch=2, seq=5, seed=3).numpy()
+        positions = np.broadcast_to(np.arange(5, dtype=np.int64), (2, 5))
+        cache = session.new_cache(2, 8)
+        mask = cache.attention_mask(5, np.ones((2, 5), np.int64))
+        logits, rows = session.run(ids, positions, mask, positions, cache.past())
+        assert ran == main and logits.shape == (2, 5, VOCAB)
+        skipped = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
+                                          *(np.zeros((2, 0), np.int64),) * 3)
+        assert ran == main * 2 and skipped[1].shape == (2, 0)
+        np.testing.assert_array_equal(skipped[0], logits)
+        latent = session.latent_dim
+        assert [row.shape for row in rows] == [(5, 2, latent)] * MAIN_LAYERS + [(0, 2, latent)]
+        want, drafts = session.run_speculative(ids, positions, mask, positions, cache.past(), cache.reserve(5),
+                                               np.full((2, 5), -1, np.int64),
+                                               cache.draft_attention_mask(5, np.ones((2, 5), np.int64)), positions)
+        assert ran == main * 3 + module
+        np.testing.assert_array_equal(logits, want)  # skipping the module leaves the main model's logits as they were
+        if first is None:
+            first = (logits, drafts)
+        else:  # the joined graph computes what the segments do
+            np.testing.assert_allclose(logits, first[0], rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(drafts, first[1])
 
 
 def test_engine_drafts_the_reference_modules_greedy_prediction(reference, engine):

@@ -132,8 +132,9 @@ def test_verify_passes(engine):
     assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
 
 
-# Loads the engine in a fresh process (per-segment arenas if argv[2] is "separate"), runs a full batch of
-# max_context-token rows and prints how much anonymous memory that added, in MB.
+# Loads the engine in a fresh process (segment by segment with per-segment arenas if argv[2] is "separate", with
+# one shared arena if "shared", as one joined graph if "joined"), runs a full batch of max_context-token rows and
+# prints how much anonymous memory that added, in MB.
 ARENA_CHILD = """
 import sys, numpy as np
 import moetrt.runtime.ort.session as session
@@ -156,13 +157,15 @@ def test_segments_share_one_memory_arena(engine):
     largest segment's. The same long batch through the same engine must add well under the separate arenas'
     memory (measured: 174 MB shared, 454 MB separate, 4 segments)."""
     growth = {}
-    for mode in ("shared", "separate"):
+    for mode in ("shared", "separate", "joined"):
+        segmented = {"MOETRT_SEGMENTED": "1"} if mode != "joined" else {}
         done = subprocess.run([sys.executable, "-c", ARENA_CHILD, str(engine), mode], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "MOETRT_QUIET": "1"})
+                              timeout=300, env={**os.environ, "MOETRT_QUIET": "1", **segmented})
         assert done.returncode == 0, done.stderr
         growth[mode] = float(done.stdout.split()[-1])
     print(f"anonymous memory added by one full batch: {growth}")
     assert growth["shared"] < 0.6 * growth["separate"], growth
+    assert growth["joined"] < 0.6 * growth["separate"], growth  # one session, one arena
 
 
 def test_eval_answers_as_the_checkpoint_does(engine):
@@ -265,3 +268,38 @@ def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and chosen.file in errors[0] and "is damaged" in errors[0], result.stderr
     assert f"moetrt verify {copy} --integrity" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_segments_run_as_one_onnxruntime_graph_with_the_same_outputs(engine, monkeypatch):
+    """Where moetrt's onnxruntime op library compiles, the segments and the expert layers between them load as one
+    joined graph (runtime/ort/fused.py): one session run per call, the same logits and latent rows as running the
+    segments one by one. A kernel build from before the op (older engines carry one) and MOETRT_SEGMENTED=1 run
+    the segments one by one."""
+    import moetrt.runtime.ort.session as ort_session
+    from moetrt.runtime.engine import Engine
+
+    section = read_manifest(engine).section
+    ids = np.array([[5, 6, 7, 8, 9], [0, 0, 12, 13, 14]], np.int64)
+    mask = (np.arange(5)[None, :] >= np.array([[0], [2]])).astype(np.int64)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    outputs = {}
+    for mode in ("joined", "segmented", "old kernel build"):
+        monkeypatch.setenv("MOETRT_SEGMENTED", "1" if mode == "segmented" else "")
+        if mode == "old kernel build":
+            chosen = ort_session._kernel_library
+
+            class OldBuild:  # the entry point the op calls is missing
+                def __init__(self, library):
+                    self.moetrt_experts = library.moetrt_experts
+
+            monkeypatch.setattr(ort_session, "_kernel_library",
+                                lambda manifest, section: (OldBuild(chosen(manifest, section)[0]), "old"))
+        session = Engine.load(engine).session
+        assert len(session._segments) == (1 if mode == "joined" else len(section.segments))
+        assert ("in the onnxruntime graph" in session._kernel_description) == (mode == "joined")
+        past = [np.zeros((0, 2, session.latent_dim), session.dtype) for _ in range(session.num_layers)]
+        outputs[mode] = session.run(ids, positions, mask, positions, past)
+    for mode in ("segmented", "old kernel build"):
+        np.testing.assert_allclose(outputs["joined"][0], outputs[mode][0], rtol=0, atol=1e-5)
+        for joined_rows, rows in zip(outputs["joined"][1], outputs[mode][1]):
+            np.testing.assert_allclose(joined_rows, rows, rtol=0, atol=1e-5)

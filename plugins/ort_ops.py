@@ -1,0 +1,64 @@
+"""moetrt's ONNX Runtime op library: the CPU expert kernel as the custom op `moetrt.ort::Experts`.
+
+ort_experts_op.c is compiled once per machine into the kernel cache (as the kernel is when an engine carries no
+build for the CPU) and registered with a session's options; runtime/ort/fused.py then runs an engine's segments
+and expert layers as one graph. The op calls the kernel library the engine loaded (`moetrt_experts_on`, by
+address) with ONNX Runtime's intra-op threads. Kernel builds from before that entry point (engines built before
+it carry them) lack it: those engines run segment by segment, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from moetrt.errors import MoetrtError
+
+SOURCE = Path(__file__).with_name("ort_experts_op.c")
+ABI = 1
+DOMAIN, OP = "moetrt.ort", "Experts"
+DISABLE_ENV = "MOETRT_SEGMENTED"  # "1": run engines segment by segment even where the op library is available
+
+
+@functools.cache
+def library() -> Path:
+    """The op library compiled for this machine (cached), its ABI checked. Raises MoetrtError without a compiler,
+    a writable cache, or when it does not compile or load."""
+    from moetrt.plugins.cpu_experts import cached_build
+
+    path, _ = cached_build(["-O2"], source=SOURCE)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise MoetrtError(f"cannot load moetrt's onnxruntime op library {path} ({error}); delete it and retry") from None
+    if lib.moetrt_ort_ops_abi() != ABI:
+        raise MoetrtError(f"{path} is not the onnxruntime op library this moetrt expects; delete it and retry")
+    return path
+
+
+def unavailable(kernel_library: ctypes.CDLL) -> str | None:
+    """Why expert layers run by `kernel_library` (a loaded build of the CPU expert kernel) cannot run inside an
+    onnxruntime graph here, or None: the environment says not to, the build predates `moetrt_experts_on`, or the
+    op library cannot be compiled."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"{DISABLE_ENV} is set"
+    if not hasattr(kernel_library, "moetrt_experts_on"):
+        return "the engine's kernel build predates in-graph experts (rebuild the engine to run it as one graph)"
+    try:
+        library()
+    except MoetrtError as error:
+        return str(error)
+    return None
+
+
+def kernel_params(kernel) -> np.ndarray:
+    """The `kernel` input of a moetrt.ort::Experts node for `kernel` (a CpuExperts): int64 [10], the addresses of
+    moetrt_experts_on and of the packed gate_up and down weights, then num_experts, hidden, inter, slices, bits,
+    group size and threads (ort_experts_op.c). The arrays must outlive every run that reads it."""
+    run = ctypes.cast(kernel.library.moetrt_experts_on, ctypes.c_void_p).value
+    return np.array([run, kernel.gate_up.ctypes.data, kernel.down.ctypes.data, kernel.num_experts, kernel.hidden,
+                     kernel.inter, kernel.slices, kernel.bits, kernel.group_size, kernel.threads], dtype=np.int64)
