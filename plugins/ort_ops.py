@@ -1,7 +1,8 @@
 """moetrt's ONNX Runtime op library: the CPU expert kernel as the custom op `moetrt.ort::Experts`.
 
-ort_experts_op.c is compiled once per machine into the kernel cache (as the kernel is when an engine carries no
-build for the CPU) and registered with a session's options; runtime/ort/fused.py then runs an engine's segments
+ort_experts_op.c is compiled into an engine's `kernels/` when it is built (no instruction-set flags: one build
+serves every CPU of the architecture), or at load into the kernel cache for an engine that carries none, and
+registered with a session's options; runtime/ort/fused.py then runs an engine's segments
 and expert layers as one graph. The op calls the kernel library the engine loaded (`moetrt_experts_on`, by
 address) with ONNX Runtime's intra-op threads. Kernel builds from before that entry point (engines built before
 it carry them) lack it: those engines run segment by segment, as before.
@@ -19,37 +20,52 @@ import numpy as np
 from moetrt.errors import MoetrtError
 
 SOURCE = Path(__file__).with_name("ort_experts_op.c")
+FLAGS = ("-O2",)  # no instruction-set flags: the op only passes pointers on to the kernel
+CARRIED = "kernels/ort_ops.so"  # where an engine carries it (export/ort/build.py build_op_library)
 ABI = 1
 DOMAIN, OP = "moetrt.ort", "Experts"
 DISABLE_ENV = "MOETRT_SEGMENTED"  # "1": run engines segment by segment even where the op library is available
 
 
 @functools.cache
-def library() -> Path:
-    """The op library compiled for this machine (cached), its ABI checked. Raises MoetrtError without a compiler,
-    a writable cache, or when it does not compile or load."""
+def library(carried: Path | None = None, sha256: str | None = None, fix: str = "rebuild the engine") -> Path:
+    """The op library to register: `carried` (an engine's build, refused unless its bytes have `sha256`, hashed
+    before the loader maps it), else the one compiled for this machine into the kernel cache; its ABI checked.
+    Raises MoetrtError (ending in `fix` for a carried one) when it is damaged, or (not carried) without a compiler
+    or a writable cache, or when it does not compile or load."""
+    from moetrt.formats import file_sha256
     from moetrt.plugins.cpu_experts import cached_build
 
-    path, _ = cached_build(["-O2"], source=SOURCE)
+    if carried is not None:
+        path = carried
+        try:
+            digest = file_sha256(path)
+        except OSError as error:
+            raise MoetrtError(f"cannot read the onnxruntime op library {path} ({error.strerror}); {fix}") from None
+        if digest != sha256:
+            raise MoetrtError(f"the onnxruntime op library {path} is damaged (sha256 {digest[:16]}..., recorded "
+                              f"{(sha256 or '')[:16]}...); {fix}")
+    else:
+        path, _ = cached_build(FLAGS, source=SOURCE)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
-        raise MoetrtError(f"cannot load moetrt's onnxruntime op library {path} ({error}); delete it and retry") from None
-    if lib.moetrt_ort_ops_abi() != ABI:
-        raise MoetrtError(f"{path} is not the onnxruntime op library this moetrt expects; delete it and retry")
+        raise MoetrtError(f"cannot load moetrt's onnxruntime op library {path} ({error})") from None
+    if getattr(lib, "moetrt_ort_ops_abi", lambda: None)() != ABI:
+        raise MoetrtError(f"{path} is not the onnxruntime op library this moetrt expects")
     return path
 
 
-def unavailable(kernel_library: ctypes.CDLL) -> str | None:
+def unavailable(kernel_library: ctypes.CDLL, carried: Path | None = None, sha256: str | None = None) -> str | None:
     """Why expert layers run by `kernel_library` (a loaded build of the CPU expert kernel) cannot run inside an
     onnxruntime graph here, or None: the environment says not to, the build predates `moetrt_experts_on`, or the
-    op library cannot be compiled."""
+    op library (`carried` by the engine with `sha256`, else compiled here) cannot be loaded."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
     if not hasattr(kernel_library, "moetrt_experts_on"):
         return "the engine's kernel build predates in-graph experts (rebuild the engine to run it as one graph)"
     try:
-        library()
+        library(carried, sha256)
     except MoetrtError as error:
         return str(error)
     return None

@@ -100,7 +100,26 @@ def build_kernels(work: Path) -> tuple[CpuKernel, ...]:
     if not kernels:
         raise MoetrtError(f"{compiler} built moetrt's CPU kernel for none of "
                           f"{', '.join(target.name for target in targets(arch))}; build with --moe-kernel onnxruntime")
+    build_op_library(work, compiler)
     return tuple(kernels)
+
+
+def build_op_library(work: Path, compiler: str) -> None:
+    """moetrt's onnxruntime op library (plugins/ort_ops.py; no instruction-set flags) compiled into the engine's
+    `kernels/`, so that serving hosts without a compiler run the segments as one graph too. Without it (it did not
+    compile: a note says why) hosts compile it at load, or run the segments one by one."""
+    from moetrt.plugins import ort_ops
+    from moetrt.plugins.cpu_experts import cached_build, cannot_compile_here, compile_kernel
+
+    try:
+        if cannot_compile_here() is None:
+            shutil.copyfile(cached_build(ort_ops.FLAGS, compiler, ort_ops.SOURCE)[0], work / ort_ops.CARRIED)
+            os.chmod(work / ort_ops.CARRIED, 0o755)
+        else:
+            compile_kernel(work / ort_ops.CARRIED, ort_ops.FLAGS, compiler, ort_ops.SOURCE)
+    except MoetrtError as error:
+        note(f"experts: no onnxruntime op library in the engine ({error}); hosts compile it at load or run the "
+             "segments one by one")
 
 
 def _optimize(source: str | bytes, target: Path, data_file: str, provider: str,

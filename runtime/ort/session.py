@@ -21,6 +21,7 @@ Moonlight-shaped int4 engine, 27 segments: 3.2 GB more anonymous memory after on
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -388,12 +389,18 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
 
     if not any(not segment.draft_only for segment in section.segments):
         return None
-    reason = ort_ops.unavailable(library)
+    record = manifest.artifacts.get(ort_ops.CARRIED)
+    carried = (manifest.path(ort_ops.CARRIED), record.sha256) if record is not None else (None, None)
+    if record is not None and os.environ.get(ort_ops.DISABLE_ENV, "") in ("", "0"):
+        # code the loader would run, like the kernel: a damaged copy is refused, not worked around
+        ort_ops.library(*carried, fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` names "
+                                      "every changed file)")
+    reason = ort_ops.unavailable(library, *carried)
     if reason is not None:
         note(f"experts: run between onnxruntime segments ({reason})")
         return None
     joined = join_segments(manifest, section, ort_ops.DOMAIN, ort_ops.OP)
-    options.register_custom_ops_library(str(ort_ops.library()))
+    options.register_custom_ops_library(str(ort_ops.library(*carried)))
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(manifest.directory))
     try:
         session = ort.InferenceSession(joined.model, options, providers=providers)

@@ -48,10 +48,12 @@ def test_engine_carries_the_kernel_built_for_each_level_and_says_which_runs(engi
     for kernel, target in zip(ort.kernels, levels):
         assert kernel.file in artifacts and (engine / kernel.file).is_file()
         assert target.cpu_flags is None or kernel.cpu_flags == target.cpu_flags
+    assert "kernels/ort_ops.so" in artifacts and (engine / "kernels/ort_ops.so").is_file()  # the onnxruntime op
     chosen = choose(ort.kernels, hardware.cpu_flags())
     info = moetrt_cli("info", engine)
     carried = ", ".join(target.name for target in levels)
     assert f"CPU kernel       {chosen.target} (carried: {carried})" in info.stdout, info.stderr
+    assert "each call        one onnxruntime run: the main model's segments joined into one graph" in info.stdout
 
 
 def test_engine_loads_without_a_compiler_or_a_writable_cache(engine, monkeypatch, tmp_path):
@@ -63,7 +65,9 @@ def test_engine_loads_without_a_compiler_or_a_writable_cache(engine, monkeypatch
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("MOETRT_CACHE_DIR", str(blocker / "cache"))
-    logits = Engine.load(engine).logits(np.array([[3, 4, 5, 6]]))
+    loaded = Engine.load(engine)
+    assert len(loaded.session._segments) == 1  # joined, with the op library the engine carries
+    logits = loaded.logits(np.array([[3, 4, 5, 6]]))
     assert logits.shape[:2] == (1, 4) and np.isfinite(logits).all()
 
 
@@ -247,9 +251,10 @@ def test_engine_refuses_a_kernel_it_does_not_hold(engine, tmp_path, name, reason
         read_manifest(copy)
 
 
-def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_path):
-    """A carried kernel with bytes flipped but its size kept would crash the process (SIGILL, SIGSEGV) once
-    called: its hash is checked against the manifest before the loader maps it."""
+@pytest.mark.parametrize("which", ["kernel", "onnxruntime op library"])
+def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_path, which):
+    """A carried kernel (or the onnxruntime op library) with bytes flipped but its size kept would crash the
+    process (SIGILL, SIGSEGV) once called: its hash is checked against the manifest before the loader maps it."""
     from moetrt import hardware
     from moetrt.plugins.cpu_experts import choose
 
@@ -258,7 +263,7 @@ def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_p
     chosen = choose(read_manifest(copy).section.kernels, hardware.cpu_flags())
     if chosen is None:
         pytest.skip("no carried build fits this CPU")
-    library = copy / chosen.file
+    library = copy / (chosen.file if which == "kernel" else "kernels/ort_ops.so")
     data = bytearray(library.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 4096] = bytes(byte ^ 0xFF for byte in data[middle:middle + 4096])
@@ -266,7 +271,7 @@ def test_damaged_kernel_is_refused_in_one_line_before_it_is_loaded(engine, tmp_p
     result = moetrt_cli("generate", copy, "1+1", "-n", "3")
     assert result.returncode == 1, (result.returncode, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and chosen.file in errors[0] and "is damaged" in errors[0], result.stderr
+    assert len(errors) == 1 and library.name in errors[0] and "is damaged" in errors[0], result.stderr
     assert f"moetrt verify {copy} --integrity" in errors[0] and "Traceback" not in result.stderr
 
 
