@@ -10,12 +10,13 @@ graph with the expert layers as `moetrt.ort::Experts` nodes (runtime/ort/fused.p
 Otherwise (or with MOETRT_SEGMENTED=1) each call runs segment 0, the kernel on its outputs, segment 1, and so on
 (each expert layer after the segment that makes its inputs). An --mtp engine's module has segments of its own,
 after the main model's, that a call on which the module runs on no position skips. Values pass between segments
-as ONNX Runtime's own buffers, and to the kernel by address, so nothing is copied. Under expert parallelism (runtime/parallel) the session holds an ExpertGroup: it
-reads only this rank's experts, gives the kernel their positions (-1 for the other ranks' pairs) and sums the
-ranks' outputs after each MoE layer. The segments' sessions stop their threads spinning when a run returns
-(`session.force_spinning_stop`); otherwise they would hold the cores the kernel's threads need. They also share
-one memory arena (`shared_cpu_arena`): with an arena per segment each kept its own largest activations (a
-Moonlight-shaped int4 engine, 27 segments: 3.2 GB more anonymous memory after one 512-token prompt, 1.0 GB shared).
+as ONNX Runtime's own buffers, and to the kernel by address, so nothing is copied. Under expert parallelism
+(runtime/parallel) the session runs segment by segment and holds an ExpertGroup: it reads only this rank's experts,
+gives the kernel their positions (-1 for the other ranks' pairs) and sums the ranks' outputs after each MoE layer.
+The segments' sessions stop their threads spinning when a run returns (`session.force_spinning_stop`); otherwise
+they would hold the cores the kernel's threads need. They also share one memory arena (`shared_cpu_arena`): with
+an arena per segment each kept its own largest activations (a Moonlight-shaped int4 engine, 27 segments: 3.2 GB
+more anonymous memory after one 512-token prompt, 1.0 GB shared).
 """
 
 from __future__ import annotations
@@ -382,8 +383,9 @@ def _kernel_library(manifest: EngineManifest, section: OrtSection):
 def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOptions, providers: list[str],
           library):
     """The main model's segments and expert layers as one session (runtime/ort/fused.py) opened with `options`,
-    with the JoinedGraph it runs; None, with a note saying why, when the op library is unavailable here or the engine's kernel build
-    predates it (the engine then runs segment by segment)."""
+    with the JoinedGraph it runs; None, with a note saying why, when the op library is unavailable here or the
+    engine's kernel build predates it (the engine then runs segment by segment). Raises MoetrtError when the
+    engine's own op library is damaged, or onnxruntime cannot load the joined graph."""
     from moetrt.plugins import ort_ops
     from moetrt.runtime.ort.fused import join_segments
 
