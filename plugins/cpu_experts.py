@@ -342,6 +342,18 @@ def native_library() -> ctypes.CDLL:
     return load_library(path, recorded, fix=f"delete {path} and retry")
 
 
+def check_code(path: Path, sha256: str, what: str, fix: str) -> None:
+    """Refuse compiled code at `path` (`what` it is, for the message) unless its bytes hash to `sha256` (hex): run
+    before the dynamic loader maps it, since damaged code would crash the process. Raises MoetrtError ending in
+    `fix` when it cannot be read or does not match."""
+    try:
+        digest = file_sha256(path)
+    except OSError as error:
+        raise MoetrtError(f"cannot read {what} {path} ({error.strerror}); {fix}") from None
+    if digest != sha256:
+        raise MoetrtError(f"{what} {path} is damaged (sha256 {digest[:16]}..., recorded {sha256[:16]}...); {fix}")
+
+
 @functools.cache
 def load_library(path: Path, sha256: str | None = None, fix: str = "rebuild the engine") -> ctypes.CDLL:
     """The compiled kernel at `path`, its ABI checked and its entry point typed. With `sha256` (hex), the file
@@ -349,13 +361,7 @@ def load_library(path: Path, sha256: str | None = None, fix: str = "rebuild the 
     the process. Raises MoetrtError (ending in `fix`) when it is damaged, cannot be loaded or is another version
     of the kernel."""
     if sha256 is not None:
-        try:
-            digest = file_sha256(path)
-        except OSError as error:
-            raise MoetrtError(f"cannot read the CPU expert kernel {path} ({error.strerror}); {fix}") from None
-        if digest != sha256:
-            raise MoetrtError(f"the CPU expert kernel {path} is damaged (sha256 {digest[:16]}..., recorded "
-                              f"{sha256[:16]}...); {fix}")
+        check_code(path, sha256, "the CPU expert kernel", fix)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:

@@ -33,18 +33,11 @@ def library(carried: Path | None = None, sha256: str | None = None, fix: str = "
     before the loader maps it), else the one compiled for this machine into the kernel cache; its ABI checked.
     Raises MoetrtError (ending in `fix` for a carried one) when it is damaged, or (not carried) without a compiler
     or a writable cache, or when it does not compile or load."""
-    from moetrt.formats import file_sha256
-    from moetrt.plugins.cpu_experts import cached_build
+    from moetrt.plugins.cpu_experts import cached_build, check_code
 
     if carried is not None:
         path = carried
-        try:
-            digest = file_sha256(path)
-        except OSError as error:
-            raise MoetrtError(f"cannot read the onnxruntime op library {path} ({error.strerror}); {fix}") from None
-        if digest != sha256:
-            raise MoetrtError(f"the onnxruntime op library {path} is damaged (sha256 {digest[:16]}..., recorded "
-                              f"{(sha256 or '')[:16]}...); {fix}")
+        check_code(path, sha256 or "", "the onnxruntime op library", fix)
     else:
         path, _ = cached_build(FLAGS, source=SOURCE)
     try:
