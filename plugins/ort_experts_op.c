@@ -12,8 +12,9 @@
  * is compiled without onnxruntime's headers (no onnxruntime package ships them): the few declarations below
  * follow onnxruntime's C API header, onnxruntime_c_api.h. That API is versioned and append-only: a function keeps
  * its index in the OrtApi table for good, and a custom op declares which version of the OrtCustomOp struct it
- * fills (here 16, the first with KernelComputeV2, which reports errors). Indices from onnxruntime 1.21's header
- * (ORT_API_VERSION 21); onnxruntime 1.32 serves version 16 unchanged.
+ * fills (here 16, the first with KernelComputeV2, which reports errors). The library asks for the API of version
+ * 17, the first with KernelContext_ParallelFor; an older onnxruntime returns no table and nothing is registered.
+ * Indices from onnxruntime 1.21's header (ORT_API_VERSION 21); onnxruntime 1.32 serves both versions.
  */
 #include <pthread.h>
 #include <stddef.h>
@@ -58,7 +59,8 @@ enum {
 };
 #define API(api, index, type) ((type)((void *const *)(api))[index])
 
-#define CUSTOM_OP_VERSION 16
+#define CUSTOM_OP_VERSION 16 /* the OrtCustomOp fields filled: through KernelComputeV2 */
+#define API_VERSION 17       /* the OrtApi asked for: KernelContext_ParallelFor is there since version 17 */
 
 typedef struct CustomOp {
     uint32_t version;
@@ -97,6 +99,8 @@ enum { PARAM_RUN, PARAM_GATE_UP, PARAM_DOWN, PARAM_EXPERTS, PARAM_HIDDEN, PARAM_
 typedef struct {
     const OrtApi *api;
 } Kernel;
+
+static const OrtApi *api_asked; /* the API_VERSION table, from RegisterCustomOps (kernels are created after it) */
 
 static OrtStatus *error(const OrtApi *api, int code, const char *message) {
     return API(api, API_CreateStatus, OrtStatus *(*)(int, const char *))(code, message);
@@ -187,7 +191,7 @@ static void *create_kernel(const CustomOp *op, const OrtApi *api, const OrtKerne
     static Kernel kernel;
     (void)op;
     (void)info;
-    kernel.api = api;
+    kernel.api = api_asked != NULL ? api_asked : api; /* onnxruntime passes the table of CUSTOM_OP_VERSION */
     return &kernel;
 }
 static OrtStatus *create_kernel_v2(const CustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
@@ -227,10 +231,11 @@ int moetrt_ort_ops_abi(void) { return 1; }
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     static OrtCustomOpDomain *domain;
     static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-    const OrtApi *api = base->GetApi(CUSTOM_OP_VERSION);
+    const OrtApi *api = base->GetApi(API_VERSION);
     if (api == NULL) return NULL; /* onnxruntime older than the version used here; it cannot report this either */
     OrtStatus *status = NULL;
     pthread_mutex_lock(&lock);
+    api_asked = api;
     if (domain == NULL) {
         status = API(api, API_CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("moetrt.ort",
                                                                                                       &domain);

@@ -33,13 +33,19 @@ def library(carried: Path | None = None, sha256: str | None = None, fix: str = "
     before the loader maps it), else the one compiled for this machine into the kernel cache; its ABI checked.
     Raises MoetrtError (ending in `fix` for a carried one) when it is damaged, or (not carried) without a compiler
     or a writable cache, or when it does not compile or load."""
-    from moetrt.plugins.cpu_experts import cached_build, check_code
+    from moetrt.plugins.cpu_experts import cached_build, cannot_compile_here, check_code
 
     if carried is not None:
         path = carried
         check_code(path, sha256 or "", "the onnxruntime op library", fix)
     else:
-        path, _ = cached_build(FLAGS, source=SOURCE)
+        problem = cannot_compile_here()
+        if problem is not None:
+            raise MoetrtError(f"the engine carries no onnxruntime op library and it cannot be compiled here: {problem}")
+        try:
+            path, _ = cached_build(FLAGS, source=SOURCE)
+        except MoetrtError as error:
+            raise MoetrtError(f"the onnxruntime op library did not compile here: {error}") from None
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
@@ -61,6 +67,21 @@ def unavailable(kernel_library: ctypes.CDLL, carried: Path | None = None, sha256
         library(carried, sha256)
     except MoetrtError as error:
         return str(error)
+    return None
+
+
+def expected(kernel_file: Path | None, carried: bool) -> str | None:
+    """Without loading anything (for `moetrt info`): why an engine whose chosen kernel build is `kernel_file`
+    (None: compiled here) and which carries the op library or not would run segment by segment here, or None when
+    it would be joined. A damaged carried library is refused at load, not predicted here."""
+    from moetrt.plugins.cpu_experts import cannot_compile_here
+
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"{DISABLE_ENV} is set"
+    if kernel_file is not None and b"moetrt_experts_on" not in kernel_file.read_bytes():
+        return "the engine's kernel build predates in-graph experts; rebuild the engine to run it as one graph"
+    if not carried and cannot_compile_here() is not None:
+        return f"the engine carries no onnxruntime op library and it cannot be compiled here: {cannot_compile_here()}"
     return None
 
 

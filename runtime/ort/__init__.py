@@ -84,13 +84,15 @@ def describe(manifest: EngineManifest) -> list[str]:
     if section.segmented:
         from moetrt.plugins.cpu_experts import expert_kernel
 
+        from moetrt.plugins import ort_ops
+
         choice = expert_kernel(section.kernels, manifest.directory)
         lines.append(f"CPU kernel       {choice.description}")
-        # builds from before moetrt_experts_on (plugins/ort_ops.py) cannot run inside the joined graph
-        joins = choice.path is None or b"moetrt_experts_on" in choice.path.read_bytes()
+        why = ort_ops.expected(choice.path, ort_ops.CARRIED in manifest.artifacts)
+        module = (f"; a drafting call also runs the MTP module's {section.draft_segments} segments"
+                  if section.draft_segments else "")
         lines.append("each call        " + (
             "one onnxruntime run: the main model's segments joined into one graph, the experts in it as moetrt's "
-            "onnxruntime op (MOETRT_SEGMENTED=1: one run per segment)" if joins else
-            "one onnxruntime run per segment (the engine's kernel build predates the joined graph; rebuild the "
-            "engine to run it as one)"))
+            f"onnxruntime op (MOETRT_SEGMENTED=1: one run per segment){module}" if why is None else
+            f"one onnxruntime run per segment, the kernel called between them ({why})"))
     return lines

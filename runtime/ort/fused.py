@@ -18,6 +18,7 @@ across segments: every name that does not cross a segment boundary is prefixed w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from moetrt.formats import EngineManifest, OrtSection
@@ -37,6 +38,14 @@ class JoinedGraph:
     layers: tuple[int, ...]
 
 
+def segment_named(error: str, section: OrtSection) -> str | None:
+    """The file of the main segment whose prefixed name (`s<k>/`) an onnxruntime error about the joined graph
+    mentions, or None."""
+    found = re.search(r"\bs(\d+)/", error)
+    main = [segment for segment in section.segments if not segment.draft_only]
+    return main[int(found.group(1))].model if found and int(found.group(1)) < len(main) else None
+
+
 def kernel_input(layer: int) -> str:
     """The joined graph's input holding expert layer `layer`'s kernel parameters (int64 [10])."""
     return f"{KERNEL_INPUT_PREFIX}{layer}"
@@ -52,7 +61,15 @@ def join_segments(manifest: EngineManifest, section: OrtSection, domain: str, op
     from moetrt.errors import MoetrtError
 
     main = [segment for segment in section.segments if not segment.draft_only]
-    protos = [onnx.load(str(manifest.path(segment.model)), load_external_data=False) for segment in main]
+    protos = []
+    for segment in main:
+        try:
+            protos.append(onnx.load(str(manifest.path(segment.model)), load_external_data=False))
+        except Exception as error:  # protobuf's DecodeError and the like: bytes that are no ONNX model
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise MoetrtError(f"cannot load the engine's {segment.model} ({reason}): the file is damaged or was "
+                              f"replaced; rebuild the engine (`moetrt verify {manifest.directory} --integrity` names "
+                              "every changed file)") from None
     after: dict[int, list[int]] = {}
     for index, layer in enumerate(section.expert_layers):
         makers = [k for k, segment in enumerate(main) if layer.inputs[0] in segment.outputs]

@@ -387,7 +387,7 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
     engine's kernel build predates it (the engine then runs segment by segment). Raises MoetrtError when the
     engine's own op library is damaged, or onnxruntime cannot load the joined graph."""
     from moetrt.plugins import ort_ops
-    from moetrt.runtime.ort.fused import join_segments
+    from moetrt.runtime.ort.fused import join_segments, segment_named
 
     if not any(not segment.draft_only for segment in section.segments):
         return None
@@ -399,7 +399,7 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
                                       "every changed file)")
     reason = ort_ops.unavailable(library, *carried)
     if reason is not None:
-        note(f"experts: run between onnxruntime segments ({reason})")
+        note(f"experts: one onnxruntime run per segment, the kernel called between them ({reason})")
         return None
     joined = join_segments(manifest, section, ort_ops.DOMAIN, ort_ops.OP)
     options.register_custom_ops_library(str(ort_ops.library(*carried)))
@@ -408,8 +408,10 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
         session = ort.InferenceSession(joined.model, options, providers=providers)
     except LOAD_ERRORS as error:
         reason = " ".join(str(error).split())
-        raise MoetrtError(f"onnxruntime cannot load the engine's segments as one graph ({reason}); set "
-                          f"{ort_ops.DISABLE_ENV}=1 to run them one by one, or rebuild the engine") from None
+        named = segment_named(reason, section)
+        raise MoetrtError(f"onnxruntime cannot load the engine's {named or 'segments'} as one graph ({reason}): "
+                          f"{'the file' if named else 'a file'} is damaged or was replaced; rebuild the engine "
+                          f"(`moetrt verify {manifest.directory} --integrity` names every changed file)") from None
     note(f"experts: inside one onnxruntime graph with the main model's segments ({len(joined.layers)} expert "
          "layers as moetrt's onnxruntime op; one session run per call)")
     return session, joined

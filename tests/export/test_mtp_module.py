@@ -282,8 +282,9 @@ def test_the_kernel_engine_cuts_the_module_into_segments_plain_calls_skip(engine
     if not section.segmented:
         assert "plain decoding runs its nodes on empty tensors" in "\n".join(_engine_lines(summary))
         return  # one graph: nothing to skip
-    assert "4 graph segments (2 of them the MTP module's, run only on drafting steps)" in "\n".join(
-        describe(engine.manifest))
+    described = "\n".join(describe(engine.manifest))
+    assert "4 graph segments (2 of them the MTP module's, run only on drafting steps)" in described
+    assert "joined into one graph" in described and "a drafting call also runs the MTP module's 2 segments" in described
     # layer 0 is dense, layer 1 MoE: two main segments, then the module's two around its expert layer
     assert [segment.draft_only for segment in section.segments] == [False, False, True, True]
     assert "logits" in section.segments[1].outputs and "draft_ids" in section.segments[-1].outputs

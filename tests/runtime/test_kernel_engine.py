@@ -308,3 +308,38 @@ def test_segments_run_as_one_onnxruntime_graph_with_the_same_outputs(engine, mon
         np.testing.assert_allclose(outputs["joined"][0], outputs[mode][0], rtol=0, atol=1e-5)
         for joined_rows, rows in zip(outputs["joined"][1], outputs[mode][1]):
             np.testing.assert_allclose(joined_rows, rows, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "data outside the engine"])
+def test_a_damaged_segment_is_one_line_naming_it_when_joined(engine, tmp_path, damage):
+    """The joined graph reads every segment file at load: a segment replaced by bytes of the same size, or one whose
+    external data leads out of the engine (which onnxruntime refuses), is one line naming that segment."""
+    import onnx
+
+    from tests.runtime.test_manifest_safety import assert_one_line_error, edit_manifest
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine, copy)
+    segment = copy / "segment1.onnx"
+    if damage == "random bytes":
+        segment.write_bytes(bytes(range(256)) * (segment.stat().st_size // 256) + b"\0" * (segment.stat().st_size % 256))
+        wanted = ["cannot load the engine's segment1.onnx", "the file is damaged or was replaced"]
+    else:
+        model = onnx.load(segment, load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = "../secret"
+        onnx.save(model, segment)
+        edit_manifest(copy, lambda m: m["artifacts"]["segment1.onnx"].update(bytes=segment.stat().st_size))
+        wanted = ["onnxruntime cannot load the engine's segment1.onnx as one graph", "escapes model directory"]
+    assert_one_line_error(moetrt_cli("generate", copy, "1+1", "-n", "2"), *wanted, "rebuild the engine",
+                          f"`moetrt verify {copy} --integrity`")
+
+
+def test_info_says_how_a_call_runs_here(engine, monkeypatch):
+    """`moetrt info`'s "each call" line follows what loading would do: joined, or segment by segment and why."""
+    assert "each call        one onnxruntime run: the main model's segments joined" in moetrt_cli("info", engine).stdout
+    monkeypatch.setenv("MOETRT_SEGMENTED", "1")
+    assert ("each call        one onnxruntime run per segment, the kernel called between them (MOETRT_SEGMENTED is "
+            "set)") in moetrt_cli("info", engine).stdout
