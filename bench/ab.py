@@ -6,7 +6,10 @@ median B/A ratios. Used for the before/after figures in bench/NOTES.md.
 
 `--pairs N` instead loads both engines in this one process and alternates short runs (decode b1 of 32 tokens,
 b8 of 16, a 256-token prefill), N pairs each: seconds apart rather than a minute, which is what resolves a few
-percent on a VM whose speed swings within minutes. Prints the median B/A ratio and its quartiles.
+percent on a VM whose speed swings within minutes. Prints the median B/A ratio and its quartiles. With
+`--segmented-a`, A is loaded with MOETRT_SEGMENTED=1 (one onnxruntime run per segment) and B as it loads by
+default (a kernel engine's segments joined into one graph, runtime/ort/fused.py): `python -m moetrt.bench.ab E E
+--pairs 15 --segmented-a` measures the joined graph against segment by segment on one engine E.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=0, help="in-process alternation with N pairs per figure")
+    parser.add_argument("--segmented-a", action="store_true",
+                        help="with --pairs: load A segment by segment (MOETRT_SEGMENTED=1)")
     options = parser.parse_args(argv)
+    if options.segmented_a and not options.pairs:
+        parser.error("--segmented-a needs --pairs (both engines in this process)")
     if options.pairs:
-        in_process(options.a, options.b, options.pairs, options.threads)
+        in_process(options.a, options.b, options.pairs, options.threads, options.segmented_a)
         return
     args = {"repeats": options.repeats, "new_tokens": 32, "prefill_len": 256, "decode_prompt_len": 16,
             "batches": [1, 8], "threads": options.threads, "vocab": load_config(options.a).vocab_size}
@@ -50,12 +57,24 @@ def main(argv: list[str] | None = None) -> None:
                                      for k, v in ratios.items()))
 
 
-def in_process(a: str, b: str, pairs: int, threads: int) -> None:
+def in_process(a: str, b: str, pairs: int, threads: int, segmented_a: bool = False) -> None:
     """`--pairs`: both engines in this process (bench/systems.py's moetrt runner), runs alternating A B / B A, the
-    B/A ratio of each pair."""
+    B/A ratio of each pair; `segmented_a`: A loaded with MOETRT_SEGMENTED=1."""
+    import os
+
     from moetrt.bench.systems import moetrt_engine, prompts_for
 
-    runs = [moetrt_engine(path, path, threads) for path in (a, b)]
+    before = os.environ.get("MOETRT_SEGMENTED")
+    if segmented_a:
+        os.environ["MOETRT_SEGMENTED"] = "1"
+    try:
+        runs = [moetrt_engine(a, a, threads)]
+    finally:
+        if before is None:
+            os.environ.pop("MOETRT_SEGMENTED", None)
+        else:
+            os.environ["MOETRT_SEGMENTED"] = before
+    runs.append(moetrt_engine(b, b, threads))
     vocab = load_config(a).vocab_size
     measures = {
         "decode b1": lambda run: run(prompts_for(vocab, 1, 16), 33).decode_rate(1),
