@@ -6,8 +6,8 @@ from Python in between. A ds-mini int4 batch-1 step spent about 0.7 ms of 7 in t
 runs, seven kernel calls through ctypes, the Python between them (bench/NOTES.md). Where moetrt's ONNX Runtime
 op library is available (plugins/ort_ops.py: the kernel as the custom op `moetrt.ort::Experts`, run on ONNX
 Runtime's own threads), the runtime joins the main model's segments back into one graph at load, each expert
-layer a node reading its three inputs and `moetrt.kernel.<i>`, an int64 [10] input that holds what the runtime loaded
-for the layer (plugins/ort_ops.kernel_params). The engine's files are not changed: the joined graph references
+layer a node reading its three inputs and `moetrt.kernel.<i>`, an int64 [10] input that holds what the runtime
+loaded for the layer (plugins/ort_ops.kernel_params). The engine's files are not changed: the joined graph references
 the segments' own external data files (their folder is given to ONNX Runtime), so an engine built before this
 runs either way, and the segmented path stays for what the joined graph does not cover (expert parallelism,
 which combines ranks' outputs between segments; the MTP module's segments, skipped on calls that do not draft).
