@@ -55,33 +55,23 @@ def library(carried: Path | None = None, sha256: str | None = None, fix: str = "
     return path
 
 
-def unavailable(kernel_library: ctypes.CDLL, carried: Path | None = None, sha256: str | None = None) -> str | None:
-    """Why expert layers run by `kernel_library` (a loaded build of the CPU expert kernel) cannot run inside an
-    onnxruntime graph here, or None: the environment says not to, the build predates `moetrt_experts_on`, or the
-    op library (`carried` by the engine with `sha256`, else compiled here) cannot be loaded."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"{DISABLE_ENV} is set"
-    if not hasattr(kernel_library, "moetrt_experts_on"):
-        return "the engine's kernel build predates in-graph experts (rebuild the engine to run it as one graph)"
-    try:
-        library(carried, sha256)
-    except MoetrtError as error:
-        return str(error)
-    return None
+def disabled() -> bool:
+    """Whether the environment asks for segment by segment (DISABLE_ENV set to anything but "" or "0")."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
 
 
-def expected(kernel_file: Path | None, carried: bool) -> str | None:
-    """Without loading anything (for `moetrt info`): why an engine whose chosen kernel build is `kernel_file`
-    (None: compiled here) and which carries the op library or not would run segment by segment here, or None when
-    it would be joined. A damaged carried library is refused at load, not predicted here."""
+def segmented_reason(has_entry_point: bool, carried: bool) -> str | None:
+    """Why an engine runs segment by segment here, before any library is loaded, or None: the environment says
+    to, its kernel build lacks `moetrt_experts_on` (`has_entry_point` false: built before it), or it carries no op
+    library (`carried` false) and none can be compiled here. Used by loading and by `moetrt info`."""
     from moetrt.plugins.cpu_experts import cannot_compile_here
 
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+    if disabled():
         return f"{DISABLE_ENV} is set"
-    if kernel_file is not None and b"moetrt_experts_on" not in kernel_file.read_bytes():
+    if not has_entry_point:
         return "the engine's kernel build predates in-graph experts; rebuild the engine to run it as one graph"
-    if not carried and cannot_compile_here() is not None:
-        return f"the engine carries no onnxruntime op library and it cannot be compiled here: {cannot_compile_here()}"
+    if not carried and (problem := cannot_compile_here()) is not None:
+        return f"the engine carries no onnxruntime op library and it cannot be compiled here: {problem}"
     return None
 
 

@@ -88,7 +88,9 @@ def describe(manifest: EngineManifest) -> list[str]:
 
         choice = expert_kernel(section.kernels, manifest.directory)
         lines.append(f"CPU kernel       {choice.description}")
-        why = ort_ops.expected(choice.path, ort_ops.CARRIED in manifest.artifacts)
+        # (a build from before moetrt_experts_on lacks the symbol's name among its bytes)
+        has_entry_point = choice.path is None or b"moetrt_experts_on" in choice.path.read_bytes()
+        why = ort_ops.segmented_reason(has_entry_point, ort_ops.CARRIED in manifest.artifacts)
         module = (f"; a drafting call also runs the MTP module's {section.draft_segments} segments"
                   if section.draft_segments else "")
         lines.append("each call        " + (

@@ -86,8 +86,9 @@ def join_segments(manifest: EngineManifest, section: OrtSection, domain: str, op
     read_inside = {name for segment in main for name in segment.inputs}
     read_inside.update(name for index in joined_layers for name in section.expert_layers[index].inputs)
 
-    nodes, initializers, inputs, outputs = [], [], [], []
+    nodes, initializers, inputs = [], [], []
     made: set[str] = set()
+    input_names: set[str] = set()
     opsets: dict[str, int] = {}
     value_types = {}
     for k, (segment, proto) in enumerate(zip(main, protos)):
@@ -112,8 +113,9 @@ def join_segments(manifest: EngineManifest, section: OrtSection, domain: str, op
                     raise MoetrtError(f"segment {k}'s node {node.name} has a subgraph; the segments cannot be joined")
             nodes.append(node)
         for info in graph.input:
-            if info.name not in made and info.name not in {i.name for i in inputs}:
+            if info.name not in made and info.name not in input_names:
                 inputs.append(info)
+                input_names.add(info.name)
         for info in graph.output:
             value_types[info.name] = info
             made.add(info.name)
@@ -126,14 +128,9 @@ def join_segments(manifest: EngineManifest, section: OrtSection, domain: str, op
             made.add(layer.output)
             value_types[layer.output] = onnx.helper.make_tensor_value_info(layer.output, onnx.TensorProto.FLOAT,
                                                                            None)
-    for segment in main:
-        for name in segment.outputs:
-            if (name not in read_inside or name in read_outside) and name not in {o.name for o in outputs}:
-                outputs.append(value_types[name])
-    for index in joined_layers:
-        name = section.expert_layers[index].output
-        if name in read_outside and name not in {o.name for o in outputs}:
-            outputs.append(value_types[name])
+    kept = [name for segment in main for name in segment.outputs if name not in read_inside or name in read_outside]
+    kept += [layer.output for index in joined_layers if (layer := section.expert_layers[index]).output in read_outside]
+    outputs = [value_types[name] for name in dict.fromkeys(kept)]
     opsets[domain] = 1
     graph = onnx.helper.make_graph(nodes, "moetrt.joined", inputs, outputs, initializer=initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(name, version)

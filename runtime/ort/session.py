@@ -22,7 +22,6 @@ more anonymous memory after one 512-token prompt, 1.0 GB shared).
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -392,17 +391,22 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
     if not any(not segment.draft_only for segment in section.segments):
         return None
     record = manifest.artifacts.get(ort_ops.CARRIED)
-    carried = (manifest.path(ort_ops.CARRIED), record.sha256) if record is not None else (None, None)
-    if record is not None and os.environ.get(ort_ops.DISABLE_ENV, "") in ("", "0"):
+    reason = ort_ops.segmented_reason(hasattr(library, "moetrt_experts_on"), carried=record is not None)
+    if record is not None and not ort_ops.disabled():
         # code the loader would run, like the kernel: a damaged copy is refused, not worked around
-        ort_ops.library(*carried, fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` names "
-                                      "every changed file)")
-    reason = ort_ops.unavailable(library, *carried)
+        op_library = ort_ops.library(manifest.path(ort_ops.CARRIED), record.sha256,
+                                     fix=f"rebuild the engine (`moetrt verify {manifest.directory} --integrity` "
+                                         "names every changed file)")
+    elif reason is None:
+        try:
+            op_library = ort_ops.library()
+        except MoetrtError as error:
+            reason = str(error)
     if reason is not None:
         note(f"experts: one onnxruntime run per segment, the kernel called between them ({reason})")
         return None
     joined = join_segments(manifest, section, ort_ops.DOMAIN, ort_ops.OP)
-    options.register_custom_ops_library(str(ort_ops.library(*carried)))
+    options.register_custom_ops_library(str(op_library))
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(manifest.directory))
     try:
         session = ort.InferenceSession(joined.model, options, providers=providers)
@@ -415,6 +419,21 @@ def _join(manifest: EngineManifest, section: OrtSection, options: ort.SessionOpt
     note(f"experts: inside one onnxruntime graph with the main model's segments ({len(joined.layers)} expert "
          "layers as moetrt's onnxruntime op; one session run per call)")
     return session, joined
+
+
+def _attach(index: int, layer, segments: list[Segment]) -> None:
+    """Run expert layer `index` after the one segment that makes its inputs, checking their types. Raises
+    MoetrtError when no single segment makes them or their types are not the kernel's (a damaged engine)."""
+    after = [segment for segment in segments if layer.inputs[0] in segment.outputs]
+    if len(after) != 1:
+        raise MoetrtError(f"no single engine segment gives expert layer {index}'s input {layer.inputs[0]}; "
+                          "rebuild the engine")
+    after[0].then = [*(after[0].then or ()), index]
+    produced = {arg.name: arg.type for arg in after[0].session.get_outputs()}
+    for name, wanted in zip(layer.inputs, KERNEL_INPUT_TYPES):
+        if produced.get(name) != wanted:
+            raise MoetrtError(f"engine segment {segments.index(after[0])} gives {name} as {produced.get(name)}, the "
+                              f"expert kernel takes {wanted}; rebuild the engine")
 
 
 def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[Segment],
@@ -447,22 +466,8 @@ def _load_experts(manifest: EngineManifest, section: OrtSection, segments: list[
                                                 for span in (layer.gate_up, layer.down)))
     layers = []
     for index, layer in enumerate(section.expert_layers):
-        if index in joined:
-            kernel = CpuExperts(_span(data, layer.gate_up, layer.bits), _span(data, layer.down, layer.bits),
-                                layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.slices, threads,
-                                library, bits=layer.bits, group_size=layer.group_size)
-            layers.append(KernelLayer(kernel, list(layer.inputs), layer.output))
-            continue
-        after = [segment for segment in segments if layer.inputs[0] in segment.outputs]
-        if len(after) != 1:
-            raise MoetrtError(f"no single engine segment gives expert layer {index}'s input {layer.inputs[0]}; "
-                              "rebuild the engine")
-        after[0].then = [*(after[0].then or ()), index]
-        produced = {arg.name: arg.type for arg in after[0].session.get_outputs()}
-        for name, wanted in zip(layer.inputs, KERNEL_INPUT_TYPES):
-            if produced.get(name) != wanted:
-                raise MoetrtError(f"engine segment {segments.index(after[0])} gives {name} as {produced.get(name)}, the expert kernel "
-                                  f"takes {wanted}; rebuild the engine")
+        if index not in joined:  # (a joined layer is a node of the joined graph, which onnxruntime type-checks)
+            _attach(index, layer, segments)
         if group is None:
             count = layer.num_experts
             gate_up, down = (_span(data, span, layer.bits) for span in (layer.gate_up, layer.down))

@@ -90,10 +90,13 @@ def test_a_kernel_build_without_the_entry_point_is_not_joined(monkeypatch):
     class OldBuild:
         moetrt_experts = None
 
-    assert "predates" in ort_ops.unavailable(OldBuild())
+    def reason(build):
+        return ort_ops.segmented_reason(hasattr(build, "moetrt_experts_on"), carried=False)
+
+    assert "predates" in reason(OldBuild())
     from moetrt.plugins.cpu_experts import native_library
 
-    assert ort_ops.unavailable(native_library()) is None
+    assert reason(native_library()) is None
     monkeypatch.setenv(ort_ops.DISABLE_ENV, "1")
-    assert ort_ops.DISABLE_ENV in ort_ops.unavailable(native_library())
+    assert ort_ops.DISABLE_ENV in reason(native_library())
     assert isinstance(ctypes.cast(native_library().moetrt_experts_on, ctypes.c_void_p).value, int)
