@@ -84,6 +84,8 @@ def test_float16_without_the_residual_scale_is_refused(near_1e5, tmp_path, monke
     assert list(tmp_path.iterdir()) == []  # staged: nothing half-written
 
 
+# slow (a float32 and a float16 build, ~35 s); an overflow refusal is tested above in `make test`
+@pytest.mark.slow
 def test_float16_beyond_the_scaled_range_is_refused_and_a_rebuild_keeps_the_old_engine(tmp_path):
     model = write_checkpoint(tmp_path / "ckpt", 1e6)
     assert residual_peak(model) > SCALE * FP16_MAX  # out of reach of the scaling: float16 cannot hold it

@@ -138,7 +138,7 @@ def test_quantized_load_refuses_half_precision(checkpoint):
         moetrt.load_reference(checkpoint, dtype="float16", quantize=QuantScheme(8))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])  # int8 in `make test-slow` (CI time)
 def test_traced_graph_holds_standard_dequantize_linear_and_quantized_expert_nodes(checkpoint, bits):
     import onnx_ir as ir
 

@@ -138,6 +138,8 @@ def test_a_build_killed_while_writing_weights_resumes_from_them(checkpoint, unin
     assert _staged(out) == [], "what the killed build left is removed once the build succeeds"
 
 
+# slow (two traced builds, ~50 s); the SIGKILL test above covers resuming in `make test`
+@pytest.mark.slow
 def test_ctrl_c_while_writing_keeps_the_work_and_the_next_build_resumes(checkpoint, uninterrupted, tmp_path):
     out = tmp_path / "engine"
     stopped = _stopped_build(checkpoint, out, 10, how="INT")
@@ -151,6 +153,8 @@ def test_ctrl_c_while_writing_keeps_the_work_and_the_next_build_resumes(checkpoi
     assert _staged(out) == []
 
 
+# slow (two builds, ~30 s); `make test-slow` runs it
+@pytest.mark.slow
 def test_a_build_killed_after_its_export_uses_the_export_whole(checkpoint, uninterrupted, tmp_path):
     out = tmp_path / "engine"
     _stopped_build(checkpoint, out, "export")

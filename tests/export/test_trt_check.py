@@ -164,6 +164,8 @@ def assert_stage_kernels_match_their_launches(export_dir):
         assert entry_param_problems(engine_stage(stages[node.op_type], attribute, 90, None)) == []
 
 
+# slow (~30 s); the embedded model's check below runs in `make test`
+@pytest.mark.slow
 def test_export_check_trt_and_dry_run_report_and_exit_by_the_verdict(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", "v2-greedy-yarn")
     export = moetrt("export", str(checkpoint), "-o", str(tmp_path / "trt"), "--target", "trt", "--check-trt")

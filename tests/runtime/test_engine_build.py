@@ -153,6 +153,8 @@ def test_trt_without_tensorrt_is_a_one_line_error_pointing_at_ort(checkpoint, tm
                                      "`--backend ort` works on this machine")
 
 
+# slow (two exports and a build, ~30 s); `make test-slow` runs it
+@pytest.mark.slow
 def test_builds_from_an_export_directory_and_checks_its_target(checkpoint, tmp_path):
     from moetrt.export.onnx_export import export_onnx
 

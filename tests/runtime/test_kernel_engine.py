@@ -222,6 +222,8 @@ def test_cli_refuses_the_kernel_where_it_cannot_run(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+# slow (an export and a build, ~28 s); `make test-slow` runs it
+@pytest.mark.slow
 def test_engine_from_an_export_leaves_the_export_as_it_was(tmp_path):
     export = tmp_path / "export"
     result = moetrt_cli("export", TINY_R1, "-o", export, "--target", "ort", "--moe-kernel", "moetrt")
