@@ -115,7 +115,8 @@ def test_streamed_reference_equals_the_loaded_one(fp8_checkpoint):
         assert session.model.model.layers.__class__.__name__ == "StreamedLayers"
 
 
-@pytest.mark.parametrize("bits", [pytest.param("int8", marks=pytest.mark.slow), "int4"])  # int8 in `make test-slow` (CI time)
+# int8 runs in `make test-slow` (CI time)
+@pytest.mark.parametrize("bits", [pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_rounded_streamed_reference_equals_the_quantized_model(fp8_checkpoint, bits):
     """The streamed reference with a scheme's rounding (what `bench/moonlight.py --kl-source` compares an engine
     with) computes what the quantized torch model (the weights the build writes) computes, and differs from the
@@ -134,7 +135,8 @@ def test_rounded_streamed_reference_equals_the_quantized_model(fp8_checkpoint, b
     assert (plain - want).abs().max() > 100 * (rounded - want).abs().max()
 
 
-@pytest.mark.parametrize("quantize", [pytest.param("none", marks=pytest.mark.slow), "int8"])  # none in `make test-slow` (CI time)
+# none runs in `make test-slow` (CI time)
+@pytest.mark.parametrize("quantize", [pytest.param("none", marks=pytest.mark.slow), "int8"])
 def test_a_tied_head_streams_from_the_embedding(tmp_path, quantize):
     """No lm_head.weight in the checkpoint: the streamed head (and the embedding it shares) read the embedding's
     tensor, as the loaded model ties them."""
