@@ -22,6 +22,7 @@ more anonymous memory after one 512-token prompt, 1.0 GB shared).
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,10 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
 from moetrt.runtime.kv_cache import LatentKVCache
+
+# A directory: every session an engine opens records onnxruntime's profile (per-node kernel times), written there as
+# JSON by `OrtSession.end_profiling` (what `python -m moetrt.bench.step_profile` reads).
+PROFILE_ENV = "MOETRT_ORT_PROFILE"
 from moetrt.formats import (DRAFT_IDS, DRAFT_POSITIONS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS,
                             EngineManifest, OrtSection, new_latent, past_latent)
 
@@ -109,6 +114,7 @@ class OrtSession:
         section = manifest.section
         assert isinstance(section, OrtSection)
         ort.disable_telemetry_events()  # usage telemetry (Windows builds' ETW events): off
+        self._profiled = bool(os.environ.get(PROFILE_ENV))  # read by _session_options for every session below
         options = _session_options(section, threads)
         providers = [section.provider] + (["CPUExecutionProvider"] if section.provider != "CPUExecutionProvider" else [])
         self._device = "cuda" if section.provider == "CUDAExecutionProvider" else "cpu"
@@ -156,6 +162,20 @@ class OrtSession:
         self.fingerprint = "; ".join((f"onnxruntime {ort.__version__}", f"threads {threads or 'default'}",
                                       f"kernel {self._kernel_description.split(' (')[0]}",
                                       f"experts.bin {experts.sha256[:12] if experts else 'none'}"))
+
+    def sessions(self) -> list[ort.InferenceSession]:
+        """The onnxruntime sessions this engine runs: one graph, the joined graph (and an --mtp engine's module
+        segments), or one per segment."""
+        return [segment.session for segment in self._segments] if self._segments else [self._graph.session]
+
+    def end_profiling(self) -> list[str]:
+        """With MOETRT_ORT_PROFILE set when the engine loaded: stop each session's profiler and return the JSON
+        trace files it wrote (onnxruntime's format: `model_run` events and a `<node>_kernel_time` event per node
+        run, times in microseconds), in `sessions()` order. Raises MoetrtError when the engine was loaded without
+        it."""
+        if not self._profiled:
+            raise MoetrtError(f"the engine's sessions were not profiled: set {PROFILE_ENV}=DIR before loading it")
+        return [session.end_profiling() for session in self.sessions()]
 
     def new_cache(self, slots: int, max_context: int) -> LatentKVCache:
         """The host cache: one layer per decoder layer, plus the MTP module's (with its own mask) on an --mtp
@@ -356,6 +376,10 @@ def _session_options(section: OrtSection, threads: int | None) -> ort.SessionOpt
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    profile = os.environ.get(PROFILE_ENV)
+    if profile:  # onnxruntime's own profiler: one JSON trace per session, written when `end_profiling` is called
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile, "onnxruntime")
     if section.segmented:
         options.add_session_config_entry("session.force_spinning_stop", "1")
         if section.provider == "CPUExecutionProvider":
