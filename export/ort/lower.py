@@ -30,7 +30,8 @@ attribute is set but swiglu_limit (as for MoE) and the per-projection bit widths
 Both quantize the activations to int8 per group in their integer GEMMs (QMOE_ACCURACY_LEVEL, and the kernel's
 llama.cpp Q8_0 scheme).
 
-After the experts, the projections that read one input are merged into one MatMul (export/ort/merge.py).
+After the experts, the projections that read one input are merged into one MatMul (export/ort/merge.py),
+and each rotary embedding becomes one ONNX RotaryEmbedding node (export/ort/rope.py).
 
 A quantized token embedding (two Gathers and a DequantizeLinear in the export, export/quantized.py) becomes one
 `com.microsoft::GatherBlockQuantized` over int4 values (int8: uint8 offset by its implicit zero point 128), so
@@ -53,6 +54,7 @@ from moetrt.export.lowering import (
     routed_experts_nodes,
 )
 from moetrt.export.ort.merge import merge_sibling_projections
+from moetrt.export.ort.rope import fuse_rotary_embeddings
 from moetrt.plugins.spec import QUANTIZED_BITS_ATTRIBUTE
 from moetrt.progress import note
 from moetrt.quantization import pack_int4
@@ -177,6 +179,9 @@ def lower(model: ir.Model, plan: LoweringPlan) -> None:
     merged = merge_sibling_projections(model)
     if merged:
         note(f"merged projections: {merged} MatMuls fewer (q_a with kv_a, gate with up: export/ort/merge.py)")
+    rotary = fuse_rotary_embeddings(model)
+    if rotary:
+        note(f"rotary embeddings: {rotary} as ONNX RotaryEmbedding nodes (export/ort/rope.py)")
     if moe_kernel == "moetrt":
         model.opset_imports[EXPERTS_DOMAIN] = 1
     embeddings = _lower_quantized_embedding(model)

@@ -52,7 +52,9 @@ def test_streamed_reference_gives_the_loaded_ones_report(setup):
     streamed, whole = reports
     assert streamed.keys() == whole.keys() and whole["greedy_tokens_compared"] > 10
     for key, value in whole.items():
-        if isinstance(value, float):
+        if key == "max_abs_logit_diff":  # about 2e-6: float32 rounding, where the references' summation orders show
+            assert abs(streamed[key] - value) <= 1e-6, key
+        elif isinstance(value, float):
             assert streamed[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
         else:
             assert streamed[key] == value, key
