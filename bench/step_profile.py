@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="slowest nodes to list")
     options = parser.parse_args(argv)
+    if options.threads < 1:
+        parser.error(f"--threads must be at least 1, got {options.threads}")
+    if options.top < 0:
+        parser.error(f"--top must be 0 or more, got {options.top}")
     try:
         profile = profile_engine(options.engine, options.batch, options.tokens, options.prompt_len, options.threads)
     except MoetrtError as error:

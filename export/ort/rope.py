@@ -4,11 +4,12 @@ The trace spells DeepSeek's rotary embedding of a query or key's rope part `x` (
 arithmetic on the cosines and sines of its positions (`cos`, `sin`: `[batch, seq, h/2]`, computed once per graph
 from position_ids, with YaRN's scaling in them; the query's broadcast over heads through an Unsqueeze):
 
-    x1, x2 = x[..., 0::2], x[..., 1::2]      (rope_interleave, DeepSeek-V3's checkpoints; else the two halves)
+    x1, x2 = x[..., 0::2], x[..., 1::2]      (rope_interleave, DeepSeek-V3's checkpoints: two strided Slices;
+                                             without it the two halves, from a Split or two Slices)
     y = Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 
-That is two Slices, six Muls, a Sub, an Add and a Concat per site, two sites a layer. ONNX's RotaryEmbedding-23
-with `interleaved=0` computes `y` from `Concat(x1, x2)` (the operator spec's reference), taking a 3-D input
+That is two Slices (or a Split), six Muls, a Sub, an Add and a Concat per site, two sites a layer. ONNX's
+RotaryEmbedding-23 with `interleaved=0` computes `y` from `Concat(x1, x2)` (the operator spec's reference), taking a 3-D input
 `[batch, seq, heads * h]` with `num_heads` and the cosines and sines per position as `[batch, seq, h/2]` (no
 position_ids). So a site becomes a Gather of x's even then odd elements (for interleaved checkpoints) and one
 RotaryEmbedding; a per-head query gets a Reshape either side, to and from 3-D. `y`, what the cache stores for the
@@ -93,6 +94,26 @@ def _half(node: ir.Node | None) -> tuple[ir.Value, int, bool] | None:
     return None
 
 
+def _split_half(value: ir.Value | None) -> tuple[ir.Value, int, bool] | None:
+    """For an output of a Split of its input's last axis (of static even length) into two equal halves, as the
+    trace spells `x[..., :h/2]` and `x[..., h/2:]`: (its input, which half, False). None otherwise."""
+    node = _producer(value, "Split")
+    if node is None or len(node.outputs) != 2 or node.inputs[0] is None:
+        return None
+    data = node.inputs[0]
+    shape = data.shape
+    if shape is None or not isinstance(shape[-1], int) or shape[-1] % 2:
+        return None
+    if node.attributes.get_int("axis", 0) not in (-1, len(shape) - 1):
+        return None
+    sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is not None and sizes != [shape[-1] // 2] * 2:
+        return None
+    if sizes is None and node.attributes.get_int("num_outputs", 2) != 2:
+        return None
+    return data, node.outputs.index(value), False
+
+
 def _match(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, int, bool] | None:
     """(x, cos, sin, heads, strided) of a rotate-half site ending at `concat`, where cos and sin are `[batch, seq,
     h/2]`, x is `[batch, seq, h]` (heads 0) or `[batch, seq, heads, h]`, and strided says its halves are the even and
@@ -112,7 +133,7 @@ def _match(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, int, bool] | 
     for product in products:
         found = None
         for i in (0, 1):
-            half = _half(_producer(product.inputs[i], "Slice"))
+            half = _half(_producer(product.inputs[i], "Slice")) or _split_half(product.inputs[i])
             if half is not None:
                 found = (half, product.inputs[1 - i])
                 break

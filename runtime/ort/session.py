@@ -378,6 +378,7 @@ def _session_options(section: OrtSection, threads: int | None) -> ort.SessionOpt
     options.log_severity_level = 3
     profile = os.environ.get(PROFILE_ENV)
     if profile:  # onnxruntime's own profiler: one JSON trace per session, written when `end_profiling` is called
+        os.makedirs(profile, exist_ok=True)
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile, "onnxruntime")
     if section.segmented:

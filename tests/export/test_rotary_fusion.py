@@ -1,9 +1,10 @@
 """export/ort/rope.py: rotate-half rotary embeddings become ONNX RotaryEmbedding nodes computing the same values.
 
 Each graph holds the sites as the trace spells them (tests build them with onnx.helper): a per-head query
-`[batch, seq, heads, h]` whose cosines go through an Unsqueeze, and a key `[batch, seq, h]`, in the strided
-(DeepSeek-V3's rope_interleave) and the contiguous form. ONNX Runtime runs the graph before and after the rewrite
-on the same inputs; a numpy rotary embedding written from the formula checks the first.
+`[batch, seq, heads, h]` whose cosines go through an Unsqueeze, and a key `[batch, seq, h]`, in the strided form
+(DeepSeek-V3's rope_interleave) and the contiguous one (a Split, as the trace gives it, or two Slices). ONNX
+Runtime runs the graph before and after the rewrite on the same inputs; a numpy rotary embedding written from the
+formula checks the first.
 """
 
 from __future__ import annotations
@@ -26,20 +27,25 @@ def _const(name: str, values) -> onnx.NodeProto:
                                                                              values))
 
 
-def _site(prefix: str, x: str, cos: str, sin: str, rank: int, strided: bool, nodes: list, step: int | None = None):
-    """Append the trace's nine nodes rotating `x` (last axis H) to `nodes`; returns the output's name."""
+def _site(prefix: str, x: str, cos: str, sin: str, rank: int, form: str, nodes: list, step: int | None = None):
+    """Append the trace's nodes rotating `x` (last axis H) to `nodes`; returns the output's name. `form`: the
+    halves as strided Slices ("interleaved"), as a Split ("split", what the trace gives without rope_interleave)
+    or as contiguous Slices ("halves")."""
     axis = rank - 1
-    if strided:
-        halves = (([0], [BIG], [step or 2]), ([1], [BIG], [step or 2]))
+    names = [f"{prefix}x0", f"{prefix}x1"]
+    if form == "split":
+        nodes += [_const(f"{prefix}sizes", [H // 2, H // 2]),
+                  helper.make_node("Split", [x, f"{prefix}sizes"], names, axis=axis)]
     else:
-        halves = (([0], [H // 2], [step or 1]), ([H // 2], [BIG], [step or 1]))
-    names = []
-    for i, (start, end, stride) in enumerate(halves):
-        for part, values in (("s", start), ("e", end), ("a", [axis]), ("t", stride)):
-            nodes.append(_const(f"{prefix}{part}{i}", values))
-        names.append(f"{prefix}x{i}")
-        nodes.append(helper.make_node("Slice", [x, f"{prefix}s{i}", f"{prefix}e{i}", f"{prefix}a{i}", f"{prefix}t{i}"],
-                                      [names[-1]]))
+        if form == "interleaved":
+            halves = (([0], [BIG], [step or 2]), ([1], [BIG], [step or 2]))
+        else:
+            halves = (([0], [H // 2], [step or 1]), ([H // 2], [BIG], [step or 1]))
+        for i, (start, end, stride) in enumerate(halves):
+            for part, values in (("s", start), ("e", end), ("a", [axis]), ("t", stride)):
+                nodes.append(_const(f"{prefix}{part}{i}", values))
+            nodes.append(helper.make_node("Slice", [x, f"{prefix}s{i}", f"{prefix}e{i}", f"{prefix}a{i}",
+                                                    f"{prefix}t{i}"], [names[i]]))
     x1, x2 = names
     nodes += [helper.make_node("Mul", [x1, cos], [f"{prefix}m1"]), helper.make_node("Mul", [x2, sin], [f"{prefix}m2"]),
               helper.make_node("Sub", [f"{prefix}m1", f"{prefix}m2"], [f"{prefix}d"]),
@@ -49,11 +55,11 @@ def _site(prefix: str, x: str, cos: str, sin: str, rank: int, strided: bool, nod
     return f"{prefix}y"
 
 
-def _model(strided: bool, step: int | None = None) -> onnx.ModelProto:
+def _model(form: str, step: int | None = None) -> onnx.ModelProto:
     nodes = [_const("axis2", [2]), helper.make_node("Unsqueeze", ["cos", "axis2"], ["cos4"]),
              helper.make_node("Unsqueeze", ["sin", "axis2"], ["sin4"])]
-    q = _site("q", "q", "cos4", "sin4", 4, strided, nodes, step)
-    k = _site("k", "k", "cos", "sin", 3, strided, nodes, step)
+    q = _site("q", "q", "cos4", "sin4", 4, form, nodes, step)
+    k = _site("k", "k", "cos", "sin", 3, form, nodes, step)
     nodes += [helper.make_node("Identity", [q], ["q_out"]), helper.make_node("Identity", [k], ["k_out"])]
     dims = ["batch", "seq"]
     graph = helper.make_graph(nodes, "rope", [
@@ -87,9 +93,10 @@ def _numpy_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, strided: bool) 
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@pytest.mark.parametrize("strided", [True, False], ids=["interleaved", "halves"])
-def test_each_site_becomes_one_rotary_embedding_computing_the_same(strided):
-    model = _model(strided)
+@pytest.mark.parametrize("form", ["interleaved", "split", "halves"])
+def test_each_site_becomes_one_rotary_embedding_computing_the_same(form):
+    strided = form == "interleaved"
+    model = _model(form)
     feeds = _feeds()
     before = _run(model, feeds)
     np.testing.assert_allclose(before[0], _numpy_rope(feeds["q"], feeds["cos"][:, :, None], feeds["sin"][:, :, None],
@@ -101,7 +108,7 @@ def test_each_site_becomes_one_rotary_embedding_computing_the_same(strided):
     fused = ir.to_proto(graph)
     ops = [node.op_type for node in fused.graph.node]
     assert ops.count("RotaryEmbedding") == 2
-    assert not {"Slice", "Sub", "Add", "Mul", "Concat", "Unsqueeze"} & set(ops), ops
+    assert not {"Slice", "Split", "Sub", "Add", "Mul", "Concat", "Unsqueeze"} & set(ops), ops
     assert ops.count("Gather") == (2 if strided else 0)
     assert {o.domain: o.version for o in fused.opset_import}[""] == 23
     after = _run(fused, feeds)
@@ -113,7 +120,7 @@ def test_each_site_becomes_one_rotary_embedding_computing_the_same(strided):
 
 
 def test_other_slicing_is_left_as_it_is():
-    model = _model(strided=True, step=3)  # every third element: not a rotary embedding
+    model = _model("interleaved", step=3)  # every third element: not a rotary embedding
     graph = ir.from_proto(model)
     assert fuse_rotary_embeddings(graph) == 0
     assert [n.op_type for n in ir.to_proto(graph).graph.node] == [n.op_type for n in model.graph.node]
