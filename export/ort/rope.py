@@ -44,7 +44,6 @@ def fuse_rotary_embeddings(model: ir.Model) -> int:
                 fused += 1
     if fused:
         model.opset_imports[""] = max(model.opset_imports.get("", ROPE_OPSET), ROPE_OPSET)
-        model.graph.sort()
     return fused
 
 

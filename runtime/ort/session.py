@@ -32,12 +32,12 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 from moetrt.errors import MoetrtError
 from moetrt.progress import note
 from moetrt.runtime.kv_cache import LatentKVCache
+from moetrt.formats import (DRAFT_IDS, DRAFT_POSITIONS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS,
+                            EngineManifest, OrtSection, new_latent, past_latent)
 
 # A directory: every session an engine opens records onnxruntime's profile (per-node kernel times), written there as
 # JSON by `OrtSession.end_profiling` (what `python -m moetrt.bench.step_profile` reads).
 PROFILE_ENV = "MOETRT_ORT_PROFILE"
-from moetrt.formats import (DRAFT_IDS, DRAFT_POSITIONS, HOST_INPUTS, LOGITS, MTP_ATTENTION_MASK, MTP_INPUT_IDS,
-                            EngineManifest, OrtSection, new_latent, past_latent)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 KERNEL_INPUT_TYPES = ("tensor(float)", "tensor(int32)", "tensor(float)")  # hidden, topk_ids, topk_weights
