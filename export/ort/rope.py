@@ -9,9 +9,9 @@ from position_ids, with YaRN's scaling in them; the query's broadcast over heads
     y = Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 
 That is two Slices (or a Split), six Muls, a Sub, an Add and a Concat per site, two sites a layer. ONNX's
-RotaryEmbedding-23 with `interleaved=0` computes `y` from `Concat(x1, x2)` (the operator spec's reference), taking a 3-D input
-`[batch, seq, heads * h]` with `num_heads` and the cosines and sines per position as `[batch, seq, h/2]` (no
-position_ids). So a site becomes a Gather of x's even then odd elements (for interleaved checkpoints) and one
+RotaryEmbedding-23 with `interleaved=0` computes `y` from `Concat(x1, x2)` (the operator spec's reference), taking
+a 3-D input `[batch, seq, heads * h]` with `num_heads` and the cosines and sines per position as `[batch, seq, h/2]`
+(no position_ids). So a site becomes a Gather of x's even then odd elements (for interleaved checkpoints) and one
 RotaryEmbedding; a per-head query gets a Reshape either side, to and from 3-D. `y`, what the cache stores for the
 key, is unchanged: the same layout, the same products. That is 12 nodes fewer a layer. At batch 1 an ONNX Runtime
 node costs a few microseconds whatever it computes, which is most of a small model's step (bench/NOTES.md).
@@ -65,6 +65,12 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
 
 
+def _even_width(value: ir.Value) -> int | None:
+    """The static, even length of `value`'s last axis, else None."""
+    shape = value.shape
+    return shape[-1] if shape is not None and isinstance(shape[-1], int) and not shape[-1] % 2 else None
+
+
 def _half(node: ir.Node | None) -> tuple[ir.Value, int, bool] | None:
     """For a Slice taking one half of its input's last axis (of static even length h): (its input, which half: 0
     or 1, strided). Strided halves are the even and the odd elements (`x[..., 0::2]`, `x[..., 1::2]`), contiguous
@@ -72,10 +78,10 @@ def _half(node: ir.Node | None) -> tuple[ir.Value, int, bool] | None:
     if node is None or len(node.inputs) < 3 or node.inputs[0] is None:
         return None
     data = node.inputs[0]
-    shape = data.shape
-    if shape is None or not isinstance(shape[-1], int) or shape[-1] % 2:
+    width = _even_width(data)
+    if width is None:
         return None
-    rank, width = len(shape), shape[-1]
+    rank = len(data.shape)
     starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
     axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(rank))
     steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
@@ -100,13 +106,11 @@ def _split_half(value: ir.Value | None) -> tuple[ir.Value, int, bool] | None:
     if node is None or len(node.outputs) != 2 or node.inputs[0] is None:
         return None
     data = node.inputs[0]
-    shape = data.shape
-    if shape is None or not isinstance(shape[-1], int) or shape[-1] % 2:
-        return None
-    if node.attributes.get_int("axis", 0) not in (-1, len(shape) - 1):
+    width = _even_width(data)
+    if width is None or node.attributes.get_int("axis", 0) not in (-1, len(data.shape) - 1):
         return None
     sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if sizes is not None and sizes != [shape[-1] // 2] * 2:
+    if sizes is not None and sizes != [width // 2] * 2:
         return None
     if sizes is None and node.attributes.get_int("num_outputs", 2) != 2:
         return None
@@ -149,9 +153,8 @@ def _match(concat: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, int, bool] | 
     (a, cos), (b, sin), (c, cos2), (d, sin2) = halves
     if (a, b, c, d) != (0, 1, 1, 0) or cos is not cos2 or sin is not sin2 or cos is sin or len(kinds) != 1:
         return None
-    axis = concat.attributes.get_int("axis", 0)
     shape = x.shape
-    if shape is None or axis not in (-1, len(shape) - 1) or not isinstance(shape[-1], int) or shape[-1] % 2:
+    if concat.attributes.get_int("axis", 0) not in (-1, len(shape) - 1):  # x's width is even: _half checked it
         return None
     if len(shape) == 3:
         heads = 0
@@ -194,7 +197,8 @@ def _rewrite(concat: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value, heads: 
 
 def _remove_dead(nodes: list[ir.Node | None]) -> None:
     """Remove `nodes` and, transitively, their producers that nothing reads any more (the site's Sub, Add,
-    Muls and Slices; the query's Unsqueezes once the last site reading them is gone)."""
+    Muls and Slices; the query's Unsqueezes once the last site reading them is gone). Not onnx_ir's
+    RemoveUnusedNodesPass: it also drops every unused initializer of the graph, which is not this rewrite's to do."""
     pending = [n for n in nodes if n is not None]
     while pending:
         node = pending.pop()
