@@ -194,7 +194,7 @@ def _write_tokenizer(directory: Path, config: dict) -> None:
 def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, threads: int = 2) -> dict:
     """Decode tok/s at batch 1 and 8, time to first token of a 512-token prompt, and the batch-1 roofline: weight
     bytes an int4/int8/fp32 decode step reads (export/info.py decode_weight_bytes) over this machine's copy bandwidth
-    (bench/bandwidth.py, sampled beside every round). Medians over `rounds`."""
+    and over its read bandwidth (bench/bandwidth.py, both sampled beside every round). Medians over `rounds`."""
     import statistics
 
     from moetrt.bench.bandwidth import CopyProbe
@@ -206,9 +206,10 @@ def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, 
     config = manifest.model_config
     run = moetrt_engine("", str(engine_dir), threads)
     probe = CopyProbe(threads)
-    samples: dict[str, list[float]] = {"b1": [], "b8": [], "ttft512": [], "bandwidth": []}
+    samples: dict[str, list[float]] = {"b1": [], "b8": [], "ttft512": [], "bandwidth": [], "read_bandwidth": []}
     for _ in range(rounds):
         samples["bandwidth"].append(probe.sample())
+        samples["read_bandwidth"].append(probe.sample_read())
         samples["b1"].append(run(prompts_for(config.vocab_size, 1, 32), new_tokens).decode_rate(1))
         samples["b8"].append(run(prompts_for(config.vocab_size, 8, 32), new_tokens).decode_rate(8))
         samples["ttft512"].append(run(prompts_for(config.vocab_size, 1, 512), 1).ttft())
@@ -217,6 +218,7 @@ def bench_engine(engine_dir: str | Path, new_tokens: int = 16, rounds: int = 2, 
     result["bytes_per_token"] = read
     result["roofline_b1"] = result["bandwidth"] / read
     result["roofline_fraction_b1"] = result["b1"] / result["roofline_b1"]
+    result["read_roofline_fraction_b1"] = result["b1"] * read / result["read_bandwidth"]
     return result
 
 

@@ -5,7 +5,8 @@ to each other, and the next round runs the whole order reversed (A B, then B A),
 bandwidth fall on both sides of each ratio. Both sides use 2 threads with their weights in memory (llama.cpp
 `-lm none`; moetrt's engines load theirs, and both run a warm-up first). Measured per system and round: decode
 tokens/s at batch 1 (64 tokens), at batch 8 (16-token prompts, then 64 tokens each), prefill tokens/s of a
-64-token prompt, and the size of its weights (engine directory, GGUF file). moetrt's numbers come from the same
+64-token prompt, and the size of its weights (engine directory, GGUF file); before each round, the copy and read
+bandwidth (bench/bandwidth.py), over which each system's batch-1 rate is put as a share of the roofline. moetrt's numbers come from the same
 process `make bench` runs (moetrt.bench.systems); llama.cpp's from llama-bench and llama-batched-bench.
 
 Before any timing, llama.cpp's greedy continuation on the f32 GGUF must equal transformers' on the checkpoint.
@@ -49,6 +50,10 @@ METRICS = ("decode_b1", "decode_b8", "prefill")
 TARGETS = {"fp32": {"decode_b1": 1.0}, "int8": {"decode_b1": 1.0, "decode_b8": 1.5, "prefill": 1.0},
            "int4": {"decode_b1": 1.0, "decode_b8": 1.5, "prefill": 1.0}}
 SIZE_TARGET = 1.05
+ROOFLINE_TARGET = 0.70  # issue 19: int8 and int4 at batch 1, of the memory-bandwidth roofline in quantized bytes
+# llama.cpp's bits per weight (ggml's block formats: Q8_0 is 32 int8 values and a float16 scale, Q4_0 32 nibbles and
+# a float16 scale); its weight bytes a token are moetrt's float32 count scaled by bits / 32
+GGUF_BITS = {"f32": 32.0, "q8_0": 8.5, "q4_0": 4.5}
 
 
 def system_name(side: str, key: str) -> str:
@@ -86,6 +91,44 @@ def ratio_cell(ratios: list[float], target: float | None = None) -> str:
     return f"{median:.2f}× ({rounds}){verdict}"
 
 
+def roofline_fractions(rates: list[float], token_bytes: int, bandwidths: list[float]) -> list[float]:
+    """Per round, the share of the roofline a decode rate reaches: rate (tokens/s) x `token_bytes` (weight bytes a
+    token) over that round's bandwidth (bytes/s); lists aligned by round."""
+    return [rate * token_bytes / bandwidth for rate, bandwidth in zip(rates, bandwidths) if bandwidth > 0]
+
+
+def roofline_lines(results: dict) -> list[str]:
+    """The report's roofline table: each system's batch-1 decode as a share of the copy and of the read roofline
+    (bench/bandwidth.py, sampled before every round), median over rounds (min–max), with issue 19's 70% for
+    moetrt's int8 and int4. Empty without bandwidth samples or byte counts."""
+    bandwidth = results.get("bandwidth") or {}
+    if not bandwidth.get("copy"):
+        return []
+    lines = ["", f"Batch-1 decode against the memory-bandwidth roofline: tok/s x weight bytes a token over the "
+             f"bandwidth sampled before the round (copy {cell([b / 1e9 for b in bandwidth['copy']], 1)} GB/s, "
+             f"read {cell([b / 1e9 for b in bandwidth.get('read', [])], 1)} GB/s; bench/bandwidth.py). Bytes a "
+             "token: `moetrt info`'s for moetrt; for llama.cpp the float32 count at its bits per weight.", "",
+             "| system | weight bytes a token | of copy roofline | of read roofline |", "|---|---|---|---|"]
+    for name in sorted(results["systems"], key=lambda n: not n.startswith("llama.cpp")):
+        data = results["systems"][name]
+        if not data.get("token_bytes") or not data.get("decode_b1"):
+            continue
+        target = ROOFLINE_TARGET if name in (system_name("moetrt", "int8"), system_name("moetrt", "int4")) else None
+        cells = []
+        for kind in ("copy", "read"):
+            shares = roofline_fractions(data["decode_b1"], data["token_bytes"], bandwidth.get(kind, []))
+            if not shares:
+                cells.append("—")
+                continue
+            text = (f"{statistics.median(shares):.0%} ({min(shares):.0%}–{max(shares):.0%})" if len(shares) > 1
+                    else f"{shares[0]:.0%}")
+            if target is not None:
+                text += f" ≥{target:.0%} {'PASS' if statistics.median(shares) >= target else 'MISS'}"
+            cells.append(text)
+        lines.append(f"| {name} | {data['token_bytes'] / 1e6:.0f} MB | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def render(results: dict) -> str:
     """The markdown report from `results` ({"systems": {name: {metric: [per-round values], "bytes": int,
     "note": str}}, "pairs": [...], "header": [lines], "notes": [lines]})."""
@@ -113,6 +156,7 @@ def render(results: dict) -> str:
             ratio = ours["bytes"] / theirs["bytes"]
             size = f"{ratio:.2f}× {'PASS' if ratio <= SIZE_TARGET else 'MISS'} (≤{SIZE_TARGET}×)"
         lines.append(f"| {pair['label']} / {GGUF_NAMES[pair['gguf']]} | " + " | ".join(cells) + f" | {size} |")
+    lines += roofline_lines(results)
     if results.get("notes"):
         lines += ["", *[f"- {note}" for note in results["notes"]]]
     return "\n".join(lines) + "\n"
@@ -223,20 +267,27 @@ def run(options) -> dict:
                                   f"({llamacpp.describe_greedy(greedy)}): the GGUF is not the same model, so "
                                   "nothing is timed")
 
+    from moetrt.config import load_config
+    from moetrt.export.info import decode_weight_bytes
+    from moetrt.formats import read_manifest
+
+    float32_token_bytes = sum(decode_weight_bytes(load_config(checkpoint), "float32", None).values())
     engines = Path(options.engines)
     for pair in pairs:
         engine, why = moetrt_engine(checkpoint, pair, engines, options.rebuild)
         name = system_name("moetrt", pair.label)
         systems[name] = {"bytes": directory_bytes(engine) if engine else 0, "note": why}
         if engine:
-            from moetrt.formats import read_manifest
-
-            notes.append(f"{name}: routed experts in {read_manifest(engine).section.moe_kernel}")
+            manifest = read_manifest(engine)
+            systems[name]["token_bytes"] = sum(decode_weight_bytes(manifest.model_config, manifest.dtype,
+                                                                   manifest.quantization).values())
+            notes.append(f"{name}: routed experts in {manifest.section.moe_kernel}")
             runners.append(("moetrt", pair.label))
             targets[("moetrt", pair.label)] = engine
         if have_llama:
             gname = system_name("llama.cpp", pair.gguf)
-            systems[gname] = {"bytes": ggufs[pair.gguf].stat().st_size}
+            systems[gname] = {"bytes": ggufs[pair.gguf].stat().st_size,
+                              "token_bytes": round(float32_token_bytes * GGUF_BITS[pair.gguf] / 32)}
             runners.append(("llama.cpp", pair.gguf))
             targets[("llama.cpp", pair.gguf)] = ggufs[pair.gguf]
     for gguf_type in extra:
@@ -245,9 +296,15 @@ def run(options) -> dict:
             runners.append(("llama.cpp", gguf_type))
             targets[("llama.cpp", gguf_type)] = ggufs[gguf_type]
 
+    from moetrt.bench.bandwidth import CopyProbe
+
+    probe = CopyProbe(options.threads)
+    bandwidth: dict[str, list[float]] = {"copy": [], "read": []}
     load = [os.getloadavg()[0]]
     started = time.perf_counter()
     for round_index in range(options.rounds):
+        bandwidth["copy"].append(probe.sample())
+        bandwidth["read"].append(probe.sample_read())
         for side, key in round_order(runners, round_index):
             name = system_name(side, key)
             print(f"round {round_index + 1}/{options.rounds}: {name}", file=sys.stderr)
@@ -276,6 +333,7 @@ def run(options) -> dict:
         header.append(f"Greedy check, llama.cpp f32 GGUF against transformers on the checkpoint: "
                       f"{llamacpp.describe_greedy(greedy)}.")
     return {"systems": systems, "pairs": [dataclasses.asdict(p) for p in pairs], "header": header,
+            "bandwidth": bandwidth,
             "notes": [*notes, *(f"{n}: {d['note']}" for n, d in systems.items() if d.get("note"))],
             "greedy": None if greedy is None else {k: v for k, v in greedy.items() if not isinstance(v, bytes)},
             "options": vars(options)}

@@ -23,3 +23,14 @@ def test_bench_runs_and_pairs_bandwidth_with_each_repeat(tmp_path):
     assert "| tiny-r1 | moetrt-ort |" in table and "experts in onnxruntime" in table
     assert (tmp_path / "decode.png").stat().st_size > 0
     assert "tiny-r1 batch 8: moetrt-ort" in result.stdout
+
+
+def test_read_bandwidth_reads_each_thread_share_of_the_given_buffer():
+    import numpy as np
+
+    from moetrt.bench.bandwidth import read_bandwidth
+
+    buffer = np.ones(1 << 18, dtype=np.float32)
+    for threads in (1, 2, 3):
+        rate = read_bandwidth(threads, repeats=2, buffer=buffer)
+        assert np.isfinite(rate) and rate > 0

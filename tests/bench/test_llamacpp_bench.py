@@ -241,3 +241,28 @@ def test_report_warns_when_other_work_shared_the_cores():
     assert "Not quiet-machine figures" in quantized.busy_warning(5.4, threads=2, cores=2)
     assert quantized.busy_warning(2.3, threads=2, cores=2) == ""
     assert quantized.busy_warning(4.0, threads=2, cores=16) == ""  # plenty of idle cores left
+
+
+def test_roofline_table_puts_each_round_rate_over_that_round_bandwidth():
+    m = quantized.system_name
+    results = {
+        "header": [], "pairs": [], "notes": [],
+        "bandwidth": {"copy": [40e9, 20e9], "read": [20e9, 10e9]},
+        "systems": {
+            m("moetrt", "int4"): {"decode_b1": [100.0, 60.0], "token_bytes": 100_000_000},
+            m("llama.cpp", "q4_0"): {"decode_b1": [80.0, 40.0], "token_bytes": 150_000_000},
+            m("moetrt", "int8"): {"bytes": 0},  # not measured: no row
+        },
+    }
+    lines = quantized.render(results).splitlines()
+    ours = next(line for line in lines if line.startswith("| moetrt int4 | 100 MB"))
+    # copy: 100 x 0.1 GB / 40 = 25%, 60 x 0.1 / 20 = 30%; read: 50%, 60% (median of two: their mean)
+    assert ours == "| moetrt int4 | 100 MB | 28% (25%–30%) ≥70% MISS | 55% (50%–60%) ≥70% MISS |"
+    theirs = next(line for line in lines if line.startswith("| llama.cpp Q4_0 | 150 MB"))
+    assert theirs == "| llama.cpp Q4_0 | 150 MB | 30% (30%–30%) | 60% (60%–60%) |"  # no target for llama.cpp
+    assert not any(line.startswith("| moetrt int8 | ") and "MB |" in line and "%" in line for line in lines)
+    assert quantized.roofline_fractions([10.0], 2_000_000_000, [0.0]) == []
+
+
+def test_no_roofline_table_without_bandwidth_samples():
+    assert "roofline" not in quantized.render(_results())
