@@ -20,8 +20,8 @@ import numpy as np
 
 
 class CopyProbe:
-    """Buffers kept between samples, so each sample is only the copies (the bench takes one beside every
-    decode repeat)."""
+    """Buffers kept between samples, so each sample is only the copies or reads (`make bench` takes a copy sample
+    before and after every decode repeat, `make bench-quantized` both kinds before and after every round)."""
 
     def __init__(self, threads: int = 2, size: int = 512 << 20):
         self.threads = threads
@@ -39,45 +39,61 @@ class CopyProbe:
 
 def copy_bandwidth(threads: int = 2, size: int = 512 << 20, repeats: int = 7,
                    buffers: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """Bytes per second (read + write) of a `threads`-way memory copy."""
+    """Bytes per second (read + write) of a `threads`-way memory copy of `size` bytes (or of `buffers`, float32
+    source and target), the best of `repeats`. Raises ValueError for fewer than one thread or repeat, or fewer
+    elements than threads. Sizes well beyond the last-level cache measure memory; smaller ones measure caches."""
     if buffers is None:
         source = np.ones(size // 4, dtype=np.float32)
         target = np.zeros_like(source)
     else:
         source, target = buffers
 
-    def copy(part: int) -> None:
-        span = slice(part * len(source) // threads, (part + 1) * len(source) // threads)
+    def copy(span: slice) -> None:
         np.copyto(target[span], source[span])  # numpy releases the GIL for the copy
 
-    best = 0.0
-    for _ in range(repeats):
-        workers = [threading.Thread(target=copy, args=(part,)) for part in range(threads)]
-        start = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        best = max(best, 2 * source.nbytes / (time.perf_counter() - start))
-    return best
+    return 2 * source.nbytes / _best_time(threads, repeats, len(source), copy)
 
 
 def read_bandwidth(threads: int = 2, size: int = 512 << 20, repeats: int = 7,
                    buffer: np.ndarray | None = None) -> float:
     """Bytes per second of a `threads`-way read of `size` bytes (float32 `buffer`, or a fresh one of ones): each
-    thread takes numpy's max over its share (see the module docstring); the best of `repeats`."""
+    thread takes numpy's max over its share (see the module docstring); the best of `repeats`. Raises ValueError
+    as copy_bandwidth does."""
     source = np.ones(size // 4, dtype=np.float32) if buffer is None else buffer
 
-    def read(part: int) -> None:
-        source[part * len(source) // threads:(part + 1) * len(source) // threads].max()  # releases the GIL
+    def read(span: slice) -> None:
+        source[span].max()  # numpy releases the GIL for the reduction
 
-    best = 0.0
+    return source.nbytes / _best_time(threads, repeats, len(source), read)
+
+
+def _best_time(threads: int, repeats: int, elements: int, work) -> float:
+    """The shortest of `repeats` wall times of `threads` threads each running `work(span)` over its share of
+    `elements` (seconds). An exception in a worker is raised here."""
+    if threads < 1 or repeats < 1:
+        raise ValueError(f"bandwidth probes need at least 1 thread and 1 repeat, got threads={threads}, "
+                         f"repeats={repeats}")
+    if elements < threads:
+        raise ValueError(f"a buffer of {elements} elements cannot be split over {threads} threads: give a larger "
+                         "size (the default, 512 MiB, measures memory)")
+    spans = [slice(part * elements // threads, (part + 1) * elements // threads) for part in range(threads)]
+    errors: list[BaseException] = []
+
+    def run(span: slice) -> None:
+        try:
+            work(span)
+        except BaseException as error:  # re-raised in the caller's thread below
+            errors.append(error)
+
+    best = float("inf")
     for _ in range(repeats):
-        workers = [threading.Thread(target=read, args=(part,)) for part in range(threads)]
+        workers = [threading.Thread(target=run, args=(span,)) for span in spans]
         start = time.perf_counter()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        best = max(best, source.nbytes / (time.perf_counter() - start))
+        best = min(best, time.perf_counter() - start)
+        if errors:
+            raise errors[0]
     return best

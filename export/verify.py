@@ -9,8 +9,9 @@ Runs the engine and the fp32 torch reference on the same inputs and reports:
 - for a checkpoint trained on a moetrt task (config.json `moetrt_task`), the task accuracy of both.
 
 PASS/FAIL: an unquantized engine must keep its logits within TOLERANCES, its greedy continuations and (for a
-task checkpoint) every task answer. A float16 or bfloat16 engine's logits may also move as far as
-HALF_REFERENCE_FACTOR times the reference computed in the engine's dtype moves from the float32 one. A quantized engine (manifest `quantization` set) changes logits by design;
+task checkpoint) every task answer, with finite next-token statistics. A float16 or bfloat16 engine's logits may
+also move, position by position, as far as HALF_REFERENCE_FACTOR times the reference computed in the engine's dtype
+moves from the float32 one at that position. A quantized engine (manifest `quantization` set) changes logits by design;
 it passes when its KL figures are within its scheme's QUANTIZED_THRESHOLDS, and the other checks are
 reported as information.
 """
@@ -39,12 +40,16 @@ if TYPE_CHECKING:
 # (atol, rtol against the reference's largest |logit|, near-tie margin) per engine dtype.
 TOLERANCES = {"float32": (1e-4, 1e-5, 1e-3), "float16": (2e-2, 1e-2, 5e-2), "bfloat16": (1e-1, 5e-2, 2e-1)}
 
-# A half-precision engine is held to its dtype's own rounding as well: its logits may move from the float32
-# reference by up to HALF_REFERENCE_FACTOR times the largest |Δ| of transformers' model computed in the engine's
-# dtype, at the same positions (FlashAttention's tests hold a kernel's error to twice a PyTorch implementation's at
-# the same precision, Dao-AILab/flash-attention tests/test_flash_attn.py). The fixed tolerance alone fails faithful
-# engines on random-token prompts: tiny-r1 in float16, whose engine is 0.15 from transformers' float16 model, is 2.24
-# from float32 where transformers' float16 model is 2.26 from it, against a tolerance of 0.35.
+# A half-precision engine is held to its dtype's own rounding as well: at each position, its logits may move from
+# the float32 reference's by the fixed tolerance plus HALF_REFERENCE_FACTOR times the largest |Δ| of the reference
+# computed in the engine's dtype there (FlashAttention's tests hold a kernel's error to twice a PyTorch
+# implementation's at the same precision, Dao-AILab/flash-attention tests/test_flash_attn.py; they compare one
+# maximum, this compares position by position so that a few ill-conditioned positions do not lend their allowance to
+# the rest: with one maximum over all positions, tiny-r1's float16 engine with its lm_head scaled by 1.1 passed;
+# logit by logit, the faithful engine used 1.07 of its allowance where a reference logit happened to land close to
+# float32's). The fixed tolerance alone fails faithful engines on random-token prompts: tiny-r1's float16 engine is
+# 2.24 from float32 where the torch reference in float16 is 2.34 from it (transformers in float16: 2.26), against a
+# tolerance of 0.35; position by position it uses at most 0.77 of its allowance, the scaled lm_head 8.5x.
 HALF_REFERENCE_FACTOR = 2.0
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -326,39 +331,56 @@ class VerifyReport:
     answers_differing: int | None = None
     checkpoint: str = ""  # whether the checkpoint is the one the engine was built from (`_checkpoint_match`)
     checkpoint_matches: bool | None = None  # None: the engine does not record it
-    # a half-precision engine's: max |Δ| of the reference computed in the engine's dtype from the float32 one, over
-    # the greedy sequences' positions; None when not measured (float32, quantized, or `dtype_reference_note`)
+    # A half-precision engine's (None when not measured: float32, quantized, or `dtype_reference_note`), over the
+    # greedy sequences' positions: the largest |Δ| of the reference computed in the engine's dtype from the float32
+    # one, and the largest share of its allowance the engine uses at a position, max |engine - float32| /
+    # (logit_tolerance + HALF_REFERENCE_FACTOR * max |dtype reference - float32|), maxima over the position's logits
+    # (at most 1 passes).
     dtype_reference_diff: float | None = None
+    dtype_logit_share: float | None = None
     dtype_reference_note: str = ""  # why a half-precision engine's dtype reference was not run
 
     @property
-    def logit_bound(self) -> float:
-        """The max |Δlogit| an unquantized engine may show: the dtype's tolerance, or for a half-precision engine
-        HALF_REFERENCE_FACTOR times its dtype reference's own |Δ| where that is larger."""
-        if self.dtype_reference_diff is None:
-            return self.logit_tolerance
-        return max(self.logit_tolerance, HALF_REFERENCE_FACTOR * self.dtype_reference_diff)
+    def finite(self) -> bool:
+        """Whether the next-token statistics on the prompt set are finite (an engine returning NaN or inf logits
+        there has NaN KL and perplexity, and comparisons with NaN are false, not failures)."""
+        stats = self.next_token
+        return all(math.isfinite(v) for v in (stats.kl_mean, stats.kl_p99, stats.ppl_engine, stats.top1_agreement))
+
+    @property
+    def logits_within(self) -> bool:
+        """The unquantized logit check: every logit within the dtype's tolerance, or for a half-precision engine
+        whose dtype reference ran, every position within its allowance."""
+        if self.dtype_logit_share is not None:
+            return self.dtype_logit_share <= 1.0
+        return self.max_abs_logit_diff <= self.logit_tolerance
 
     @property
     def passed(self) -> bool:
+        if not self.finite:
+            return False
         if self.kl_thresholds is not None:
             stats, limits = self.next_token, self.kl_thresholds
             return stats.kl_mean <= limits.kl_mean and stats.kl_p99 <= limits.kl_p99
         same_task = self.task is None or self.answers_differing == 0
-        return self.max_abs_logit_diff <= self.logit_bound and not self.greedy_failures and same_task
+        return self.logits_within and not self.greedy_failures and same_task
 
     def to_dict(self) -> dict:
         """Flat JSON: the next-token statistics and the thresholds as top-level `kl_*`, `top1_agreement`,
         `ppl_*` and `kl_thresholds` keys."""
         fields = dataclasses.asdict(self)
         fields.update(fields.pop("next_token"), ppl_ratio=self.next_token.ppl_ratio)
-        return {**fields, "logit_bound": self.logit_bound, "passed": self.passed}
+        # NaN and inf are not JSON: null (the report's text shows them)
+        fields = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in fields.items()}
+        return {**fields, "passed": self.passed}
 
     def describe(self) -> str:
         stats = self.next_token
         judged = ("checked" if self.kl_thresholds is None else
                   "information only: quantization moves logits by design, the KL above decides")
-        criteria = self.kl_thresholds.describe() if self.kl_thresholds else "logits, greedy tokens, task answers kept"
+        criteria = ((self.kl_thresholds.describe() if self.kl_thresholds else "logits, greedy tokens, task answers kept")
+                    + ", finite next-token statistics")
         lines = [
             *([f"checkpoint  {self.checkpoint}"] if self.checkpoint else []),
             f"scheme      {self.quantization or 'none'} ({self.dtype}): PASS needs {criteria}",
@@ -366,8 +388,8 @@ class VerifyReport:
             f"{stats.kl_max:.3g} nats over {stats.positions} positions ({self.prompt_set})",
             f"top-1       {stats.top1_agreement:.2%} agree; PPL ratio {stats.ppl_ratio:.6f} (engine "
             f"{stats.ppl_engine:.4g}, reference {stats.ppl_reference:.4g})",
-            f"logits      max |Δ| {self.max_abs_logit_diff:.3g} over {self.prompts} random-token prompts "
-            f"(tolerance {self.logit_tolerance:.3g} for {self.dtype}{self._dtype_reference_text()}; {judged})",
+            f"logits      max |Δ| {self.max_abs_logit_diff:.3g} over {self.prompts} random-token "
+            f"prompt{'' if self.prompts == 1 else 's'} ({self._logit_rule()}; {judged})",
             f"greedy      {self.greedy_rows_agreeing}/{self.prompts} continuations agree "
             f"({self.greedy_tokens_compared} tokens compared; near-ties allowed; {judged})",
             *(f"            {failure}" for failure in self.greedy_failures),
@@ -382,11 +404,13 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-    def _dtype_reference_text(self) -> str:
-        if self.dtype_reference_diff is not None:
-            return (f", or {HALF_REFERENCE_FACTOR:g}x the {self.dtype} reference's own {self.dtype_reference_diff:.3g} "
-                    f"from float32, {HALF_REFERENCE_FACTOR * self.dtype_reference_diff:.3g}, where larger")
-        return f"; {self.dtype_reference_note}" if self.dtype_reference_note else ""
+    def _logit_rule(self) -> str:
+        if self.dtype_logit_share is not None:
+            return (f"each position within {self.logit_tolerance:.3g} + {HALF_REFERENCE_FACTOR:g}x the {self.dtype} "
+                    f"reference's own |Δ| there, up to {self.dtype_reference_diff:.3g}: at most "
+                    f"{self.dtype_logit_share:.2f} of that used")
+        note = f"; {self.dtype_reference_note}" if self.dtype_reference_note else ""
+        return f"tolerance {self.logit_tolerance:.3g} for {self.dtype}{note}"
 
 
 def _random_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
@@ -474,17 +498,20 @@ def verify_engine(
     if float32_logits is not None:
         del reference  # out of memory before the reference in the engine's dtype comes in
         gc.collect()
-        report.dtype_reference_diff, report.dtype_reference_note = _dtype_reference_diff(
-            checkpoint_dir, dtype, outputs.greedy, float32_logits, greedy_group)
+        report.dtype_reference_diff, report.dtype_logit_share, report.dtype_reference_note = _dtype_reference_check(
+            checkpoint_dir, dtype, outputs, float32_logits, report.logit_tolerance, greedy_group)
     return report
 
 
-def _dtype_reference_diff(checkpoint_dir, dtype: str, sequences: list[list[int]], float32_logits: list[np.ndarray],
-                          group: int) -> tuple[float | None, str]:
-    """max |Δ| between the reference computed in `dtype` (float16, bfloat16) and the float32 reference's
-    `float32_logits` (`[len(sequence) - 1, vocab]` per sequence, as _greedy_against scored `sequences`), and ""; or
-    (None, why) when the reference in `dtype` would not fit in memory (only the float32 one streams) or does not
-    stay finite (a float16 residual stream beyond 65504: the engine divides it by routed_scaling_factor, the
+def _dtype_reference_check(checkpoint_dir, dtype: str, outputs: EngineOutputs, float32_logits: list[np.ndarray],
+                           tolerance: float, group: int) -> tuple[float | None, float | None, str]:
+    """The reference computed in `dtype` (float16, bfloat16) on the engine's greedy sequences (`outputs.greedy`),
+    against the float32 reference's logits there (`float32_logits`, `[len(sequence) - 1, vocab]` each, as
+    _greedy_against kept them) and the engine's (`outputs.greedy_logits`): (the reference's largest |Δ| from
+    float32, the largest share of its allowance the engine uses at a position (VerifyReport.dtype_logit_share), "");
+    or
+    (None, None, why) when the reference in `dtype` would not fit in memory (only the float32 one streams) or does
+    not stay finite (a float16 residual stream beyond 65504: the engine divides it by routed_scaling_factor, the
     reference does not), so that the fixed tolerance alone applies."""
     from moetrt.config import load_config
     from moetrt.export.info import count_parameters
@@ -494,21 +521,27 @@ def _dtype_reference_diff(checkpoint_dir, dtype: str, sequences: list[list[int]]
 
     needed = count_parameters(load_config(checkpoint_dir)).total * 2
     if needed > STREAM_ABOVE_AVAILABLE * available_memory():
-        return None, (f"the {dtype} reference was not run: its weights, {needed / 1e9:.1f} GB, exceed half the "
-                      f"{available_memory() / 1e9:.1f} GB available")
+        return None, None, (f"the {dtype} reference was not run: its weights, {needed / 1e9:.1f} GB, exceed half the "
+                            f"{available_memory() / 1e9:.1f} GB available")
+    sequences = outputs.greedy
+    worst, share = 0.0, 0.0
     with stage(f"scoring with the {dtype} reference", total=math.ceil(len(sequences) / group)) as advance:
         reference = load_reference_session(checkpoint_dir, dtype=dtype, stream=False)
-        worst = 0.0
         for start in range(0, len(sequences), group):
             rows = sequences[start : start + group]
             wanted = continuation_logits(reference, [row[:1] for row in rows], [row[1:] for row in rows])
             for offset, want in enumerate(wanted):
-                diff = float(np.abs(want - float32_logits[start + offset]).max())  # NaN if any logit is NaN
+                float32 = float32_logits[start + offset]
+                own = np.abs(want - float32).max(axis=-1)  # per position; NaN if any logit is NaN
+                diff = float(own.max())
                 if not math.isfinite(diff):  # (Python's max would drop a NaN)
-                    return None, f"the {dtype} reference's logits are not finite"
+                    return None, None, f"the {dtype} reference's logits are not finite"
                 worst = max(worst, diff)
+                engine = np.abs(outputs.greedy_logits[start + offset] - float32).max(axis=-1)
+                used_max = float((engine / (tolerance + HALF_REFERENCE_FACTOR * own)).max())
+                share = max(share, used_max if math.isfinite(used_max) else math.inf)
             advance()
-    return worst, ""
+    return worst, share, ""
 
 
 def _greedy_against(reference: ReferenceSession, outputs: EngineOutputs, prompt_lengths: list[int], group: int,

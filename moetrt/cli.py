@@ -490,8 +490,9 @@ VERIFY_HELP = (
     "Check an engine: its manifest (and hashes), and with a checkpoint its fidelity to the torch reference: mean "
     "and p99 KL divergence of the next-token distributions, top-1 agreement and the perplexity ratio (as "
     "llama.cpp's llama-perplexity --kl-divergence), max |Δlogit|, greedy continuations, task accuracy. An "
-    "unquantized engine must match logits (a float16 or bfloat16 one to its dtype's tolerance, or to twice what the "
-    "reference computed in its dtype moves), greedy tokens and task answers; a quantized one passes on KL: "
+    "unquantized engine must match logits (a float16 or bfloat16 one, position by position, to its dtype's tolerance "
+    "plus twice what the reference computed in its dtype moves, when that reference fits in memory), greedy tokens "
+    "and task answers; a quantized one passes on KL: "
     f"{thresholds_help()}."
 )
 

@@ -27,10 +27,19 @@ def test_bench_runs_and_pairs_bandwidth_with_each_repeat(tmp_path):
 
 def test_read_bandwidth_reads_each_thread_share_of_the_given_buffer():
     import numpy as np
+    import pytest
 
-    from moetrt.bench.bandwidth import read_bandwidth
+    from moetrt.bench.bandwidth import CopyProbe, copy_bandwidth, read_bandwidth
 
     buffer = np.ones(1 << 18, dtype=np.float32)
     for threads in (1, 2, 3):
         rate = read_bandwidth(threads, repeats=2, buffer=buffer)
         assert np.isfinite(rate) and rate > 0
+    for bad in ({"threads": 0}, {"threads": -1}, {"repeats": 0}):  # these timed nothing and returned 1e14 or 0
+        for probe in (read_bandwidth, copy_bandwidth):
+            with pytest.raises(ValueError, match="at least 1 thread and 1 repeat"):
+                probe(**bad, size=1 << 20)
+    with pytest.raises(ValueError, match="a buffer of 2 elements cannot be split over 3 threads"):
+        read_bandwidth(3, size=8)
+    with pytest.raises(ValueError, match="a buffer of 0 elements"):
+        CopyProbe(2, size=0).sample_read()

@@ -262,6 +262,10 @@ def test_roofline_table_puts_each_round_rate_over_that_round_bandwidth():
     assert theirs == "| llama.cpp Q4_0 | 150 MB | 30% (30%–30%) | 60% (60%–60%) |"  # no target for llama.cpp
     assert not any(line.startswith("| moetrt int8 | ") and "MB |" in line and "%" in line for line in lines)
     assert quantized.roofline_fractions([10.0], 2_000_000_000, [0.0]) == []
+    assert not any("above 100%" in line for line in lines)
+    results["bandwidth"]["read"] = [20e9, 5e9]  # a dip in one round's read samples: 60 x 0.1 GB / 5 = 120%
+    assert any(line.startswith("A share above 100% is a round whose bandwidth samples fell below")
+               for line in quantized.render(results).splitlines())
 
 
 def test_no_roofline_table_without_bandwidth_samples():

@@ -119,52 +119,56 @@ def test_quantized_report_passes_on_its_schemes_kl_thresholds_only(scheme):
     assert stat_keys <= set(fields)
 
 
-def test_half_precision_logits_may_move_twice_as_far_as_the_reference_in_their_dtype():
+def test_half_precision_logits_may_move_twice_as_far_as_the_reference_in_their_dtype_logit_by_logit():
     stats = NextTokenStats(100, 1e-8, 1e-7, 4.0, 5.0, 1.0, 1.0, 1.0)
     report = VerifyReport("float16", 8, max_abs_logit_diff=2.24, logit_tolerance=0.354, greedy_rows_agreeing=8,
                           greedy_tokens_compared=200, greedy_failures=[], next_token=stats, prompt_set="test")
-    assert not report.passed and report.logit_bound == 0.354  # no dtype reference: the fixed tolerance
-    report.dtype_reference_diff = 2.26  # tiny-r1: the float16 reference's own distance from float32
-    assert report.passed and report.logit_bound == pytest.approx(4.52)
-    assert "or 2x the float16 reference's own 2.26 from float32, 4.52, where larger; checked" in report.describe()
-    assert report.to_dict()["logit_bound"] == pytest.approx(4.52)
-    report.dtype_reference_diff = 1.0  # the engine strays more than twice as far as float16 arithmetic does
-    assert not report.passed and report.logit_bound == 2.0
-    report.dtype_reference_diff = 0.01  # never tighter than the fixed tolerance
-    assert report.logit_bound == 0.354
-    report.dtype_reference_diff, report.dtype_reference_note = None, "the float16 reference's logits are not finite"
+    assert not report.passed  # no dtype reference: the fixed tolerance
+    report.dtype_reference_diff, report.dtype_logit_share = 2.34, 0.77  # tiny-r1's float16 engine
+    assert report.passed
+    assert ("each position within 0.354 + 2x the float16 reference's own |Δ| there, up to 2.34: at most 0.77 of that used; "
+            "checked") in report.describe()
+    fields = report.to_dict()
+    assert fields["dtype_logit_share"] == 0.77 and fields["passed"]
+    report.dtype_logit_share = 8.5  # its lm_head scaled by 1.1: a global maximum of 2x 2.34 would have passed it
+    assert not report.passed
+    report.dtype_reference_diff = report.dtype_logit_share = None
+    report.dtype_reference_note = "the float16 reference's logits are not finite"
     assert "tolerance 0.354 for float16; the float16 reference's logits are not finite; checked" in report.describe()
 
 
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_nan_on_the_prompt_set_fails_and_the_json_stays_json(scheme):
+    """An engine whose logits are NaN on the prompt set (its random prompts fine) has NaN KL and perplexity; a NaN
+    compares false rather than failing, and json.dumps would write NaN, which is not JSON."""
+    nan = float("nan")
+    stats = NextTokenStats(100, nan, nan, nan, nan, 0.0, 1.0, nan)
+    report = VerifyReport("float32", 2, max_abs_logit_diff=1e-5, logit_tolerance=1e-4, greedy_rows_agreeing=2,
+                          greedy_tokens_compared=20, greedy_failures=[], next_token=stats, prompt_set="test",
+                          quantization=scheme, kl_thresholds=QUANTIZED_THRESHOLDS[scheme] if scheme else None)
+    assert not report.passed and report.describe().endswith("FAIL")
+    fields = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert fields["kl_mean"] is None and fields["ppl_ratio"] is None and fields["passed"] is False
+
+
 def test_a_dtype_reference_that_overflows_leaves_the_fixed_tolerance(monkeypatch):
-    """A float16 reference whose logits are inf (a residual stream past 65504) must not make every difference
-    pass: the bound falls back to the fixed tolerance, and the report says why."""
+    """A float16 reference whose logits are inf or NaN (a residual stream past 65504) must not make every
+    difference pass: the check falls back to the fixed tolerance, and the report says why."""
     import moetrt.export.reference_session as reference_session
     import moetrt.runtime.generate as generate
-    from moetrt.export.verify import _dtype_reference_diff
+    from moetrt.export.verify import EngineOutputs, _dtype_reference_check
 
     float32_logits = [np.zeros((3, 5), np.float32), np.zeros((2, 5), np.float32)]
-    sequences = [[1, 2, 3, 4], [5, 6, 7]]
+    engine = [np.full((3, 5), 0.5, np.float32), np.full((2, 5), 0.5, np.float32)]
+    outputs = EngineOutputs(next_token=[], greedy=[[1, 2, 3, 4], [5, 6, 7]], greedy_logits=engine)
     monkeypatch.setattr(reference_session, "load_reference_session", lambda *args, **kwargs: object())
-    for value, want in ((0.25, (0.25, "")), (np.inf, (None, "the float16 reference's logits are not finite")),
-                        (np.nan, (None, "the float16 reference's logits are not finite"))):
+    for value, want in ((0.25, (0.25, 0.5 / (0.1 + 2 * 0.25), "")),
+                        (np.inf, (None, None, "the float16 reference's logits are not finite")),
+                        (np.nan, (None, None, "the float16 reference's logits are not finite"))):
         monkeypatch.setattr(generate, "continuation_logits", lambda session, prompts, continuations, value=value:
                             [np.full((len(c), 5), value, np.float32) for c in continuations])
-        assert _dtype_reference_diff(TINY_R1, "float16", sequences, float32_logits, group=1) == want
-
-
-def test_a_nan_engine_logit_is_an_infinite_difference(monkeypatch):
-    import moetrt.runtime.generate as generate
-    from moetrt.export.verify import EngineOutputs, _greedy_against
-
-    monkeypatch.setattr(generate, "continuation_logits", lambda session, prompts, continuations:
-                        [np.eye(len(c), 5, dtype=np.float32) for c in continuations])
-    sequences = [[0, 1, 2, 3], [0, 1, 2]]  # the engine's greedy picks 1, 2, 3 follow the reference's argmax
-    logits = [np.eye(3, 5, dtype=np.float32), np.eye(2, 5, dtype=np.float32)]
-    logits[1][1, 4] = np.nan  # the second row, not the first: max over rows must not drop it
-    outputs = EngineOutputs(next_token=[], greedy=sequences, greedy_logits=logits)
-    max_diff, *_ = _greedy_against(None, outputs, [1, 1], group=2, margin=1e-3)
-    assert max_diff == np.inf
+        got = _dtype_reference_check(TINY_R1, "float16", outputs, float32_logits, tolerance=0.1, group=1)
+        assert got[2] == want[2] and (got[:2] == want[:2] or got[:2] == pytest.approx(want[:2]))
 
 
 def test_thresholds_are_ordered_by_precision():
