@@ -403,7 +403,6 @@ class VerifyReport:
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
-
     def _logit_rule(self) -> str:
         if self.dtype_logit_share is not None:
             return (f"each position within {self.logit_tolerance:.3g} + {HALF_REFERENCE_FACTOR:g}x the {self.dtype} "
@@ -508,11 +507,10 @@ def _dtype_reference_check(checkpoint_dir, dtype: str, outputs: EngineOutputs, f
     """The reference computed in `dtype` (float16, bfloat16) on the engine's greedy sequences (`outputs.greedy`),
     against the float32 reference's logits there (`float32_logits`, `[len(sequence) - 1, vocab]` each, as
     _greedy_against kept them) and the engine's (`outputs.greedy_logits`): (the reference's largest |Δ| from
-    float32, the largest share of its allowance the engine uses at a position (VerifyReport.dtype_logit_share), "");
-    or
-    (None, None, why) when the reference in `dtype` would not fit in memory (only the float32 one streams) or does
-    not stay finite (a float16 residual stream beyond 65504: the engine divides it by routed_scaling_factor, the
-    reference does not), so that the fixed tolerance alone applies."""
+    float32, the largest share of its allowance the engine uses at a position (VerifyReport.dtype_logit_share),
+    ""); or (None, None, why) when the reference in `dtype` would not fit in memory (only the float32 one streams)
+    or its logits are not finite (a float16 residual stream beyond even routed_scaling_factor x 65504, which the
+    build's overflow check refuses for the engine), so that the fixed tolerance alone applies."""
     from moetrt.config import load_config
     from moetrt.export.info import count_parameters
     from moetrt.export.reference_session import STREAM_ABOVE_AVAILABLE, load_reference_session
@@ -557,7 +555,7 @@ def _greedy_against(reference: ReferenceSession, outputs: EngineOutputs, prompt_
     the verdict of decoding the reference, from one forward pass instead of one per token (a streamed reference
     reads the whole checkpoint once per pass). The logits are compared at every position of prompt +
     continuation, both sides given the same tokens. Rows are scored in groups of `group`; `advance()` is called
-    after each. `keep`: a list the reference's logits per sequence are appended to (`_dtype_reference_diff`)."""
+    after each. `keep`: a list the reference's logits per sequence are appended to (`_dtype_reference_check`)."""
     from moetrt.runtime.generate import continuation_logits
 
     sequences = outputs.greedy
