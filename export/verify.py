@@ -412,9 +412,15 @@ class VerifyReport:
         return f"tolerance {self.logit_tolerance:.3g} for {self.dtype}{note}"
 
 
-def _random_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
+RANDOM_PROMPT_TOKENS = (4, 39)  # the random-token prompts' shortest and longest length
+
+
+def _random_prompts(vocab: int, count: int, seed: int, longest: int = RANDOM_PROMPT_TOKENS[1]) -> list[list[int]]:
+    """`count` prompts of random token ids, RANDOM_PROMPT_TOKENS long (at most `longest`, at least 1)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, int(rng.integers(4, 40))).tolist() for _ in range(count)]
+    high = max(1, min(RANDOM_PROMPT_TOKENS[1], longest))
+    low = min(RANDOM_PROMPT_TOKENS[0], high)
+    return [rng.integers(0, vocab, int(rng.integers(low, high + 1))).tolist() for _ in range(count)]
 
 
 def _greedy_agreement(engine_tokens, reference_logits, margin: float) -> tuple[int, str | None]:
@@ -471,7 +477,13 @@ def verify_engine(
     dtype = engine.manifest.dtype
 
     sequences, prompt_set = fidelity_sequences(engine, checkpoint_dir, task, seed)
-    token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed)
+    # an engine with a short context gets shorter prompts and continuations (half the context for each at most)
+    context = engine.max_context or RANDOM_PROMPT_TOKENS[1] + new_tokens
+    token_prompts = _random_prompts(engine.config.vocab_size, prompts, seed, longest=context // 2)
+    room = context - max(map(len, token_prompts))
+    if room < new_tokens:
+        note(f"verify: greedy continuations of {room} tokens, not {new_tokens}: the engine's context is {context}")
+        new_tokens = room
     next_group = _scoring_group(engine, max(len(s.tokens) for s in sequences))
     greedy_group = _scoring_group(engine, max(map(len, token_prompts)) + new_tokens)
     # units of work: the engine's two parts, then each reference scoring group (next-token, then greedy)

@@ -153,3 +153,17 @@ def test_the_engine_is_released_before_the_reference_loads(setup, tmp_path, monk
     report = verify_engine(engine_dir, checkpoint, prompts=2, task=None)
     assert report.passed, report.describe()
     assert seen == {"engines alive": [False], "engine files mapped": []}
+
+
+@pytest.mark.slow  # a second engine build (~20 s); test_verify_kl.py checks the prompts' bounds in make test
+def test_an_engine_with_a_short_context_is_verified_with_shorter_greedy_runs(setup, tmp_path):
+    """Random prompts of up to 39 tokens plus 32 new ones did not fit a 48-position engine: verify refused to run.
+    It now shortens both to fit, and says so."""
+    _, checkpoint, _ = setup
+    engine = build_engine(checkpoint, tmp_path / "short", backend="ort", profile=BuildProfile(max_context=48))
+    result = verify(engine, checkpoint, "--prompts", "3", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["greedy_rows_agreeing"] == 3 and report["greedy_tokens_compared"] > 0
+    note = re.search(r"verify: greedy continuations of (\d+) tokens, not 32: the engine's context is 48", result.stderr)
+    assert note and 24 <= int(note.group(1)) < 32, result.stderr  # prompts of at most 48 // 2 tokens

@@ -171,6 +171,18 @@ def test_a_dtype_reference_that_overflows_leaves_the_fixed_tolerance(monkeypatch
         assert got[2] == want[2] and (got[:2] == want[:2] or got[:2] == pytest.approx(want[:2]))
 
 
+def test_random_prompts_keep_their_draws_and_shorten_to_fit_a_short_context():
+    from moetrt.export.verify import _random_prompts
+
+    default = _random_prompts(1000, 50, seed=0)
+    rng = np.random.default_rng(0)  # the draws verify made before prompts could be shortened: reports stay comparable
+    assert default == [rng.integers(0, 1000, int(rng.integers(4, 40))).tolist() for _ in range(50)]
+    assert {len(p) for p in default} <= set(range(4, 40)) and max(map(len, default)) == 39
+    assert max(map(len, _random_prompts(1000, 50, seed=0, longest=24))) == 24  # a 48-position engine's half
+    assert {len(p) for p in _random_prompts(1000, 20, seed=0, longest=2)} == {2}
+    assert {len(p) for p in _random_prompts(1000, 5, seed=0, longest=0)} == {1}
+
+
 def test_thresholds_are_ordered_by_precision():
     assert QUANTIZED_THRESHOLDS["int8"].kl_mean < QUANTIZED_THRESHOLDS["int4"].kl_mean
     assert QUANTIZED_THRESHOLDS["int8"].kl_p99 < QUANTIZED_THRESHOLDS["int4"].kl_p99
