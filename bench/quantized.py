@@ -180,6 +180,48 @@ def busy_warning(load: float, threads: int, cores: int) -> str:
             f"{threads} benchmark threads ran; rerun on an idle machine before quoting a ratio.")
 
 
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds since boot that every core spent busy or stolen by the hypervisor (`busy`, from /proc/stat), the
+    CPU seconds of this process and the children it has waited for (`ours`, os.times), and perf_counter (`wall`)."""
+
+    busy: float
+    ours: float
+    wall: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """Now, or None without /proc/stat (not Linux)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    # user nice system idle iowait irq softirq steal (proc(5)); guest time is counted in user already
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    times = os.times()
+    return CpuSample(busy / os.sysconf("SC_CLK_TCK"), times.user + times.system + times.children_user
+                     + times.children_system, time.perf_counter())
+
+
+def other_cpu_share(before: CpuSample, after: CpuSample, cores: int) -> float:
+    """The share of the machine's CPU time between two samples that went to other processes or, as steal, to
+    other guests of the hypervisor: busy time not this process's or its waited-for children's, over wall time x
+    `cores` (0 to 1)."""
+    wall = (after.wall - before.wall) * cores
+    other = (after.busy - before.busy) - (after.ours - before.ours)
+    return min(1.0, max(0.0, other) / wall) if wall > 0 else 0.0
+
+
+def contention_warning(shares: list[float]) -> str:
+    """A warning for the report when other work took more than a tenth of the CPUs during a round (`shares`, per
+    round, other_cpu_share): the 1-minute load average lags a round of a few seconds. Empty otherwise."""
+    worst = max(shares, default=0.0)
+    if worst <= 0.10:
+        return ""
+    return (f"**Not quiet-machine figures**: other processes or the hypervisor (steal) took {worst:.0%} of the CPUs "
+            f"during round {shares.index(worst) + 1} (/proc/stat); rerun on an idle machine before quoting a ratio.")
+
+
 # -- measuring ---------------------------------------------------------------------------------------------------
 
 def directory_bytes(path: Path) -> int:
@@ -309,9 +351,11 @@ def run(options) -> dict:
     probe = CopyProbe(options.threads)
     bandwidth: dict[str, list[float]] = {"copy": [], "read": []}
     load = [os.getloadavg()[0]]
+    other: list[float] = []  # per round, other_cpu_share
     started = time.perf_counter()
     for round_index in range(options.rounds):
         before = probe.sample(), probe.sample_read()
+        cpu_before = cpu_sample()
         for side, key in round_order(runners, round_index):
             name = system_name(side, key)
             print(f"round {round_index + 1}/{options.rounds}: {name}", file=sys.stderr)
@@ -319,6 +363,9 @@ def run(options) -> dict:
                 else measure_llamacpp(llama, targets[(side, key)], options)
             for metric, value in got.items():
                 systems[name].setdefault(metric, []).append(value)
+        cpu_after = cpu_sample()
+        if cpu_before and cpu_after:
+            other.append(other_cpu_share(cpu_before, cpu_after, os.cpu_count() or 1))
         # the larger of the samples before and after: one taken in a dip would put a round's rates over its roofline
         bandwidth["copy"].append(max(before[0], probe.sample()))
         bandwidth["read"].append(max(before[1], probe.sample_read()))
@@ -329,9 +376,10 @@ def run(options) -> dict:
         f"median. Decode b1: {options.new_tokens} tokens; b{options.batch}: {options.decode_prompt}-token prompts "
         f"then {options.new_tokens} tokens each; prefill: one {options.prefill}-token prompt. Weights: the engine "
         f"directory / the GGUF file. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{time.perf_counter() - started:.0f} s of timing, 1-min load average {min(load):.1f}–{max(load):.1f}.",
+        f"{time.perf_counter() - started:.0f} s of timing, 1-min load average {min(load):.1f}–{max(load):.1f}"
+        + (f", CPU taken by other work {max(other):.0%} at most in a round." if other else "."),
     ]
-    busy = busy_warning(max(load), options.threads, os.cpu_count() or 1)
+    busy = contention_warning(other) or busy_warning(max(load), options.threads, os.cpu_count() or 1)
     if busy:
         header.append(busy)
     if have_llama:

@@ -237,6 +237,36 @@ def test_greedy_summary_separates_a_near_tie_from_a_different_model():
     assert llamacpp.describe_greedy({**base, "near_tie": False, "margin": 0.5}).startswith("DIFFERENT")
 
 
+def test_other_cpu_share_counts_busy_time_that_is_not_ours():
+    sample = quantized.CpuSample
+    # 2 cores for 10 s: 14 s busy, 8 of them ours (the benchmark and its waited-for children) -> 6 / 20
+    assert quantized.other_cpu_share(sample(100, 50, 0), sample(114, 58, 10), cores=2) == pytest.approx(0.3)
+    assert quantized.other_cpu_share(sample(100, 50, 0), sample(104, 58, 10), cores=2) == 0.0  # ours, all of it
+    assert quantized.contention_warning([0.02, 0.3, 0.05]).startswith(
+        "**Not quiet-machine figures**: other processes or the hypervisor (steal) took 30% of the CPUs during round 2")
+    assert quantized.contention_warning([0.02, 0.1]) == "" and quantized.contention_warning([]) == ""
+
+
+def test_a_process_the_bench_did_not_start_shows_as_other_work():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    before = quantized.cpu_sample()
+    if before is None:
+        pytest.skip("no /proc/stat: CPU accounting is Linux's")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.8\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.6)
+        during = quantized.cpu_sample()  # the spinner is not waited for yet: its time is not ours
+    finally:
+        spinner.wait()
+    share = quantized.other_cpu_share(before, during, os.cpu_count() or 1)
+    print(f"other work while a spinner ran: {share:.0%} of {os.cpu_count()} CPUs")
+    assert share >= 0.5 / (os.cpu_count() or 1)
+
+
 def test_report_warns_when_other_work_shared_the_cores():
     assert "Not quiet-machine figures" in quantized.busy_warning(5.4, threads=2, cores=2)
     assert quantized.busy_warning(2.3, threads=2, cores=2) == ""
